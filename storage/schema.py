@@ -1,0 +1,91 @@
+"""Arrow schemas of the store's tables.
+
+Context vectors are fixed-size float32 lists, so their width is part of the
+schema: they live in one table per hidden size (``context_vectors_d{d}``).
+Coefficients are Λ flattened from ``[L, 2, 2]`` (layer, block attn/mlp, λ/β).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+TASKS = pa.schema(
+    [
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("template", pa.string(), nullable=False),
+        pa.field("labels", pa.list_(pa.string()), nullable=False),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ]
+)
+
+RUNS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("task_spec", pa.string(), nullable=False),  # JSON of the TaskSpec used
+        pa.field("status", pa.string(), nullable=False),  # running | complete | failed
+        pa.field("created_at", TIMESTAMP, nullable=False),
+        pa.field("finished_at", TIMESTAMP),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("num_layers", pa.int32(), nullable=False),
+        pa.field("hidden_size", pa.int32(), nullable=False),
+        pa.field("config_hash", pa.string(), nullable=False),
+        pa.field("settings", pa.string(), nullable=False),  # JSON
+        pa.field("summary", pa.string()),  # JSON: accuracy, bytes, timings
+        pa.field("error", pa.string()),
+        pa.field("code_version", pa.string()),
+    ]
+)
+
+ROUNDS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("round", pa.int32(), nullable=False),  # 0 = stage 1 (vectors)
+        pa.field("clients_sampled", pa.list_(pa.int32()), nullable=False),
+        pa.field("clients_answered", pa.list_(pa.int32()), nullable=False),
+        pa.field("dropped", pa.string(), nullable=False),  # JSON {client: reason}
+        pa.field("mean_loss", pa.float64()),
+        pa.field("bytes_up", pa.list_(pa.int64()), nullable=False),  # per answered client
+        pa.field("bytes_down", pa.list_(pa.int64()), nullable=False),  # per sampled client
+        pa.field("seconds", pa.float64(), nullable=False),
+        pa.field("at", TIMESTAMP, nullable=False),
+    ]
+)
+
+COEFFICIENTS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("num_layers", pa.int32(), nullable=False),
+        pa.field("values", pa.list_(pa.float32()), nullable=False),  # [L, 2, 2] flattened
+    ]
+)
+
+PUBLICATIONS = pa.schema(
+    [
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("action", pa.string(), nullable=False),  # publish | rollback
+        pa.field("seq", pa.int64(), nullable=False),
+        pa.field("at", TIMESTAMP, nullable=False),
+    ]
+)
+
+
+def vectors_schema(hidden_size: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("task", pa.string(), nullable=False),
+            pa.field("layer", pa.int32(), nullable=False),
+            pa.field("block", pa.string(), nullable=False),  # attn | mlp
+            pa.field("vector", pa.list_(pa.float32(), hidden_size), nullable=False),
+        ]
+    )
+
+
+def vectors_table_name(hidden_size: int) -> str:
+    return f"context_vectors_d{hidden_size}"

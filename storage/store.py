@@ -1,0 +1,301 @@
+"""The LanceDB store: tasks, runs, rounds, context vectors, coefficients, publications.
+
+Every write appends a new version of a table (LanceDB tables are versioned
+datasets). A run's rows are written while it is ``running`` and become loadable
+only once the run row says ``complete``, so a reader never sees half a run.
+The published run of a task is a tag that moves: the ``publications`` table is
+its append-only log (publish pushes, rollback pops), which keeps the full
+history of what was live when, for audit and rollback.
+Only the federation driver writes; servers and ``predict`` only read.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+from federation_job.errors import IfediclError
+from federation_job.modeling import ModelFingerprint
+from federation_job.task import TaskSpec
+from model_patches.injection import BLOCKS
+from storage import schema
+
+
+class StoreError(IfediclError):
+    """The store is missing, or a task/run/version in it is."""
+
+
+class ModelMismatchError(IfediclError):
+    """A stored run was made with another model than the one in use."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    clients_sampled: list[int]
+    clients_answered: list[int]
+    dropped: dict[int, str]
+    mean_loss: float | None
+    bytes_up: list[int]
+    bytes_down: list[int]
+    seconds: float
+
+
+@dataclass
+class StoredRun:
+    """A complete run, ready to inject: what serving and ``predict`` load."""
+
+    run_id: str
+    task: TaskSpec
+    fingerprint: ModelFingerprint
+    vectors: np.ndarray  # [L, 2, d] float32
+    coefficients: np.ndarray  # [L, 2, 2] float32 (final round)
+    round: int
+    created_at: datetime
+    settings: dict
+    summary: dict
+
+
+class Store:
+    """A LanceDB database holding every run's vectors and coefficients."""
+
+    def __init__(self, uri: str | Path, create: bool = False):
+        self.uri = str(uri)
+        is_local = "://" not in self.uri
+        if is_local and not create and not Path(self.uri).is_dir():
+            raise StoreError(f"store {self.uri} does not exist (run `ifedicl federate --store {self.uri}` first)")
+        try:
+            self.db = lancedb.connect(self.uri)
+        except Exception as err:
+            raise StoreError(f"cannot open store {self.uri}: {err}") from None
+
+    # ------------------------------------------------------------------ tables
+    def _table_names(self) -> set[str]:
+        return set(self.db.list_tables().tables)
+
+    def _table(self, name: str, table_schema: pa.Schema | None = None):
+        if name in self._table_names():
+            return self.db.open_table(name)
+        if table_schema is None:
+            return None
+        return self.db.create_table(name, schema=table_schema, exist_ok=True)
+
+    def _rows(self, name: str, where: str | None = None) -> list[dict]:
+        table = self._table(name)
+        if table is None:
+            return []
+        query = table.search()
+        if where:
+            query = query.where(where)
+        return query.limit(None).to_arrow().to_pylist()
+
+    def _append(self, name: str, table_schema: pa.Schema, rows: list[dict]) -> None:
+        self._table(name, table_schema).add(pa.Table.from_pylist(rows, schema=table_schema))
+
+    # ------------------------------------------------------------------ writes (driver only)
+    def start_run(self, task: TaskSpec, fp: ModelFingerprint, settings: dict, code_version: str = "") -> str:
+        run_id = f"{task.name}-{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        self._table("tasks", schema.TASKS).merge_insert("task").when_matched_update_all().when_not_matched_insert_all().execute(
+            pa.Table.from_pylist(
+                [{"task": task.name, "template": task.template, "labels": list(task.labels), "updated_at": _now()}],
+                schema=schema.TASKS,
+            )
+        )
+        self._append(
+            "runs",
+            schema.RUNS,
+            [
+                {
+                    "run_id": run_id,
+                    "task": task.name,
+                    "task_spec": json.dumps(task.to_dict()),
+                    "status": "running",
+                    "created_at": _now(),
+                    "finished_at": None,
+                    "model_id": fp.model_id,
+                    "num_layers": fp.num_layers,
+                    "hidden_size": fp.hidden_size,
+                    "config_hash": fp.config_hash,
+                    "settings": json.dumps(settings, sort_keys=True, default=str),
+                    "summary": None,
+                    "error": None,
+                    "code_version": code_version,
+                }
+            ],
+        )
+        return run_id
+
+    def record_round(self, run_id: str, record: RoundRecord) -> None:
+        row = {
+            "run_id": run_id,
+            "round": record.round,
+            "clients_sampled": record.clients_sampled,
+            "clients_answered": record.clients_answered,
+            "dropped": json.dumps({str(k): v for k, v in record.dropped.items()}),
+            "mean_loss": record.mean_loss,
+            "bytes_up": record.bytes_up,
+            "bytes_down": record.bytes_down,
+            "seconds": record.seconds,
+            "at": _now(),
+        }
+        self._append("rounds", schema.ROUNDS, [row])
+
+    def write_vectors(self, run_id: str, task: str, vectors: np.ndarray) -> None:
+        """Store ``[L, 2, d]`` float32 context vectors bit-exactly."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        num_layers, _, hidden = vectors.shape
+        rows = [
+            {"run_id": run_id, "task": task, "layer": layer, "block": BLOCKS[block], "vector": vectors[layer, block]}
+            for layer in range(num_layers)
+            for block in range(2)
+        ]
+        table_schema = schema.vectors_schema(hidden)
+        self._table(schema.vectors_table_name(hidden), table_schema).add(
+            pa.Table.from_pylist(rows, schema=table_schema)
+        )
+
+    def write_coefficients(self, run_id: str, task: str, round_index: int, coefficients: np.ndarray) -> None:
+        coefficients = np.asarray(coefficients, dtype=np.float32)
+        row = {
+            "run_id": run_id,
+            "task": task,
+            "round": round_index,
+            "num_layers": coefficients.shape[0],
+            "values": coefficients.reshape(-1),
+        }
+        self._append("coefficients", schema.COEFFICIENTS, [row])
+
+    def _set_run(self, run_id: str, values: dict) -> None:
+        self._table("runs").update(where=f"run_id = {_quote(run_id)}", values=values)
+
+    def finish_run(self, run_id: str, summary: dict) -> None:
+        self._set_run(run_id, {"status": "complete", "finished_at": _now(), "summary": json.dumps(summary, default=str)})
+
+    def fail_run(self, run_id: str, error: str) -> None:
+        self._set_run(run_id, {"status": "failed", "finished_at": _now(), "error": error})
+
+    # ------------------------------------------------------------------ publication tag
+    def _publication_stack(self, task: str) -> list[str]:
+        """Replay the log: publish pushes a run, rollback pops back to the one before."""
+        stack: list[str] = []
+        for row in sorted(self._rows("publications", f"task = {_quote(task)}"), key=lambda r: r["seq"]):
+            if row["action"] == "publish":
+                stack.append(row["run_id"])
+            elif stack:
+                stack.pop()
+        return stack
+
+    def _log_publication(self, task: str, run_id: str, action: str) -> None:
+        table = self._table("publications", schema.PUBLICATIONS)
+        seq = table.count_rows() + 1
+        self._append(
+            "publications",
+            schema.PUBLICATIONS,
+            [{"task": task, "run_id": run_id, "action": action, "seq": seq, "at": _now()}],
+        )
+
+    def publish(self, run_id: str) -> str:
+        run = self.run_row(run_id)
+        if run["status"] != "complete":
+            raise StoreError(f"run {run_id} is {run['status']}; only complete runs can be published")
+        self._log_publication(run["task"], run_id, "publish")
+        return run["task"]
+
+    def rollback(self, task: str) -> str:
+        """Move ``task``'s tag back to the run published before the current one."""
+        stack = self._publication_stack(task)
+        if len(stack) < 2:
+            raise StoreError(f"task {task} has no earlier published run to roll back to")
+        self._log_publication(task, stack[-2], "rollback")
+        return stack[-2]
+
+    # ------------------------------------------------------------------ reads
+    def published_run_id(self, task: str) -> str | None:
+        stack = self._publication_stack(task)
+        return stack[-1] if stack else None
+
+    def published(self) -> dict[str, str]:
+        """``{task: published run id}`` for every task with a published run."""
+        tasks = {row["task"] for row in self._rows("publications")}
+        return {task: run for task in sorted(tasks) if (run := self.published_run_id(task))}
+
+    def runs(self, task: str | None = None) -> list[dict]:
+        rows = self._rows("runs", f"task = {_quote(task)}" if task else None)
+        return sorted(rows, key=lambda r: r["created_at"])
+
+    def run_row(self, run_id: str) -> dict:
+        rows = self._rows("runs", f"run_id = {_quote(run_id)}")
+        if not rows:
+            raise StoreError(f"no run {run_id!r} in store {self.uri}")
+        return rows[0]
+
+    def rounds(self, run_id: str) -> list[dict]:
+        return sorted(self._rows("rounds", f"run_id = {_quote(run_id)}"), key=lambda r: (r["round"], r["at"]))
+
+    def coefficients_by_round(self, run_id: str) -> dict[int, np.ndarray]:
+        out = {}
+        for row in self._rows("coefficients", f"run_id = {_quote(run_id)}"):
+            out[row["round"]] = np.asarray(row["values"], dtype=np.float32).reshape(row["num_layers"], 2, 2)
+        return out
+
+    def load_run(self, task: str, run_id: str | None = None, expect: ModelFingerprint | None = None) -> StoredRun:
+        """Load ``task``'s published run (or ``run_id``), checked against the model in use."""
+        if run_id is None:
+            run_id = self.published_run_id(task)
+            if run_id is None:
+                known = sorted(self.published())
+                raise StoreError(f"task {task!r} has no published run in {self.uri} (published: {known or 'none'})")
+        row = self.run_row(run_id)
+        if row["task"] != task:
+            raise StoreError(f"run {run_id} belongs to task {row['task']!r}, not {task!r}")
+        if row["status"] != "complete":
+            raise StoreError(f"run {run_id} is {row['status']}, not complete")
+        fp = ModelFingerprint(row["model_id"], row["num_layers"], row["hidden_size"], row["config_hash"])
+        if expect is not None:
+            check_fingerprint(run_id, fp, expect)
+        vec_rows = self._rows(schema.vectors_table_name(fp.hidden_size), f"run_id = {_quote(run_id)}")
+        vectors = np.zeros((fp.num_layers, 2, fp.hidden_size), dtype=np.float32)
+        if len(vec_rows) != fp.num_layers * 2:
+            raise StoreError(f"run {run_id} has {len(vec_rows)} vector rows, expected {fp.num_layers * 2}")
+        for r in vec_rows:
+            vectors[r["layer"], BLOCKS.index(r["block"])] = np.asarray(r["vector"], dtype=np.float32)
+        by_round = self.coefficients_by_round(run_id)
+        if not by_round:
+            raise StoreError(f"run {run_id} has no coefficients")
+        last = max(by_round)
+        return StoredRun(
+            run_id=run_id,
+            task=TaskSpec.from_dict(json.loads(row["task_spec"])),
+            fingerprint=fp,
+            vectors=vectors,
+            coefficients=by_round[last],
+            round=last,
+            created_at=row["created_at"],
+            settings=json.loads(row["settings"]),
+            summary=json.loads(row["summary"] or "{}"),
+        )
+
+
+def check_fingerprint(run_id: str, stored: ModelFingerprint, in_use: ModelFingerprint) -> None:
+    diffs = [
+        f"{field}: run has {getattr(stored, field)!r}, model in use has {getattr(in_use, field)!r}"
+        for field in ("model_id", "num_layers", "hidden_size", "config_hash")
+        if getattr(stored, field) != getattr(in_use, field)
+    ]
+    if diffs:
+        raise ModelMismatchError(f"run {run_id} was made with another model ({'; '.join(diffs)})")
