@@ -110,11 +110,10 @@ class Store:
     # ------------------------------------------------------------------ writes (driver only)
     def start_run(self, task: TaskSpec, fp: ModelFingerprint, settings: dict, code_version: str = "") -> str:
         run_id = f"{task.name}-{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-        self._table("tasks", schema.TASKS).merge_insert("task").when_matched_update_all().when_not_matched_insert_all().execute(
-            pa.Table.from_pylist(
-                [{"task": task.name, "template": task.template, "labels": list(task.labels), "updated_at": _now()}],
-                schema=schema.TASKS,
-            )
+        task_row = {"task": task.name, "template": task.template, "labels": list(task.labels), "updated_at": _now()}
+        upsert = self._table("tasks", schema.TASKS).merge_insert("task")
+        upsert.when_matched_update_all().when_not_matched_insert_all().execute(
+            pa.Table.from_pylist([task_row], schema=schema.TASKS)
         )
         self._append(
             "runs",
@@ -184,7 +183,8 @@ class Store:
         self._table("runs").update(where=f"run_id = {_quote(run_id)}", values=values)
 
     def finish_run(self, run_id: str, summary: dict) -> None:
-        self._set_run(run_id, {"status": "complete", "finished_at": _now(), "summary": json.dumps(summary, default=str)})
+        summary_json = json.dumps(summary, default=str)
+        self._set_run(run_id, {"status": "complete", "finished_at": _now(), "summary": summary_json})
 
     def fail_run(self, run_id: str, error: str) -> None:
         self._set_run(run_id, {"status": "failed", "finished_at": _now(), "error": error})
