@@ -25,9 +25,7 @@ def dirichlet_partition(
     if alpha <= 0:
         raise DataError(f"alpha must be > 0, got {alpha}")
     if len(labels) < num_clients * min_size:
-        raise DataError(
-            f"{len(labels)} examples cannot give {num_clients} clients at least {min_size} each"
-        )
+        raise DataError(f"{len(labels)} examples cannot give {num_clients} clients at least {min_size} each")
     labels_arr = np.asarray(labels)
     rng = np.random.default_rng(seed)
     for _ in range(max_tries):

@@ -1,0 +1,147 @@
+"""The client role: extract local context vectors, calibrate Λ locally.
+
+Pure PyTorch, no Ray: the Ray actor (``actors.py``) is a thin wrapper that holds
+one of these and speaks bytes. The LLM is frozen; only the 4L scalars of Λ are
+trainable, and only they (and the vectors, once) ever leave the client.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from federation_job.data import Split
+from federation_job.inference import capture_sum, label_logits, predict_proba
+from federation_job.task import TaskSpec, label_token_ids
+from model_patches.hf import HFContextModel
+from model_patches.injection import InjectionTables
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """I2CL's defaults (METHOD.md)."""
+
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    batch_size: int = 2
+    warmup_fraction: float = 0.05
+    min_lr: float = 1e-5
+    noise_scale: float = 1e-3
+    epochs: int = 1
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float, lr: float, min_lr: float):
+    """LR multiplier: linear warm-up over the first steps, then cosine decay to ``min_lr``."""
+    warmup = max(1, int(math.ceil(warmup_fraction * total_steps)))
+    floor = min_lr / lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class CalibrationResult:
+    coefficients: np.ndarray  # [L, 2, 2]
+    mean_loss: float
+    steps: int
+
+
+class Client:
+    """One organisation's private shard and the frozen model it runs."""
+
+    def __init__(self, ctx: HFContextModel, tokenizer, task: TaskSpec, data: Split):
+        self.ctx = ctx
+        self.tokenizer = tokenizer
+        self.task = task
+        self.data = data
+        self.label_ids = label_token_ids(task, tokenizer)
+        self.device = next(ctx.model.parameters()).device
+
+    def extract_vectors(self, batch_size: int = 8, progress=None) -> np.ndarray:
+        """Local context vector v_k: mean over demonstrations of each block's last-token output. [L, 2, d]."""
+        demos = [self.task.demonstration(t, y) for t, y in zip(self.data.texts, self.data.labels)]
+        total = capture_sum(self.ctx, self.tokenizer, demos, batch_size, progress)
+        return (total / len(demos)).numpy()
+
+    def calibration_loss(
+        self,
+        vectors: torch.Tensor,  # [L, 2, d]
+        coefficients: torch.Tensor,  # [L, 2, 2], requires grad
+        indices: list[int],
+        noise_scale: float,
+    ) -> torch.Tensor:
+        """Mean cross-entropy of the label word's first token at the prompt's last position."""
+        prompts = [self.task.prompt(self.data.texts[i]) for i in indices]
+        targets = torch.as_tensor([self.label_ids[self.data.labels[i]] for i in indices], device=self.device)
+        tables = InjectionTables.build([vectors], [coefficients])
+        task_index = torch.ones(len(indices), dtype=torch.long)
+        logits, _ = label_logits(self.ctx, self.tokenizer, prompts, self.label_ids, tables, task_index, noise_scale)
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    def calibrate(
+        self, vectors: np.ndarray, coefficients: np.ndarray, config: CalibrationConfig, seed: int = 0
+    ) -> CalibrationResult:
+        """Start from the global Λ and minimise the local loss with AdamW; the LLM stays frozen."""
+        torch.manual_seed(seed)
+        order_rng = random.Random(seed)
+        vec = torch.as_tensor(vectors, dtype=torch.float32, device=self.device)
+        coeffs = torch.nn.Parameter(torch.as_tensor(coefficients, dtype=torch.float32, device=self.device).clone())
+        optimizer = torch.optim.AdamW([coeffs], lr=config.lr, weight_decay=config.weight_decay)
+        steps_per_epoch = math.ceil(len(self.data) / config.batch_size)
+        total = steps_per_epoch * config.epochs
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(total, config.warmup_fraction, config.lr, config.min_lr)
+        )
+        losses = []
+        for _ in range(config.epochs):
+            order = list(range(len(self.data)))
+            order_rng.shuffle(order)
+            for start in range(0, len(order), config.batch_size):
+                loss = self.calibration_loss(vec, coeffs, order[start : start + config.batch_size], config.noise_scale)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+        return CalibrationResult(coeffs.detach().cpu().numpy(), float(np.mean(losses)), len(losses))
+
+    @torch.no_grad()
+    def evaluate_loss(self, vectors: np.ndarray, coefficients: np.ndarray, batch_size: int = 16) -> float:
+        """Mean label cross-entropy on the local shard without noise (for logging)."""
+        vec = torch.as_tensor(vectors, dtype=torch.float32, device=self.device)
+        coeffs = torch.as_tensor(coefficients, dtype=torch.float32, device=self.device)
+        losses = []
+        for start in range(0, len(self.data), batch_size):
+            rows = list(range(start, min(start + batch_size, len(self.data))))
+            losses.append(float(self.calibration_loss(vec, coeffs, rows, 0.0)) * len(rows))
+        return sum(losses) / len(self.data)
+
+
+def accuracy(
+    ctx: HFContextModel,
+    tokenizer,
+    task: TaskSpec,
+    data: Split,
+    vectors: np.ndarray | None = None,
+    coefficients: np.ndarray | None = None,
+    batch_size: int = 16,
+) -> float:
+    """Accuracy of argmax over label words; with vectors and Λ, injected."""
+    if not len(data):
+        return float("nan")
+    tables, index = None, None
+    if vectors is not None:
+        tables = InjectionTables.build([torch.from_numpy(vectors)], [torch.from_numpy(coefficients)])
+        index = [1] * len(data)
+    prompts = [task.prompt(t) for t in data.texts]
+    probs = predict_proba(ctx, tokenizer, prompts, label_token_ids(task, tokenizer), tables, index, batch_size)
+    return float(np.mean(probs.argmax(axis=1) == np.asarray(data.labels)))

@@ -1,0 +1,390 @@
+"""The federation driver: stage 1 (vectors) then R rounds of stage 2 (Λ), on Ray.
+
+Runs on a local Ray it starts itself, or unchanged under ``ray job submit`` /
+``RAY_ADDRESS`` on an existing cluster. Only this process writes to the store.
+A client that dies or times out is dropped from the round and recorded; a round
+with fewer than ``min_clients`` answers fails the run cleanly (nothing published).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from tqdm.auto import tqdm
+
+from federation_job import wire
+from federation_job.actors import ClientActor
+from federation_job.client import CalibrationConfig, accuracy
+from federation_job.errors import FederationError, IfediclError
+from federation_job.modeling import (
+    canonical_model_id,
+    export_weights,
+    fingerprint,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
+from federation_job.partition import dirichlet_partition
+from federation_job.server import ClientUpdate, FedAvg, check_update, sample_clients
+from federation_job.sources import DataSource
+from federation_job.task import label_token_ids
+from model_patches.hf import HFContextModel
+from model_patches.injection import initial_coefficients
+from storage.store import RoundRecord, Store
+
+log = logging.getLogger("ifedicl.federation")
+
+# Quiet library chatter inside actors; progress is reported by the driver.
+ACTOR_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass
+class FederationSettings:
+    clients: int = 10
+    alpha: float = 0.5
+    rounds: int = 5
+    local_epochs: int = 1
+    fraction: float = 1.0  # of alive clients sampled per round
+    min_clients: int = 1
+    round_timeout_s: float = 1800.0
+    seed: int = 0
+    min_shard: int = 2
+    weighted_vectors: bool = False  # paper: unweighted
+    weighted_coefficients: bool = False  # paper: unweighted
+    capture_batch_size: int = 8
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    weights: str = "shared"  # shared: one object-store copy per node; per-actor: each loads its own
+    cpus_per_client: float | None = None  # default: the machine's CPUs split over the clients
+    gpus_per_client: float = 0.0
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        checks = [
+            (self.clients >= 1, f"--clients must be >= 1 (got {self.clients})"),
+            (self.alpha > 0, f"--alpha must be > 0 (got {self.alpha})"),
+            (self.rounds >= 0, f"--rounds must be >= 0 (got {self.rounds})"),
+            (self.local_epochs >= 1, f"--local-epochs must be >= 1 (got {self.local_epochs})"),
+            (0 < self.fraction <= 1, f"--fraction must be in (0, 1] (got {self.fraction})"),
+            (1 <= self.min_clients <= self.clients, f"--min-clients must be in 1..{self.clients}"),
+            (self.round_timeout_s > 0, "--round-timeout must be > 0"),
+            (self.weights in ("shared", "per-actor"), f"--weights must be shared or per-actor (got {self.weights})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise IfediclError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FederationResult:
+    run_id: str
+    published: bool
+    coefficients: np.ndarray  # [L, 2, 2]
+    vectors: np.ndarray  # [L, 2, d]
+    rounds: list[RoundRecord]
+    summary: dict
+
+
+# Called after each stage's requests are dispatched (stage, round, {client: actor}); chaos tests kill actors here.
+DispatchHook = Callable[[str, int, dict], None]
+
+
+def _log_event(event: str, **fields) -> None:
+    log.info(json.dumps({"event": event, **fields}, default=str))
+
+
+def ensure_ray(num_cpus: int | None = None) -> bool:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray. Returns True if we started it."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": ACTOR_ENV}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, logging_level=logging.WARNING)
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            runtime_env=env,
+            logging_level=logging.WARNING,
+        )
+    return True
+
+
+def _gather(calls: dict[int, ray.ObjectRef], timeout_s: float, desc: str) -> tuple[dict[int, bytes], dict[int, str]]:
+    """Wait for each client's answer until the deadline; failures become recorded drops."""
+    pending = {ref: cid for cid, ref in calls.items()}
+    results: dict[int, bytes] = {}
+    dropped: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=len(calls), desc=desc, unit="client", leave=False) as bar:
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            for ref in ready:
+                cid = pending.pop(ref)
+                try:
+                    results[cid] = ray.get(ref)
+                except RayActorError as err:
+                    dropped[cid] = f"client died ({type(err).__name__})"
+                except RayTaskError as err:
+                    dropped[cid] = f"client failed: {str(err.cause) if err.cause else err}".splitlines()[0]
+                except GetTimeoutError:
+                    dropped[cid] = "timed out"
+                bar.update(1)
+    for cid in pending.values():
+        dropped[cid] = f"timed out after {timeout_s:g}s"
+    return results, dropped
+
+
+class Federation:
+    """One federation run: owns the actors, the round loop and the store writes."""
+
+    def __init__(
+        self,
+        model_id: str,
+        source: DataSource,
+        store_uri: str,
+        settings: FederationSettings,
+        after_dispatch: DispatchHook | None = None,
+    ):
+        settings.validate()
+        self.model_id = canonical_model_id(model_id)
+        self.source = source
+        self.settings = settings
+        self.after_dispatch = after_dispatch
+        self.data = source.load()
+        self.tokenizer = load_tokenizer(model_id)
+        label_token_ids(self.data.task, self.tokenizer)  # fail early on labels sharing a first token
+        self.fingerprint = fingerprint(self.model_id, load_config(model_id))
+        self.shards = dirichlet_partition(
+            self.data.train.labels, settings.clients, settings.alpha, settings.seed, settings.min_shard
+        )
+        self.store = Store(store_uri, create=True)
+        self.rounds: list[RoundRecord] = []
+        self.actors: dict[int, ray.actor.ActorHandle] = {}
+        self.alive: set[int] = set()
+        self._driver_model = None
+
+    # ------------------------------------------------------------------ setup
+    def _model_source(self):
+        if self.settings.weights == "per-actor":
+            return self.model_id
+        self._driver_model = load_model(self.model_id, self.settings.dtype)
+        return ray.put(export_weights(self._driver_model))
+
+    def _start_actors(self) -> None:
+        cpus = self.settings.cpus_per_client
+        if cpus is None:
+            cpus = max(0.01, float(ray.available_resources().get("CPU", 1)) / self.settings.clients)
+        device = "cuda" if self.settings.gpus_per_client > 0 else "cpu"
+        remote = ray.remote(ClientActor).options(
+            num_cpus=cpus, num_gpus=self.settings.gpus_per_client, max_restarts=0, max_task_retries=0
+        )
+        model = self._model_source()
+        for cid, indices in enumerate(self.shards):
+            self.actors[cid] = remote.remote(
+                cid, model, self.model_id, self.source, indices, self.settings.dtype, device
+            )
+        ready, dropped = _gather(
+            {cid: a.ready.remote() for cid, a in self.actors.items()}, self.settings.round_timeout_s, "loading clients"
+        )
+        self.alive = set(ready)
+        for cid, reason in dropped.items():
+            _log_event("client_dropped", stage="load", client=cid, reason=reason)
+        self._require(len(self.alive), "loading")
+
+    def _require(self, answered: int, stage: str) -> None:
+        if answered < self.settings.min_clients:
+            raise FederationError(
+                f"{stage}: only {answered} client(s) answered, fewer than min_clients={self.settings.min_clients}; "
+                "nothing was published"
+            )
+
+    # ------------------------------------------------------------------ stages
+    def _call(self, stage: str, round_index: int, method: str, payloads: dict[int, bytes]):
+        calls = {cid: getattr(self.actors[cid], method).remote(p) for cid, p in payloads.items()}
+        if self.after_dispatch is not None:
+            self.after_dispatch(stage, round_index, {cid: self.actors[cid] for cid in calls})
+        results, dropped = _gather(calls, self.settings.round_timeout_s, f"{stage} r{round_index}")
+        for cid, reason in dropped.items():
+            self.alive.discard(cid)  # dead or stuck: not asked again this run
+            _log_event("client_dropped", stage=stage, round=round_index, client=cid, reason=reason)
+        return results, dropped
+
+    def _decode_updates(self, results: dict[int, bytes], key: str, shape: tuple, dropped: dict[int, str]):
+        updates = []
+        for cid, payload in sorted(results.items()):
+            try:
+                arrays, meta = wire.decode(payload)
+                update = ClientUpdate(cid, arrays[key], int(meta["num_examples"]), meta.get("loss"))
+                check_update(update, shape)
+                updates.append(update)
+            except (IfediclError, KeyError) as err:
+                dropped[cid] = f"rejected update: {err}"
+        return updates
+
+    def stage_one(self) -> np.ndarray:
+        start = time.monotonic()
+        sampled = sorted(self.alive)
+        request = wire.encode({}, batch_size=self.settings.capture_batch_size)
+        results, dropped = self._call("extract", 0, "extract", {cid: request for cid in sampled})
+        shape = (self.fingerprint.num_layers, 2, self.fingerprint.hidden_size)
+        updates = self._decode_updates(results, "vectors", shape, dropped)
+        self._require(len(updates), "stage 1 (context vectors)")
+        vectors = FedAvg(self.settings.weighted_vectors).aggregate(updates)
+        broadcast = wire.encode({"vectors": vectors})
+        answered = [u.client_id for u in updates]
+        acks, lost = self._call("broadcast", 0, "set_global_vectors", {cid: broadcast for cid in answered})
+        dropped.update(lost)
+        record = RoundRecord(
+            round=0,
+            clients_sampled=sampled,
+            clients_answered=answered,
+            dropped=dropped,
+            mean_loss=None,
+            bytes_up=[len(results[c]) for c in answered],
+            bytes_down=[len(request) + (len(broadcast) if c in acks else 0) for c in sampled],
+            seconds=time.monotonic() - start,
+        )
+        self._record(record)
+        return vectors
+
+    def stage_two_round(self, round_index: int, coefficients: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        start = time.monotonic()
+        s = self.settings
+        sampled = sample_clients(sorted(self.alive), s.fraction, s.min_clients, rng)
+        config = dataclasses.asdict(dataclasses.replace(s.calibration, epochs=s.local_epochs))
+        payload = wire.encode(
+            {"coefficients": coefficients}, round=round_index, seed=s.seed + round_index, config=config
+        )
+        results, dropped = self._call("calibrate", round_index, "calibrate", {cid: payload for cid in sampled})
+        updates = self._decode_updates(results, "coefficients", coefficients.shape, dropped)
+        self._require(len(updates), f"round {round_index}")
+        new = FedAvg(s.weighted_coefficients).aggregate(updates)
+        losses = [u.loss for u in updates if u.loss is not None]
+        record = RoundRecord(
+            round=round_index,
+            clients_sampled=sampled,
+            clients_answered=[u.client_id for u in updates],
+            dropped=dropped,
+            mean_loss=float(np.mean(losses)) if losses else None,
+            bytes_up=[len(results[u.client_id]) for u in updates],
+            bytes_down=[len(payload)] * len(sampled),
+            seconds=time.monotonic() - start,
+        )
+        self._record(record)
+        return new
+
+    def _record(self, record: RoundRecord) -> None:
+        self.rounds.append(record)
+        self.store.record_round(self.run_id, record)
+        _log_event(
+            "round",
+            run=self.run_id,
+            round=record.round,
+            sampled=len(record.clients_sampled),
+            answered=len(record.clients_answered),
+            dropped=record.dropped,
+            mean_loss=record.mean_loss,
+            bytes_up=sum(record.bytes_up),
+            bytes_down=sum(record.bytes_down),
+            bytes_up_per_client=max(record.bytes_up, default=0),
+            seconds=round(record.seconds, 3),
+        )
+
+    # ------------------------------------------------------------------ evaluation and summary
+    def _evaluate(self, vectors: np.ndarray, coefficients: np.ndarray) -> dict:
+        test = self.data.test
+        if not len(test):
+            return {}
+        model = self._driver_model or load_model(self.model_id, self.settings.dtype)
+        ctx = HFContextModel(model)
+        try:
+            task = self.data.task
+            return {
+                "test_examples": len(test),
+                "zero_shot_accuracy": accuracy(ctx, self.tokenizer, task, test),
+                "accuracy": accuracy(ctx, self.tokenizer, task, test, vectors, coefficients),
+            }
+        finally:
+            ctx.remove_hooks()
+
+    def _summary(self, started: float) -> dict:
+        per_round = [
+            {
+                "round": r.round,
+                "answered": len(r.clients_answered),
+                "bytes_up_per_client": r.bytes_up,
+                "bytes_down_per_client": r.bytes_down,
+                "mean_loss": r.mean_loss,
+            }
+            for r in self.rounds
+        ]
+        stage2 = [r for r in self.rounds if r.round > 0]
+        return {
+            "seconds": round(time.monotonic() - started, 3),
+            "clients": self.settings.clients,
+            "shard_sizes": [len(s) for s in self.shards],
+            "stage1_bytes_up_per_client": max(self.rounds[0].bytes_up, default=0),
+            "stage1_bytes_down_per_client": max(self.rounds[0].bytes_down, default=0),
+            "round_bytes_up_per_client": max((b for r in stage2 for b in r.bytes_up), default=0),
+            "round_bytes_down_per_client": max((b for r in stage2 for b in r.bytes_down), default=0),
+            "total_bytes_up": sum(sum(r.bytes_up) for r in self.rounds),
+            "total_bytes_down": sum(sum(r.bytes_down) for r in self.rounds),
+            "rounds": per_round,
+        }
+
+    # ------------------------------------------------------------------ run
+    def run(self, publish: bool = False) -> FederationResult:
+        started = time.monotonic()
+        settings = {**self.settings.to_dict(), "source": dataclasses.asdict(self.source)}
+        self.run_id = self.store.start_run(self.data.task, self.fingerprint, settings)
+        _log_event("run_started", run=self.run_id, task=self.data.task.name, model=self.model_id)
+        we_started_ray = ensure_ray()
+        try:
+            self._start_actors()
+            vectors = self.stage_one()
+            self.store.write_vectors(self.run_id, self.data.task.name, vectors)
+            coefficients = initial_coefficients(self.fingerprint.num_layers).numpy()
+            self.store.write_coefficients(self.run_id, self.data.task.name, 0, coefficients)
+            rng = np.random.default_rng(self.settings.seed)
+            for r in tqdm(range(1, self.settings.rounds + 1), desc="rounds", unit="round"):
+                coefficients = self.stage_two_round(r, coefficients, rng)
+                self.store.write_coefficients(self.run_id, self.data.task.name, r, coefficients)
+            self._kill_actors()
+            summary = self._summary(started)
+            summary.update(self._evaluate(vectors, coefficients))
+            self.store.finish_run(self.run_id, summary)
+            if publish:
+                self.store.publish(self.run_id)
+            _log_event("run_finished", run=self.run_id, published=publish)
+            return FederationResult(self.run_id, publish, coefficients, vectors, self.rounds, summary)
+        except BaseException as err:
+            self.store.fail_run(self.run_id, f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            self._kill_actors()
+            if we_started_ray:
+                ray.shutdown()
+
+    def _kill_actors(self) -> None:
+        for actor in self.actors.values():
+            ray.kill(actor)
+        self.actors.clear()
