@@ -176,7 +176,8 @@ class Federation:
         self.shards = dirichlet_partition(
             self.data.train.labels, settings.clients, settings.alpha, settings.seed, settings.min_shard
         )
-        self.store = Store(store_uri, create=True)
+        self.store_uri = store_uri
+        self.store: Store | None = None  # opened in run(), after Ray has forked its processes
         self.rounds: list[RoundRecord] = []
         self.actors: dict[int, ray.actor.ActorHandle] = {}
         self.alive: set[int] = set()
@@ -355,9 +356,10 @@ class Federation:
     def run(self, publish: bool = False) -> FederationResult:
         started = time.monotonic()
         settings = {**self.settings.to_dict(), "source": dataclasses.asdict(self.source)}
+        we_started_ray = ensure_ray()
+        self.store = Store(self.store_uri, create=True)
         self.run_id = self.store.start_run(self.data.task, self.fingerprint, settings)
         _log_event("run_started", run=self.run_id, task=self.data.task.name, model=self.model_id)
-        we_started_ray = ensure_ray()
         try:
             self._start_actors()
             vectors = self.stage_one()

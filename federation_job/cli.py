@@ -1,0 +1,260 @@
+"""The ``ifedicl`` command line.
+
+Errors a user can act on are printed as one line (``error: ...``) with exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from federation_job.errors import IfediclError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Implicit Federated In-Context Learning.")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr, force=True
+    )
+    logging.getLogger("ifedicl").setLevel(logging.INFO)
+    for noisy in ("transformers", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _source(task_dir, dataset, template, labels, max_train, max_test):
+    from federation_job.sources import DataSource
+    from federation_job.task import TaskSpec
+
+    if bool(task_dir) == bool(dataset):
+        raise IfediclError("give exactly one of --task-dir or --dataset")
+    spec = None
+    if template or labels:
+        if not (template and labels):
+            raise IfediclError("--template and --labels go together")
+        name = Path(task_dir or dataset).name.lower()
+        spec = TaskSpec(name, template.replace("\\n", "\n"), tuple(w.strip() for w in labels.split(",")))
+    if task_dir:
+        return DataSource(str(task_dir), "task_dir", spec, max_train, max_test)
+    return DataSource(dataset, "hf", spec, max_train, max_test)
+
+
+@app.command()
+def federate(
+    model: str = typer.Option(..., help="HF model id or local path"),
+    store: str = typer.Option(..., help="LanceDB URI or local directory"),
+    task_dir: Path | None = typer.Option(None, help="task.json + train/test .jsonl or .csv"),
+    dataset: str | None = typer.Option(None, help="HF dataset name or save_to_disk path"),
+    template: str | None = typer.Option(None, help="prompt template with {text} (overrides task.json)"),
+    labels: str | None = typer.Option(None, help="comma-separated label words in class order"),
+    clients: int = 10,
+    alpha: float = typer.Option(0.5, help="Dirichlet label-skew concentration"),
+    rounds: int = 5,
+    local_epochs: int = 1,
+    fraction: float = typer.Option(1.0, help="fraction of clients sampled per round"),
+    min_clients: int = 1,
+    round_timeout: float = typer.Option(1800.0, help="seconds a round waits for clients"),
+    seed: int = 0,
+    max_train: int | None = typer.Option(None, help="use only the first N training examples"),
+    max_test: int = typer.Option(200, help="test examples scored after the run (0: skip)"),
+    min_shard: int = 2,
+    weighted: bool = typer.Option(False, help="weight vector and Λ means by client example counts"),
+    weights: str = typer.Option("shared", help="shared (one copy per node) or per-actor model weights"),
+    cpus_per_client: float | None = None,
+    gpus_per_client: float = 0.0,
+    batch_size: int = typer.Option(8, help="extraction batch size"),
+    publish: bool = typer.Option(False, help="publish the run when it completes"),
+    verbose: bool = typer.Option(True, help="structured log line per round"),
+) -> None:
+    """Run stage 1 and R rounds of stage 2 on Ray; write the run to the store."""
+    from federation_job.driver import Federation, FederationSettings
+
+    _setup_logging(verbose)
+    settings = FederationSettings(
+        clients=clients,
+        alpha=alpha,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        fraction=fraction,
+        min_clients=min_clients,
+        round_timeout_s=round_timeout,
+        seed=seed,
+        min_shard=min_shard,
+        weighted_vectors=weighted,
+        weighted_coefficients=weighted,
+        capture_batch_size=batch_size,
+        weights=weights,
+        cpus_per_client=cpus_per_client,
+        gpus_per_client=gpus_per_client,
+    )
+    source = _source(task_dir, dataset, template, labels, max_train, max_test or None)
+    result = Federation(model, source, store, settings).run(publish=publish)
+    _print_summary(result.run_id, result.published, result.summary)
+
+
+def _print_summary(run_id: str, published: bool, summary: dict) -> None:
+    typer.echo(f"run {run_id} complete{' and published' if published else ''}")
+    typer.echo(f"  clients: {summary['clients']}, shard sizes {summary['shard_sizes']}")
+    typer.echo(
+        f"  stage 1 bytes per client: up {summary['stage1_bytes_up_per_client']}, "
+        f"down {summary['stage1_bytes_down_per_client']}"
+    )
+    typer.echo(
+        f"  per-round bytes per client: up {summary['round_bytes_up_per_client']}, "
+        f"down {summary['round_bytes_down_per_client']}"
+    )
+    typer.echo(f"  total bytes: up {summary['total_bytes_up']}, down {summary['total_bytes_down']}")
+    if "accuracy" in summary:
+        typer.echo(
+            f"  test accuracy ({summary['test_examples']} examples): zero-shot {summary['zero_shot_accuracy']:.3f}, "
+            f"IFed-ICL {summary['accuracy']:.3f}"
+        )
+
+
+@app.command()
+def predict(
+    texts: list[str] = typer.Argument(None, help="texts to classify"),
+    store: str = typer.Option(...),
+    model: str = typer.Option(...),
+    task: str = typer.Option(...),
+    run: str | None = typer.Option(None, help="a run id instead of the published one"),
+    file: Path | None = typer.Option(None, help="one text per line"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per text"),
+) -> None:
+    """Classify texts on the HF reference path with a stored run."""
+    from federation_job.predict import ReferenceClassifier
+    from storage.store import Store
+
+    items = list(texts or [])
+    if file is not None:
+        if not file.exists():
+            raise IfediclError(f"file {file} does not exist")
+        items += [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not items:
+        raise IfediclError("no text to classify: pass TEXT arguments or --file")
+    stored = Store(store)
+    classifier = ReferenceClassifier(model)
+    stored_run = classifier.load(stored, task, run)
+    for p in classifier.classify(stored_run.task, items, stored_run):
+        if as_json:
+            typer.echo(json.dumps({"text": p.text, "label": p.label, "probabilities": p.probabilities}))
+        else:
+            probs = ", ".join(f"{w}={v:.3f}" for w, v in p.probabilities.items())
+            typer.echo(f"{p.label}\t[{probs}]\t{p.text}")
+
+
+@app.command()
+def runs(
+    store: str = typer.Option(...),
+    task: str | None = None,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List runs with their status, and which one is published per task."""
+    from storage.store import Store
+
+    stored = Store(store)
+    published = stored.published()
+    rows = stored.runs(task)
+    if as_json:
+        for row in rows:
+            row = {k: (str(v) if k.endswith("_at") else v) for k, v in row.items()}
+            typer.echo(json.dumps({**row, "published": published.get(row["task"]) == row["run_id"]}))
+        return
+    if not rows:
+        typer.echo("no runs")
+    for row in rows:
+        mark = "*" if published.get(row["task"]) == row["run_id"] else " "
+        summary = json.loads(row["summary"] or "{}")
+        acc = f" acc={summary['accuracy']:.3f}" if "accuracy" in summary else ""
+        typer.echo(f"{mark} {row['run_id']}  {row['status']:<8} {row['created_at']:%Y-%m-%d %H:%M:%S}{acc}")
+
+
+@app.command()
+def publish(run_id: str, store: str = typer.Option(...)) -> None:
+    """Make a complete run the live one for its task."""
+    from storage.store import Store
+
+    task = Store(store).publish(run_id)
+    typer.echo(f"published {run_id} for task {task}")
+
+
+@app.command()
+def rollback(task: str, store: str = typer.Option(...)) -> None:
+    """Move the task's tag back to the run published before the current one."""
+    from storage.store import Store
+
+    run_id = Store(store).rollback(task)
+    typer.echo(f"task {task} rolled back to {run_id}")
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("ifedicl-demo"), help="where the model, data and store are written"),
+    clients: int = 4,
+    rounds: int = 3,
+) -> None:
+    """Offline end to end: build a model and data, federate on local Ray, publish, predict."""
+    from federation_job.data import load_task_dir
+    from federation_job.demo_data import corpus, make_sentiment_dir
+    from federation_job.driver import Federation, FederationSettings
+    from federation_job.predict import ReferenceClassifier
+    from federation_job.sources import DataSource
+    from federation_job.tiny_model import build_tiny_model
+    from storage.store import Store
+
+    _setup_logging(True)
+    data_dir = make_sentiment_dir(workdir / "data")
+    data = load_task_dir(data_dir)
+    model_dir = workdir / "model"
+    if not (model_dir / "config.json").exists():
+        typer.echo(f"building a small random Llama in {model_dir} ...")
+        build_tiny_model(model_dir, corpus(data.task, data.train.texts), "llama", num_layers=4, hidden_size=256)
+    store_dir = workdir / "store"
+    settings = FederationSettings(clients=clients, alpha=1.0, rounds=rounds, min_clients=max(1, clients // 2))
+    result = Federation(str(model_dir), DataSource(str(data_dir)), str(store_dir), settings).run(publish=True)
+    _print_summary(result.run_id, result.published, result.summary)
+    classifier = ReferenceClassifier(str(model_dir))
+    run = classifier.load(Store(store_dir), data.task.name)
+    samples = ["the acting was brilliant .", "the plot was painfully slow ."]
+    typer.echo("predictions from the published run:")
+    for p in classifier.classify(run.task, samples, run):
+        typer.echo(f"  {p.label:<9} {json.dumps({k: round(v, 3) for k, v in p.probabilities.items()})}  {p.text}")
+    typer.echo(f"store: {store_dir} (try: ifedicl runs --store {store_dir})")
+
+
+def _register_serving() -> None:
+    """``ifedicl serve`` lives in serving/; registered here so there is one CLI."""
+    try:
+        from serving.cli import serve
+    except ImportError:
+        return
+    app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)
+
+
+_register_serving()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except IfediclError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(2) from None
+    except Exception as err:
+        import click
+
+        if isinstance(err, click.exceptions.Abort):
+            raise SystemExit(130) from None
+        if isinstance(err, click.ClickException):
+            err.show()
+            raise SystemExit(err.exit_code) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()
