@@ -42,7 +42,7 @@ def warmup_cosine(total_steps: int, warmup_fraction: float, lr: float, min_lr: f
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup - 1)  # last step at the floor
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor

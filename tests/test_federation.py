@@ -1,0 +1,113 @@
+"""The Ray job end to end: real local Ray, real actors, real LanceDB, real kills."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import ray
+
+from federation_job.driver import Federation, FederationSettings
+from federation_job.errors import FederationError
+from federation_job.sources import DataSource
+from storage.store import Store
+
+
+def _settings(**kw) -> FederationSettings:
+    base = dict(clients=3, alpha=1.0, rounds=2, min_clients=2, round_timeout_s=120, min_shard=4)
+    return FederationSettings(**{**base, **kw})
+
+
+def test_client_killed_mid_round_is_dropped_and_recorded(ray_session, llama_dir, task_dir, tmp_path):
+    killed = {}
+
+    def kill_client_1_in_round_1(stage, round_index, actors):
+        if stage == "calibrate" and round_index == 1 and 1 in actors:
+            ray.kill(actors[1])
+            killed["round"] = round_index
+
+    store_dir = tmp_path / "store"
+    fed = Federation(
+        str(llama_dir), DataSource(str(task_dir), max_test=8), str(store_dir), _settings(), kill_client_1_in_round_1
+    )
+    result = fed.run(publish=True)
+    assert killed == {"round": 1}
+    round1 = result.rounds[1]
+    assert round1.clients_answered == [0, 2] and "died" in round1.dropped[1]
+    assert result.rounds[2].clients_sampled == [0, 2]  # the dead client is not asked again
+    stored = Store(store_dir)
+    rows = stored.rounds(result.run_id)
+    assert json.loads(rows[1]["dropped"]) == {"1": round1.dropped[1]}
+    assert stored.published_run_id(fed.data.task.name) == result.run_id
+    # stage-2 uploads are 4L float32 plus a small header; stage-1 uploads carry L*2*d floats
+    L, d = fed.fingerprint.num_layers, fed.fingerprint.hidden_size
+    assert all(16 * L < b < 16 * L + 256 for r in result.rounds[1:] for b in r.bytes_up)
+    assert all(8 * L * d < b < 8 * L * d + 256 for b in result.rounds[0].bytes_up)
+
+
+def test_too_few_clients_fails_cleanly_and_publishes_nothing(ray_session, llama_dir, task_dir, tmp_path):
+    def kill_two(stage, round_index, actors):
+        if stage == "calibrate":
+            for cid in (0, 1):
+                ray.kill(actors[cid])
+
+    store_dir = tmp_path / "store"
+    fed = Federation(str(llama_dir), DataSource(str(task_dir), max_test=0), str(store_dir), _settings(), kill_two)
+    with pytest.raises(FederationError, match="round 1: only 1 client.*min_clients=2"):
+        fed.run(publish=True)
+    stored = Store(store_dir)
+    (run,) = stored.runs()
+    assert run["status"] == "failed" and "min_clients" in run["error"]
+    assert stored.published() == {}
+
+
+def _cli(*args, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "federation_job.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ifedicl {args[0]} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_cli_federate_publishes_a_run_that_predict_reads(llama_dir, task_dir, tmp_path):
+    store = tmp_path / "store"
+    out = _cli(
+        "federate",
+        "--task-dir",
+        task_dir,
+        "--model",
+        llama_dir,
+        "--store",
+        store,
+        "--clients",
+        4,
+        "--alpha",
+        1.0,
+        "--rounds",
+        2,
+        "--max-test",
+        10,
+        "--publish",
+    ).stdout
+    assert "complete and published" in out and "per-round bytes per client" in out
+    runs = [json.loads(line) for line in _cli("runs", "--store", store, "--json").stdout.splitlines()]
+    assert len(runs) == 1 and runs[0]["status"] == "complete" and runs[0]["published"]
+    pred = _cli(
+        "predict",
+        "--store",
+        store,
+        "--model",
+        llama_dir,
+        "--task",
+        "demo-sentiment",
+        "--json",
+        "the acting was brilliant .",
+        "the ending was dull .",
+    ).stdout.splitlines()
+    rows = [json.loads(line) for line in pred]
+    assert [r["text"] for r in rows] == ["the acting was brilliant .", "the ending was dull ."]
+    for r in rows:
+        assert set(r["probabilities"]) == {"negative", "positive"}
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-6
+        assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)

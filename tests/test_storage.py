@@ -1,0 +1,81 @@
+"""The LanceDB store: bit-exact round trip, publish/rollback, model checks, missing store."""
+
+import numpy as np
+import pytest
+
+from federation_job.modeling import ModelFingerprint
+from federation_job.task import TaskSpec
+from storage.store import ModelMismatchError, Store, StoreError
+
+TASK = TaskSpec("t1", "Q: {text}\nA:", ("no", "yes"))
+FP = ModelFingerprint("/models/tiny", 3, 128, "abc123")
+
+
+def _complete_run(store: Store, seed: int, publish: bool = True) -> tuple[str, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(3, 2, 128)).astype(np.float32)
+    coeffs = rng.normal(size=(3, 2, 2)).astype(np.float32)
+    run_id = store.start_run(TASK, FP, {"seed": seed})
+    store.write_vectors(run_id, TASK.name, vectors)
+    store.write_coefficients(run_id, TASK.name, 0, np.zeros_like(coeffs))
+    store.write_coefficients(run_id, TASK.name, 1, coeffs)
+    store.finish_run(run_id, {"accuracy": 0.5})
+    if publish:
+        store.publish(run_id)
+    return run_id, vectors, coeffs
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    store = Store(tmp_path / "s", create=True)
+    run_id, vectors, coeffs = _complete_run(store, 0)
+    loaded = Store(tmp_path / "s").load_run("t1", expect=FP)
+    assert loaded.run_id == run_id and loaded.round == 1 and loaded.task == TASK
+    assert loaded.vectors.tobytes() == vectors.tobytes()
+    assert loaded.coefficients.tobytes() == coeffs.tobytes()
+
+
+def test_publish_and_rollback_move_the_tag(tmp_path):
+    store = Store(tmp_path / "s", create=True)
+    first, *_ = _complete_run(store, 0)
+    second, *_ = _complete_run(store, 1)
+    third, *_ = _complete_run(store, 2, publish=False)
+    assert store.published_run_id("t1") == second
+    assert store.rollback("t1") == first
+    assert store.load_run("t1").run_id == first
+    with pytest.raises(StoreError, match="no earlier published run"):
+        store.rollback("t1")
+    store.publish(third)
+    assert store.published() == {"t1": third}
+    assert store.load_run("t1", run_id=second).run_id == second  # any complete run stays loadable
+
+
+def test_running_and_failed_runs_are_not_loadable_or_publishable(tmp_path):
+    store = Store(tmp_path / "s", create=True)
+    run_id = store.start_run(TASK, FP, {})
+    with pytest.raises(StoreError, match="running"):
+        store.publish(run_id)
+    store.fail_run(run_id, "boom")
+    with pytest.raises(StoreError, match="failed"):
+        store.load_run("t1", run_id=run_id)
+    with pytest.raises(StoreError, match="no published run"):
+        store.load_run("t1")
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        ModelFingerprint("/models/other", 3, 128, "abc123"),
+        ModelFingerprint("/models/tiny", 4, 128, "abc123"),
+        ModelFingerprint("/models/tiny", 3, 256, "abc123"),
+    ],
+)
+def test_mismatched_model_is_refused(tmp_path, other):
+    store = Store(tmp_path / "s", create=True)
+    _complete_run(store, 0)
+    with pytest.raises(ModelMismatchError, match="another model"):
+        store.load_run("t1", expect=other)
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        Store(tmp_path / "nowhere")
