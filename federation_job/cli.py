@@ -227,6 +227,32 @@ def demo(
     typer.echo(f"store: {store_dir} (try: ifedicl runs --store {store_dir})")
 
 
+@app.command("build-model")
+def build_model(
+    out: Path = typer.Option(..., help="directory to write the model and tokenizer to"),
+    task_dir: list[Path] = typer.Option(..., help="task dirs whose texts train the tokenizer (repeatable)"),
+    family: str = typer.Option("llama", help="llama | qwen2 | gpt2"),
+    layers: int = 2,
+    hidden_size: int = 128,
+    vocab_size: int = 2048,
+    seed: int = 0,
+) -> None:
+    """Build a small random model offline (for trying the pipeline without a hub)."""
+    from federation_job.data import load_task_dir
+    from federation_job.demo_data import corpus
+    from federation_job.tiny_model import build_tiny_model
+
+    texts: list[str] = []
+    for directory in task_dir:
+        data = load_task_dir(directory)
+        texts += corpus(data.task, data.train.texts)
+    try:
+        build_tiny_model(out, texts, family, layers, hidden_size, vocab_size, seed)
+    except ValueError as err:
+        raise IfediclError(str(err)) from None
+    typer.echo(f"wrote a random {family} (L={layers}, d={hidden_size}) to {out}")
+
+
 def _register_serving() -> None:
     """``ifedicl serve`` lives in serving/; registered here so there is one CLI."""
     try:

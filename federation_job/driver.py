@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,6 +43,10 @@ from model_patches.injection import initial_coefficients
 from storage.store import RoundRecord, Store
 
 log = logging.getLogger("ifedicl.federation")
+
+# Ray starts helper processes with fork+exec (subprocess); the child execs at once and never
+# touches LanceDB's runtime, so LanceDB's generic fork warning does not apply here.
+warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
 
 # Quiet library chatter inside actors; progress is reported by the driver.
 ACTOR_ENV = {

@@ -1,0 +1,48 @@
+"""Model → predictions → metrics, for plain prompts, demonstration prompts, or injection."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from federation_job.data import Split
+from federation_job.evaluation import metrics
+from federation_job.inference import predict_proba
+from federation_job.task import TaskSpec, label_token_ids
+from model_patches.hf import HFContextModel
+from model_patches.injection import InjectionTables
+
+
+def score(
+    ctx: HFContextModel,
+    tokenizer,
+    task: TaskSpec,
+    test: Split,
+    prompts: Sequence[str] | None = None,
+    vectors: np.ndarray | None = None,
+    coefficients: np.ndarray | None = None,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Accuracy and macro-F1 of argmax over the label words' first-token logits.
+
+    ``prompts`` defaults to the zero-shot ``template(x)``; with ``vectors`` and
+    ``coefficients`` the context vectors are injected (IFed-ICL / I2CL inference).
+    """
+    prompts = list(prompts) if prompts is not None else [task.prompt(t) for t in test.texts]
+    tables, index = None, None
+    if vectors is not None:
+        tables = InjectionTables.build([torch.from_numpy(vectors)], [torch.from_numpy(np.asarray(coefficients))])
+        index = [1] * len(prompts)
+    probs = predict_proba(ctx, tokenizer, prompts, label_token_ids(task, tokenizer), tables, index, batch_size)
+    predictions = probs.argmax(axis=1)
+    return {
+        "accuracy": metrics.accuracy(predictions, test.labels),
+        "macro_f1": metrics.macro_f1(predictions, test.labels, len(task.labels)),
+    }
+
+
+def max_positions(model) -> int:
+    config = model.config
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)

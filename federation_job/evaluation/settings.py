@@ -1,0 +1,114 @@
+"""What one evaluation run is: its settings and its cells (method × task × α × seed).
+
+A cell is the unit of work and of resume. Methods that never see the client split
+(zero-shot, few-shot ICL, centralized I2CL) get ``alpha=None`` cells, computed once
+and shown in every α's table, instead of being recomputed per α.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+# Display order = the paper's table order, cheap methods first.
+METHODS: tuple[str, ...] = (
+    "zero_shot",
+    "few_shot_icl",
+    "local_icl",
+    "i2cl_central",
+    "local_calibration",
+    "fedavg_lora",
+    "ifedicl",
+)
+METHOD_LABELS: dict[str, str] = {
+    "zero_shot": "zero-shot",
+    "few_shot_icl": "few-shot ICL",
+    "local_icl": "local ICL",
+    "i2cl_central": "I2CL (central)",
+    "local_calibration": "local-only calib.",
+    "fedavg_lora": "FedAvg-LoRA",
+    "ifedicl": "IFed-ICL",
+}
+SPLIT_FREE = frozenset({"zero_shot", "few_shot_icl", "i2cl_central"})  # do not depend on α
+FEDERATED = frozenset({"fedavg_lora", "ifedicl"})
+
+
+@dataclass
+class EvalSettings:
+    """Everything that changes a number. Hashed into each cell so a stale cell is recomputed."""
+
+    model: str
+    tasks: list[str]
+    clients: int = 10
+    alphas: list[float] = field(default_factory=lambda: [0.5])
+    rounds: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0])
+    test_size: int = 500
+    shots: int = 4
+    max_train: int | None = 5000
+    local_epochs: int = 1
+    min_shard: int = 2
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_lr: float = 5e-4
+    weighted: bool = False  # paper: unweighted FedAvg of vectors, Λ (and, for parity, LoRA weights)
+    batch_size: int = 16
+    dtype: str = "float32"
+    test_seed: int = 0  # the test sample is the same for every seed: spread over seeds is the split's and training's
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if not self.tasks:
+            raise ValueError("give at least one task directory or HF dataset")
+        for ok, message in (
+            (self.clients >= 1, "--clients must be >= 1"),
+            (all(a > 0 for a in self.alphas) and self.alphas, "--alpha must be > 0"),
+            (self.rounds >= 1, "--rounds must be >= 1"),
+            (self.seeds, "--seeds must be >= 1"),
+            (self.test_size >= 1, "--test-size must be >= 1"),
+            (self.shots >= 1, "--shots must be >= 1"),
+            (self.local_epochs >= 1, "--local-epochs must be >= 1"),
+        ):
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def cell_hash(self) -> str:
+        """Hash of the settings a cell's numbers depend on (not which tasks/α/seeds/methods were asked for)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in ("tasks", "alphas", "seeds", "methods")}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    task: str  # the task's location as given (dir or dataset name)
+    alpha: float | None
+    seed: int
+
+    @property
+    def key(self) -> str:
+        alpha = "na" if self.alpha is None else f"{self.alpha:g}"
+        safe_task = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.task.strip("/"))[-80:]
+        return f"{self.method}__{safe_task}__a{alpha}__s{self.seed}"
+
+
+def plan_cells(settings: EvalSettings) -> list[Cell]:
+    """Every cell of the run, in the order they are computed."""
+    cells = []
+    for task in settings.tasks:
+        for method in METHODS:
+            if method not in settings.methods:
+                continue
+            alphas = [None] if method in SPLIT_FREE else settings.alphas
+            for alpha in alphas:
+                for seed in settings.seeds:
+                    cells.append(Cell(method, task, alpha, seed))
+    return cells
