@@ -33,6 +33,7 @@ from federation_job.modeling import (
     load_config,
     load_model,
     load_tokenizer,
+    model_from_weights,
 )
 from federation_job.partition import dirichlet_partition
 from federation_job.server import ClientUpdate, FedAvg, check_update, sample_clients
@@ -192,8 +193,11 @@ class Federation:
     def _model_source(self):
         if self.settings.weights == "per-actor":
             return self.model_id
-        self._driver_model = load_model(self.model_id, self.settings.dtype)
-        return ray.put(export_weights(self._driver_model))
+        ref = ray.put(export_weights(load_model(self.model_id, self.settings.dtype)))
+        # The driver's own model (for the final evaluation) also aliases the object-store copy,
+        # so the node holds one copy of the weights in all.
+        self._driver_model = model_from_weights(ray.get(ref))
+        return ref
 
     def _start_actors(self) -> None:
         cpus = self.settings.cpus_per_client

@@ -1,0 +1,107 @@
+"""Federation cost on one node: wall time and peak memory, shared vs per-actor weights.
+
+Prints figures, asserts nothing. Memory is the peak over the run of the summed PSS
+(proportional set size) of the driver and every process under it (raylet, workers,
+the object store's shared memory counted once across its mappers), sampled every
+0.2 s. "weight copies" = (peak PSS with the bench model - peak PSS with a tiny model,
+same clients) / bytes of one copy of the bench model's weights: how many copies of
+the weights the node really holds.
+
+    python bench/federation.py --clients 1 2 5 10 --layers 12 --hidden 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from federation_job.data import load_task_dir
+from federation_job.demo_data import corpus, make_sentiment_dir
+from federation_job.driver import Federation, FederationSettings
+from federation_job.sources import DataSource
+from federation_job.tiny_model import build_tiny_model
+
+
+class PeakPSS:
+    """Samples the summed PSS of this process tree in a thread; ``peak`` in bytes."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        root = psutil.Process()
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += proc.memory_full_info().pss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakPSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_once(model: Path, data: Path, store: Path, clients: int, weights: str, per_client: int) -> dict:
+    settings = FederationSettings(clients=clients, alpha=100.0, rounds=1, min_shard=1, weights=weights)
+    source = DataSource(str(data), max_train=per_client * clients, max_test=0)
+    start = time.perf_counter()
+    with PeakPSS() as mem:
+        result = Federation(str(model), source, str(store), settings).run()
+    seconds = time.perf_counter() - start
+    stage1 = result.rounds[0].seconds
+    return {
+        "seconds": seconds,
+        "peak_pss": mem.peak,
+        "extract_per_s": per_client * clients / stage1,
+        "round_s": result.rounds[1].seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 5, 10])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--per-client", type=int, default=8, help="training examples per client")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ifedicl-bench-"))
+    data = make_sentiment_dir(work / "data", n_train=args.per_client * max(args.clients), n_test=4)
+    texts = corpus(load_task_dir(data).task, load_task_dir(data).train.texts)
+    big = build_tiny_model(work / "big", texts, "llama", args.layers, args.hidden, vocab_size=2048)
+    tiny = build_tiny_model(work / "tiny", texts, "llama", 1, 64, vocab_size=2048)
+    weight_bytes = sum(p.stat().st_size for p in big.glob("*.safetensors"))
+    print(f"bench model: L={args.layers} d={args.hidden}, weights {weight_bytes / 2**20:.0f} MiB (float32)")
+    print("clients | mode      | wall s | peak PSS MiB | weight copies | extract ex/s | round s")
+    for k in args.clients:
+        base = run_once(tiny, data, work / f"s-tiny-{k}", k, "shared", args.per_client)
+        for mode in ("shared", "per-actor"):
+            r = run_once(big, data, work / f"s-{mode}-{k}", k, mode, args.per_client)
+            copies = (r["peak_pss"] - base["peak_pss"]) / weight_bytes
+            print(
+                f"{k:>7} | {mode:<9} | {r['seconds']:6.1f} | {r['peak_pss'] / 2**20:12.0f} | {copies:13.2f} | "
+                f"{r['extract_per_s']:12.1f} | {r['round_s']:7.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
