@@ -69,7 +69,7 @@ def load_trainable(model, state: dict[str, np.ndarray]) -> None:
 
 
 def trainable_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.named_parameters() if p[1].requires_grad for p in [p[1]])
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def framing_bytes(payload: bytes) -> int:

@@ -1,0 +1,90 @@
+"""The loop over cells: load the model once, skip finished cells, run the rest with progress bars."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from federation_job.evaluation import methods_i2cl, methods_icl, methods_lora
+from federation_job.evaluation.cells import CellStore
+from federation_job.evaluation.context import MethodContext
+from federation_job.evaluation.settings import Cell, EvalSettings, plan_cells
+from federation_job.evaluation.tasks import PreparedTask, prepare_task
+
+log = logging.getLogger("ifedicl.eval")
+
+METHOD_FUNCTIONS = {
+    "zero_shot": methods_icl.zero_shot,
+    "few_shot_icl": methods_icl.few_shot_icl,
+    "local_icl": methods_icl.local_icl,
+    "i2cl_central": methods_i2cl.i2cl_central,
+    "local_calibration": methods_i2cl.local_calibration,
+    "fedavg_lora": methods_lora.fedavg_lora,
+    "ifedicl": methods_i2cl.ifedicl,
+}
+
+
+def _load_context(settings: EvalSettings, out_dir: Path) -> MethodContext:
+    from federation_job.modeling import canonical_model_id, load_model, load_tokenizer
+    from model_patches.hf import HFContextModel
+
+    model_id = canonical_model_id(settings.model)
+    model = load_model(model_id, settings.dtype)
+    return MethodContext(settings, model_id, model, HFContextModel(model), load_tokenizer(model_id), out_dir)
+
+
+def run_cells(settings: EvalSettings, out_dir: str | Path) -> tuple[list[dict], dict[str, PreparedTask], dict]:
+    """Compute every unfinished cell; return all cell records, the prepared tasks and run stats.
+
+    Stats say how many cells were computed and how many were resumed from disk.
+    """
+    settings.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = CellStore(out_dir, settings.cell_hash())
+    cells = plan_cells(settings)
+    tasks = {
+        loc: prepare_task(loc, settings.max_train, settings.test_size, settings.test_seed) for loc in settings.tasks
+    }
+    records: dict[Cell, dict] = {c: r for c in cells if (r := store.get(c)) is not None}
+    todo = [c for c in cells if c not in records]
+    stats = {"cells": len(cells), "resumed": len(records), "computed": 0}
+    if todo:
+        mc = _load_context(settings, out_dir)
+        started_ray = False
+        if any(c.method == "ifedicl" for c in todo):
+            from federation_job.driver import ensure_ray  # one Ray for all federation cells
+
+            started_ray = ensure_ray()
+        try:
+            with tqdm(total=len(cells), initial=len(records), desc="eval cells", unit="cell") as bar:
+                for cell in todo:
+                    task = tasks[cell.task]
+                    bar.set_postfix_str(f"{cell.method} {task.name} α={cell.alpha} seed={cell.seed}")
+                    start = time.monotonic()
+                    result = METHOD_FUNCTIONS[cell.method](mc, task, cell)
+                    result["cell_seconds"] = time.monotonic() - start
+                    records[cell] = store.put(cell, task.name, result)
+                    stats["computed"] += 1
+                    bar.update(1)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    return [records[c] for c in cells], tasks, stats
+
+
+def evaluate(settings: EvalSettings, out_dir: str | Path) -> dict:
+    """Run (or resume) the whole evaluation and write results.json, results.md and the PNGs."""
+    from federation_job.evaluation.plots import write_plots
+    from federation_job.evaluation.report import write_results
+    from federation_job.modeling import canonical_model_id
+
+    records, _, stats = run_cells(settings, out_dir)
+    results = write_results(records, settings, canonical_model_id(settings.model), out_dir, stats)
+    results["plots"] = [str(p) for p in write_plots(results, out_dir)]
+    return results
