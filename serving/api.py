@@ -1,0 +1,260 @@
+"""HTTP routes added to vLLM's own OpenAI-compatible app.
+
+vLLM's app (``build_app`` + ``init_app_state``) keeps everything it already does
+(health, tokenize, ``/metrics`` with its ``vllm:*`` metrics, the plain base model
+through its own completion and chat handlers). These routes are placed in front
+of vLLM's for the same paths and dispatch on ``model``:
+
+- the base model name -> vLLM's original handler (plain, uninjected generation);
+- a published task -> classification with that task's live version;
+- anything else -> 404 in OpenAI's error format.
+
+``GET /v1/models`` lists the base model plus every live task; ``POST /v1/classify``
+and ``POST /admin/reload`` are ours alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+
+from serving.errors import ApiError, bad_request, not_found
+from serving.metrics import BASE_TASK_LABEL, UNKNOWN_TASK_LABEL
+from serving.service import Classification, ClassificationService
+
+logger = logging.getLogger("ifedicl.serving")
+
+
+async def read_json(raw: Request) -> dict:
+    """The request body as a JSON object, or a 400."""
+    body = await raw.body()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad_request(f"Invalid JSON body: {err}") from None
+    if not isinstance(data, dict):
+        raise bad_request("The request body must be a JSON object")
+    return data
+
+
+def _model_name(body: dict) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required: a task name or the base model", "model")
+    return model
+
+
+def _texts(value, param: str) -> list[str]:
+    """A string or a list of strings (OpenAI's ``prompt``/``input`` shapes); 400 otherwise."""
+    if value is None:
+        raise bad_request(f"'{param}' is required", param)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise bad_request(f"'{param}' must be a string or a list of strings", param)
+
+
+def _chat_text(body: dict) -> str:
+    """The text to classify from a chat request: the last user message's text."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list", "messages")
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                return "".join(parts)
+            break
+    raise bad_request("'messages' needs a user message with text content", "messages")
+
+
+def _usage(result: Classification) -> dict:
+    completion = len(result.scores)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": result.prompt_tokens + completion}
+
+
+def completion_body(result: Classification) -> dict:
+    """OpenAI ``text_completion``: one choice per prompt, the label word as its text."""
+    choices = []
+    for i, score in enumerate(result.scores):
+        choices.append({
+            "index": i,
+            "text": score.label,
+            "finish_reason": "stop",
+            "logprobs": {
+                "tokens": [score.label],
+                "token_logprobs": [score.logprobs[score.label]],
+                "top_logprobs": [score.logprobs],
+                "text_offset": [0],
+            },
+            "probabilities": score.probabilities,
+        })
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": result.task,
+        "system_fingerprint": result.run_id,
+        "choices": choices,
+        "usage": _usage(result),
+    }
+
+
+def chat_body(result: Classification) -> dict:
+    """OpenAI ``chat.completion``: the label word as the assistant message."""
+    score = result.scores[0]
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    top = [entry(word, lp) for word, lp in score.logprobs.items()]
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": result.task,
+        "system_fingerprint": result.run_id,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": score.label},
+            "finish_reason": "stop",
+            "logprobs": {"content": [{**entry(score.label, score.logprobs[score.label]), "top_logprobs": top}]},
+            "probabilities": score.probabilities,
+        }],
+        "usage": _usage(result),
+    }
+
+
+def classify_body(result: Classification) -> dict:
+    return {
+        "object": "list",
+        "model": result.task,
+        "run_id": result.run_id,
+        "data": [
+            {"object": "classification", "index": i, "label": s.label, "probabilities": s.probabilities}
+            for i, s in enumerate(result.scores)
+        ],
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }
+
+
+def _original_endpoint(app: FastAPI, path: str, method: str) -> Callable | None:
+    for route in app.router.routes:
+        if isinstance(route, APIRoute) and route.path == path and method in route.methods:
+            return route.endpoint
+    return None
+
+
+def install_routes(app: FastAPI, service: ClassificationService, base_names: list[str]) -> None:
+    """Put the IFed-ICL routes in front of vLLM's on ``app``."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    vllm_completion = _original_endpoint(app, "/v1/completions", "POST")
+    vllm_chat = _original_endpoint(app, "/v1/chat/completions", "POST")
+    metrics = service.metrics
+
+    async def dispatch(
+        raw: Request,
+        endpoint: str,
+        on_task: Callable[[str, dict], Awaitable[dict]],
+        on_base: tuple[Callable | None, type] | None = None,
+    ) -> Response:
+        task_label = UNKNOWN_TASK_LABEL
+        try:
+            body = await read_json(raw)
+            model = _model_name(body)
+            if model in base_names and on_base is not None and on_base[0] is not None:
+                task_label = BASE_TASK_LABEL
+                handler, request_cls = on_base
+                try:
+                    parsed = request_cls.model_validate(body)
+                except ValidationError as err:
+                    raise bad_request(f"Invalid request: {err}") from None
+                # vLLM's own exception handlers answer whatever its handler raises.
+                response = await handler(parsed, raw)
+                if response.status_code >= 400:
+                    metrics.errors.labels(task_label, endpoint, str(response.status_code)).inc()
+                return response
+            if service.table.get(model) is None:
+                raise not_found(
+                    f"The model `{model}` does not exist. Available: {[*base_names, *service.table.names()]}"
+                )
+            task_label = model
+            if body.get("stream"):
+                raise bad_request("stream=true is not supported for task models (one label per prompt)", "stream")
+            return JSONResponse(await on_task(model, body))
+        except ApiError as err:
+            metrics.errors.labels(task_label, endpoint, str(err.status)).inc()
+            return JSONResponse(err.body(), status_code=err.status)
+        except Exception as err:  # keep serving; report in the same format
+            if task_label == BASE_TASK_LABEL:
+                raise
+            logger.exception("ifedicl: %s failed", endpoint)
+            metrics.errors.labels(task_label, endpoint, "500").inc()
+            return JSONResponse(ApiError(500, f"{type(err).__name__}: {err}").body(), status_code=500)
+        finally:
+            metrics.requests.labels(task_label, endpoint).inc()
+
+    async def task_completion(model: str, body: dict) -> dict:
+        return completion_body(await service.classify(model, _texts(body.get("prompt"), "prompt"), "prompt"))
+
+    async def task_chat(model: str, body: dict) -> dict:
+        return chat_body(await service.classify(model, [_chat_text(body)], "messages"))
+
+    async def task_classify(model: str, body: dict) -> dict:
+        return classify_body(await service.classify(model, _texts(body.get("input"), "input"), "input"))
+
+    async def completions(raw: Request) -> Response:
+        return await dispatch(raw, "completions", task_completion, (vllm_completion, CompletionRequest))
+
+    async def chat_completions(raw: Request) -> Response:
+        return await dispatch(raw, "chat_completions", task_chat, (vllm_chat, ChatCompletionRequest))
+
+    async def classify(raw: Request) -> Response:
+        return await dispatch(raw, "classify", task_classify)
+
+    async def models(raw: Request) -> Response:
+        listing = (await raw.app.state.openai_serving_models.show_available_models()).model_dump()
+        base = base_names[0]
+        for task in sorted(service.table.live.values(), key=lambda t: t.name):
+            listing["data"].append({
+                "id": task.name,
+                "object": "model",
+                "created": int(task.created_at.timestamp()),
+                "owned_by": "ifedicl",
+                "root": base,
+                "parent": base,
+                "max_model_len": service.max_model_len,
+                "run_id": task.run_id,
+                "labels": list(task.spec.labels),
+            })
+        return JSONResponse(listing)
+
+    async def admin_reload(raw: Request) -> Response:
+        report = await service.reload()
+        status = 200 if not report.failed else 409
+        return JSONResponse(report.to_dict(), status_code=status)
+
+    before = {id(route) for route in app.router.routes}
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/classify", classify, methods=["POST"])
+    app.add_api_route("/admin/reload", admin_reload, methods=["POST"])
+    ours = [route for route in app.router.routes if id(route) not in before]
+    app.router.routes[:] = ours + [route for route in app.router.routes if id(route) in before]
+    app.openapi_schema = None

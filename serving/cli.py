@@ -1,0 +1,59 @@
+"""``ifedicl serve``: the typer command (registered by the main CLI) and ``python -m serving``.
+
+Importing this module must stay cheap: vLLM and torch load only when the
+command runs. Unknown options are vLLM engine/server arguments and pass
+through untouched (``ifedicl serve --store s --model m --enforce-eager --max-model-len 2048``).
+"""
+
+from __future__ import annotations
+
+import typer
+
+
+def serve(
+    ctx: typer.Context,
+    store: str = typer.Option(..., "--store", help="LanceDB URI or local directory with published runs"),
+    model: str = typer.Option(..., "--model", help="HF model id or local path (the one the runs were made with)"),
+    host: str = typer.Option("0.0.0.0", "--host", help="address to bind"),
+    port: int = typer.Option(8000, "--port", help="port to bind"),
+    poll_interval: float = typer.Option(
+        30.0, "--poll-interval", help="seconds between store checks for newly published runs (0 = only /admin/reload)"
+    ),
+    max_slots: int = typer.Option(
+        32, "--max-slots", help="(task, version) tables the engine holds at once; live tasks plus versions in flight"
+    ),
+) -> None:
+    """Serve published tasks over an OpenAI-compatible API (extra options go to vLLM)."""
+    from serving.server import run_server
+
+    run_server(
+        store=store,
+        model=model,
+        host=host,
+        port=port,
+        poll_interval=poll_interval,
+        max_slots=max_slots,
+        engine_args=list(ctx.args),
+    )
+
+
+def main() -> None:
+    """``python -m serving``: the same command without the main CLI (errors as one line, exit 2)."""
+    import sys
+
+    import click
+
+    from federation_job.errors import IfediclError
+
+    app = typer.Typer(add_completion=False)
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)
+    try:
+        app(standalone_mode=False)
+    except IfediclError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)

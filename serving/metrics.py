@@ -1,0 +1,79 @@
+"""Prometheus metrics of the IFed-ICL server (``ifedicl_*``), next to vLLM's ``vllm:*``.
+
+Names are fixed (the deploy/ dashboards and alerts rely on them). Labels stay
+low-cardinality: ``task`` is a published task name, or ``_base`` (the plain base
+model) or ``_unknown`` (a name that is neither), never free text from a request.
+The active-run gauge and the run ages are computed at scrape time from the live
+task table, so they can never drift from what is actually served.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+BASE_TASK_LABEL = "_base"
+UNKNOWN_TASK_LABEL = "_unknown"
+
+# Classification latencies on CPU range from milliseconds (tiny models) to seconds.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _ActiveRunCollector(Collector):
+    """``ifedicl_active_run{task,run_id} = 1`` and ``ifedicl_published_run_age_seconds{task}``."""
+
+    def __init__(self, active: Callable[[], Iterable[tuple[str, str, datetime]]]):
+        self._active = active
+
+    def collect(self):
+        runs = GaugeMetricFamily(
+            "ifedicl_active_run",
+            "Run served for each task (value 1; the run_id label says which)",
+            labels=["task", "run_id"],
+        )
+        ages = GaugeMetricFamily(
+            "ifedicl_published_run_age_seconds",
+            "Seconds since the served run of each task was created",
+            labels=["task"],
+        )
+        now = time.time()
+        for task, run_id, created_at in self._active():
+            runs.add_metric([task, run_id], 1.0)
+            ages.add_metric([task], max(0.0, now - created_at.timestamp()))
+        yield runs
+        yield ages
+
+
+class ServingMetrics:
+    """All ``ifedicl_*`` metrics, registered on one registry (vLLM's, in the server)."""
+
+    def __init__(self, registry: CollectorRegistry, active: Callable[[], Iterable[tuple[str, str, datetime]]]):
+        self.requests = Counter(
+            "ifedicl_requests", "Classification API requests", ["task", "endpoint"], registry=registry
+        )
+        self.errors = Counter(
+            "ifedicl_request_errors", "Requests answered with an error, by HTTP status", ["task", "endpoint", "code"],
+            registry=registry,
+        )
+        self.predictions = Counter(
+            "ifedicl_predictions", "Predicted labels (one per classified text)", ["task", "label"], registry=registry
+        )
+        self.latency = Histogram(
+            "ifedicl_classification_latency_seconds",
+            "Time to classify one request (all its texts), from parsed request to scores",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "ifedicl_reloads", "Task versions made live by a reload after start-up", registry=registry
+        )
+        self.reload_failures = Counter(
+            "ifedicl_reload_failures", "Runs refused at reload (bad, mismatched or unloadable)", registry=registry
+        )
+        registry.register(_ActiveRunCollector(active))

@@ -1,0 +1,135 @@
+"""The ``ifedicl serve`` process: vLLM's OpenAI server, an injecting engine, our routes.
+
+Reused from vLLM as is: its argument parser (every engine/server flag passes
+through), ``build_async_engine_client`` (AsyncLLM with the engine core in its
+own process), ``build_app`` + ``init_app_state`` (OpenAI routes, health,
+tokenize, exception handlers, ``/metrics`` with the ``vllm:*`` metrics), and
+``serve_http`` (uvicorn with vLLM's shutdown handling). Added: the engine
+overrides that select the injecting model class, the start-up liveness check,
+the task routes (:mod:`serving.api`) and the store poller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+from federation_job.errors import IfediclError
+from federation_job.modeling import load_config
+from model_patches.vllm_plugin import WORKER_EXTENSION, engine_overrides
+from storage.store import Store
+
+logger = logging.getLogger("ifedicl.serving")
+
+# vLLM's CPU backend sizes its KV cache with VLLM_CPU_KVCACHE_SPACE; this default
+# keeps its memory check satisfied on a 24 GB machine (DESIGN.md, "Serving").
+CPU_GPU_MEMORY_UTILIZATION = 0.3
+
+
+def _has_flag(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def parse_engine_args(model: str, host: str, port: int, max_slots: int, engine_args: list[str]):
+    """vLLM's server arguments for ``model`` plus the overrides that turn injection on."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.platforms import current_platform
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="ifedicl serve"))
+    argv = ["--model", model, "--host", host, "--port", str(port), *engine_args]
+    if current_platform.is_cpu() and not _has_flag(engine_args, "--gpu-memory-utilization"):
+        argv += ["--gpu-memory-utilization", str(CPU_GPU_MEMORY_UTILIZATION)]
+    args = parser.parse_args(argv)
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    overrides = engine_overrides(load_config(args.model).architectures, max_slots=max_slots)
+    user = args.hf_overrides
+    if isinstance(user, str):
+        user = json.loads(user)
+    if user is not None and not isinstance(user, dict):
+        raise IfediclError("--hf-overrides must be a JSON object when serving with injection")
+    args.hf_overrides = {**(user or {}), **overrides["hf_overrides"]}
+    if args.worker_extension_cls not in (None, "", WORKER_EXTENSION):
+        raise IfediclError(f"--worker-extension-cls is taken by IFed-ICL ({WORKER_EXTENSION})")
+    args.worker_extension_cls = overrides["worker_extension_cls"]
+    validate_parsed_serve_args(args)
+    return args
+
+
+async def serve_async(args, store: str, poll_interval: float, max_slots: int) -> None:
+    """Start the engine, check injection, load the store, serve until shut down."""
+    import vllm.envs as envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    from serving.api import install_routes
+    from serving.service import ClassificationService
+
+    listen_address, sock = setup_server(args, reuse_port=False)
+    poller = None
+    async with build_async_engine_client(args) as engine:
+        service = ClassificationService(
+            engine, args.model, store, max_slots=max_slots, registry=get_prometheus_registry()
+        )
+        report = await service.start()
+        logger.info("ifedicl: serving tasks %s (refused: %s)", report.live, report.failed or "none")
+        supported = await engine.get_supported_tasks()
+        app = build_app(args, supported, engine.model_config)
+        await init_app_state(engine, app.state, args, supported)
+        install_routes(app, service, list(args.served_model_name or [args.model]))
+        app.state.ifedicl = service
+        if poll_interval > 0:
+            poller = asyncio.create_task(service.poll_forever(poll_interval))
+        logger.info("ifedicl: listening on %s", listen_address)
+        shutdown = await serve_http(
+            app,
+            sock=sock,
+            enable_ssl_refresh=args.enable_ssl_refresh,
+            host=args.host,
+            port=args.port,
+            log_level=args.uvicorn_log_level,
+            access_log=not args.disable_uvicorn_access_log,
+            timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile,
+            ssl_ca_certs=args.ssl_ca_certs,
+            ssl_cert_reqs=args.ssl_cert_reqs,
+            ssl_ciphers=args.ssl_ciphers,
+            h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+            h11_max_header_count=args.h11_max_header_count,
+        )
+    try:
+        await shutdown
+    finally:
+        if poller is not None:
+            poller.cancel()
+        sock.close()
+
+
+def run_server(
+    *,
+    store: str,
+    model: str,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    poll_interval: float = 30.0,
+    max_slots: int = 32,
+    engine_args: list[str] | None = None,
+) -> None:
+    """Blocking entry of ``ifedicl serve``; bad settings raise :class:`IfediclError` before the engine starts."""
+    import uvloop
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    Store(store)  # a missing store is a one-line error, not an engine start-up
+    if max_slots < 1:
+        raise IfediclError(f"--max-slots must be >= 1, got {max_slots}")
+    cli_env_setup()
+    args = parse_engine_args(model, host, port, max_slots, list(engine_args or []))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    uvloop.run(serve_async(args, store, poll_interval, max_slots))

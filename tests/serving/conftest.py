@@ -1,0 +1,64 @@
+"""Serving fixtures: tiny Llama/Qwen2 models, stores of published runs, real vLLM engines.
+
+Engines and servers are expensive on 2 cores (15 s eager, ~60 s compiled), so
+they are module- or session-scoped and every test in a module shares them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# vLLM's CPU backend on a shared 2-core box: both cores, 1 GB of KV cache per engine.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).parent))  # serving_helpers, whatever pytest's import mode
+
+from serving_helpers import TASKS, LoopThread, corpus, publish_run  # noqa: E402
+
+from federation_job.tiny_model import build_tiny_model  # noqa: E402
+from storage.store import Store  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def serving_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serving-models")
+    return {
+        family: build_tiny_model(root / family, corpus(), family=family, num_layers=2, hidden_size=128, seed=7)
+        for family in ("llama", "qwen2")
+    }
+
+
+@pytest.fixture(scope="session")
+def serving_stores(tmp_path_factory, serving_models) -> dict[str, str]:
+    """One store per model family with every task of TASKS published once."""
+    stores = {}
+    for family, path in serving_models.items():
+        uri = tmp_path_factory.mktemp(f"store-{family}") / "store"
+        store = Store(uri, create=True)
+        for i, spec in enumerate(TASKS.values()):
+            publish_run(store, path, spec, seed=100 * i + len(family))
+        stores[family] = str(uri)
+    return stores
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    runner = LoopThread()
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="session")
+def reference_classifiers(serving_models) -> dict:
+    """The HF reference path (``ifedicl predict``'s classifier), one per model family, loaded once."""
+    from federation_job.predict import ReferenceClassifier
+
+    return {family: ReferenceClassifier(str(path)) for family, path in serving_models.items()}

@@ -1,0 +1,170 @@
+"""Helpers shared by the serving tests (imported by conftest.py and the test modules)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from federation_job.modeling import canonical_model_id, fingerprint, load_config
+from federation_job.task import KNOWN_TASKS, TaskSpec
+from storage.store import Store
+
+# sst2 and mr share a template on purpose: identical prompts under two tasks are
+# exactly where a prefix cache without per-task salt would serve the wrong KV.
+TASKS = {name: TaskSpec(name, *KNOWN_TASKS[name]) for name in ("sst2", "mr", "subj", "agnews")}
+
+SHORT_TEXTS = [
+    "a gripping, beautifully acted film",
+    "dull and far too long",
+    "The central bank raised interest rates again.",
+    "the team won the final in extra time",
+]
+LONG_TEXT = " ".join(
+    ["the plot wanders from one scene to the next while the actors try their best with a thin script"] * 4
+)  # > 64 tokens after templating: prefilled in several chunks
+
+
+def corpus() -> list[str]:
+    """Tokenizer training text: every template and label word, so labels get distinct first tokens."""
+    lines = []
+    for spec in TASKS.values():
+        for text in [*SHORT_TEXTS, LONG_TEXT]:
+            for label in spec.labels:
+                lines.append(spec.demonstration(text, spec.labels.index(label)))
+    return lines * 3
+
+
+def random_run(num_layers: int, hidden: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors and Λ of a plausible calibrated run: O(1) vectors, λ ~ 0.1-0.6, β ~ 0.8-1.2."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(0.0, 1.0, (num_layers, 2, hidden)).astype(np.float32)
+    coeffs = np.empty((num_layers, 2, 2), dtype=np.float32)
+    coeffs[..., 0] = rng.uniform(0.1, 0.6, (num_layers, 2))
+    coeffs[..., 1] = rng.uniform(0.8, 1.2, (num_layers, 2))
+    return vectors, coeffs
+
+
+def publish_run(store: Store, model_path: Path, spec: TaskSpec, seed: int, publish: bool = True) -> str:
+    """Write one complete run through the Store API (as the federation driver does)."""
+    config = load_config(str(model_path))
+    fp = fingerprint(canonical_model_id(str(model_path)), config)
+    vectors, coeffs = random_run(fp.num_layers, fp.hidden_size, seed)
+    run_id = store.start_run(spec, fp, settings={"source": "tests/serving", "seed": seed})
+    store.write_vectors(run_id, spec.name, vectors)
+    store.write_coefficients(run_id, spec.name, 0, coeffs)
+    store.finish_run(run_id, summary={"seed": seed})
+    if publish:
+        store.publish(run_id)
+    return run_id
+
+
+class LoopThread:
+    """An asyncio loop on a background thread: AsyncLLM needs one long-lived loop across tests."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="serving-test-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 900.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def engine_args(model_path: Path, *, enforce_eager: bool, max_slots: int = 8, **extra):
+    """Engine settings for tests: float32, chunked prefill in 64-token steps, prefix caching on."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from model_patches.vllm_plugin import engine_overrides
+
+    config = load_config(str(model_path))
+    settings = dict(
+        model=str(model_path),
+        dtype="float32",
+        max_model_len=512,
+        max_num_batched_tokens=64,
+        max_num_seqs=32,
+        enable_chunked_prefill=True,
+        enable_prefix_caching=True,
+        enforce_eager=enforce_eager,
+        gpu_memory_utilization=0.3,
+        disable_log_stats=True,
+        seed=0,
+    )
+    settings.update(extra)
+    return AsyncEngineArgs(**settings, **engine_overrides(config.architectures, max_slots=max_slots))
+
+
+async def start_engine(args):
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(args)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m serving`` in a subprocess, on a free port, logging to a file."""
+
+    def __init__(self, store: str, model: Path, log_path: Path, poll_interval: float = 1.0, extra: list[str] = ()):
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [
+            sys.executable, "-m", "serving",
+            "--store", store, "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+            "--poll-interval", str(poll_interval), "--max-slots", "8",
+            "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", "64",
+            "--max-num-seqs", "32", "--enable-chunked-prefill", "--enable-prefix-caching", "--seed", "0",
+            *extra,
+        ]  # fmt: skip
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/v1/models", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self._log.close()
