@@ -1,0 +1,373 @@
+"""Scheduled recalibration: re-run a task's federation, publish only if it is not worse.
+
+``recalibrate`` runs a candidate (the full federation, or only stage 2 from the
+published run's vectors), scores the candidate and the live run on the same
+held-out split, and publishes the candidate only if
+``candidate_accuracy >= live_accuracy - margin`` (a negative margin demands a gain).
+Every attempt (published, kept_live, failed, busy) is a row in the store's
+``recalibrations`` table.
+
+Concurrency: one attempt per (store, task) at a time, by a file lock beside a
+local store; the second attempt waits up to ``lock_timeout_s`` and then gives up
+(``busy``). Publishing is also compare-and-set: if the live run changed while the
+candidate ran (a manual publish or rollback), nothing is published. For object-store
+URIs a file lock only guards one host: give ``lock_path`` on a shared filesystem,
+or rely on the scheduler (the CronJob's ``concurrencyPolicy: Forbid``) as
+deploy/README.md describes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock, Timeout
+
+from federation_job import wire
+from federation_job.client import accuracy
+from federation_job.driver import Federation, FederationSettings, _log_event
+from federation_job.errors import IfediclError
+from federation_job.modeling import load_model
+from federation_job.sources import DataSource
+from model_patches.hf import HFContextModel
+from storage.recalibrations import Attempt, attempts, now, record_attempt
+from storage.store import ModelMismatchError, RoundRecord, Store, StoreError, check_fingerprint
+
+log = logging.getLogger("ifedicl.recalibrate")
+
+MODES = ("full", "stage2")
+
+# Exit codes of `ifedicl recalibrate` (2 stays the CLI's code for a usage/input error).
+EXIT_PUBLISHED = 0
+EXIT_KEPT_LIVE = 1
+EXIT_FAILED = 2
+EXIT_BUSY = 3
+
+
+class RecalibrationBusy(IfediclError):
+    """Another recalibration of the same task holds the lock."""
+
+
+@dataclass
+class RecalibrationOutcome:
+    attempt: Attempt
+
+    @property
+    def published(self) -> bool:
+        return self.attempt.decision == "published"
+
+    @property
+    def exit_code(self) -> int:
+        return {"published": EXIT_PUBLISHED, "kept_live": EXIT_KEPT_LIVE, "busy": EXIT_BUSY}.get(
+            self.attempt.decision, EXIT_FAILED
+        )
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def default_lock_path(store_uri: str, task: str) -> Path:
+    """``<store parent>/.<store name>.recalibrate.<task>.lock`` for a local store; a temp path otherwise."""
+    safe_task = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
+    if is_local(store_uri):
+        store = Path(store_uri.removeprefix("file://")).resolve()
+        return store.parent / f".{store.name}.recalibrate.{safe_task}.lock"
+    log.warning(
+        "store %s is an object store: the recalibration lock only guards this host; pass --lock-file on a "
+        "shared filesystem or keep one scheduled job per task (CronJob concurrencyPolicy: Forbid)",
+        store_uri,
+    )
+    safe_uri = "".join(c if c.isalnum() else "_" for c in store_uri)[-80:]
+    return Path(tempfile.gettempdir()) / f"ifedicl.{safe_uri}.recalibrate.{safe_task}.lock"
+
+
+class Stage2Federation(Federation):
+    """A federation whose stage 1 is replaced by broadcasting given (published) vectors.
+
+    Clients upload nothing in round 0; only Λ is recalibrated. Reuses the driver's
+    actors, round loop, drop handling, store writes and evaluation unchanged.
+    """
+
+    def __init__(self, *args, vectors: np.ndarray, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.published_vectors = np.asarray(vectors, dtype=np.float32)
+
+    def stage_one(self) -> np.ndarray:
+        start = time.monotonic()
+        sampled = sorted(self.alive)
+        broadcast = wire.encode({"vectors": self.published_vectors})
+        acks, dropped = self._call("broadcast", 0, "set_global_vectors", {cid: broadcast for cid in sampled})
+        self._require(len(acks), "stage 1 (broadcast of the published vectors)")
+        answered = sorted(acks)
+        self._record(
+            RoundRecord(
+                round=0,
+                clients_sampled=sampled,
+                clients_answered=answered,
+                dropped=dropped,
+                mean_loss=None,
+                bytes_up=[0] * len(answered),
+                bytes_down=[len(broadcast)] * len(sampled),
+                seconds=time.monotonic() - start,
+            )
+        )
+        return self.published_vectors
+
+
+def _finite(value) -> float | None:
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def _live_accuracy(fed: Federation, store: Store, live_run_id: str) -> tuple[float | None, str]:
+    """Score the live run on the candidate's held-out split with the model in use."""
+    task = fed.data.task
+    try:
+        stored = store.load_run(task.name, live_run_id, expect=fed.fingerprint)
+    except ModelMismatchError as err:
+        recorded = _finite(json.loads(store.run_row(live_run_id)["summary"] or "{}").get("accuracy"))
+        return recorded, f"live run scored by its recorded accuracy ({err})"
+    model = load_model(fed.model_id, fed.settings.dtype)
+    ctx = HFContextModel(model)
+    try:
+        acc = accuracy(ctx, fed.tokenizer, task, fed.data.test, stored.vectors, stored.coefficients)
+    finally:
+        ctx.remove_hooks()
+    return acc, "live run re-scored on the same held-out split"
+
+
+def recalibrate(
+    model_id: str,
+    source: DataSource,
+    store_uri: str,
+    settings: FederationSettings,
+    mode: str = "full",
+    margin: float = 0.0,
+    lock_timeout_s: float = 0.0,
+    lock_path: str | Path | None = None,
+    after_dispatch=None,
+) -> RecalibrationOutcome:
+    """One attempt; always recorded. Raises only for bad arguments (nothing recorded then)."""
+    if mode not in MODES:
+        raise IfediclError(f"--mode must be one of {', '.join(MODES)} (got {mode!r})")
+    if not math.isfinite(margin) or abs(margin) > 1:
+        raise IfediclError(f"--margin must be an accuracy difference in [-1, 1] (got {margin})")
+    task_name = source.load().task.name
+    attempt = Attempt(attempt_id=uuid.uuid4().hex, task=task_name, mode=mode, margin=margin)
+    attempt.metrics["host"] = socket.gethostname()
+    lock = FileLock(str(lock_path or default_lock_path(store_uri, task_name)))
+    Path(lock.lock_file).parent.mkdir(parents=True, exist_ok=True)
+    attempt.metrics["lock_file"] = lock.lock_file
+    store = Store(store_uri, create=True)
+    try:
+        lock.acquire(timeout=lock_timeout_s)
+    except Timeout:
+        attempt.decision = "busy"
+        attempt.reason = (
+            f"another recalibration of task {task_name!r} holds {lock.lock_file} "
+            f"(waited {lock_timeout_s:g}s); nothing was run or published"
+        )
+        return _finish(store, attempt)
+    try:
+        attempt.metrics["lock_acquired_at"] = now().isoformat()
+        _run_attempt(attempt, model_id, source, store_uri, store, settings, mode, margin, after_dispatch)
+    except Exception as err:  # recorded, then reported by the caller
+        attempt.decision = "failed"
+        attempt.reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        log.debug("recalibration failed", exc_info=True)
+    finally:
+        attempt.metrics["lock_released_at"] = now().isoformat()
+        lock.release()
+    return _finish(store, attempt)
+
+
+def _finish(store: Store, attempt: Attempt) -> RecalibrationOutcome:
+    attempt.finished_at = now()
+    record_attempt(store, attempt)
+    _log_event(
+        "recalibration",
+        task=attempt.task,
+        attempt=attempt.attempt_id,
+        mode=attempt.mode,
+        decision=attempt.decision,
+        candidate=attempt.candidate_run_id,
+        live=attempt.live_run_id,
+        candidate_accuracy=attempt.candidate_accuracy,
+        live_accuracy=attempt.live_accuracy,
+        reason=attempt.reason,
+    )
+    return RecalibrationOutcome(attempt)
+
+
+def _run_attempt(attempt, model_id, source, store_uri, store, settings, mode, margin, after_dispatch) -> None:
+    live_run_id = store.published_run_id(attempt.task)
+    attempt.live_run_id = live_run_id
+    if mode == "stage2":
+        if live_run_id is None:
+            raise StoreError(f"task {attempt.task!r} has no published run: stage2 needs its vectors (use --mode full)")
+        live = store.load_run(attempt.task, live_run_id)
+        fed = Stage2Federation(model_id, source, store_uri, settings, after_dispatch, vectors=live.vectors)
+        check_fingerprint(live_run_id, live.fingerprint, fed.fingerprint)
+    else:
+        fed = Federation(model_id, source, store_uri, settings, after_dispatch)
+    if not len(fed.data.test):
+        raise IfediclError("the data has no held-out test split to compare candidate and live run on")
+    result = fed.run(publish=False)
+    attempt.candidate_run_id = result.run_id
+    attempt.candidate_accuracy = _finite(result.summary.get("accuracy"))
+    attempt.zero_shot_accuracy = _finite(result.summary.get("zero_shot_accuracy"))
+    attempt.eval_examples = int(result.summary.get("test_examples", len(fed.data.test)))
+    attempt.metrics.update(
+        candidate_seconds=result.summary.get("seconds"),
+        rounds=len(result.rounds) - 1,
+        final_mean_loss=result.rounds[-1].mean_loss if result.rounds else None,
+    )
+    if attempt.candidate_accuracy is None:
+        raise IfediclError("the candidate has no accuracy on the held-out split")
+    if live_run_id is None:
+        reason = "no live run yet"
+    else:
+        attempt.live_accuracy, how = _live_accuracy(fed, store, live_run_id)
+        attempt.metrics["live_scoring"] = how
+        if attempt.live_accuracy is not None:
+            floor = attempt.live_accuracy - margin
+            if attempt.candidate_accuracy < floor:
+                attempt.decision = "kept_live"
+                attempt.reason = (
+                    f"candidate {result.run_id} accuracy {attempt.candidate_accuracy:.4f} is below live "
+                    f"{live_run_id} accuracy {attempt.live_accuracy:.4f} minus margin {margin:g} "
+                    f"(= {floor:.4f}) on {attempt.eval_examples} held-out examples; kept the live run"
+                )
+                return
+        reason = (
+            f"candidate accuracy {attempt.candidate_accuracy:.4f} >= live {attempt.live_accuracy} - margin {margin:g}"
+        )
+    # Compare-and-set: a publish or rollback made meanwhile by someone else wins.
+    current = store.published_run_id(attempt.task)
+    if current != live_run_id:
+        raise StoreError(f"the live run changed from {live_run_id} to {current} during the recalibration")
+    store.publish(result.run_id)
+    attempt.decision = "published"
+    attempt.reason = f"published {result.run_id}: {reason}"
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+class RecalibrationCollector:
+    """Prometheus collector over the store: recalibration attempts and what is published.
+
+    Register it in any process that can read the store (``prometheus_client.REGISTRY.register(
+    RecalibrationCollector(uri))``) or run ``ifedicl recalibration-exporter``. Reads are cached
+    for ``ttl_s`` so a scrape never hammers the store.
+    """
+
+    def __init__(self, store_uri: str, ttl_s: float = 10.0):
+        self.store_uri = store_uri
+        self.ttl_s = ttl_s
+        self._cache: tuple[float, list] | None = None
+
+    def describe(self):
+        return []  # collected lazily: the store may not exist yet at registration
+
+    def collect(self):
+        if self._cache and time.monotonic() - self._cache[0] < self.ttl_s:
+            return iter(self._cache[1])
+        families = self._families()
+        self._cache = (time.monotonic(), families)
+        return iter(families)
+
+    def _families(self) -> list:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        up = GaugeMetricFamily("ifedicl_store_up", "1 if the store could be read on the last scrape")
+        try:
+            store = Store(self.store_uri)
+            rows = attempts(store)
+            published = store.published()
+            pub_rows = []
+            if "publications" in set(store.db.list_tables().tables):
+                pub_rows = store.db.open_table("publications").search().limit(None).to_arrow().to_pylist()
+        except Exception as err:
+            log.warning("recalibration metrics: cannot read store %s: %s", self.store_uri, err)
+            up.add_metric([], 0.0)
+            return [up]
+        up.add_metric([], 1.0)
+        total = CounterMetricFamily(
+            "ifedicl_recalibration_attempts", "Recalibration attempts by decision", labels=["task", "decision"]
+        )
+        last_attempt = GaugeMetricFamily(
+            "ifedicl_recalibration_last_attempt_timestamp_seconds", "End of the last attempt", labels=["task"]
+        )
+        last_success = GaugeMetricFamily(
+            "ifedicl_recalibration_last_success_timestamp_seconds",
+            "End of the last attempt that ran to a decision (published or kept_live)",
+            labels=["task"],
+        )
+        last_publish = GaugeMetricFamily(
+            "ifedicl_recalibration_last_publish_timestamp_seconds",
+            "End of the last attempt that published",
+            labels=["task"],
+        )
+        failures = GaugeMetricFamily(
+            "ifedicl_recalibration_consecutive_failures",
+            "Failed attempts since the last one that ran to a decision",
+            labels=["task"],
+        )
+        cand = GaugeMetricFamily(
+            "ifedicl_recalibration_candidate_accuracy", "Held-out accuracy of the last candidate", labels=["task"]
+        )
+        live = GaugeMetricFamily(
+            "ifedicl_recalibration_live_accuracy", "Held-out accuracy of the live run, last attempt", labels=["task"]
+        )
+        store_pub = GaugeMetricFamily(
+            "ifedicl_store_published_run", "Published run per task in the store (1)", labels=["task", "run_id"]
+        )
+        store_pub_ts = GaugeMetricFamily(
+            "ifedicl_store_last_publication_timestamp_seconds",
+            "Time of the last publish or rollback of a task in the store",
+            labels=["task"],
+        )
+        by_task: dict[str, list[dict]] = {}
+        for row in rows:
+            by_task.setdefault(row["task"], []).append(row)
+        for task, task_rows in sorted(by_task.items()):
+            counts: dict[str, int] = {}
+            for row in task_rows:
+                counts[row["decision"]] = counts.get(row["decision"], 0) + 1
+            for decision in ("published", "kept_live", "failed", "busy"):
+                total.add_metric([task, decision], float(counts.get(decision, 0)))
+            last_attempt.add_metric([task], task_rows[-1]["finished_at"].timestamp())
+            decided = [r for r in task_rows if r["decision"] in ("published", "kept_live")]
+            if decided:
+                last_success.add_metric([task], decided[-1]["finished_at"].timestamp())
+                last = decided[-1]
+                if last["candidate_accuracy"] is not None:
+                    cand.add_metric([task], last["candidate_accuracy"])
+                if last["live_accuracy"] is not None:
+                    live.add_metric([task], last["live_accuracy"])
+            pubs = [r for r in task_rows if r["decision"] == "published"]
+            if pubs:
+                last_publish.add_metric([task], pubs[-1]["finished_at"].timestamp())
+            streak = 0
+            for row in reversed(task_rows):
+                if row["decision"] in ("published", "kept_live"):
+                    break
+                streak += row["decision"] == "failed"
+            failures.add_metric([task], float(streak))
+        for task, run_id in sorted(published.items()):
+            store_pub.add_metric([task, run_id], 1.0)
+        latest: dict[str, float] = {}
+        for row in pub_rows:
+            latest[row["task"]] = max(latest.get(row["task"], 0.0), row["at"].timestamp())
+        for task, ts in sorted(latest.items()):
+            store_pub_ts.add_metric([task], ts)
+        return [up, total, last_attempt, last_success, last_publish, failures, cand, live, store_pub, store_pub_ts]

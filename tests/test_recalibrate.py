@@ -1,0 +1,121 @@
+"""`ifedicl recalibrate` for real: local Ray, real LanceDB, a real file lock, real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime
+
+import numpy as np
+import pytest
+from filelock import FileLock
+from typer.testing import CliRunner
+
+from federation_job.driver import Federation, FederationSettings
+from federation_job.recalibrate import RecalibrationCollector, default_lock_path, recalibrate
+from federation_job.recalibrate_cli import app
+from federation_job.sources import DataSource
+from storage.recalibrations import attempts
+from storage.store import Store
+
+TASK = "demo-sentiment"
+
+
+def _settings(rounds: int) -> FederationSettings:
+    return FederationSettings(clients=2, alpha=1.0, rounds=rounds, min_clients=1, round_timeout_s=120, min_shard=4)
+
+
+def _source(task_dir) -> DataSource:
+    return DataSource(str(task_dir), max_train=32, max_test=12)
+
+
+@pytest.fixture()
+def live_store(ray_session, llama_dir, task_dir, tmp_path):
+    """A store whose live run is stage 1 + zero rounds (Λ = identity), published."""
+    store_dir = tmp_path / "store"
+    result = Federation(str(llama_dir), _source(task_dir), str(store_dir), _settings(0)).run(publish=True)
+    return store_dir, result
+
+
+def test_equal_candidate_within_margin_is_published_and_recorded(live_store, llama_dir, task_dir):
+    store_dir, live = live_store
+    # stage2 from the published vectors with zero rounds rebuilds exactly the live run: equal, margin 0 -> publish
+    outcome = recalibrate(str(llama_dir), _source(task_dir), str(store_dir), _settings(0), mode="stage2", margin=0.0)
+    a = outcome.attempt
+    assert a.decision == "published" and outcome.exit_code == 0, a.reason
+    assert a.live_run_id == live.run_id and a.candidate_accuracy == a.live_accuracy == live.summary["accuracy"]
+    store = Store(store_dir)
+    assert store.published_run_id(TASK) == a.candidate_run_id != live.run_id
+    candidate = store.load_run(TASK)
+    np.testing.assert_array_equal(candidate.vectors, live.vectors)  # stage 2 reused the published vectors
+    (row,) = attempts(store, TASK)
+    assert row["decision"] == "published" and row["candidate_run_id"] == a.candidate_run_id
+    assert row["live_run_id"] == live.run_id and row["eval_examples"] == 12 and row["mode"] == "stage2"
+    assert store.rounds(a.candidate_run_id)[0]["bytes_up"] == [0, 0]  # nothing uploaded in stage 1
+
+
+def test_worse_candidate_is_refused_with_exit_1_and_live_run_kept(live_store, llama_dir, task_dir):
+    store_dir, live = live_store
+    # a negative margin demands a gain of one full accuracy point: impossible, so the candidate is "worse"
+    args = ["recalibrate", "--model", llama_dir, "--store", store_dir, "--task-dir", task_dir, "--mode", "full"]
+    args += ["--margin", "-1", "--clients", 2, "--alpha", 1.0, "--rounds", 1, "--max-train", 32, "--max-test", 12]
+    args += ["--min-shard", 4]
+    res = CliRunner().invoke(app, [str(x) for x in args])
+    assert res.exit_code == 1, res.output
+    assert "kept_live" in res.output and "kept the live run" in res.output
+    store = Store(store_dir)
+    assert store.published_run_id(TASK) == live.run_id
+    (row,) = attempts(store, TASK)
+    assert row["decision"] == "kept_live" and row["candidate_run_id"] and row["margin"] == -1.0
+    assert store.run_row(row["candidate_run_id"])["status"] == "complete"  # kept for audit, not published
+    # the metrics read back from the store
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(RecalibrationCollector(str(store_dir), ttl_s=0))
+    text = generate_latest(registry).decode()
+    assert f'ifedicl_recalibration_attempts_total{{decision="kept_live",task="{TASK}"}} 1.0' in text
+    assert f'ifedicl_store_published_run{{run_id="{live.run_id}",task="{TASK}"}} 1.0' in text
+    assert f'ifedicl_recalibration_consecutive_failures{{task="{TASK}"}} 0.0' in text
+
+
+def test_busy_lock_refuses_and_failures_are_recorded(llama_dir, task_dir, tmp_path):
+    store_dir = tmp_path / "store"
+    with FileLock(str(default_lock_path(str(store_dir), TASK))):
+        busy = recalibrate(str(llama_dir), _source(task_dir), str(store_dir), _settings(0), lock_timeout_s=0.2)
+    assert busy.attempt.decision == "busy" and busy.exit_code == 3
+    # stage2 without a published run fails cleanly, recorded with its reason
+    failed = recalibrate(str(llama_dir), _source(task_dir), str(store_dir), _settings(0), mode="stage2")
+    assert failed.attempt.decision == "failed" and failed.exit_code == 2
+    assert "no published run" in failed.attempt.reason
+    store = Store(store_dir)
+    assert [r["decision"] for r in attempts(store, TASK)] == ["busy", "failed"]
+    assert store.published() == {} and store.runs() == []
+
+
+def _interval(row) -> tuple[datetime, datetime]:
+    m = json.loads(row["metrics"])
+    return datetime.fromisoformat(m["lock_acquired_at"]), datetime.fromisoformat(m["lock_released_at"])
+
+
+def test_two_concurrent_recalibrations_never_both_publish(live_store, llama_dir, task_dir):
+    store_dir, live = live_store
+    cmd = [sys.executable, "-m", "federation_job.recalibrate_cli", "recalibrate", "--model", str(llama_dir)]
+    cmd += ["--store", str(store_dir), "--task-dir", str(task_dir), "--mode", "stage2", "--rounds", "0"]
+    cmd += ["--clients", "2", "--alpha", "1.0", "--max-train", "32", "--max-test", "12", "--min-shard", "4"]
+    cmd += ["--margin", "1", "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes in ([0, 0], [0, 3]), outs
+    store = Store(store_dir)
+    rows = attempts(store, TASK)
+    expected = ["published", "published"] if codes == [0, 0] else ["busy", "published"]
+    assert sorted(r["decision"] for r in rows) == expected
+    published = [r for r in rows if r["decision"] == "published"]
+    if len(published) == 2:  # both ran: then strictly one after the other, each comparing with the then-live run
+        first, second = sorted(published, key=lambda r: _interval(r)[0])
+        assert _interval(first)[1] <= _interval(second)[0]
+        assert first["live_run_id"] == live.run_id and second["live_run_id"] == first["candidate_run_id"]
+    assert store.published_run_id(TASK) in {r["candidate_run_id"] for r in published}
