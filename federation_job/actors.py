@@ -17,7 +17,7 @@ import torch
 from federation_job import wire
 from federation_job.client import CalibrationConfig, Client
 from federation_job.errors import FederationError
-from federation_job.modeling import SharedWeights, load_model, load_tokenizer, model_from_weights
+from federation_job.modeling import DTYPES, SharedWeights, load_model, load_tokenizer, model_from_weights
 from federation_job.sources import DataSource
 from model_patches.hf import HFContextModel
 
@@ -37,6 +37,7 @@ class ClientActor:
     ):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.client_id = client_id
+        self.dtype = dtype
         module = load_model(model, dtype, device) if isinstance(model, str) else model_from_weights(model).to(device)
         data = source.load()
         self.client = Client(
@@ -50,7 +51,9 @@ class ClientActor:
 
     def extract(self, payload: bytes) -> bytes:
         _, meta = wire.decode(payload)
-        vectors = self.client.extract_vectors(int(meta.get("batch_size", 8)))
+        autocast = meta.get("extract_dtype")
+        autocast = DTYPES[autocast] if autocast and autocast != self.dtype else None
+        vectors = self.client.extract_vectors(int(meta.get("batch_size", 8)), autocast_dtype=autocast)
         return wire.encode({"vectors": vectors}, num_examples=len(self.client.data))
 
     def set_global_vectors(self, payload: bytes) -> bool:

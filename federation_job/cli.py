@@ -67,11 +67,14 @@ def federate(
     weights: str = typer.Option("shared", help="shared (one copy per node) or per-actor model weights"),
     cpus_per_client: float | None = None,
     gpus_per_client: float = 0.0,
-    batch_size: int = typer.Option(8, help="extraction batch size"),
+    batch_size: int = typer.Option(8, help="extraction batch size (length-sorted buckets)"),
+    calib_batch_size: int = typer.Option(2, help="calibration batch size (I2CL: 2)"),
+    extract_dtype: str = typer.Option("float32", help="stage-1 autocast dtype: float32 | bfloat16 | float16"),
     publish: bool = typer.Option(False, help="publish the run when it completes"),
     verbose: bool = typer.Option(True, help="structured log line per round"),
 ) -> None:
     """Run stage 1 and R rounds of stage 2 on Ray; write the run to the store."""
+    from federation_job.client import CalibrationConfig
     from federation_job.driver import Federation, FederationSettings
 
     _setup_logging(verbose)
@@ -88,6 +91,8 @@ def federate(
         weighted_vectors=weighted,
         weighted_coefficients=weighted,
         capture_batch_size=batch_size,
+        calibration=CalibrationConfig(batch_size=calib_batch_size),
+        extract_dtype=extract_dtype,
         weights=weights,
         cpus_per_client=cpus_per_client,
         gpus_per_client=gpus_per_client,

@@ -66,10 +66,12 @@ class Client:
         self.label_ids = label_token_ids(task, tokenizer)
         self.device = next(ctx.model.parameters()).device
 
-    def extract_vectors(self, batch_size: int = 8, progress=None) -> np.ndarray:
+    def extract_vectors(
+        self, batch_size: int = 8, progress=None, autocast_dtype: torch.dtype | None = None
+    ) -> np.ndarray:
         """Local context vector v_k: mean over demonstrations of each block's last-token output. [L, 2, d]."""
         demos = [self.task.demonstration(t, y) for t, y in zip(self.data.texts, self.data.labels)]
-        total = capture_sum(self.ctx, self.tokenizer, demos, batch_size, progress)
+        total = capture_sum(self.ctx, self.tokenizer, demos, batch_size, progress, autocast_dtype)
         return (total / len(demos)).numpy()
 
     def calibration_loss(

@@ -27,6 +27,7 @@ from federation_job.actors import ClientActor
 from federation_job.client import CalibrationConfig, accuracy
 from federation_job.errors import FederationError, IfediclError
 from federation_job.modeling import (
+    DTYPES,
     canonical_model_id,
     export_weights,
     fingerprint,
@@ -75,7 +76,8 @@ class FederationSettings:
     weights: str = "shared"  # shared: one object-store copy per node; per-actor: each loads its own
     cpus_per_client: float | None = None  # default: the machine's CPUs split over the clients
     gpus_per_client: float = 0.0
-    dtype: str = "float32"
+    dtype: str = "float32"  # weights; calibration needs float32 (I2CL)
+    extract_dtype: str = "float32"  # stage-1 forwards under autocast, e.g. bfloat16 on GPUs
 
     def validate(self) -> None:
         checks = [
@@ -87,6 +89,9 @@ class FederationSettings:
             (1 <= self.min_clients <= self.clients, f"--min-clients must be in 1..{self.clients}"),
             (self.round_timeout_s > 0, "--round-timeout must be > 0"),
             (self.weights in ("shared", "per-actor"), f"--weights must be shared or per-actor (got {self.weights})"),
+            (self.dtype in DTYPES and self.extract_dtype in DTYPES, f"dtypes must be one of {sorted(DTYPES)}"),
+            (self.calibration.batch_size >= 1, "--calib-batch-size must be >= 1"),
+            (self.capture_batch_size >= 1, "--batch-size must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -253,7 +258,9 @@ class Federation:
     def stage_one(self) -> np.ndarray:
         start = time.monotonic()
         sampled = sorted(self.alive)
-        request = wire.encode({}, batch_size=self.settings.capture_batch_size)
+        request = wire.encode(
+            {}, batch_size=self.settings.capture_batch_size, extract_dtype=self.settings.extract_dtype
+        )
         results, dropped = self._call("extract", 0, "extract", {cid: request for cid in sampled})
         shape = (self.fingerprint.num_layers, 2, self.fingerprint.hidden_size)
         updates = self._decode_updates(results, "vectors", shape, dropped)

@@ -32,15 +32,25 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> Iterator[list[int
 
 @torch.no_grad()
 def capture_sum(
-    ctx: HFContextModel, tokenizer, texts: Sequence[str], batch_size: int = 8, progress=None
+    ctx: HFContextModel,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 8,
+    progress=None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Sum over ``texts`` of each block's output at the last token: [L, 2, d] float32."""
+    """Sum over ``texts`` of each block's output at the last token: [L, 2, d] float32.
+
+    ``autocast_dtype`` (e.g. bfloat16 on a GPU) runs the forward passes in lower precision
+    without a second copy of the weights; sums are still accumulated in float32.
+    """
     device = next(ctx.model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
     total = torch.zeros(ctx.num_layers, 2, ctx.hidden_size, dtype=torch.float32)
     for batch in length_buckets(lengths, batch_size):
         input_ids, mask = encode(tokenizer, [texts[i] for i in batch], device)
-        with ctx.capturing(mask) as captured:
+        with ctx.capturing(mask) as captured, autocast:
             ctx.forward(input_ids, mask)
         stacked = torch.stack([torch.stack(pair) for pair in captured])  # [L, 2, B, d]
         total += stacked.float().sum(dim=2).cpu()

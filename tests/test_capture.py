@@ -51,3 +51,12 @@ def test_batched_capture_equals_one_at_a_time(llama_dir):
     batched = capture_sum(ctx, tok, texts, batch_size=4)
     single = capture_sum(ctx, tok, texts, batch_size=1)
     assert torch.allclose(batched, single, atol=1e-4)
+
+
+def test_bfloat16_autocast_capture_is_close_to_float32(llama_dir):
+    ctx = HFContextModel(load_model(str(llama_dir)))
+    tok = load_tokenizer(str(llama_dir))
+    full = capture_sum(ctx, tok, TEXTS, batch_size=2)
+    low = capture_sum(ctx, tok, TEXTS, batch_size=2, autocast_dtype=torch.bfloat16)
+    assert low.dtype == torch.float32 and not torch.equal(low, full)
+    assert torch.allclose(low, full, rtol=0.05, atol=0.05)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import ray
 
@@ -111,3 +112,14 @@ def test_cli_federate_publishes_a_run_that_predict_reads(llama_dir, task_dir, tm
         assert set(r["probabilities"]) == {"negative", "positive"}
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-6
         assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+
+
+def test_shared_and_per_actor_weights_give_the_same_run(ray_session, llama_dir, task_dir, tmp_path):
+    results = {}
+    for mode in ("shared", "per-actor"):
+        settings = _settings(clients=2, rounds=1, min_clients=1, weights=mode)
+        fed = Federation(str(llama_dir), DataSource(str(task_dir), max_test=0), str(tmp_path / mode), settings)
+        results[mode] = fed.run()
+    shared, own = results["shared"], results["per-actor"]
+    assert np.allclose(shared.vectors, own.vectors, atol=1e-6)
+    assert np.allclose(shared.coefficients, own.coefficients, atol=1e-5)
