@@ -258,16 +258,19 @@ def build_model(
     typer.echo(f"wrote a random {family} (L={layers}, d={hidden_size}) to {out}")
 
 
-def _register_serving() -> None:
-    """``ifedicl serve`` lives in serving/; registered here so there is one CLI."""
-    try:
-        from serving.cli import serve
-    except ImportError:
-        return
+def _register_subcommands() -> None:
+    """Commands that live beside their own modules, registered here so there is one CLI."""
+    from federation_job.eval_cli import eval_command
+    from federation_job.recalibrate_cli import recalibrate_command, recalibration_exporter_command
+    from serving.cli import serve
+
     app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)
+    app.command("eval")(eval_command)
+    app.command("recalibrate")(recalibrate_command)
+    app.command("recalibration-exporter")(recalibration_exporter_command)
 
 
-_register_serving()
+_register_subcommands()
 
 
 def main() -> None:
