@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -87,4 +88,5 @@ def evaluate(settings: EvalSettings, out_dir: str | Path) -> dict:
     records, _, stats = run_cells(settings, out_dir)
     results = write_results(records, settings, canonical_model_id(settings.model), out_dir, stats)
     results["plots"] = [str(p) for p in write_plots(results, out_dir)]
+    (Path(out_dir) / "results.json").write_text(json.dumps(results, indent=1, default=float))  # now with plots
     return results
