@@ -36,7 +36,7 @@ from model_patches.vllm_runner import TASK_ID_KEY
 from model_patches.vllm_worker import pack_tables
 from serving.errors import ApiError, bad_request, not_found
 from serving.metrics import ServingMetrics
-from serving.tasks import ActiveTask, TaskTable
+from serving.tasks import ActiveTask, NoFreeSlotError, TaskTable
 from storage.store import Store, StoredRun
 
 logger = logging.getLogger("ifedicl.serving")
@@ -101,6 +101,9 @@ class ClassificationService:
         self.probe_slot = max_slots + 1
         self.metrics = ServingMetrics(registry if registry is not None else CollectorRegistry(), self._active_runs)
         self._reload_lock = asyncio.Lock()
+        # (task, run_id) -> why it was refused. Complete runs never change, so a refused
+        # run is not retried (nor re-counted) at every poll while it stays published.
+        self._refused: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ start-up
     async def start(self) -> ReloadReport:
@@ -165,13 +168,18 @@ class ClassificationService:
                 current = self.table.get(task)
                 if current is not None and current.run_id == run_id:
                     continue
+                if (task, run_id) in self._refused:
+                    report.failed[task] = self._refused[(task, run_id)]
+                    continue
                 try:
                     run = await asyncio.to_thread(self.store.load_run, task, run_id, self.fingerprint)
                     active = await self._install(run)
                 except Exception as err:
                     logger.error("ifedicl: refused run %s of task %s: %s", run_id, task, err)
                     self.metrics.reload_failures.inc()
-                    report.failed[task] = f"{type(err).__name__}: {err}"
+                    report.failed[task] = f"run {run_id}: {type(err).__name__}: {err}"
+                    if not isinstance(err, NoFreeSlotError):  # the only refusal that may pass later
+                        self._refused[(task, run_id)] = report.failed[task]
                     continue
                 self.table.activate(active)
                 report.activated[task] = run_id

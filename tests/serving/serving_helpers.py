@@ -116,7 +116,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m serving`` in a subprocess, on a free port, logging to a file."""
+    """``ifedicl serve`` in a subprocess, on a free port, logging to a file."""
 
     def __init__(self, store: str, model: Path, log_path: Path, poll_interval: float = 1.0, extra: list[str] = ()):
         import subprocess
@@ -126,7 +126,7 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [
-            sys.executable, "-m", "serving",
+            sys.executable, "-m", "federation_job.cli", "serve",
             "--store", store, "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
             "--poll-interval", str(poll_interval), "--max-slots", "8",
             "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", "64",
