@@ -5,6 +5,10 @@ or its own copy from a path), loads its own shard of data from disk, and returns
 only encoded vectors and Λ. Everything it receives and sends is a ``bytes``
 payload from :mod:`federation_job.wire`, so the driver can count exactly what
 crossed the boundary.
+
+Trust options live here, on the client's side of the boundary: its differential
+privacy policy is fixed when it joins (the server cannot switch it off per request),
+and under secure aggregation its value stays here until it leaves masked.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from federation_job import wire
 from federation_job.client import CalibrationConfig, Client
 from federation_job.errors import FederationError
 from federation_job.modeling import DTYPES, SharedWeights, load_model, load_tokenizer, model_from_weights
+from federation_job.privacy import ClientPrivacy
+from federation_job.secagg import MaskingClient
 from federation_job.sources import DataSource
 from model_patches.hf import HFContextModel
 
@@ -34,6 +40,7 @@ class ClientActor:
         indices: list[int],
         dtype: str = "float32",
         device: str = "cpu",
+        privacy: ClientPrivacy | None = None,
     ):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.client_id = client_id
@@ -43,18 +50,53 @@ class ClientActor:
         self.client = Client(
             HFContextModel(module), load_tokenizer(tokenizer_id), data.task, data.train.subset(indices)
         )
+        self.privacy = privacy or ClientPrivacy()
+        self.noise_rng = np.random.default_rng()  # OS entropy: the server knows the run's seeds, not this
         self.vectors: np.ndarray | None = None
+        self.pending: np.ndarray | None = None  # secure aggregation: the value awaiting its masked upload
+        self.masker: MaskingClient | None = None
 
     def ready(self) -> int:
         """Number of local examples (the only fact about the data the server learns)."""
         return len(self.client.data)
 
-    def extract(self, payload: bytes) -> bytes:
-        _, meta = wire.decode(payload)
+    # ------------------------------------------------------------------ local computation
+    def _vectors(self, meta: dict) -> np.ndarray:
+        """v_k [L, 2, d], clipped per example and noised if this client's policy says so."""
         autocast = meta.get("extract_dtype")
         autocast = DTYPES[autocast] if autocast and autocast != self.dtype else None
-        vectors = self.client.extract_vectors(int(meta.get("batch_size", 8)), autocast_dtype=autocast)
-        return wire.encode({"vectors": vectors}, num_examples=len(self.client.data))
+        clip = self.privacy.vector_clip if self.privacy.vectors_on else None
+        vectors = self.client.extract_vectors(int(meta.get("batch_size", 8)), autocast_dtype=autocast, clip_norm=clip)
+        if self.privacy.vectors_on:
+            std = self.privacy.vector_noise_std(len(self.client.data))
+            vectors = (vectors + self.noise_rng.normal(0.0, std, vectors.shape)).astype(np.float32)
+        return vectors
+
+    def _coefficients(self, arrays: dict, meta: dict) -> tuple[np.ndarray, float]:
+        """Λ_k [L, 2, 2] after local calibration; the delta clipped and noised if the policy says so."""
+        if self.vectors is None:
+            raise FederationError(f"client {self.client_id} has no global vectors yet")
+        config = CalibrationConfig(**meta["config"]) if isinstance(meta.get("config"), dict) else CalibrationConfig()
+        seed = int(meta.get("seed", 0)) * 1000 + self.client_id
+        start = arrays["coefficients"]
+        result = self.client.calibrate(self.vectors, start, config, seed)
+        coefficients = result.coefficients
+        if self.privacy.coefficients_on:
+            coefficients = self.privacy.privatise_coefficients(coefficients, start, self.noise_rng)
+        return coefficients, result.mean_loss
+
+    def _answer(self, key: str, value: np.ndarray, meta: dict, **extra) -> bytes:
+        """The plain upload, or (secure aggregation) only the count, keeping the value for masking."""
+        num_examples = len(self.client.data)
+        if meta.get("secagg"):
+            self.pending = value.astype(np.float64) * (num_examples if meta.get("weighted") else 1)
+            return wire.encode({}, num_examples=num_examples, **extra)
+        return wire.encode({key: value}, num_examples=num_examples, **extra)
+
+    # ------------------------------------------------------------------ requests
+    def extract(self, payload: bytes) -> bytes:
+        _, meta = wire.decode(payload)
+        return self._answer("vectors", self._vectors(meta), meta)
 
     def set_global_vectors(self, payload: bytes) -> bool:
         arrays, _ = wire.decode(payload)
@@ -62,12 +104,25 @@ class ClientActor:
         return True
 
     def calibrate(self, payload: bytes) -> bytes:
-        if self.vectors is None:
-            raise FederationError(f"client {self.client_id} has no global vectors yet")
         arrays, meta = wire.decode(payload)
-        config = CalibrationConfig(**meta["config"]) if isinstance(meta.get("config"), dict) else CalibrationConfig()
-        seed = int(meta.get("seed", 0)) * 1000 + self.client_id
-        result = self.client.calibrate(self.vectors, arrays["coefficients"], config, seed)
-        return wire.encode(
-            {"coefficients": result.coefficients}, num_examples=len(self.client.data), loss=result.mean_loss
-        )
+        coefficients, loss = self._coefficients(arrays, meta)
+        return self._answer("coefficients", coefficients, meta, loss=loss)
+
+    # ------------------------------------------------------------------ secure aggregation
+    def secagg_keys(self, payload: bytes) -> bytes:
+        """A fresh key pair per masking attempt; only the public half leaves."""
+        if self.pending is None:
+            raise FederationError(f"client {self.client_id} has nothing to aggregate")
+        self.masker = MaskingClient(self.client_id)
+        return wire.encode({"public_key": self.masker.public_key()})
+
+    def secagg_upload(self, payload: bytes) -> bytes:
+        """The pending value plus pairwise masks with the cohort named in the request. -> uint64[size]."""
+        arrays, meta = wire.decode(payload)
+        if self.masker is None or self.pending is None:
+            raise FederationError(f"client {self.client_id}: no key agreed for this attempt")
+        cohort = [int(c) for c in meta["cohort"]]
+        peers = dict(zip(cohort, arrays["public_keys"]))
+        masked = self.masker.mask(self.pending, peers, str(meta["context"]).encode())
+        self.masker = None  # one upload per key pair: a retry gets fresh keys
+        return wire.encode({"masked": masked})

@@ -70,12 +70,24 @@ def federate(
     batch_size: int = typer.Option(8, help="extraction batch size (length-sorted buckets)"),
     calib_batch_size: int = typer.Option(2, help="calibration batch size (I2CL: 2)"),
     extract_dtype: str = typer.Option("float32", help="stage-1 autocast dtype: float32 | bfloat16 | float16"),
+    aggregator: str = typer.Option("mean", help="mean | trimmed-mean | median (coordinate-wise, vectors and Λ)"),
+    trim_fraction: float = typer.Option(0.1, help="trimmed-mean: fraction cut from each end"),
+    reject_norm_factor: float = typer.Option(
+        10.0, help="reject updates with norm > FACTOR x the round's median (vectors; Λ deltas); 0: off"
+    ),
+    secagg: bool = typer.Option(False, help="secure aggregation: the server sees only masked sums"),
+    dp_vector_epsilon: float | None = typer.Option(None, help="DP on the uploaded vectors: ε (one release)"),
+    dp_vector_clip: float = typer.Option(1.0, help="DP: per-example L2 bound of the [L,2,d] contribution"),
+    dp_coefficient_epsilon: float | None = typer.Option(None, help="DP on Λ updates: ε over all rounds"),
+    dp_coefficient_clip: float = typer.Option(0.1, help="DP: L2 bound of a client's per-round Λ delta"),
+    dp_delta: float = typer.Option(1e-5, help="DP: δ"),
     publish: bool = typer.Option(False, help="publish the run when it completes"),
     verbose: bool = typer.Option(True, help="structured log line per round"),
 ) -> None:
     """Run stage 1 and R rounds of stage 2 on Ray; write the run to the store."""
     from federation_job.client import CalibrationConfig
     from federation_job.driver import Federation, FederationSettings
+    from federation_job.privacy import PrivacySettings
 
     _setup_logging(verbose)
     settings = FederationSettings(
@@ -96,6 +108,17 @@ def federate(
         weights=weights,
         cpus_per_client=cpus_per_client,
         gpus_per_client=gpus_per_client,
+        aggregator=aggregator,
+        trim_fraction=trim_fraction,
+        reject_norm_factor=reject_norm_factor,
+        secagg=secagg,
+        privacy=PrivacySettings(
+            vector_epsilon=dp_vector_epsilon,
+            vector_clip=dp_vector_clip,
+            coefficient_epsilon=dp_coefficient_epsilon,
+            coefficient_clip=dp_coefficient_clip,
+            delta=dp_delta,
+        ),
     )
     source = _source(task_dir, dataset, template, labels, max_train, max_test or None)
     result = Federation(model, source, store, settings).run(publish=publish)
@@ -118,6 +141,19 @@ def _print_summary(run_id: str, published: bool, summary: dict) -> None:
         typer.echo(
             f"  test accuracy ({summary['test_examples']} examples): zero-shot {summary['zero_shot_accuracy']:.3f}, "
             f"IFed-ICL {summary['accuracy']:.3f}"
+        )
+    agg = summary.get("aggregation")
+    if agg:
+        secure = ", secure aggregation" if agg["secagg"] else ""
+        typer.echo(f"  aggregation: {agg['aggregator']}, norm screen x{agg['reject_norm_factor']:g}{secure}")
+    for round_index, rejected in summary.get("rejected", {}).items():
+        typer.echo(f"  round {round_index} rejected: {rejected}")
+    privacy = summary.get("privacy") or {}
+    if privacy.get("total_epsilon") is not None:
+        typer.echo(
+            f"  differential privacy: total ε={privacy['total_epsilon']:.3f} at δ={privacy['delta']:g} "
+            f"(vectors ε={privacy['vectors']['epsilon']}, Λ ε={privacy['coefficients']['epsilon']}; "
+            f"{privacy['accountant']})"
         )
 
 

@@ -67,11 +67,18 @@ class Client:
         self.device = next(ctx.model.parameters()).device
 
     def extract_vectors(
-        self, batch_size: int = 8, progress=None, autocast_dtype: torch.dtype | None = None
+        self,
+        batch_size: int = 8,
+        progress=None,
+        autocast_dtype: torch.dtype | None = None,
+        clip_norm: float | None = None,
     ) -> np.ndarray:
-        """Local context vector v_k: mean over demonstrations of each block's last-token output. [L, 2, d]."""
+        """Local context vector v_k: mean over demonstrations of each block's last-token output. [L, 2, d].
+
+        ``clip_norm`` bounds each demonstration's [L, 2, d] contribution (differential privacy).
+        """
         demos = [self.task.demonstration(t, y) for t, y in zip(self.data.texts, self.data.labels)]
-        total = capture_sum(self.ctx, self.tokenizer, demos, batch_size, progress, autocast_dtype)
+        total = capture_sum(self.ctx, self.tokenizer, demos, batch_size, progress, autocast_dtype, clip_norm)
         return (total / len(demos)).numpy()
 
     def calibration_loss(

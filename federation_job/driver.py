@@ -4,6 +4,12 @@ Runs on a local Ray it starts itself, or unchanged under ``ray job submit`` /
 ``RAY_ADDRESS`` on an existing cluster. Only this process writes to the store.
 A client that dies or times out is dropped from the round and recorded; a round
 with fewer than ``min_clients`` answers fails the run cleanly (nothing published).
+
+Trust options (see README "Trust model"): updates are screened and combined by a
+:class:`~federation_job.robust.RobustStrategy`; clients may clip and noise what they
+upload (:mod:`federation_job.privacy`); under ``secagg`` the server only ever sees the
+cohort's sum (:mod:`federation_job.secagg`). A run whose driver dies is reaped by the
+next run (:mod:`federation_job.liveness`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
-from federation_job import wire
+from federation_job import liveness, wire
 from federation_job.actors import ClientActor
 from federation_job.client import CalibrationConfig, accuracy
 from federation_job.errors import FederationError, IfediclError
@@ -37,7 +43,10 @@ from federation_job.modeling import (
     model_from_weights,
 )
 from federation_job.partition import dirichlet_partition
-from federation_job.server import ClientUpdate, FedAvg, check_update, sample_clients
+from federation_job.privacy import ClientPrivacy, PrivacySettings, privacy_report
+from federation_job.robust import AGGREGATORS, NormScreen, RobustStrategy
+from federation_job.secagg import MIN_COHORT, unmask_sum
+from federation_job.server import ClientUpdate, check_update
 from federation_job.sources import DataSource
 from federation_job.task import label_token_ids
 from model_patches.hf import HFContextModel
@@ -78,6 +87,12 @@ class FederationSettings:
     gpus_per_client: float = 0.0
     dtype: str = "float32"  # weights; calibration needs float32 (I2CL)
     extract_dtype: str = "float32"  # stage-1 forwards under autocast, e.g. bfloat16 on GPUs
+    aggregator: str = "mean"  # mean (FedAvg) | trimmed-mean | median, coordinate-wise, vectors and Λ
+    trim_fraction: float = 0.1  # trimmed-mean: cut from each end
+    reject_norm_factor: float = 10.0  # reject ||update - reference|| > factor * round median (0: off)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    secagg: bool = False  # pairwise-masked sums: the server sees no single client's vectors or Λ
+    adversaries: dict[int, str] = field(default_factory=dict)  # drills/tests: {client: "scale:50,flip"}
 
     def validate(self) -> None:
         checks = [
@@ -92,10 +107,30 @@ class FederationSettings:
             (self.dtype in DTYPES and self.extract_dtype in DTYPES, f"dtypes must be one of {sorted(DTYPES)}"),
             (self.calibration.batch_size >= 1, "--calib-batch-size must be >= 1"),
             (self.capture_batch_size >= 1, "--batch-size must be >= 1"),
+            (self.aggregator in AGGREGATORS, f"--aggregator must be one of {AGGREGATORS} (got {self.aggregator})"),
+            (0 <= self.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
+            (self.reject_norm_factor >= 0, "--reject-norm-factor must be >= 0 (0: off)"),
+            (
+                not (self.aggregator != "mean" and (self.weighted_vectors or self.weighted_coefficients)),
+                "--weighted only goes with --aggregator mean (robust aggregators are unweighted)",
+            ),
+            (
+                not (self.secagg and self.aggregator != "mean"),
+                "--secagg only supports --aggregator mean: robust aggregators need each update in the clear",
+            ),
+            (
+                not (self.secagg and self.min_clients < MIN_COHORT),
+                f"--secagg needs --min-clients >= {MIN_COHORT} (a sum of one client is its value)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise IfediclError(message)
+        self.privacy.validate()
+        from federation_job.adversary import parse_modes
+
+        for spec in self.adversaries.values():
+            parse_modes(spec)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,6 +148,16 @@ class FederationResult:
 
 # Called after each stage's requests are dispatched (stage, round, {client: actor}); chaos tests kill actors here.
 DispatchHook = Callable[[str, int, dict], None]
+# Called after each stage's answers are gathered (stage, round, {client: payload bytes}, {client: actor}).
+GatherHook = Callable[[str, int, dict, dict], None]
+
+
+def _traffic(results: dict[int, bytes], sent: dict[int, int]) -> dict[str, dict[int, int]]:
+    """Bytes per client so far this round: {"up": {client: n}, "down": {client: n}}; secagg adds to it."""
+    from collections import defaultdict
+
+    up: dict[int, int] = defaultdict(int, {cid: len(p) for cid, p in results.items()})
+    return {"up": up, "down": defaultdict(int, sent)}
 
 
 def _log_event(event: str, **fields) -> None:
@@ -174,12 +219,22 @@ class Federation:
         store_uri: str,
         settings: FederationSettings,
         after_dispatch: DispatchHook | None = None,
+        after_gather: GatherHook | None = None,
     ):
         settings.validate()
         self.model_id = canonical_model_id(model_id)
         self.source = source
         self.settings = settings
         self.after_dispatch = after_dispatch
+        self.after_gather = after_gather
+        self.privacy: ClientPrivacy = settings.privacy.client_policy(settings.rounds)
+        screen = NormScreen(0.0 if settings.secagg else settings.reject_norm_factor)
+        self.vector_strategy = RobustStrategy(
+            settings.aggregator, settings.trim_fraction, screen, settings.weighted_vectors
+        )
+        self.coefficient_strategy = RobustStrategy(
+            settings.aggregator, settings.trim_fraction, screen, settings.weighted_coefficients
+        )
         self.data = source.load()
         self.tokenizer = load_tokenizer(model_id)
         label_token_ids(self.data.task, self.tokenizer)  # fail early on labels sharing a first token
@@ -192,6 +247,7 @@ class Federation:
         self.rounds: list[RoundRecord] = []
         self.actors: dict[int, ray.actor.ActorHandle] = {}
         self.alive: set[int] = set()
+        self.load_dropped: dict[int, str] = {}  # recorded with round 0
         self._driver_model = None
 
     # ------------------------------------------------------------------ setup
@@ -209,19 +265,25 @@ class Federation:
         if cpus is None:
             cpus = max(0.01, float(ray.available_resources().get("CPU", 1)) / self.settings.clients)
         device = "cuda" if self.settings.gpus_per_client > 0 else "cpu"
-        remote = ray.remote(ClientActor).options(
-            num_cpus=cpus, num_gpus=self.settings.gpus_per_client, max_restarts=0, max_task_retries=0
-        )
+        options = dict(num_cpus=cpus, num_gpus=self.settings.gpus_per_client, max_restarts=0, max_task_retries=0)
+        remote = ray.remote(ClientActor).options(**options)
         model = self._model_source()
         for cid, indices in enumerate(self.shards):
-            self.actors[cid] = remote.remote(
-                cid, model, self.model_id, self.source, indices, self.settings.dtype, device
-            )
-        ready, dropped = _gather(
-            {cid: a.ready.remote() for cid, a in self.actors.items()}, self.settings.round_timeout_s, "loading clients"
-        )
+            args = (cid, model, self.model_id, self.source, indices, self.settings.dtype, device, self.privacy)
+            if cid in self.settings.adversaries:
+                from federation_job.adversary import AdversarialClientActor
+
+                evil = ray.remote(AdversarialClientActor).options(**options)
+                self.actors[cid] = evil.remote(*args, adversary=self.settings.adversaries[cid])
+            else:
+                self.actors[cid] = remote.remote(*args)
+        calls = {cid: a.ready.remote() for cid, a in self.actors.items()}
+        if self.after_dispatch is not None:
+            self.after_dispatch("load", 0, dict(self.actors))
+        ready, dropped = _gather(calls, self.settings.round_timeout_s, "loading clients")
         self.alive = set(ready)
         for cid, reason in dropped.items():
+            self.load_dropped[cid] = f"{reason} (while loading)"
             _log_event("client_dropped", stage="load", client=cid, reason=reason)
         self._require(len(self.alive), "loading")
 
@@ -238,46 +300,145 @@ class Federation:
         if self.after_dispatch is not None:
             self.after_dispatch(stage, round_index, {cid: self.actors[cid] for cid in calls})
         results, dropped = _gather(calls, self.settings.round_timeout_s, f"{stage} r{round_index}")
+        if self.after_gather is not None:
+            self.after_gather(stage, round_index, dict(results), {cid: self.actors[cid] for cid in calls})
         for cid, reason in dropped.items():
             self.alive.discard(cid)  # dead or stuck: not asked again this run
             _log_event("client_dropped", stage=stage, round=round_index, client=cid, reason=reason)
         return results, dropped
 
     def _decode_updates(self, results: dict[int, bytes], key: str, shape: tuple, dropped: dict[int, str]):
+        """Plain uploads -> checked updates; undecodable, wrong-shape or non-finite ones are recorded drops."""
         updates = []
         for cid, payload in sorted(results.items()):
             try:
                 arrays, meta = wire.decode(payload)
-                update = ClientUpdate(cid, arrays[key], int(meta["num_examples"]), meta.get("loss"))
+                # under secagg the value stays on the client until its masked upload
+                values = np.zeros(shape, np.float32) if self.settings.secagg else arrays[key]
+                update = ClientUpdate(cid, values, int(meta["num_examples"]), meta.get("loss"))
                 check_update(update, shape)
                 updates.append(update)
-            except (IfediclError, KeyError) as err:
+            except (IfediclError, KeyError, ValueError, TypeError) as err:
                 dropped[cid] = f"rejected update: {err}"
         return updates
+
+    def _combine(
+        self,
+        stage: str,
+        round_index: int,
+        updates: list[ClientUpdate],
+        shape: tuple,
+        strategy: RobustStrategy,
+        reference: np.ndarray | None,
+        dropped: dict[int, str],
+        traffic: dict[str, dict[int, int]],
+    ) -> tuple[np.ndarray, list[ClientUpdate]]:
+        """The round's aggregate and the updates in it: screened and robust in the clear, or a masked sum."""
+        if self.settings.secagg:
+            return self._secure_mean(stage, round_index, updates, shape, strategy.weighted, dropped, traffic)
+        value, kept, rejected = strategy.aggregate(updates, reference)
+        for cid, reason in rejected.items():
+            dropped[cid] = reason
+            _log_event("client_rejected", stage=stage, round=round_index, client=cid, reason=reason)
+        self._require(len(kept), f"{stage} round {round_index} after screening" if rejected else stage)
+        return value, kept
+
+    def _secure_mean(
+        self,
+        stage: str,
+        round_index: int,
+        updates: list[ClientUpdate],
+        shape: tuple,
+        weighted: bool,
+        dropped: dict[int, str],
+        traffic: dict[str, dict[int, int]],
+    ) -> tuple[np.ndarray, list[ClientUpdate]]:
+        """Key agreement then masked uploads; a member lost after keys were agreed -> redo without it, fresh keys."""
+        by_id = {u.client_id: u for u in updates}
+        cohort = sorted(by_id)
+        for attempt in range(len(cohort) + 1):
+            self._require(len(cohort), f"{stage} round {round_index} (secure aggregation)")
+            if len(cohort) < MIN_COHORT:
+                raise FederationError(f"{stage}: secure aggregation needs at least {MIN_COHORT} clients")
+            context = f"{getattr(self, 'run_id', '')}|{stage}|{round_index}|{attempt}"
+            request = wire.encode({}, context=context)
+            keys, lost = self._call(f"{stage}-keys", round_index, "secagg_keys", {c: request for c in cohort})
+            for cid, reason in lost.items():
+                dropped[cid] = f"{reason} (before masks were agreed)"
+            public = {}
+            for cid, payload in keys.items():
+                try:
+                    public[cid] = np.asarray(wire.decode(payload)[0]["public_key"], np.uint8).reshape(32)
+                except (IfediclError, KeyError, ValueError) as err:
+                    dropped[cid] = f"rejected key: {err}"
+            for cid in cohort:
+                traffic["down"][cid] += len(request)
+                traffic["up"][cid] += len(keys.get(cid, b""))
+            cohort = sorted(public)
+            self._require(len(cohort), f"{stage} round {round_index} (secure aggregation)")
+            upload_request = wire.encode(
+                {"public_keys": np.stack([public[c] for c in cohort])}, cohort=cohort, context=context
+            )
+            masked, lost = self._call(
+                f"{stage}-masked", round_index, "secagg_upload", {c: upload_request for c in cohort}
+            )
+            uploads = {}
+            for cid, payload in masked.items():
+                traffic["up"][cid] += len(payload)
+                try:
+                    uploads[cid] = wire.decode(payload)[0]["masked"]
+                except (IfediclError, KeyError) as err:
+                    lost[cid] = f"rejected masked upload: {err}"
+            for cid in cohort:
+                traffic["down"][cid] += len(upload_request)
+            if not lost:
+                total = unmask_sum([uploads[c] for c in cohort], shape)  # masks cancel: the cohort's sum
+                members = [by_id[c] for c in cohort]
+                divisor = sum(u.num_examples for u in members) if weighted else len(members)
+                mean = total / divisor
+                if not np.all(np.isfinite(mean)):
+                    raise FederationError(f"{stage} round {round_index}: the securely aggregated sum is not finite")
+                return mean.astype(np.float32), members
+            for cid, reason in lost.items():
+                self.alive.discard(cid)
+                dropped[cid] = f"{reason} (after masks were agreed: masking redone without it)"
+                _log_event("secagg_redo", stage=stage, round=round_index, client=cid, attempt=attempt)
+            cohort = sorted(set(uploads) - set(lost))
+        raise FederationError(f"{stage} round {round_index}: secure aggregation did not converge")
 
     def stage_one(self) -> np.ndarray:
         start = time.monotonic()
         sampled = sorted(self.alive)
         request = wire.encode(
-            {}, batch_size=self.settings.capture_batch_size, extract_dtype=self.settings.extract_dtype
+            {},
+            batch_size=self.settings.capture_batch_size,
+            extract_dtype=self.settings.extract_dtype,
+            secagg=self.settings.secagg,
+            weighted=self.settings.weighted_vectors,
         )
         results, dropped = self._call("extract", 0, "extract", {cid: request for cid in sampled})
+        dropped = {**self.load_dropped, **dropped}
         shape = (self.fingerprint.num_layers, 2, self.fingerprint.hidden_size)
         updates = self._decode_updates(results, "vectors", shape, dropped)
         self._require(len(updates), "stage 1 (context vectors)")
-        vectors = FedAvg(self.settings.weighted_vectors).aggregate(updates)
+        traffic = _traffic(results, {cid: len(request) for cid in sampled})
+        vectors, used = self._combine("extract", 0, updates, shape, self.vector_strategy, None, dropped, traffic)
         broadcast = wire.encode({"vectors": vectors})
-        answered = [u.client_id for u in updates]
-        acks, lost = self._call("broadcast", 0, "set_global_vectors", {cid: broadcast for cid in answered})
+        # every client that computed vectors gets the global ones (a rejected client may still calibrate)
+        receivers = [u.client_id for u in updates if u.client_id in self.alive]
+        acks, lost = self._call("broadcast", 0, "set_global_vectors", {cid: broadcast for cid in receivers})
         dropped.update(lost)
+        for cid in acks:
+            traffic["down"][cid] += len(broadcast)
+        answered = [u.client_id for u in used]
         record = RoundRecord(
             round=0,
             clients_sampled=sampled,
             clients_answered=answered,
             dropped=dropped,
             mean_loss=None,
-            bytes_up=[len(results[c]) for c in answered],
-            bytes_down=[len(request) + (len(broadcast) if c in acks else 0) for c in sampled],
+            bytes_up=[traffic["up"][c] for c in answered],
+            bytes_down=[traffic["down"][c] for c in sampled],
             seconds=time.monotonic() - start,
         )
         self._record(record)
@@ -286,24 +447,39 @@ class Federation:
     def stage_two_round(self, round_index: int, coefficients: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         start = time.monotonic()
         s = self.settings
-        sampled = sample_clients(sorted(self.alive), s.fraction, s.min_clients, rng)
+        sampled = self.coefficient_strategy.configure(sorted(self.alive), s.fraction, s.min_clients, rng)
         config = dataclasses.asdict(dataclasses.replace(s.calibration, epochs=s.local_epochs))
         payload = wire.encode(
-            {"coefficients": coefficients}, round=round_index, seed=s.seed + round_index, config=config
+            {"coefficients": coefficients},
+            round=round_index,
+            seed=s.seed + round_index,
+            config=config,
+            secagg=s.secagg,
+            weighted=s.weighted_coefficients,
         )
         results, dropped = self._call("calibrate", round_index, "calibrate", {cid: payload for cid in sampled})
         updates = self._decode_updates(results, "coefficients", coefficients.shape, dropped)
         self._require(len(updates), f"round {round_index}")
-        new = FedAvg(s.weighted_coefficients).aggregate(updates)
-        losses = [u.loss for u in updates if u.loss is not None]
+        traffic = _traffic(results, {cid: len(payload) for cid in sampled})
+        new, used = self._combine(
+            "calibrate",
+            round_index,
+            updates,
+            coefficients.shape,
+            self.coefficient_strategy,
+            coefficients,
+            dropped,
+            traffic,
+        )
+        losses = [u.loss for u in used if u.loss is not None]
         record = RoundRecord(
             round=round_index,
             clients_sampled=sampled,
-            clients_answered=[u.client_id for u in updates],
+            clients_answered=[u.client_id for u in used],
             dropped=dropped,
             mean_loss=float(np.mean(losses)) if losses else None,
-            bytes_up=[len(results[u.client_id]) for u in updates],
-            bytes_down=[len(payload)] * len(sampled),
+            bytes_up=[traffic["up"][u.client_id] for u in used],
+            bytes_down=[traffic["down"][c] for c in sampled],
             seconds=time.monotonic() - start,
         )
         self._record(record)
@@ -343,6 +519,16 @@ class Federation:
         finally:
             ctx.remove_hooks()
 
+    def _privacy_summary(self) -> dict:
+        """Settings, noise multipliers and ε spent (worst case over clients: the most rounds any one answered)."""
+        participation = {}
+        for r in self.rounds[1:]:
+            for cid in r.clients_answered:
+                participation[cid] = participation.get(cid, 0) + 1
+        report = privacy_report(self.settings.privacy, self.privacy, max(participation.values(), default=0))
+        report["secagg"] = self.settings.secagg
+        return report
+
     def _summary(self, started: float) -> dict:
         per_round = [
             {
@@ -366,14 +552,34 @@ class Federation:
             "total_bytes_up": sum(sum(r.bytes_up) for r in self.rounds),
             "total_bytes_down": sum(sum(r.bytes_down) for r in self.rounds),
             "rounds": per_round,
+            "aggregation": {
+                "aggregator": self.settings.aggregator,
+                "trim_fraction": self.settings.trim_fraction,
+                "reject_norm_factor": 0.0 if self.settings.secagg else self.settings.reject_norm_factor,
+                "secagg": self.settings.secagg,
+            },
+            "rejected": {
+                str(r.round): {str(c): why for c, why in r.dropped.items() if why.startswith("rejected")}
+                for r in self.rounds
+                if any(why.startswith("rejected") for why in r.dropped.values())
+            },
+            "privacy": self._privacy_summary(),
         }
 
     # ------------------------------------------------------------------ run
     def run(self, publish: bool = False) -> FederationResult:
         started = time.monotonic()
-        settings = {**self.settings.to_dict(), "source": dataclasses.asdict(self.source)}
-        we_started_ray = ensure_ray()
+        settings = {
+            **self.settings.to_dict(),
+            "source": dataclasses.asdict(self.source),
+            "driver": liveness.driver_identity(),
+            "client_privacy": dataclasses.asdict(self.privacy),
+        }
+        liveness.ensure_writable(self.store_uri)  # fail before any work, not halfway through
         self.store = Store(self.store_uri, create=True)
+        for run_id, reason in liveness.reap_dead_runs(self.store).items():
+            _log_event("run_reaped", run=run_id, reason=reason)
+        we_started_ray = ensure_ray()
         self.run_id = self.store.start_run(self.data.task, self.fingerprint, settings)
         _log_event("run_started", run=self.run_id, task=self.data.task.name, model=self.model_id)
         try:
@@ -395,7 +601,10 @@ class Federation:
             _log_event("run_finished", run=self.run_id, published=publish)
             return FederationResult(self.run_id, publish, coefficients, vectors, self.rounds, summary)
         except BaseException as err:
-            self.store.fail_run(self.run_id, f"{type(err).__name__}: {err}")
+            try:
+                self.store.fail_run(self.run_id, f"{type(err).__name__}: {err}")
+            except Exception as store_err:  # e.g. the store went read-only: keep the original error
+                _log_event("fail_run_failed", run=self.run_id, error=str(store_err))
             raise
         finally:
             self._kill_actors()

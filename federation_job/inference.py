@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from federation_job.privacy import clip_rows
 from model_patches.hf import HFContextModel
 from model_patches.injection import InjectionTables
 
@@ -38,11 +39,14 @@ def capture_sum(
     batch_size: int = 8,
     progress=None,
     autocast_dtype: torch.dtype | None = None,
+    clip_norm: float | None = None,
 ) -> torch.Tensor:
     """Sum over ``texts`` of each block's output at the last token: [L, 2, d] float32.
 
     ``autocast_dtype`` (e.g. bfloat16 on a GPU) runs the forward passes in lower precision
     without a second copy of the weights; sums are still accumulated in float32.
+    ``clip_norm`` (differential privacy) scales each example's whole [L, 2, d] contribution
+    to L2 norm <= ``clip_norm`` before it enters the sum, so one example moves it by at most that.
     """
     device = next(ctx.model.parameters()).device
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -52,8 +56,12 @@ def capture_sum(
         input_ids, mask = encode(tokenizer, [texts[i] for i in batch], device)
         with ctx.capturing(mask) as captured, autocast:
             ctx.forward(input_ids, mask)
-        stacked = torch.stack([torch.stack(pair) for pair in captured])  # [L, 2, B, d]
-        total += stacked.float().sum(dim=2).cpu()
+        stacked = torch.stack([torch.stack(pair) for pair in captured]).float()  # [L, 2, B, d]
+        if clip_norm is not None:
+            rows = stacked.permute(2, 0, 1, 3).reshape(len(batch), -1)  # [B, L*2*d]
+            rows = clip_rows(rows, clip_norm)
+            stacked = rows.reshape(len(batch), *stacked.shape[:2], stacked.shape[3]).permute(1, 2, 0, 3)
+        total += stacked.sum(dim=2).cpu()
         if progress is not None:
             progress(len(batch))
     return total

@@ -1,0 +1,47 @@
+"""Misbehaving clients for drills and tests: honest computation, then a tampered upload.
+
+Why in the package: Ray actors are built from importable classes, and a robustness
+claim is only as good as the attack it was run against. Selected per client through
+``FederationSettings.adversaries`` (``{client_id: "scale:50,flip"}``), recorded in
+the run's settings like every other setting; never used unless asked for.
+
+Modes (comma-separated): ``scale:F`` multiplies the vectors by F; ``flip`` negates Λ
+(β -> -β inverts every block's output); ``nan`` uploads NaNs in both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from federation_job.actors import ClientActor
+from federation_job.errors import IfediclError
+
+MODES = ("scale", "flip", "nan")
+
+
+def parse_modes(spec: str) -> dict[str, float]:
+    modes: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, arg = part.partition(":")
+        if name not in MODES:
+            raise IfediclError(f"unknown adversary mode {name!r} (known: {MODES})")
+        modes[name] = float(arg) if arg else 1.0
+    return modes
+
+
+class AdversarialClientActor(ClientActor):
+    def __init__(self, *args, adversary: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.modes = parse_modes(adversary)
+
+    def _vectors(self, meta: dict) -> np.ndarray:
+        vectors = super()._vectors(meta)
+        if "nan" in self.modes:
+            return np.full_like(vectors, np.nan)
+        return vectors * self.modes.get("scale", 1.0)
+
+    def _coefficients(self, arrays: dict, meta: dict) -> tuple[np.ndarray, float]:
+        coefficients, loss = super()._coefficients(arrays, meta)
+        if "nan" in self.modes:
+            return np.full_like(coefficients, np.nan), loss
+        return (-coefficients if "flip" in self.modes else coefficients), loss
