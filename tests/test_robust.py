@@ -1,0 +1,100 @@
+"""Robust aggregation: screening rules and robust means, and one adversary in a real Ray federation."""
+
+import json
+
+import numpy as np
+
+from federation_job.driver import Federation, FederationSettings
+from federation_job.robust import NormScreen, RobustStrategy, coordinate_trimmed_mean, trim_count
+from federation_job.server import ClientUpdate
+from federation_job.sources import DataSource
+from storage.store import Store
+
+
+def _updates(values):
+    return [ClientUpdate(i, np.asarray(v, np.float32), 10) for i, v in enumerate(values)]
+
+
+def test_norm_screen_rejects_the_outlier_with_its_reason():
+    honest = [np.full((2, 2, 2), x) for x in (1.0, 1.1, 0.9, 1.05)]
+    kept, rejected = NormScreen(10.0)(_updates([*honest, np.full((2, 2, 2), 50.0)]))
+    assert [u.client_id for u in kept] == [0, 1, 2, 3]
+    assert list(rejected) == [4] and "x round median" in rejected[4]
+
+
+def test_norm_screen_measures_lambda_from_the_round_reference():
+    start = np.ones((2, 2, 2))
+    flipped = -start  # same norm as an honest Λ, huge delta
+    updates = _updates([start + 0.01, start - 0.02, start + 0.015, flipped])
+    assert NormScreen(10.0)(updates)[1] == {}  # measured from zero the flip hides
+    assert list(NormScreen(10.0)(updates, start)[1]) == [3]
+
+
+def test_trimmed_mean_and_median_ignore_one_extreme_client():
+    values = np.array([[1.0], [2.0], [3.0], [4.0], [1000.0]])
+    assert trim_count(5, 0.2) == 1 and trim_count(2, 0.4) == 0
+    assert coordinate_trimmed_mean(values, 0.2)[0] == 3.0
+    value, _, _ = RobustStrategy("median", screen=NormScreen(0.0)).aggregate(_updates(values))
+    assert value[0] == 3.0
+    mean, _, _ = RobustStrategy("mean", screen=NormScreen(0.0)).aggregate(_updates(values))
+    assert mean[0] == np.float32(202.0)
+
+
+def _settings(**kw) -> FederationSettings:
+    base = dict(
+        clients=5,
+        alpha=100.0,
+        rounds=1,
+        min_clients=3,
+        round_timeout_s=120,
+        min_shard=4,
+        adversaries={4: "scale:50,flip"},
+    )
+    return FederationSettings(**{**base, **kw})
+
+
+def _honest_mean(uploads: dict[int, bytes], key: str) -> np.ndarray:
+    from federation_job import wire
+
+    return np.mean([wire.decode(p)[0][key] for cid, p in uploads.items() if cid != 4], axis=0)
+
+
+def _run(llama_dir, task_dir, store, **kw):
+    seen = {}
+
+    def record(stage, round_index, results, actors):
+        seen[(stage, round_index)] = results
+
+    fed = Federation(
+        str(llama_dir), DataSource(str(task_dir), max_train=50, max_test=0), str(store), _settings(**kw), None, record
+    )
+    result = fed.run()
+    honest_vectors = _honest_mean(seen[("extract", 0)], "vectors")
+    honest_coefficients = _honest_mean(seen[("calibrate", 1)], "coefficients")
+    return result, honest_vectors, honest_coefficients
+
+
+def _gap(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_one_adversary_moves_the_mean_but_not_the_median_and_the_screen_rejects_it(
+    ray_session, llama_dir, task_dir, tmp_path
+):
+    plain, hv, hc = _run(llama_dir, task_dir, tmp_path / "mean", aggregator="mean", reject_norm_factor=0.0)
+    assert _gap(plain.vectors, hv) > 5 and _gap(plain.coefficients, hc) > 0.3  # scaled x50, flipped Λ win
+
+    robust, hv, hc = _run(llama_dir, task_dir, tmp_path / "median", aggregator="median", reject_norm_factor=0.0)
+    assert _gap(robust.vectors, hv) < 0.25 and _gap(robust.coefficients, hc) < 0.05
+
+    screened, hv, hc = _run(llama_dir, task_dir, tmp_path / "screen", aggregator="trimmed-mean", trim_fraction=0.0)
+    for record in screened.rounds:
+        assert record.clients_answered == [0, 1, 2, 3]
+        assert "x round median" in record.dropped[4]
+    np.testing.assert_allclose(screened.vectors, hv, rtol=1e-5, atol=1e-6)  # trim 0 = the honest mean exactly
+    np.testing.assert_allclose(screened.coefficients, hc, rtol=1e-5, atol=1e-6)
+    store = Store(tmp_path / "screen")
+    rows = store.rounds(screened.run_id)
+    assert "x round median" in json.loads(rows[1]["dropped"])["4"]
+    summary = json.loads(store.run_row(screened.run_id)["summary"])
+    assert set(summary["rejected"]) == {"0", "1"} and summary["aggregation"]["aggregator"] == "trimmed-mean"

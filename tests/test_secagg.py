@@ -1,0 +1,92 @@
+"""Secure aggregation: masks cancel exactly, single uploads hide the value, dropouts redo the masking."""
+
+import numpy as np
+import pytest
+import ray
+
+from federation_job import wire
+from federation_job.driver import Federation, FederationSettings
+from federation_job.errors import FederationError
+from federation_job.secagg import FRACTION_BITS, MaskingClient, decode_fixed, encode_fixed, unmask_sum
+from federation_job.sources import DataSource
+
+
+def _cohort(values: dict[int, np.ndarray], context: bytes = b"t|1|0"):
+    clients = {cid: MaskingClient(cid) for cid in values}
+    keys = {cid: c.public_key() for cid, c in clients.items()}  # what the server relays
+    return {cid: clients[cid].mask(values[cid], keys, context) for cid in values}
+
+
+def test_masked_sum_equals_plain_sum_and_no_upload_is_the_value():
+    rng = np.random.default_rng(0)
+    values = {cid: rng.normal(0, 3, size=(4, 2, 16)).astype(np.float32) for cid in (0, 3, 7)}
+    uploads = _cohort(values)
+    total = unmask_sum(list(uploads.values()), (4, 2, 16))
+    exact = sum(decode_fixed(encode_fixed(v)) for v in values.values())  # the same fixed-point values, summed
+    assert np.array_equal(total, exact)  # masks cancel exactly in the ring
+    np.testing.assert_allclose(total, sum(v.astype(np.float64) for v in values.values()), atol=3 * 2.0**-FRACTION_BITS)
+    for cid, upload in uploads.items():
+        seen = decode_fixed(upload).reshape(4, 2, 16)
+        assert not np.allclose(seen, values[cid], atol=1.0)  # the server sees noise, not the value
+        assert np.abs(seen).mean() > 1e9  # masks are uniform over the ring
+
+
+def test_missing_member_leaves_masks_uncancelled_and_fresh_keys_differ():
+    values = {cid: np.full((2, 2, 2), float(cid), np.float32) for cid in range(3)}
+    uploads = _cohort(values)
+    partial = unmask_sum([uploads[0], uploads[1]], (2, 2, 2))
+    assert np.abs(partial - 1.0).max() > 1e6  # without client 2 the sum is garbage: the driver must redo
+    again = _cohort(values)
+    assert not np.array_equal(again[0], uploads[0])  # a redo uses fresh keys, never the same masks
+
+
+def test_cohort_of_one_is_refused():
+    client = MaskingClient(0)
+    with pytest.raises(FederationError, match="cohort of 1"):
+        client.mask(np.zeros(3), {0: client.public_key()}, b"x")
+
+
+def test_out_of_range_values_are_refused():
+    with pytest.raises(FederationError, match="fixed-point"):
+        encode_fixed(np.array([np.nan]))
+
+
+def _settings(**kw) -> FederationSettings:
+    base = dict(clients=3, alpha=1.0, rounds=1, min_clients=2, round_timeout_s=120, min_shard=4)
+    return FederationSettings(**{**base, **kw})
+
+
+def test_secagg_federation_matches_plain_and_survives_a_drop_after_keys(ray_session, llama_dir, task_dir, tmp_path):
+    """Client 2 dies after keys are agreed in round 1: masking is redone without it, fresh keys."""
+    source = DataSource(str(task_dir), max_train=40, max_test=0)
+    seen: dict[tuple[str, int], dict[int, bytes]] = {}
+
+    def record(stage, round_index, results, actors):
+        seen[(stage, round_index)] = results
+
+    def kill_2_after_keys(stage, round_index, actors):
+        if stage == "calibrate-masked" and round_index == 1 and 2 in actors and "killed" not in seen:
+            ray.kill(actors[2])
+            seen["killed"] = {}
+
+    fed = Federation(str(llama_dir), source, str(tmp_path / "s"), _settings(secagg=True), kill_2_after_keys, record)
+    secure = fed.run()
+    assert "after masks were agreed" in secure.rounds[1].dropped[2]
+    assert secure.rounds[1].clients_answered == [0, 1]
+    # no single upload carries a client's real value: plain-stage answers hold only counts ...
+    assert all(wire.decode(p)[0] == {} for p in seen[("extract", 0)].values())
+    assert all(wire.decode(p)[0] == {} for p in seen[("calibrate", 1)].values())
+    # ... and each masked vector upload is far from the global mean (it is uniform in the ring)
+    for payload in seen[("extract-masked", 0)].values():
+        masked = decode_fixed(wire.decode(payload)[0]["masked"]).reshape(secure.vectors.shape)
+        assert np.abs(masked - secure.vectors).mean() > 1e6
+    assert secure.summary["round_bytes_up_per_client"] > 16 * fed.fingerprint.num_layers
+
+    # the same run in the clear, client 2 lost in round 1 too: same vectors and Λ up to fixed-point rounding
+    def kill_2(stage, round_index, actors):
+        if stage == "calibrate" and round_index == 1 and 2 in actors:
+            ray.kill(actors[2])
+
+    plain = Federation(str(llama_dir), source, str(tmp_path / "p"), _settings(), kill_2).run()
+    np.testing.assert_allclose(secure.vectors, plain.vectors, atol=1e-5)
+    np.testing.assert_allclose(secure.coefficients, plain.coefficients, atol=1e-5)
