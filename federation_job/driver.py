@@ -35,10 +35,10 @@ from federation_job.errors import FederationError, IfediclError
 from federation_job.modeling import (
     DTYPES,
     canonical_model_id,
-    export_weights,
     fingerprint,
     load_config,
     load_model,
+    load_shared_weights,
     load_tokenizer,
     model_from_weights,
 )
@@ -254,9 +254,11 @@ class Federation:
     def _model_source(self):
         if self.settings.weights == "per-actor":
             return self.model_id
-        ref = ray.put(export_weights(load_model(self.model_id, self.settings.dtype)))
-        # The driver's own model (for the final evaluation) also aliases the object-store copy,
-        # so the node holds one copy of the weights in all.
+        # Loaded in a one-shot worker (max_calls=1): its private copy of the weights dies with the
+        # process, and only the object-store copy remains. The driver's own model (for the final
+        # evaluation) aliases that copy too, so the node holds one copy of the weights in all.
+        loader = ray.remote(max_calls=1)(load_shared_weights)
+        ref = loader.remote(self.model_id, self.settings.dtype)
         self._driver_model = model_from_weights(ray.get(ref))
         return ref
 

@@ -125,6 +125,11 @@ def export_weights(model: nn.Module) -> SharedWeights:
     return SharedWeights(model.config.to_dict(), buffers, meta, names)
 
 
+def load_shared_weights(model_id: str, dtype: str = "float32") -> SharedWeights:
+    """Load a model and export it for the object store (run in a short-lived worker)."""
+    return export_weights(load_model(model_id, dtype))
+
+
 def model_from_weights(shared: SharedWeights) -> nn.Module:
     """Build a frozen model whose tensors alias ``shared``'s buffers (no copy)."""
     from transformers import AutoConfig, AutoModelForCausalLM
