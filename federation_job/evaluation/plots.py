@@ -46,9 +46,16 @@ def accuracy_vs_round(summary: dict, out_dir: Path) -> list[Path]:
                     ax.plot(x, y, marker="o", label=METHOD_LABELS[m])
                     ax.fill_between(x, y - err, y + err, alpha=0.2)
                     last = max(last, x[-1])
-            for m in FLAT:
+            for i, m in enumerate(FLAT):
                 if m in by_method:
-                    ax.axhline(100 * by_method[m]["accuracy_mean"], linestyle="--", linewidth=1, label=METHOD_LABELS[m])
+                    ax.axhline(
+                        100 * by_method[m]["accuracy_mean"],
+                        color=f"C{i + 2}",
+                        linestyle=(0, (4, 1 + i)),
+                        linewidth=1,
+                        label=METHOD_LABELS[m],
+                    )
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{task}, α={a}", xlim=(0, last))
             ax.legend(fontsize=7)
             fig.tight_layout()
