@@ -1,0 +1,161 @@
+"""Faults: clients killed at every stage, the driver SIGKILLed mid-run, a read-only store.
+
+Real Ray, real LanceDB, real kills (``ray.kill``, SIGKILL of the driver's process group).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import ray
+
+from federation_job.driver import Federation, FederationSettings
+from federation_job.modeling import ModelFingerprint
+from federation_job.sources import DataSource
+from federation_job.task import TaskSpec
+from storage.store import Store, StoreError
+
+
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def test_clients_killed_at_every_stage(ray_session, llama_dir, task_dir, tmp_path):
+    """0 while loading, 1 during extraction, 2 mid-calibration (seen burning CPU), 3 right after its upload."""
+    pids: dict[int, int] = {}
+    events: list[str] = []
+
+    def on_dispatch(stage, round_index, actors):
+        if stage == "load":
+            ray.kill(actors[0])
+            events.append("load")
+        elif stage == "extract":
+            ray.kill(actors[1])
+            events.append("extract")
+        elif stage == "calibrate" and round_index == 1:
+            victim = psutil.Process(pids[2])
+            before = sum(victim.cpu_times()[:2])
+            deadline = time.monotonic() + 120
+            while sum(victim.cpu_times()[:2]) - before < 0.05 and time.monotonic() < deadline:
+                time.sleep(0.01)  # wait until client 2 is computing its calibration, then kill it
+            ray.kill(actors[2])
+            events.append("calibrate")
+
+    def on_gather(stage, round_index, results, actors):
+        if stage == "broadcast":
+            pids[2] = _pid(actors[2])
+        if stage == "calibrate" and round_index == 1:
+            assert 3 in results  # it uploaded ...
+            ray.kill(actors[3])  # ... and dies before round 2
+            events.append("after upload")
+
+    settings = FederationSettings(
+        clients=6, alpha=100.0, rounds=2, local_epochs=3, min_clients=2, round_timeout_s=120, min_shard=4
+    )
+    store_dir = tmp_path / "store"
+    fed = Federation(
+        str(llama_dir), DataSource(str(task_dir), max_test=0), str(store_dir), settings, on_dispatch, on_gather
+    )
+    result = fed.run(publish=True)
+    assert events == ["load", "extract", "calibrate", "after upload"]
+    r0, r1, r2 = result.rounds
+    assert "while loading" in r0.dropped[0] and "died" in r0.dropped[1]
+    assert r0.clients_answered == [2, 3, 4, 5]
+    assert list(r1.dropped) == [2] and "died" in r1.dropped[2] and r1.clients_answered == [3, 4, 5]
+    assert list(r2.dropped) == [3] and "died" in r2.dropped[3] and r2.clients_answered == [4, 5]
+    store = Store(store_dir)
+    rows = store.rounds(result.run_id)
+    assert [sorted(json.loads(r["dropped"])) for r in rows] == [["0", "1"], ["2"], ["3"]]
+    assert store.published_run_id(fed.data.task.name) == result.run_id
+
+
+def _federate_cmd(llama_dir, task_dir, store, *extra):
+    return [
+        sys.executable, "-m", "federation_job.cli", "federate", "--task-dir", str(task_dir), "--model", str(llama_dir),
+        "--store", str(store), "--clients", "2", "--alpha", "1.0", "--max-test", "0", "--publish", *map(str, extra),
+    ]  # fmt: skip
+
+
+def test_driver_killed_mid_run_is_marked_failed_and_a_rerun_succeeds(ray_session, llama_dir, task_dir, tmp_path):
+    store_dir = tmp_path / "store"
+    proc = subprocess.Popen(
+        _federate_cmd(llama_dir, task_dir, store_dir, "--rounds", 200),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the driver and the Ray it started
+    )
+    try:
+        deadline = time.monotonic() + 300
+        run_id = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                store = Store(store_dir)
+                runs = store.runs()
+                if runs and len(store.rounds(runs[0]["run_id"])) >= 2:  # stage 1 and round 1 written
+                    run_id = runs[0]["run_id"]
+                    break
+            except (StoreError, ValueError, OSError):
+                continue
+        assert run_id is not None, "the driver never reached round 1"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    store = Store(store_dir)
+    assert store.run_row(run_id)["status"] == "running"  # nobody could mark it
+    with pytest.raises(StoreError, match="not complete"):
+        store.load_run("demo-sentiment", run_id)  # its half-written rows are not loadable ...
+    assert store.published() == {}  # ... and nothing was published
+
+    settings = FederationSettings(clients=2, alpha=1.0, rounds=1, min_clients=1, round_timeout_s=120, min_shard=4)
+    rerun = Federation(str(llama_dir), DataSource(str(task_dir), max_train=20, max_test=0), str(store_dir), settings)
+    result = rerun.run(publish=True)
+    dead = store.run_row(run_id)
+    assert dead["status"] == "failed" and "driver died" in dead["error"]
+    assert store.published_run_id("demo-sentiment") == result.run_id
+    assert store.load_run("demo-sentiment").run_id == result.run_id
+
+
+def _seed_store(path) -> str:
+    """A store holding one complete, published run (written through the Store API, no federation)."""
+    store = Store(path, create=True)
+    task = TaskSpec("demo-sentiment", "Review: {text}\nSentiment:", ("negative", "positive"))
+    run_id = store.start_run(task, ModelFingerprint("m", 2, 8, "h"), {})
+    store.write_vectors(run_id, task.name, np.zeros((2, 2, 8), np.float32))
+    store.write_coefficients(run_id, task.name, 0, np.ones((2, 2, 2), np.float32))
+    store.finish_run(run_id, {})
+    store.publish(run_id)
+    return run_id
+
+
+def _read_only(cmd: list[str], path) -> list[str]:
+    """Run ``cmd`` with ``path`` read-only: a private read-only bind mount as root, file modes otherwise."""
+    if os.geteuid() != 0:
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                os.chmod(os.path.join(root, name), 0o555)
+        os.chmod(path, 0o555)
+        return cmd
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    return [shutil.which("unshare"), "-m", "sh", "-c", script, str(path), *cmd]
+
+
+def test_read_only_store_gives_a_clear_error_and_publishes_nothing(llama_dir, task_dir, tmp_path):
+    store_dir = tmp_path / "store"
+    published = _seed_store(store_dir)
+    before = sorted(os.listdir(store_dir))
+    cmd = _read_only(_federate_cmd(llama_dir, task_dir, store_dir, "--rounds", 1), store_dir)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: store" in proc.stderr and "not writable" in proc.stderr and "Traceback" not in proc.stderr
+    store = Store(store_dir)
+    assert [r["run_id"] for r in store.runs()] == [published]
+    assert store.published_run_id("demo-sentiment") == published
+    assert sorted(os.listdir(store_dir)) == before
