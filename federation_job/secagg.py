@@ -72,6 +72,10 @@ class MaskingClient:
             raise FederationError(f"client {self.client_id} is not in the masking cohort")
         if len(peers) < MIN_COHORT:
             raise FederationError(f"refusing to mask for a cohort of {len(peers)} (< {MIN_COHORT})")
+        if not np.array_equal(np.asarray(peers[self.client_id], np.uint8).reshape(-1), self.public_key()):
+            raise FederationError(f"client {self.client_id}: the relayed key list does not carry its own key")
+        if len({bytes(np.asarray(k, np.uint8)) for k in peers.values()}) != len(peers):
+            raise FederationError(f"client {self.client_id}: duplicate public keys in the cohort")
         out = encode_fixed(values).reshape(-1).copy()  # [size] uint64
         with np.errstate(over="ignore"):
             for peer, key in sorted(peers.items()):

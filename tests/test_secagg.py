@@ -46,6 +46,14 @@ def test_cohort_of_one_is_refused():
         client.mask(np.zeros(3), {0: client.public_key()}, b"x")
 
 
+def test_a_tampered_key_list_is_refused():
+    a, b = MaskingClient(0), MaskingClient(1)
+    with pytest.raises(FederationError, match="own key"):
+        a.mask(np.zeros(3), {0: b.public_key(), 1: b.public_key()}, b"x")
+    with pytest.raises(FederationError, match="duplicate"):
+        a.mask(np.zeros(3), {0: a.public_key(), 1: a.public_key()}, b"x")
+
+
 def test_out_of_range_values_are_refused():
     with pytest.raises(FederationError, match="fixed-point"):
         encode_fixed(np.array([np.nan]))
