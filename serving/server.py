@@ -18,7 +18,7 @@ import sys
 
 from federation_job.errors import IfediclError
 from federation_job.modeling import load_config
-from model_patches.vllm_plugin import WORKER_EXTENSION, engine_overrides
+from model_patches.vllm_plugin import WORKER_EXTENSION, UnsupportedModelError, engine_overrides
 from storage.store import Store
 
 logger = logging.getLogger("ifedicl.serving")
@@ -45,7 +45,10 @@ def parse_engine_args(model: str, host: str, port: int, max_slots: int, engine_a
     args = parser.parse_args(argv)
     if args.model_tag is not None:
         args.model = args.model_tag
-    overrides = engine_overrides(load_config(args.model).architectures, max_slots=max_slots)
+    try:
+        overrides = engine_overrides(load_config(args.model).architectures, max_slots=max_slots)
+    except UnsupportedModelError as err:
+        raise IfediclError(str(err)) from None
     user = args.hf_overrides
     if isinstance(user, str):
         user = json.loads(user)

@@ -11,6 +11,7 @@ compilation.
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import numpy as np
 import pytest
@@ -64,12 +65,16 @@ def service(request, serving_models, serving_stores, loop_thread):
     loop_thread.run(svc.start())
     yield family, svc
     engine.shutdown()
+    del svc, engine
+    gc.collect()
 
 
 def test_mixed_batch_matches_reference(service, references, loop_thread):
     family, svc = service
     ref = references[family]
     assert sorted(svc.table.names()) == sorted(TASKS)
+    step = svc.engine.vllm_config.scheduler_config.max_num_batched_tokens
+    assert max(len(ids) for ids in svc.encode(TASKS["agnews"], TEXTS)) > step  # chunked prefill happens
 
     async def one_batch():
         injected = [svc.classify(name, TEXTS) for name in TASKS]

@@ -1,0 +1,222 @@
+"""Serving benchmark: label scoring throughput and latency, injected vs plain vLLM vs HF hooks.
+
+Not a test: prints a table and the ratios the issue asks for. Realistic shapes
+with random weights (speed does not depend on weight values): by default a
+12-layer, d=768 Llama in bfloat16, prompts of ~40-120 tokens.
+
+    python bench/serving.py [--layers 12 --hidden 768 --prompts 256 --batch-sizes 1 16 64 256]
+
+For each batch size B, B requests are submitted together and awaited (closed
+loop) until all prompts are scored; req/s = prompts / wall time, latency = per
+request, submit to result. Rows:
+- vLLM plain: the stock model class, no plugin model, same engine settings;
+- vLLM injected, single task: the injecting class, every request under task 1;
+- vLLM injected, mixed tasks: requests round-robin over 4 tasks (different rows per token);
+- HF hooks: batched forward (B rows, right-padded) with the same injection tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+TASK_NAMES = ("sst2", "subj", "agnews", "trec")
+WORDS = [
+    'the', 'film', 'plot', 'actor', 'market', 'team', 'rates', 'bank',
+    'season', 'story', 'scene', 'music', 'price', 'game', 'city', 'court',
+]
+
+
+def make_prompts(n: int, seed: int = 0) -> list[str]:
+    from federation_job.task import KNOWN_TASKS, TaskSpec
+
+    rng = np.random.default_rng(seed)
+    spec = TaskSpec("sst2", *KNOWN_TASKS["sst2"])
+    return [spec.prompt(" ".join(rng.choice(WORDS, size=int(rng.integers(30, 100))))) for _ in range(n)]
+
+
+def build_model(root: Path, layers: int, hidden: int, dtype: torch.dtype) -> Path:
+    from federation_job.task import KNOWN_TASKS, TaskSpec
+    from federation_job.tiny_model import build_tiny_model
+
+    texts = []
+    for name in TASK_NAMES:
+        spec = TaskSpec(name, *KNOWN_TASKS[name])
+        texts += [spec.demonstration(" ".join(WORDS), i) for i in range(len(spec.labels))]
+    texts += make_prompts(200, seed=1)
+    return build_tiny_model(root / "model", texts * 5, family="llama", num_layers=layers, hidden_size=hidden,
+                            vocab_size=4096, dtype=dtype, max_positions=2048)
+
+
+def random_tables(num_layers: int, hidden: int, tasks: int):
+    from model_patches.injection import InjectionTables
+
+    rng = np.random.default_rng(0)
+    vectors = [torch.from_numpy(rng.normal(0, 1, (num_layers, 2, hidden)).astype(np.float32)) for _ in range(tasks)]
+    coeffs = []
+    for _ in range(tasks):
+        c = np.empty((num_layers, 2, 2), dtype=np.float32)
+        c[..., 0] = rng.uniform(0.05, 0.3, (num_layers, 2))
+        c[..., 1] = rng.uniform(0.9, 1.1, (num_layers, 2))
+        coeffs.append(torch.from_numpy(c))
+    return InjectionTables.build(vectors, coeffs)
+
+
+def summarize(latencies: list[float], wall: float, n: int) -> dict:
+    lat = sorted(latencies)
+    return {
+        "req_s": n / wall,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+    }
+
+
+async def run_vllm(model: Path, prompts: list[list[int]], label_ids: list[int], batch_sizes, injected: bool,
+                   dtype: str, mixed_rows: int, enforce_eager: bool) -> dict:
+    """Per batch size: {"single": stats, "mixed": stats} (injected) or {"plain": stats}."""
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from federation_job.modeling import load_config
+    from model_patches.vllm_plugin import engine_overrides
+    from model_patches.vllm_worker import pack_tables
+
+    config = load_config(str(model))
+    extra = engine_overrides(config.architectures, max_slots=len(TASK_NAMES)) if injected else {}
+    args = AsyncEngineArgs(model=str(model), dtype=dtype, max_model_len=1024, max_num_batched_tokens=4096,
+                           max_num_seqs=256, enable_prefix_caching=False, enforce_eager=enforce_eager,
+                           gpu_memory_utilization=0.3, disable_log_stats=True, seed=0, **extra)
+    engine = AsyncLLM.from_engine_args(args)
+    try:
+        if injected:
+            tables = random_tables(config.num_hidden_layers, config.hidden_size, len(TASK_NAMES))
+            rows = list(range(1, len(TASK_NAMES) + 1))
+            await engine.collective_rpc("ifedicl_write_slots",
+                                        args=(rows, *pack_tables(tables.beta[:, :, 1:], tables.shift[:, :, 1:])))
+
+        async def score(ids: list[int], row: int) -> float:
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=label_ids, detokenize=False,
+                                    extra_args={"task_id": row} if injected else None)
+            start = time.perf_counter()
+            async for _ in engine.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex):
+                pass
+            return time.perf_counter() - start
+
+        async def sweep(batch: int, row_of) -> dict:
+            n = len(prompts) if batch > 1 else min(len(prompts), 64)
+            latencies: list[float] = []
+            wall_start = time.perf_counter()
+            for start in range(0, n, batch):
+                chunk = range(start, min(n, start + batch))
+                latencies += await asyncio.gather(*(score(prompts[i], row_of(i)) for i in chunk))
+            return summarize(latencies, time.perf_counter() - wall_start, n)
+
+        await sweep(8, lambda i: 0)  # warm-up
+        out = {}
+        for batch in batch_sizes:
+            if injected:
+                out[batch] = {"single": await sweep(batch, lambda i: 1),
+                              "mixed": await sweep(batch, lambda i: 1 + i % mixed_rows)}
+            else:
+                out[batch] = {"plain": await sweep(batch, lambda i: 0)}
+        return out
+    finally:
+        engine.shutdown()
+
+
+def run_hf(model: Path, texts: list[str], label_ids: list[int], batch_sizes, dtype: torch.dtype) -> dict:
+    from federation_job.inference import label_logits
+    from federation_job.modeling import load_model, load_tokenizer
+    from model_patches.hf import HFContextModel
+
+    torch.set_num_threads(2)
+    tokenizer = load_tokenizer(str(model))
+    ctx = HFContextModel(load_model(str(model), "bfloat16" if dtype == torch.bfloat16 else "float32"))
+    tables = random_tables(ctx.num_layers, ctx.hidden_size, len(TASK_NAMES))
+    out = {}
+    with torch.no_grad():
+        label_logits(ctx, tokenizer, texts[:8], label_ids, tables, torch.ones(8, dtype=torch.long))  # warm-up
+        for batch in batch_sizes:
+            n = len(texts) if batch > 1 else min(len(texts), 64)
+            latencies = []
+            wall_start = time.perf_counter()
+            for start in range(0, n, batch):
+                chunk = texts[start : start + batch]
+                index = torch.as_tensor([1 + i % len(TASK_NAMES) for i in range(len(chunk))])
+                t0 = time.perf_counter()
+                label_logits(ctx, tokenizer, chunk, label_ids, tables, index)
+                latencies += [time.perf_counter() - t0] * len(chunk)
+            out[batch] = {"hf": summarize(latencies, time.perf_counter() - wall_start, n)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without compilation")
+    parser.add_argument("--skip-hf", action="store_true")
+    opts = parser.parse_args()
+
+    from federation_job.modeling import load_tokenizer
+    from federation_job.task import KNOWN_TASKS, TaskSpec, label_token_ids
+
+    torch_dtype = torch.bfloat16 if opts.dtype == "bfloat16" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(Path(tmp), opts.layers, opts.hidden, torch_dtype)
+        tokenizer = load_tokenizer(str(model))
+        texts = make_prompts(opts.prompts)
+        prompts = [tokenizer(t)["input_ids"] for t in texts]
+        label_ids = label_token_ids(TaskSpec("sst2", *KNOWN_TASKS["sst2"]), tokenizer)
+        print(f"model: llama L={opts.layers} d={opts.hidden} {opts.dtype}; {len(prompts)} prompts, "
+              f"{np.mean([len(p) for p in prompts]):.0f} tokens on average; torch threads 2; "
+              f"vLLM {'eager' if opts.enforce_eager else 'compiled'}", flush=True)
+        results: dict[int, dict] = {b: {} for b in opts.batch_sizes}
+        for injected in (False, True):
+            part = asyncio.run(run_vllm(model, prompts, label_ids, opts.batch_sizes, injected, opts.dtype,
+                                        len(TASK_NAMES), opts.enforce_eager))
+            for b, rows in part.items():
+                results[b].update(rows)
+        if not opts.skip_hf:
+            for b, rows in run_hf(model, texts, label_ids, opts.batch_sizes, torch_dtype).items():
+                results[b].update(rows)
+
+    names = ["plain", "single", "mixed"] + ([] if opts.skip_hf else ["hf"])
+    print(f"\n{'batch':>6} " + " ".join(f"{n + ' req/s':>13} {'p50 ms':>8} {'p99 ms':>8}" for n in names))
+    for b in opts.batch_sizes:
+        cells = " ".join(f"{results[b][n]['req_s']:>13.1f} {results[b][n]['p50_ms']:>8.1f} "
+                         f"{results[b][n]['p99_ms']:>8.1f}" for n in names)
+        print(f"{b:>6} {cells}")
+    print("\nratios (throughput)")
+    header = f"{'batch':>6} {'injected/plain':>15} {'mixed/single':>13}"
+    print(header + ("" if opts.skip_hf else f" {'vLLM inj/HF':>12}"))
+    for b in opts.batch_sizes:
+        r = results[b]
+        inj, mix = r["single"]["req_s"] / r["plain"]["req_s"], r["mixed"]["req_s"] / r["single"]["req_s"]
+        line = f"{b:>6} {inj:>15.3f} {mix:>13.3f}"
+        if not opts.skip_hf:
+            line += f" {r['mixed']['req_s'] / r['hf']['req_s']:>12.3f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
