@@ -12,8 +12,8 @@ $(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[$(VLLM_EXTRA),eval,dev]"
-	# vLLM drags in PyPI torchvision/torchaudio; their CUDA builds break `import transformers` on CPU torch.
-	if [ "$(VLLM_EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio; fi
+	# vLLM drags in PyPI torchvision/torchaudio/torchcodec; their CUDA builds break `import transformers`/`import vllm` on CPU torch.
+	if [ "$(VLLM_EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	touch $@
 
 install: $(VENV)/.installed-$(VLLM_EXTRA)
