@@ -150,10 +150,14 @@ def _print_summary(run_id: str, published: bool, summary: dict) -> None:
         typer.echo(f"  round {round_index} rejected: {rejected}")
     privacy = summary.get("privacy") or {}
     if privacy.get("total_epsilon") is not None:
+        parts = [
+            f"{name} ε={part['epsilon']:.3f} (z={part['noise_multiplier']:.3f}, clip {part['clip']:g})"
+            for name, part in (("vectors", privacy["vectors"]), ("Λ", privacy["coefficients"]))
+            if part["epsilon"] is not None
+        ]
         typer.echo(
-            f"  differential privacy: total ε={privacy['total_epsilon']:.3f} at δ={privacy['delta']:g} "
-            f"(vectors ε={privacy['vectors']['epsilon']}, Λ ε={privacy['coefficients']['epsilon']}; "
-            f"{privacy['accountant']})"
+            f"  differential privacy: total ε={privacy['total_epsilon']:.3f} at δ={privacy['delta']:g}; "
+            f"{', '.join(parts)}; {privacy['accountant']}"
         )
 
 
