@@ -164,3 +164,30 @@ def test_read_only_store_gives_a_clear_error_and_publishes_nothing(llama_dir, ta
     assert [r["run_id"] for r in store.runs()] == [published]
     assert store.published_run_id("demo-sentiment") == published
     assert sorted(os.listdir(store_dir)) == before
+
+
+def test_reaping_tells_dead_remote_and_live_drivers_apart(tmp_path):
+    """Same host: a gone pid is proof. Other host: only a missed heartbeat (4x round timeout + 60 s) is."""
+    from datetime import timedelta
+
+    from federation_job import liveness
+
+    store = Store(tmp_path / "store", create=True)
+    task = TaskSpec("demo-sentiment", "Review: {text}\nSentiment:", ("negative", "positive"))
+    fp = ModelFingerprint("m", 2, 8, "h")
+    me = liveness.driver_identity()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = {**me, "pid": gone.pid, "pid_start": "1"}
+    remote = {**me, "host": "another-host"}
+    runs = {
+        name: store.start_run(task, fp, {"driver": identity, "round_timeout_s": 10.0})
+        for name, identity in (("alive", me), ("dead", dead), ("remote", remote))
+    }
+    created = store.run_row(runs["remote"])["created_at"]
+    soon = liveness.reap_dead_runs(store, now=created + timedelta(seconds=60))
+    assert list(soon) == [runs["dead"]] and "driver died" in soon[runs["dead"]]
+    later = liveness.reap_dead_runs(store, now=created + timedelta(seconds=101))
+    assert list(later) == [runs["remote"]] and "no heartbeat" in later[runs["remote"]]
+    statuses = {name: store.run_row(run_id)["status"] for name, run_id in runs.items()}
+    assert statuses == {"alive": "running", "dead": "failed", "remote": "failed"}
