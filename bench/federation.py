@@ -3,12 +3,12 @@
 Prints figures, asserts nothing. Memory is the peak over the run of the summed PSS
 (proportional set size) of the driver and every process under it (raylet, workers,
 the object store's shared memory counted once across its mappers), sampled every
-0.2 s; "working" is the same maximum taken only once the clients are loaded (stages
-1 and 2), "peak" over the whole run (it includes the one-off load, where the loader
-briefly holds its private copy and the object-store copy at once). "weight copies" =
-(working PSS with the bench model - working PSS with a tiny model, same clients) /
-bytes of one float32 copy of the bench model's weights: how many copies of the
-weights the node really holds while it federates.
+0.2 s ("peak": it includes the one-off load, where the loader briefly holds its private
+copy and the object-store copy at once). "working" is one snapshot of the same sum
+taken while every client is calibrating (right after round 1 is dispatched), so it is
+comparable between runs. "weight copies" = (working PSS with the bench model - working
+PSS with a tiny model, same clients) / bytes of one float32 copy of the bench model's
+weights: how many copies of the weights the node really holds while it federates.
 
 The bench checkpoint is saved in bfloat16 and loaded in float32 (the calibration
 dtype), so a per-actor load materialises a private copy. (A float32 safetensors file
@@ -44,12 +44,11 @@ class PeakPSS:
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.peak = 0
-        self.working = 0
-        self.loaded = False  # set once the clients are up
+        self.working = 0  # snapshot while the clients calibrate
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def sample(self) -> int:
         root = psutil.Process()
         total = 0
         for proc in [root, *root.children(recursive=True)]:
@@ -59,10 +58,7 @@ class PeakPSS:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            sample = self._sample()
-            self.peak = max(self.peak, sample)
-            if self.loaded:
-                self.working = max(self.working, sample)
+            self.peak = max(self.peak, self.sample())
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakPSS:
@@ -80,10 +76,13 @@ def run_once(model: Path, data: Path, store: Path, clients: int, weights: str, p
     start = time.perf_counter()
     with PeakPSS() as mem:
 
-        def mark_loaded(stage: str, _round: int, _actors: dict) -> None:
-            mem.loaded = mem.loaded or stage == "extract"
+        def snapshot_while_calibrating(stage: str, round_index: int, _actors: dict) -> None:
+            if stage == "calibrate" and round_index == 1:
+                time.sleep(0.5)  # let every client get into its step
+                mem.working = mem.sample()
+                mem.peak = max(mem.peak, mem.working)
 
-        result = Federation(str(model), source, str(store), settings, mark_loaded).run()
+        result = Federation(str(model), source, str(store), settings, snapshot_while_calibrating).run()
     seconds = time.perf_counter() - start
     stage1 = result.rounds[0].seconds
     return {

@@ -244,6 +244,14 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
             })
         return JSONResponse(listing)
 
+    async def prometheus_text(raw: Request) -> Response:
+        """Always the text format 0.0.4: prometheus_client's OpenMetrics output (which Prometheus
+        asks for first) rewrites ``vllm:x`` sample names to ``vllm_x``, which would empty every
+        dashboard panel and alert on vLLM's metrics."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(service.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
     async def admin_reload(raw: Request) -> Response:
         report = await service.reload()
         status = 200 if not report.failed else 409
@@ -255,6 +263,7 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/classify", classify, methods=["POST"])
     app.add_api_route("/admin/reload", admin_reload, methods=["POST"])
+    app.add_api_route("/metrics", prometheus_text, methods=["GET"])
     ours = [route for route in app.router.routes if id(route) not in before]
     app.router.routes[:] = ours + [route for route in app.router.routes if id(route) in before]
     app.openapi_schema = None

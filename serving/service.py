@@ -99,7 +99,8 @@ class ClassificationService:
         self.store = Store(store)  # raises StoreError when the store does not exist
         self.table = TaskTable(max_slots)
         self.probe_slot = max_slots + 1
-        self.metrics = ServingMetrics(registry if registry is not None else CollectorRegistry(), self._active_runs)
+        self.metrics_registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = ServingMetrics(self.metrics_registry, self._active_runs)
         self._reload_lock = asyncio.Lock()
         # (task, run_id) -> why it was refused. Complete runs never change, so a refused
         # run is not retried (nor re-counted) at every poll while it stays published.
