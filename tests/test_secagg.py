@@ -98,3 +98,28 @@ def test_secagg_federation_matches_plain_and_survives_a_drop_after_keys(ray_sess
     plain = Federation(str(llama_dir), source, str(tmp_path / "p"), _settings(), kill_2).run()
     np.testing.assert_allclose(secure.vectors, plain.vectors, atol=1e-5)
     np.testing.assert_allclose(secure.coefficients, plain.coefficients, atol=1e-5)
+
+
+def test_weighted_secure_mean_equals_weighted_fedavg(llama_dir, task_dir):
+    """Client actors (in-process, real model) mask N_k * v_k; the server divides the sum by the public sum of N_k."""
+    import torch
+
+    from federation_job.actors import ClientActor
+    from federation_job.server import ClientUpdate, FedAvg
+
+    threads = torch.get_num_threads()  # an actor pins its process to OMP_NUM_THREADS; restore for later tests
+    source = DataSource(str(task_dir), max_train=30, max_test=0)
+    actors = {cid: ClientActor(cid, str(llama_dir), str(llama_dir), source, rows) for cid, rows in
+              enumerate([list(range(0, 4)), list(range(4, 13)), list(range(13, 30))])}  # fmt: skip
+    plain = {cid: wire.decode(a.extract(wire.encode({}, batch_size=8)))[0]["vectors"] for cid, a in actors.items()}
+    counts = {cid: a.ready() for cid, a in actors.items()}
+    torch.set_num_threads(threads)
+    for actor in actors.values():
+        assert wire.decode(actor.extract(wire.encode({}, batch_size=8, secagg=True, weighted=True)))[0] == {}
+    keys = {cid: wire.decode(a.secagg_keys(b""))[0]["public_key"] for cid, a in actors.items()}
+    request = wire.encode({"public_keys": np.stack([keys[c] for c in sorted(keys)])}, cohort=sorted(keys), context="w")
+    uploads = [wire.decode(a.secagg_upload(request))[0]["masked"] for a in actors.values()]
+    shape = plain[0].shape
+    secure = unmask_sum(uploads, shape) / sum(counts.values())
+    expected = FedAvg(weighted=True).aggregate([ClientUpdate(c, v, counts[c]) for c, v in plain.items()])
+    np.testing.assert_allclose(secure, expected, atol=1e-5)
