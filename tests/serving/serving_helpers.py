@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +170,14 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
         self._log.close()
+
+
+@contextmanager
+def running_server(store: str, model: Path, log_path: Path, **kwargs) -> Iterator[ServerProcess]:
+    """A ready ``ifedicl serve`` for the duration of the block, stopped afterwards whatever happens."""
+    proc = ServerProcess(store, model, log_path, **kwargs)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()

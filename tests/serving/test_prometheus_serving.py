@@ -12,6 +12,8 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,7 +21,7 @@ import openai
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, start_http_server
-from serving_helpers import SHORT_TEXTS, TASKS, ServerProcess, free_port, publish_run
+from serving_helpers import SHORT_TEXTS, TASKS, free_port, publish_run, running_server
 
 from federation_job.recalibrate import RecalibrationCollector
 from storage.recalibrations import Attempt, record_attempt
@@ -64,78 +66,88 @@ def served_store(tmp_path_factory, serving_models) -> str:
     return uri
 
 
-def test_every_shipped_promql_expression_evaluates_against_a_real_server(tmp_path, serving_models, served_store):
+@contextmanager
+def running_prometheus(tmp_path: Path, targets: dict[str, int]) -> Iterator[str]:
+    """A real Prometheus on loopback scraping ``{job: port}`` every second, with the shipped rules."""
     prometheus = shutil.which("prometheus")
     assert prometheus, "prometheus not found: run .ci/install-system-deps.sh (Debian package `prometheus`)"
-    server = ServerProcess(served_store, serving_models["llama"], tmp_path / "serve.log")
-    prom = None
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(DEPLOY / "prometheus/alerts.yml")],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{target}"]}]}
+            for job, target in targets.items()
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        server.wait_ready()
-        store_registry = CollectorRegistry()
-        store_registry.register(RecalibrationCollector(served_store, ttl_s=0))
-        store_port, prom_port = free_port(), free_port()
-        start_http_server(store_port, addr="127.0.0.1", registry=store_registry)
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(DEPLOY / "prometheus/alerts.yml")],
-            "scrape_configs": [
-                {"job_name": "ifedicl-serving", "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}]},
-                {"job_name": "ifedicl-store", "static_configs": [{"targets": [f"127.0.0.1:{store_port}"]}]},
-            ],
-        }
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        prom = subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        base = f"http://127.0.0.1:{prom_port}"
-
-        # Traffic: classifications on both tasks over several scrapes, one error, one reload.
-        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            for task in ("sst2", "agnews"):
-                client.completions.create(model=task, prompt=SHORT_TEXTS, max_tokens=1)
-            time.sleep(0.5)
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model="no-such-task", prompt="x", max_tokens=1)
-        assert httpx.post(f"{server.base_url}/admin/reload", timeout=60).status_code == 200
-        client.completions.create(model="sst2", prompt=SHORT_TEXTS, max_tokens=1)
-
-        deadline = time.monotonic() + 90
-        while True:  # several scrapes after the last request, so every series has rate() points
-            try:
-                up = _query(base, "count_over_time(up[1m])")["data"]["result"]
-                last = _query(base, 'count_over_time(ifedicl_request_errors_total{code="404"}[1m])')
-                if len(up) == 2 and last["data"]["result"] and float(last["data"]["result"][0]["value"][1]) >= 5:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and prom.poll() is None, "prometheus did not scrape both targets"
-            time.sleep(1)
-
-        for expr in _dashboard_exprs():
-            result = _query(base, expr)
-            assert result["status"] == "success", (expr, result)
-            assert result["data"]["result"], f"dashboard expression returned no data: {expr}"
-        for expr in _rule_exprs():
-            result = _query(base, expr)
-            assert result["status"] == "success", (expr, result)
-        active = _query(base, "ifedicl_active_run")["data"]["result"]
-        assert {r["metric"]["task"] for r in active} == {"sst2", "agnews"}
-        errors = _query(base, 'ifedicl_request_errors_total{code="404"}')["data"]["result"]
-        assert errors and float(errors[0]["value"][1]) >= 1
-        rules = json.loads(urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10).read())
-        health = [rule["health"] for group in rules["data"]["groups"] for rule in group["rules"]]
-        assert health and all(h in ("ok", "unknown") for h in health), health
+        yield f"http://127.0.0.1:{port}"
     finally:
-        if prom is not None:
-            prom.terminate()
-            prom.wait(timeout=30)
-        server.stop()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _send_traffic(server) -> None:
+    """Classifications on both tasks over several scrapes, one 404, one reload."""
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for task in ("sst2", "agnews"):
+            client.completions.create(model=task, prompt=SHORT_TEXTS, max_tokens=1)
+        time.sleep(0.5)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-task", prompt="x", max_tokens=1)
+    assert httpx.post(f"{server.base_url}/admin/reload", timeout=60).status_code == 200
+    client.completions.create(model="sst2", prompt=SHORT_TEXTS, max_tokens=1)
+
+
+def _wait_for_scrapes(base: str) -> None:
+    """Several scrapes after the last request, so every series has rate() points."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            up = _query(base, "count_over_time(up[1m])")["data"]["result"]
+            last = _query(base, 'count_over_time(ifedicl_request_errors_total{code="404"}[1m])')["data"]["result"]
+            if len(up) == 2 and last and float(last[0]["value"][1]) >= 5:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "prometheus did not scrape both targets"
+        time.sleep(1)
+
+
+def test_every_shipped_promql_expression_evaluates_against_a_real_server(tmp_path, serving_models, served_store):
+    store_registry = CollectorRegistry()
+    store_registry.register(RecalibrationCollector(served_store, ttl_s=0))
+    store_port = free_port()
+    start_http_server(store_port, addr="127.0.0.1", registry=store_registry)
+    with running_server(served_store, serving_models["llama"], tmp_path / "serve.log") as server:
+        targets = {"ifedicl-serving": server.port, "ifedicl-store": store_port}
+        with running_prometheus(tmp_path, targets) as base:
+            _send_traffic(server)
+            _wait_for_scrapes(base)
+            for expr in _dashboard_exprs():
+                result = _query(base, expr)
+                assert result["status"] == "success", (expr, result)
+                assert result["data"]["result"], f"dashboard expression returned no data: {expr}"
+            for expr in _rule_exprs():
+                result = _query(base, expr)  # alerts may be valid and empty (not firing)
+                assert result["status"] == "success", (expr, result)
+            active = _query(base, "ifedicl_active_run")["data"]["result"]
+            assert {r["metric"]["task"] for r in active} == {"sst2", "agnews"}
+            errors = _query(base, 'ifedicl_request_errors_total{code="404"}')["data"]["result"]
+            assert errors and float(errors[0]["value"][1]) >= 1
+            rules = json.loads(urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10).read())
+            health = [rule["health"] for group in rules["data"]["groups"] for rule in group["rules"]]
+            assert health and all(h in ("ok", "unknown") for h in health), health

@@ -18,7 +18,7 @@ import numpy as np
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, ServerProcess, publish_run, random_run
+from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, publish_run, random_run, running_server
 
 from federation_job.modeling import ModelFingerprint
 from storage.store import Store
@@ -32,8 +32,9 @@ TOL = 1e-4
 
 def ifedicl(*args) -> str:
     """The project's CLI, as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "federation_job.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "federation_job.cli", *map(str, args)], capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, f"ifedicl {args[0]} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -44,22 +45,32 @@ def server_store(tmp_path_factory, serving_models, task_dir) -> str:
     store = Store(uri, create=True)
     for i, name in enumerate(("sst2", "subj", "agnews")):
         publish_run(store, serving_models["llama"], TASKS[name], seed=500 + i)
-    ifedicl("federate", "--task-dir", task_dir, "--model", serving_models["llama"], "--store", uri,
-            "--clients", 2, "--rounds", 1, "--max-test", 5, "--publish")
+    ifedicl(
+        "federate",
+        "--task-dir",
+        task_dir,
+        "--model",
+        serving_models["llama"],
+        "--store",
+        uri,
+        "--clients",
+        2,
+        "--rounds",
+        1,
+        "--max-test",
+        5,
+        "--publish",
+    )
     return str(uri)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, serving_models, server_store):
-    proc = ServerProcess(
-        server_store, serving_models["llama"], tmp_path_factory.mktemp("server") / "server.log",
-        poll_interval=2.0, extra=["--enforce-eager"],
-    )  # fmt: skip
-    try:
-        proc.wait_ready()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(
+        server_store, serving_models["llama"], log, poll_interval=2.0, extra=["--enforce-eager"]
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +111,12 @@ def test_completions_match_predict(client, reference_classifiers, server_store):
     assert [c.text for c in response.choices] == [p.label for p in expected]
     for choice, pred in zip(response.choices, expected):
         probs = choice.model_extra["probabilities"]
-        np.testing.assert_allclose([probs[w] for w in TASKS["sst2"].labels],
-                                   [pred.probabilities[w] for w in TASKS["sst2"].labels], atol=TOL, rtol=0)
+        np.testing.assert_allclose(
+            [probs[w] for w in TASKS["sst2"].labels],
+            [pred.probabilities[w] for w in TASKS["sst2"].labels],
+            atol=TOL,
+            rtol=0,
+        )
         top = choice.logprobs.top_logprobs[0]
         assert set(top) == set(TASKS["sst2"].labels)
         assert abs(np.exp(choice.logprobs.token_logprobs[0]) - probs[choice.text]) < 1e-9
@@ -133,8 +148,17 @@ def test_classify_matches_predict(client, reference_classifiers, server_store):
 def test_federated_run_served_like_predict(client, server_store, serving_models):
     """A run made by `ifedicl federate`, served: labels and probabilities equal `ifedicl predict`."""
     texts = ["the acting was brilliant .", "the ending was dull .", LONG_TEXT]
-    out = ifedicl("predict", "--store", server_store, "--model", serving_models["llama"], "--task", "demo-sentiment",
-                  "--json", *texts)
+    out = ifedicl(
+        "predict",
+        "--store",
+        server_store,
+        "--model",
+        serving_models["llama"],
+        "--task",
+        "demo-sentiment",
+        "--json",
+        *texts,
+    )
     expected = [json.loads(line) for line in out.splitlines()]
     response = client.completions.create(model="demo-sentiment", prompt=texts)
     assert [c.text for c in response.choices] == [row["label"] for row in expected]
@@ -170,13 +194,21 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(client, server):
     assert "maximum context length" in str(too_long.value)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="sst2", messages=[{"role": "system", "content": "no user"}])
-    raw = httpx.post(f"{server.base_url}/v1/classify", content=b'{"model": "sst2", "input": [', timeout=30,
-                     headers={"content-type": "application/json"})
+    raw = httpx.post(
+        f"{server.base_url}/v1/classify",
+        content=b'{"model": "sst2", "input": [',
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     assert raw.status_code == 400
     error = raw.json()["error"]
     assert error["code"] == 400 and error["type"] == "BadRequestError" and "JSON" in error["message"]
-    raw = httpx.post(f"{server.base_url}/v1/completions", content=b"not json", timeout=30,
-                     headers={"content-type": "application/json"})
+    raw = httpx.post(
+        f"{server.base_url}/v1/completions",
+        content=b"not json",
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     assert raw.status_code == 400 and raw.json()["error"]["code"] == 400
     # Still serving after all that.
     assert client.completions.create(model="sst2", prompt=TEXTS[0]).choices[0].text in TASKS["sst2"].labels
@@ -215,8 +247,11 @@ def admin_reload(server) -> httpx.Response:
 
 def _active_run(server, task: str) -> list[str]:
     values = metrics(server)
-    return [dict(labels)["run_id"] for (name, labels), v in values.items()
-            if name == "ifedicl_active_run" and dict(labels)["task"] == task and v == 1.0]
+    return [
+        dict(labels)["run_id"]
+        for (name, labels), v in values.items()
+        if name == "ifedicl_active_run" and dict(labels)["task"] == task and v == 1.0
+    ]
 
 
 def test_reload_while_streaming(client, server, server_store, serving_models, reference_classifiers):

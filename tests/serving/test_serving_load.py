@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, ServerProcess, publish_run
+from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, publish_run, running_server
 
 from storage.store import Store
 
@@ -36,15 +36,9 @@ def load_store(tmp_path_factory, serving_models) -> str:
 
 @pytest.fixture(scope="module")
 def load_server(tmp_path_factory, serving_models, load_store):
-    proc = ServerProcess(
-        load_store, serving_models["llama"], tmp_path_factory.mktemp("load-server") / "server.log",
-        poll_interval=3600.0, extra=["--enforce-eager"],
-    )  # fmt: skip
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+    log = tmp_path_factory.mktemp("load-server") / "server.log"
+    with running_server(load_store, serving_models["llama"], log, poll_interval=3600.0, extra=["--enforce-eager"]) as p:
+        yield p
 
 
 async def _classify(client: httpx.AsyncClient, task: str, text, timings: list[float] | None = None) -> httpx.Response:
