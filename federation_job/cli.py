@@ -27,23 +27,6 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _source(task_dir, dataset, template, labels, max_train, max_test):
-    from federation_job.sources import DataSource
-    from federation_job.task import TaskSpec
-
-    if bool(task_dir) == bool(dataset):
-        raise IfediclError("give exactly one of --task-dir or --dataset")
-    spec = None
-    if template or labels:
-        if not (template and labels):
-            raise IfediclError("--template and --labels go together")
-        name = Path(task_dir or dataset).name.lower()
-        spec = TaskSpec(name, template.replace("\\n", "\n"), tuple(w.strip() for w in labels.split(",")))
-    if task_dir:
-        return DataSource(str(task_dir), "task_dir", spec, max_train, max_test)
-    return DataSource(dataset, "hf", spec, max_train, max_test)
-
-
 @app.command()
 def federate(
     model: str = typer.Option(..., help="HF model id or local path"),
@@ -120,7 +103,9 @@ def federate(
             delta=dp_delta,
         ),
     )
-    source = _source(task_dir, dataset, template, labels, max_train, max_test or None)
+    from federation_job.sources import DataSource
+
+    source = DataSource.from_options(task_dir, dataset, template, labels, max_train, max_test or None)
     result = Federation(model, source, store, settings).run(publish=publish)
     _print_summary(result.run_id, result.published, result.summary)
 

@@ -48,15 +48,12 @@ def recalibrate_command(
     import sys
 
     from federation_job.driver import FederationSettings
-    from federation_job.errors import IfediclError
     from federation_job.recalibrate import recalibrate
     from federation_job.sources import DataSource
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("ifedicl").setLevel(logging.INFO)
-    if bool(task_dir) == bool(dataset):
-        raise IfediclError("give exactly one of --task-dir or --dataset")
-    source = DataSource(str(task_dir or dataset), "task_dir" if task_dir else "hf", None, max_train, max_test or None)
+    source = DataSource.from_options(task_dir, dataset, max_train=max_train, max_test=max_test or None)
     settings = FederationSettings(
         clients=clients,
         alpha=alpha,

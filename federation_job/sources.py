@@ -7,8 +7,10 @@ the actor reads the data itself, so raw text is never sent over Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from federation_job.data import TaskData, load_hf_dataset, load_task_dir
+from federation_job.errors import DataError
 from federation_job.task import TaskSpec
 
 
@@ -21,6 +23,29 @@ class DataSource:
     max_test: int | None = None
     text_field: str = "text"
     label_field: str = "label"
+
+    @classmethod
+    def from_options(
+        cls,
+        task_dir: str | Path | None,
+        dataset: str | None,
+        template: str | None = None,
+        labels: str | None = None,
+        max_train: int | None = None,
+        max_test: int | None = None,
+    ) -> DataSource:
+        """The source the CLI's ``--task-dir``/``--dataset`` (+ ``--template``/``--labels``) name."""
+        if bool(task_dir) == bool(dataset):
+            raise DataError("give exactly one of --task-dir or --dataset")
+        spec = None
+        if template or labels:
+            if not (template and labels):
+                raise DataError("--template and --labels go together")
+            name = Path(task_dir or dataset).name.lower()
+            spec = TaskSpec(name, template.replace("\\n", "\n"), tuple(w.strip() for w in labels.split(",")))
+        if task_dir:
+            return cls(str(task_dir), "task_dir", spec, max_train, max_test)
+        return cls(dataset, "hf", spec, max_train, max_test)
 
     def load(self) -> TaskData:
         if self.kind == "task_dir":
