@@ -103,13 +103,20 @@ def completion_body(result: Classification) -> dict:
             "probabilities": score.probabilities,
         })
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
+        **_envelope(result, "text_completion", "cmpl"),
+        "choices": choices,
+        "usage": _usage(result),
+    }
+
+
+def _envelope(result: Classification, kind: str, id_prefix: str) -> dict:
+    """The fields every OpenAI completion object starts with; the run id is the fingerprint."""
+    return {
+        "id": f"{id_prefix}-{uuid.uuid4().hex}",
+        "object": kind,
         "created": int(time.time()),
         "model": result.task,
         "system_fingerprint": result.run_id,
-        "choices": choices,
-        "usage": _usage(result),
     }
 
 
@@ -122,11 +129,7 @@ def chat_body(result: Classification) -> dict:
 
     top = [entry(word, lp) for word, lp in score.logprobs.items()]
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": result.task,
-        "system_fingerprint": result.run_id,
+        **_envelope(result, "chat.completion", "chatcmpl"),
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": score.label},

@@ -30,6 +30,14 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def _save(fig, path: Path) -> Path:
+    """Write one figure as PNG and free it (pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
 def accuracy_vs_round(summary: dict, out_dir: Path) -> list[Path]:
     plt = _pyplot()
     paths = []
@@ -58,11 +66,7 @@ def accuracy_vs_round(summary: dict, out_dir: Path) -> list[Path]:
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{task}, α={a}", xlim=(0, last))
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out_dir / f"accuracy_vs_round_{_safe(task)}_a{a}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(_save(fig, out_dir / f"accuracy_vs_round_{_safe(task)}_a{a}.png"))
     return paths
 
 
@@ -81,11 +85,7 @@ def accuracy_vs_alpha(summary: dict, alphas: list[float], out_dir: Path) -> list
                 ax.plot(xs, ys, marker="o", label=METHOD_LABELS[m])
         ax.set(xscale="log", xlabel="Dirichlet α (smaller = more skewed)", ylabel="accuracy (%)", title=task)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"accuracy_vs_alpha_{_safe(task)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"accuracy_vs_alpha_{_safe(task)}.png"))
     return paths
 
 
@@ -122,11 +122,7 @@ def global_vs_local_coefficients(cells: list[dict], out_dir: Path) -> list[Path]
             ax.set(title=COEFF_NAMES[j], xlabel="layer")
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{g['task']}, α={g['alpha']:g}, seed {g['seed']}")
-        fig.tight_layout()
-        path = out_dir / f"coefficients_{_safe(g['task'])}_a{g['alpha']:g}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"coefficients_{_safe(g['task'])}_a{g['alpha']:g}.png"))
     return paths
 
 
