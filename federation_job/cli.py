@@ -286,6 +286,7 @@ def build_model(
 def _register_subcommands() -> None:
     """Commands that live beside their own modules, registered here so there is one CLI."""
     from federation_job.eval_cli import eval_command
+    from federation_job.models_cli import models_app
     from federation_job.recalibrate_cli import recalibrate_command, recalibration_exporter_command
     from serving.cli import serve
 
@@ -293,6 +294,7 @@ def _register_subcommands() -> None:
     app.command("eval")(eval_command)
     app.command("recalibrate")(recalibrate_command)
     app.command("recalibration-exporter")(recalibration_exporter_command)
+    app.add_typer(models_app, name="models")
 
 
 _register_subcommands()
