@@ -177,12 +177,21 @@ class HFContextModel:
             self._noise_scale = 0.0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits at each row's last real token: [B, vocab]."""
+        """Logits at each row's last real token: [B, vocab].
+
+        Only the sequence positions that are some row's last token go through the LM
+        head (``logits_to_keep``): the head is a d x vocab matmul per position, as
+        costly as the whole body for a large vocabulary (Gemma 3: 262k), and every
+        caller needs one position per row.
+        """
+        last = last_token_index(attention_mask)  # [B]
+        keep = torch.unique(last)  # [k] sorted, k <= B
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
+            logits_to_keep=keep,
         )
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return out.logits[rows, last_token_index(attention_mask)]  # [B, V]
+        return out.logits[rows, torch.searchsorted(keep, last)]  # [B, V]
