@@ -138,7 +138,6 @@ class LocalRayCluster:
 
     def _node_args(self, num_cpus: int, resources: dict | None, object_store_bytes: int) -> list[str]:
         args = [
-            "--node-ip-address", "127.0.0.1",
             "--num-cpus", str(num_cpus),
             "--object-store-memory", str(object_store_bytes),
             "--node-manager-port", str(free_port()),

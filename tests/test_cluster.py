@@ -1,9 +1,11 @@
 """The cluster path, run for real: `ray job submit` to a live head, and a federation over two Ray nodes.
 
-Every Ray process here is started by `ray start` on this machine (tests/ray_nodes.py: own temp dir,
-own free ports, dashboard on 127.0.0.1, token authentication on) and stopped by the fixture's
-finalizer, pass or fail. Ray advertises the host's own address for its nodes even when told
-127.0.0.1 (it never advertises loopback); nothing leaves the machine.
+The commands are the README's ("On an existing Ray cluster"): `ray get-auth-token --generate`,
+`RAY_AUTH_MODE=token`, `ray start --head --dashboard-host 127.0.0.1`, `ray job submit`, plus what keeps
+this cluster apart from any other Ray on the machine (tests/ray_nodes.py: its own temp dir and HOME,
+its own free ports). Every Ray process is stopped by the fixture's finalizer, pass or fail, never by
+`ray stop`. Ray advertises the host's own address for its nodes (it never advertises loopback, even
+when told 127.0.0.1); the job server listens on 127.0.0.1 and nothing leaves the machine.
 """
 
 from __future__ import annotations
