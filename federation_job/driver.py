@@ -249,6 +249,7 @@ class Federation:
         self.alive: set[int] = set()
         self.load_dropped: dict[int, str] = {}  # recorded with round 0
         self._driver_model = None
+        self.shared_weights: ray.ObjectRef | None = None  # --weights shared: the object each node keeps one copy of
 
     # ------------------------------------------------------------------ setup
     def _model_source(self):
@@ -260,6 +261,7 @@ class Federation:
         loader = ray.remote(max_calls=1)(load_shared_weights)
         ref = loader.remote(self.model_id, self.settings.dtype)
         self._driver_model = model_from_weights(ray.get(ref))
+        self.shared_weights = ref
         return ref
 
     def _start_actors(self) -> None:

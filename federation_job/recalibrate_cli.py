@@ -5,7 +5,9 @@ runnable alone (``python -m federation_job.recalibrate_cli recalibrate ...``).
 
 Exit codes of ``recalibrate``: 0 published, 1 kept the live run (candidate worse
 than live by more than the margin), 2 failed (reason printed and recorded),
-3 another recalibration of the task holds the lock.
+3 another recalibration of the task holds the lock. With ``--kept-live-ok`` a kept live
+run exits 0: for schedulers (a RayJob, a CronJob) that count any non-zero exit as a
+failure, while the decision stays in the output and the store.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def recalibrate_command(
     cpus_per_client: float | None = None,
     gpus_per_client: float = 0.0,
     as_json: bool = typer.Option(False, "--json", help="print the attempt record as JSON"),
+    kept_live_ok: bool = typer.Option(
+        False, help="exit 0, not 1, when the live run is kept (a guardrail decision, recorded either way)"
+    ),
 ) -> None:
     """Re-run the federation for a task; publish only if not worse than the live run by more than --margin."""
     import json
@@ -76,10 +81,11 @@ def recalibrate_command(
     else:
         typer.echo(f"recalibration of {a.task} ({a.mode}): {a.decision}")
         typer.echo(f"  {a.reason}")
-    if outcome.exit_code:
+    exit_code = 0 if kept_live_ok and outcome.attempt.decision == "kept_live" else outcome.exit_code
+    if exit_code:
         if not as_json:
             typer.echo(f"error: recalibration {a.decision}: {a.reason}", err=True)
-        raise SystemExit(outcome.exit_code)
+        raise SystemExit(exit_code)
 
 
 def recalibration_exporter_command(
