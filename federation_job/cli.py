@@ -224,37 +224,18 @@ def rollback(task: str, store: str = typer.Option(...)) -> None:
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("ifedicl-demo"), help="where the model, data and store are written"),
+    workdir: Path = typer.Option(Path("ifedicl-demo"), help="where the store and the server log are written"),
+    model: str = typer.Option("smollm2-135m", help="a named model, a .gguf file or an HF directory"),
+    task_dir: Path | None = typer.Option(None, help="task to federate (default: a Subj slice shipped with ifedicl)"),
     clients: int = 4,
     rounds: int = 3,
+    alpha: float = typer.Option(0.5, help="Dirichlet label-skew concentration"),
 ) -> None:
-    """Offline end to end: build a model and data, federate on local Ray, publish, predict."""
-    from federation_job.data import load_task_dir
-    from federation_job.demo_data import corpus, make_sentiment_dir
-    from federation_job.driver import Federation, FederationSettings
-    from federation_job.predict import ReferenceClassifier
-    from federation_job.sources import DataSource
-    from federation_job.tiny_model import build_tiny_model
-    from storage.store import Store
+    """End to end on a real model, offline: federate on local Ray, publish, serve, classify via the OpenAI API."""
+    from federation_job.demo import DEMO_TASK_DIR, run_demo
 
     _setup_logging(True)
-    data_dir = make_sentiment_dir(workdir / "data")
-    data = load_task_dir(data_dir)
-    model_dir = workdir / "model"
-    if not (model_dir / "config.json").exists():
-        typer.echo(f"building a small random Llama in {model_dir} ...")
-        build_tiny_model(model_dir, corpus(data.task, data.train.texts), "llama", num_layers=4, hidden_size=256)
-    store_dir = workdir / "store"
-    settings = FederationSettings(clients=clients, alpha=1.0, rounds=rounds, min_clients=max(1, clients // 2))
-    result = Federation(str(model_dir), DataSource(str(data_dir)), str(store_dir), settings).run(publish=True)
-    _print_summary(result.run_id, result.published, result.summary)
-    classifier = ReferenceClassifier(str(model_dir))
-    run = classifier.load(Store(store_dir), data.task.name)
-    samples = ["the acting was brilliant .", "the plot was painfully slow ."]
-    typer.echo("predictions from the published run:")
-    for p in classifier.classify(run.task, samples, run):
-        typer.echo(f"  {p.label:<9} {json.dumps({k: round(v, 3) for k, v in p.probabilities.items()})}  {p.text}")
-    typer.echo(f"store: {store_dir} (try: ifedicl runs --store {store_dir})")
+    run_demo(workdir, model, task_dir or DEMO_TASK_DIR, clients, rounds, alpha, echo=typer.echo)
 
 
 @app.command("build-model")
@@ -286,6 +267,7 @@ def build_model(
 def _register_subcommands() -> None:
     """Commands that live beside their own modules, registered here so there is one CLI."""
     from federation_job.eval_cli import eval_command
+    from federation_job.models_cli import models_app
     from federation_job.recalibrate_cli import recalibrate_command, recalibration_exporter_command
     from serving.cli import serve
 
@@ -293,6 +275,7 @@ def _register_subcommands() -> None:
     app.command("eval")(eval_command)
     app.command("recalibrate")(recalibrate_command)
     app.command("recalibration-exporter")(recalibration_exporter_command)
+    app.add_typer(models_app, name="models")
 
 
 _register_subcommands()

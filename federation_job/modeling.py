@@ -14,13 +14,13 @@ import hashlib
 import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from federation_job.errors import IfediclError
+from federation_job.model_source import model_identity, resolve_model
 
 # Keys that change with how a config was saved or loaded, not with the model itself.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype"}
@@ -56,8 +56,9 @@ def fingerprint(model_id: str, config) -> ModelFingerprint:
 def load_config(model_id: str):
     from transformers import AutoConfig
 
+    path = resolve_model(model_id)
     try:
-        return AutoConfig.from_pretrained(model_id)
+        return AutoConfig.from_pretrained(path)
     except Exception as err:
         raise ModelLoadError(f"cannot load model config {model_id!r}: {err}") from None
 
@@ -66,8 +67,9 @@ def load_tokenizer(model_id: str):
     """The model's tokenizer with a pad token (EOS when the model has none)."""
     from transformers import AutoTokenizer
 
+    path = resolve_model(model_id)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:
         raise ModelLoadError(f"cannot load tokenizer of {model_id!r}: {err}") from None
     if tokenizer.pad_token_id is None:
@@ -79,8 +81,9 @@ def load_model(model_id: str, dtype: str = "float32", device: str = "cpu") -> nn
     """A frozen causal LM in eval mode: no parameter requires grad."""
     from transformers import AutoModelForCausalLM
 
+    path = resolve_model(model_id)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except Exception as err:
         raise ModelLoadError(f"cannot load model {model_id!r}: {err}") from None
     return freeze(model.to(device))
@@ -160,6 +163,5 @@ def model_from_weights(shared: SharedWeights) -> nn.Module:
 
 
 def canonical_model_id(model_id: str) -> str:
-    """A local path resolved to absolute form (so ./m and /abs/m match); hub ids unchanged."""
-    path = Path(model_id)
-    return str(path.resolve()) if path.exists() else model_id
+    """The id a run records: a GGUF's content id, an absolute local path (./m and /abs/m match), or a hub id."""
+    return model_identity(model_id)

@@ -94,6 +94,13 @@ def label_token_ids(task: TaskSpec, tokenizer) -> list[int]:
             ids.append(full[len(prompt_ids)])
         else:  # the boundary merged; fall back to the word with its leading space
             ids.append(tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0])
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    for word, token in zip(task.labels, ids):
+        if unknown is not None and token == unknown:
+            raise TaskSpecError(
+                f"task {task.name}: label word {word!r} is unknown to this model's tokenizer (it encodes as "
+                f"{tokenizer.unk_token!r}); pick label words the model's vocabulary has, or another model"
+            )
     seen: dict[int, str] = {}
     for word, token in zip(task.labels, ids):
         if token in seen:

@@ -2,7 +2,7 @@
 
 No hub is reachable in CI, so every model a test or the demo uses is created here:
 a byte-level BPE tokenizer trained on the given texts (so label words become
-single tokens) and a randomly initialised Llama, Qwen2 or GPT-2 with head_dim 64
+single tokens) and a randomly initialised Llama, Qwen2, Gemma 3 or GPT-2 with head_dim 64
 (the CPU vLLM attention kernels need it). Speed does not depend on weight values,
 so ``hidden_size``/``num_layers`` can be raised to realistic shapes for benches.
 """
@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "gpt2")
+FAMILIES = ("llama", "qwen2", "gemma3", "gpt2")
 HEAD_DIM = 64
+# Gemma 3 alternates sliding-window and full attention; a short window makes tests cross it.
+GEMMA3_SLIDING_WINDOW = 32
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
@@ -48,7 +50,7 @@ def build_tiny_model(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a random ``family`` model and its tokenizer to ``out_dir``; return the path."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
@@ -65,6 +67,21 @@ def build_tiny_model(
     )
     if family == "gpt2":
         config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=heads, n_positions=max_positions, **common)
+    elif family == "gemma3":
+        config = Gemma3TextConfig(
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=HEAD_DIM,
+            query_pre_attn_scalar=HEAD_DIM,
+            sliding_window=GEMMA3_SLIDING_WINDOW,
+            layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)],
+            max_position_embeddings=max_positions,
+            architectures=["Gemma3ForCausalLM"],
+            **common,
+        )
     else:
         config_cls = LlamaConfig if family == "llama" else Qwen2Config
         config = config_cls(

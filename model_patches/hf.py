@@ -28,12 +28,16 @@ class BlockLayout:
 
     family: str
     layers_path: str  # dotted path from the top model to the layer ModuleList
-    attn_name: str
-    mlp_name: str
+    attn_name: str  # the module whose output is the attention block's residual update
+    mlp_name: str  # the module whose output is the MLP block's residual update
 
 
-# Families by module layout (not by class name): Llama/Mistral/Qwen2 share one.
+# Families by module layout (not by class name): Llama/Mistral/Qwen2 share one. Gemma 3
+# normalizes each block's output before the residual add, so its residual updates are
+# the outputs of the post-attention and post-feed-forward norms; it is tried first
+# because its layers also have ``self_attn`` and ``mlp``.
 LAYOUTS = (
+    BlockLayout("gemma3", "model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
     BlockLayout("llama", "model.layers", "self_attn", "mlp"),
     BlockLayout("gpt2", "transformer.h", "attn", "mlp"),
 )
@@ -60,7 +64,7 @@ def find_blocks(model: nn.Module) -> tuple[BlockLayout, list[tuple[nn.Module, nn
     raise UnsupportedArchitectureError(
         f"unsupported architecture {arch[0]}: expected decoder layers at "
         + " or ".join(f"'{lo.layers_path}[i].{lo.attn_name}/.{lo.mlp_name}'" for lo in LAYOUTS)
-        + " (Llama, Mistral, Qwen2, GPT-2 families)"
+        + " (Gemma 3, Llama, Mistral, Qwen2, GPT-2 families)"
     )
 
 

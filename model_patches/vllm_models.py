@@ -1,8 +1,13 @@
-"""Injecting versions of vLLM's in-tree Llama and Qwen2 models.
+"""Injecting versions of vLLM's in-tree Llama, Qwen2 and Gemma 3 models.
 
 Each decoder layer applies IFed-ICL's injection (:func:`model_patches.injection.inject`)
-to the attention output before ``post_attention_layernorm`` and to the MLP output,
-per token, from fixed per-layer tables:
+to the two block outputs that are added to the residual stream, per token, from
+fixed per-layer tables. Llama/Qwen2: the attention output (before
+``post_attention_layernorm``'s residual add) and the MLP output. Gemma 3 normalizes
+each block's output before the residual add (``post_attention_layernorm``,
+``post_feedforward_layernorm``), so it injects *after* those norms: on exactly
+what is added to the residual, as the HF hooks do (:mod:`model_patches.hf`).
+Tables:
 
     ifedicl_beta  [2, R]      block (attn, mlp) x table row
     ifedicl_shift [2, R, d]   λ·v per block and row
@@ -26,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
@@ -65,11 +71,10 @@ class InjectionState:
 
 
 class InjectingDecoderLayer(nn.Module):
-    """Mixin for a Llama-layout decoder layer: inject after attention and after the MLP.
+    """Mixin for a decoder layer: per-layer injection tables and the one call into :func:`inject`.
 
-    The forward is the base layer's own (Llama and Qwen2 share it), with the two
-    injections added where the HF hooks apply them: on the block outputs, before
-    each is added to the residual stream.
+    Subclasses write the forward of their family with :meth:`injected` wrapped
+    around each of the two block outputs that are added to the residual stream.
     """
 
     ifedicl_beta: torch.Tensor  # [2, R]
@@ -86,32 +91,67 @@ class InjectingDecoderLayer(nn.Module):
         )
         self.register_buffer("ifedicl_token_task", token_task, persistent=False)
 
+    def injected(self, block: int, out: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, d]
+        task = self.ifedicl_token_task[: out.shape[0]]  # [n]
+        return inject(out, task, self.ifedicl_beta[block], self.ifedicl_shift[block])
+
+
+class LlamaLayoutInjection(InjectingDecoderLayer):
+    """Llama-layout forward (Llama and Qwen2 share it) with the two injections.
+
+    The block outputs are injected where the HF hooks inject them: before each
+    is added to the residual stream (inside the fused add-norm that follows).
+    """
+
     def forward(
         self,
         positions: torch.Tensor,  # [n]
         hidden_states: torch.Tensor,  # [n, d]
         residual: torch.Tensor | None,  # [n, d]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        task = self.ifedicl_token_task[: hidden_states.shape[0]]  # [n]
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)  # [n, d]
-        hidden_states = inject(hidden_states, task, self.ifedicl_beta[ATTN], self.ifedicl_shift[ATTN])
+        hidden_states = self.injected(ATTN, hidden_states)
 
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         hidden_states = self.mlp(hidden_states)  # [n, d]
-        hidden_states = inject(hidden_states, task, self.ifedicl_beta[MLP], self.ifedicl_shift[MLP])
+        hidden_states = self.injected(MLP, hidden_states)
         return hidden_states, residual
 
 
-class IfediclLlamaDecoderLayer(InjectingDecoderLayer, LlamaDecoderLayer):
+class IfediclGemma3DecoderLayer(InjectingDecoderLayer, Gemma3DecoderLayer):
+    """Gemma 3 decoder layer: inject after the post-attention and post-feed-forward norms."""
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [n]
+        hidden_states: torch.Tensor,  # [n, d]
+        residual: torch.Tensor | None,  # [n, d]
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states, **kwargs)  # [n, d]
+        hidden_states = self.injected(ATTN, self.post_attention_layernorm(hidden_states))
+
+        hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
+        hidden_states = self.mlp(hidden_states)  # [n, d]
+        hidden_states = self.injected(MLP, self.post_feedforward_layernorm(hidden_states))
+        return hidden_states, residual
+
+
+class IfediclLlamaDecoderLayer(LlamaLayoutInjection, LlamaDecoderLayer):
     """Llama (and Mistral-layout) decoder layer with per-token injection."""
 
 
-class IfediclQwen2DecoderLayer(InjectingDecoderLayer, Qwen2DecoderLayer):
+class IfediclQwen2DecoderLayer(LlamaLayoutInjection, Qwen2DecoderLayer):
     """Qwen2 decoder layer with per-token injection."""
 
 
@@ -119,8 +159,8 @@ def _attach_injection(model: nn.Module, vllm_config: VllmConfig, layer_cls: type
     """Give every local decoder layer its tables, share one token_task buffer, install the seam.
 
     Layers are converted in place (``__class__`` swap to the injecting subclass):
-    Qwen2ForCausalLM builds its layers without a layer-type argument, and the
-    swap adds no parameters, so checkpoint names are unchanged for both families.
+    Qwen2ForCausalLM and Gemma3ForCausalLM build their layers without a layer-type
+    argument, and the swap adds no parameters, so checkpoint names are unchanged.
     """
     config = vllm_config.model_config.hf_config.get_text_config()
     max_slots = int(getattr(config, MAX_SLOTS_KEY, DEFAULT_MAX_SLOTS))
@@ -156,3 +196,11 @@ class IfediclQwen2ForCausalLM(Qwen2ForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         _attach_injection(self, vllm_config, IfediclQwen2DecoderLayer)
+
+
+class IfediclGemma3ForCausalLM(Gemma3ForCausalLM):
+    """vLLM's Gemma 3 (text) with IFed-ICL injection; select with ``hf_overrides`` architectures."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        _attach_injection(self, vllm_config, IfediclGemma3DecoderLayer)

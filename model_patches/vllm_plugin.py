@@ -16,6 +16,7 @@ from __future__ import annotations
 ARCHITECTURES: dict[str, str] = {
     "IfediclLlamaForCausalLM": "model_patches.vllm_models:IfediclLlamaForCausalLM",
     "IfediclQwen2ForCausalLM": "model_patches.vllm_models:IfediclQwen2ForCausalLM",
+    "IfediclGemma3ForCausalLM": "model_patches.vllm_models:IfediclGemma3ForCausalLM",
 }
 
 # HF architecture of the checkpoint -> the injecting class that serves it.
@@ -24,6 +25,7 @@ INJECTING_ARCHITECTURE: dict[str, str] = {
     "LlamaForCausalLM": "IfediclLlamaForCausalLM",
     "MistralForCausalLM": "IfediclLlamaForCausalLM",
     "Qwen2ForCausalLM": "IfediclQwen2ForCausalLM",
+    "Gemma3ForCausalLM": "IfediclGemma3ForCausalLM",
 }
 
 # vLLM resolves this qualified name in each worker and mixes it into the worker

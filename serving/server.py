@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 
 from federation_job.errors import IfediclError
+from federation_job.model_source import resolve_model
 from federation_job.modeling import load_config
 from model_patches.vllm_plugin import WORKER_EXTENSION, UnsupportedModelError, engine_overrides
 from serving.guards import DEFAULT_MAX_BODY_BYTES
@@ -70,7 +71,11 @@ def parse_engine_args(
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="ifedicl serve"))
-    argv = ["--model", model, "--host", host, "--port", str(port), *engine_args]
+    # A named model or a GGUF file is served from its converted directory, under the name the user gave.
+    model_dir = resolve_model(model)
+    argv = ["--model", model_dir, "--host", host, "--port", str(port), *engine_args]
+    if model_dir != model and not _has_flag(engine_args, "--served-model-name"):
+        argv += ["--served-model-name", model]
     if current_platform.is_cpu() and not _has_flag(engine_args, "--gpu-memory-utilization"):
         argv += ["--gpu-memory-utilization", str(CPU_GPU_MEMORY_UTILIZATION)]
     if not _has_flag(engine_args, "--dtype") and run_dtype is not None:

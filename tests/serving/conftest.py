@@ -1,4 +1,4 @@
-"""Serving fixtures: tiny Llama/Qwen2 models, stores of published runs, real vLLM engines.
+"""Serving fixtures: tiny Llama/Qwen2/Gemma 3 models, stores of published runs, real vLLM engines.
 
 Engines and servers are expensive on 2 cores (15 s eager, ~60 s compiled), so
 they are module- or session-scoped and every test in a module shares them.
@@ -42,7 +42,7 @@ def serving_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serving-models")
     return {
         family: build_tiny_model(root / family, corpus(), family=family, num_layers=2, hidden_size=128, seed=7)
-        for family in ("llama", "qwen2")
+        for family in ("llama", "qwen2", "gemma3")
     }
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
 
 from federation_job.modeling import canonical_model_id, fingerprint, load_config
 from federation_job.task import KNOWN_TASKS, TaskSpec
+from serving.process import ServeProcess, free_port, ready  # noqa: F401 (free_port: used by test modules)
 from storage.store import Store
 
 # sst2 and mr share a template on purpose: identical prompts under two tasks are
@@ -58,10 +58,10 @@ def corpus() -> list[str]:
     return lines * 3
 
 
-def random_run(num_layers: int, hidden: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Vectors and Λ of a plausible calibrated run: O(1) vectors, λ ~ 0.1-0.6, β ~ 0.8-1.2."""
+def random_run(num_layers: int, hidden: int, seed: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors and Λ of a plausible calibrated run: vectors ~ N(0, scale²), λ ~ 0.1-0.6, β ~ 0.8-1.2."""
     rng = np.random.default_rng(seed)
-    vectors = rng.normal(0.0, 1.0, (num_layers, 2, hidden)).astype(np.float32)
+    vectors = rng.normal(0.0, scale, (num_layers, 2, hidden)).astype(np.float32)
     coeffs = np.empty((num_layers, 2, 2), dtype=np.float32)
     coeffs[..., 0] = rng.uniform(0.1, 0.6, (num_layers, 2))
     coeffs[..., 1] = rng.uniform(0.8, 1.2, (num_layers, 2))
@@ -74,13 +74,14 @@ def publish_run(
     spec: TaskSpec,
     seed: int,
     publish: bool = True,
+    scale: float = 1.0,
     settings: dict | None = None,
     summary: dict | None = None,
 ) -> str:
     """Write one complete run through the Store API (as the federation driver does)."""
     config = load_config(str(model_path))
     fp = fingerprint(canonical_model_id(str(model_path)), config)
-    vectors, coeffs = random_run(fp.num_layers, fp.hidden_size, seed)
+    vectors, coeffs = random_run(fp.num_layers, fp.hidden_size, seed, scale)
     run_id = store.start_run(spec, fp, settings=settings or {"origin": "tests/serving", "seed": seed})
     store.write_vectors(run_id, spec.name, vectors)
     store.write_coefficients(run_id, spec.name, 0, coeffs)
@@ -136,76 +137,19 @@ async def start_engine(args):
     return AsyncLLM.from_engine_args(args)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """``ifedicl serve`` in a subprocess, on a free port, logging to a file."""
+class ServerProcess(ServeProcess):
+    """``ifedicl serve`` with the tests' engine settings: float32, 64-token chunks, prefix caching."""
 
     def __init__(self, store: str, model: Path, log_path: Path, poll_interval: float = 1.0, extra: list[str] = ()):
-        import subprocess
-        import sys
-
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [
-            sys.executable, "-m", "federation_job.cli", "serve",
-            "--store", store, "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+        args = [
             "--poll-interval", str(poll_interval), "--max-slots", "8",
             "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", "64",
             "--max-num-seqs", "32", "--enable-chunked-prefill", "--enable-prefix-caching", "--seed", "0",
             *extra,
         ]  # fmt: skip
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
-
-    def wait_ready(self, timeout: float = 600.0) -> None:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                # /health answers once the engine runs and the published tasks are loaded (open without a key).
-                if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 6000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        self._log.close()
+        super().__init__(store, model, log_path, args)
 
 
-@contextmanager
-def running_server(store: str, model: Path, log_path: Path, **kwargs) -> Iterator[ServerProcess]:
+def running_server(store: str, model: Path, log_path: Path, **kwargs) -> AbstractContextManager[ServerProcess]:
     """A ready ``ifedicl serve`` for the duration of the block, stopped afterwards whatever happens."""
-    proc = ServerProcess(store, model, log_path, **kwargs)
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+    return ready(ServerProcess(store, model, log_path, **kwargs))
