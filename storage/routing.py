@@ -28,8 +28,13 @@ TABLE = "task_signatures"
 
 
 def signature_layers(num_layers: int) -> list[int]:
-    """The layers a signature reads: the upper half, where what a text is *about* is formed."""
-    return list(range(num_layers // 2, num_layers))
+    """The layers a signature reads: the last one.
+
+    Measured with SmolLM2-135M on SST-2/Subj/AG News/TREC (bench/routing.py): context
+    vectors route 58% of held-out texts right from the last layer, 50% from all layers,
+    33% from the upper half, 30% from the middle one.
+    """
+    return [num_layers - 1]
 
 
 def _centred_units(blocks: np.ndarray, centre: np.ndarray) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 Routing accuracy on real tasks needs a real model (bench/serving.py --routing); here, on
 a random model, the server's choice must equal an independent computation of the same
-rule (HF block outputs at the text's end, context vectors centred over the served
-tasks, nearest by cosine) and the answer must equal classifying under the chosen task.
+rule (last-layer HF block outputs at the text's end, context vectors centred over the
+served tasks, nearest by cosine) and the answer must equal classifying under the chosen task.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def expected_routes(reference_classifiers, store_uri: str, served: dict[str, dic
     ref = reference_classifiers["llama"]
     store = Store(store_uri)
     names = sorted(served)
-    layers = list(range(ref.ctx.num_layers // 2, ref.ctx.num_layers))
+    layers = [ref.ctx.num_layers - 1]  # the last layer
     vectors = np.stack([store.load_run(t, served[t]["run_id"]).vectors[layers] for t in names])  # [T, K/2, 2, d]
     centre = vectors.mean(axis=0)
     out = []
