@@ -516,6 +516,7 @@ class Federation:
         try:
             task = self.data.task
             return {
+                "dtype": self.settings.dtype,  # what the accuracies below were scored in
                 "test_examples": len(test),
                 "zero_shot_accuracy": accuracy(ctx, self.tokenizer, task, test),
                 "accuracy": accuracy(ctx, self.tokenizer, task, test, vectors, coefficients),

@@ -35,7 +35,7 @@ from federation_job import wire
 from federation_job.client import accuracy
 from federation_job.driver import Federation, FederationSettings, _log_event
 from federation_job.errors import IfediclError
-from federation_job.modeling import load_model
+from federation_job.modeling import DTYPES, load_model
 from federation_job.sources import DataSource
 from model_patches.hf import HFContextModel
 from storage.recalibrations import Attempt, attempts, now, record_attempt
@@ -127,21 +127,26 @@ def _finite(value) -> float | None:
     return float(value) if value is not None and math.isfinite(float(value)) else None
 
 
-def _live_accuracy(fed: Federation, store: Store, live_run_id: str) -> tuple[float | None, str]:
-    """Score the live run on the candidate's held-out split with the model in use."""
+def _live_accuracy(
+    fed: Federation, store: Store, live_run_id: str, dtype: str | None = None
+) -> tuple[float | None, str]:
+    """Score the live run on the candidate's held-out split with the model in use (in ``dtype``)."""
     task = fed.data.task
     try:
         stored = store.load_run(task.name, live_run_id, expect=fed.fingerprint)
     except ModelMismatchError as err:
         recorded = _finite(json.loads(store.run_row(live_run_id)["summary"] or "{}").get("accuracy"))
         return recorded, f"live run scored by its recorded accuracy ({err})"
-    model = load_model(fed.model_id, fed.settings.dtype)
-    ctx = HFContextModel(model)
+    return _score(fed, stored, dtype or fed.settings.dtype), "live run re-scored on the same held-out split"
+
+
+def _score(fed: Federation, run, dtype: str) -> float:
+    """``run``'s accuracy on the held-out split with the model's weights in ``dtype``."""
+    ctx = HFContextModel(load_model(fed.model_id, dtype))
     try:
-        acc = accuracy(ctx, fed.tokenizer, task, fed.data.test, stored.vectors, stored.coefficients)
+        return accuracy(ctx, fed.tokenizer, fed.data.task, fed.data.test, run.vectors, run.coefficients)
     finally:
         ctx.remove_hooks()
-    return acc, "live run re-scored on the same held-out split"
 
 
 def recalibrate(
@@ -154,10 +159,18 @@ def recalibrate(
     lock_timeout_s: float = 0.0,
     lock_path: str | Path | None = None,
     after_dispatch=None,
+    serving_dtype: str | None = None,
 ) -> RecalibrationOutcome:
-    """One attempt; always recorded. Raises only for bad arguments (nothing recorded then)."""
+    """One attempt; always recorded. Raises only for bad arguments (nothing recorded then).
+
+    ``serving_dtype`` (what ``ifedicl serve --dtype`` computes in, when it differs from the
+    run's ``settings.dtype``): candidate and live are both scored in it, so the guardrail
+    compares what clients would get.
+    """
     if mode not in MODES:
         raise IfediclError(f"--mode must be one of {', '.join(MODES)} (got {mode!r})")
+    if serving_dtype is not None and serving_dtype not in DTYPES:
+        raise IfediclError(f"--serving-dtype must be one of {sorted(DTYPES)} (got {serving_dtype!r})")
     if not math.isfinite(margin) or abs(margin) > 1:
         raise IfediclError(f"--margin must be an accuracy difference in [-1, 1] (got {margin})")
     task_name = source.load().task.name
@@ -178,7 +191,9 @@ def recalibrate(
         return _finish(store, attempt)
     try:
         attempt.metrics["lock_acquired_at"] = now().isoformat()
-        _run_attempt(attempt, model_id, source, store_uri, store, settings, mode, margin, after_dispatch)
+        _run_attempt(
+            attempt, model_id, source, store_uri, store, settings, mode, margin, after_dispatch, serving_dtype
+        )
     except Exception as err:  # recorded, then reported by the caller
         attempt.decision = "failed"
         attempt.reason = f"{type(err).__name__}: {err}".splitlines()[0]
@@ -207,7 +222,9 @@ def _finish(store: Store, attempt: Attempt) -> RecalibrationOutcome:
     return RecalibrationOutcome(attempt)
 
 
-def _run_attempt(attempt, model_id, source, store_uri, store, settings, mode, margin, after_dispatch) -> None:
+def _run_attempt(
+    attempt, model_id, source, store_uri, store, settings, mode, margin, after_dispatch, serving_dtype=None
+) -> None:
     live_run_id = store.published_run_id(attempt.task)
     attempt.live_run_id = live_run_id
     if mode == "stage2":
@@ -232,10 +249,15 @@ def _run_attempt(attempt, model_id, source, store_uri, store, settings, mode, ma
     )
     if attempt.candidate_accuracy is None:
         raise IfediclError("the candidate has no accuracy on the held-out split")
+    compare_dtype = serving_dtype or settings.dtype
+    attempt.metrics["compared_in_dtype"] = compare_dtype
+    if compare_dtype != settings.dtype:
+        attempt.metrics[f"candidate_accuracy_{settings.dtype}"] = attempt.candidate_accuracy
+        attempt.candidate_accuracy = _score(fed, store.load_run(attempt.task, result.run_id), compare_dtype)
     if live_run_id is None:
         reason = "no live run yet"
     else:
-        attempt.live_accuracy, how = _live_accuracy(fed, store, live_run_id)
+        attempt.live_accuracy, how = _live_accuracy(fed, store, live_run_id, compare_dtype)
         attempt.metrics["live_scoring"] = how
         if attempt.live_accuracy is not None:
             floor = attempt.live_accuracy - margin

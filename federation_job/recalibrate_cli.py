@@ -38,6 +38,9 @@ def recalibrate_command(
     seed: int = 0,
     max_train: int | None = typer.Option(None, help="use only the first N training examples"),
     max_test: int = typer.Option(200, help="held-out examples both runs are scored on"),
+    serving_dtype: str | None = typer.Option(
+        None, help="dtype `ifedicl serve` computes in, if not the run's: both runs are compared in it"
+    ),
     min_shard: int = 2,
     weights: str = typer.Option("shared", help="shared (one copy per node) or per-actor model weights"),
     cpus_per_client: float | None = None,
@@ -73,7 +76,9 @@ def recalibrate_command(
         cpus_per_client=cpus_per_client,
         gpus_per_client=gpus_per_client,
     )
-    outcome = recalibrate(model, source, store, settings, mode, margin, lock_timeout, lock_file)
+    outcome = recalibrate(
+        model, source, store, settings, mode, margin, lock_timeout, lock_file, serving_dtype=serving_dtype
+    )
     a = outcome.attempt
     if as_json:
         row = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in vars(a).items()}

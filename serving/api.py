@@ -9,8 +9,11 @@ of vLLM's for the same paths and dispatch on ``model``:
 - a published task -> classification with that task's live version;
 - anything else -> 404 in OpenAI's error format.
 
-``GET /v1/models`` lists the base model plus every live task; ``POST /v1/classify``
-and ``POST /admin/reload`` are ours alone.
+``GET /v1/models`` lists the base model plus every live task. ``POST /classify`` and
+``POST /v1/classify`` answer in vLLM's classification shape (``probs`` in label
+order, ``num_classes``), with our ``probabilities`` by label word and ``run_id``
+added; ``POST /admin/reload`` is ours alone. Task models stream too: the label is
+computed whole, then sent as OpenAI server-sent events.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from serving.errors import ApiError, bad_request, not_found
-from serving.metrics import BASE_TASK_LABEL, UNKNOWN_TASK_LABEL
-from serving.service import Classification, ClassificationService
+from serving.metrics import AUTO_TASK_LABEL, BASE_TASK_LABEL, UNKNOWN_TASK_LABEL
+from serving.service import Classification, ClassificationService, Score
 
 logger = logging.getLogger("ifedicl.serving")
 
@@ -63,6 +66,35 @@ def _texts(value, param: str) -> list[str]:
     raise bad_request(f"'{param}' must be a string or a list of strings", param)
 
 
+def _optional_int(body: dict, name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise bad_request(f"'{name}' must be an integer in [{low}, {high}]", name)
+    return value
+
+
+def _scoring_options(body: dict) -> dict:
+    """vLLM's request fields that apply to scoring: ``priority``, ``truncate_prompt_tokens``, ``user``."""
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request("'user' must be a string", "user")
+    return {
+        "priority": _optional_int(body, "priority", -(2**63), 2**63 - 1) or 0,
+        "truncate": _optional_int(body, "truncate_prompt_tokens", -1, 2**31 - 1),
+    }
+
+
+def _include_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object", "stream_options")
+    return bool(options.get("include_usage"))
+
+
 def _chat_text(body: dict) -> str:
     """The text to classify from a chat request: the last user message's text."""
     messages = body.get("messages")
@@ -80,33 +112,48 @@ def _chat_text(body: dict) -> str:
     raise bad_request("'messages' needs a user message with text content", "messages")
 
 
-def _usage(result: Classification) -> dict:
-    completion = len(result.scores)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion}
+def _usage(result: Classification, completion: bool = True) -> dict:
+    completion_tokens = len(result.scores) if completion else 0
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": result.prompt_tokens + completion_tokens}
+
+
+def _routing(score: Score) -> dict:
+    """model="auto": which task answered and how close the text was to it."""
+    return {} if score.similarity is None else {"task": score.task, "similarity": score.similarity}
+
+
+def _completion_logprobs(score: Score) -> dict:
+    return {
+        "tokens": [score.label],
+        "token_logprobs": [score.logprobs[score.label]],
+        "top_logprobs": [score.logprobs],
+        "text_offset": [0],
+    }
+
+
+def _chat_logprobs(score: Score) -> dict:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    top = [entry(word, lp) for word, lp in score.logprobs.items()]
+    return {"content": [{**entry(score.label, score.logprobs[score.label]), "top_logprobs": top}]}
 
 
 def completion_body(result: Classification) -> dict:
     """OpenAI ``text_completion``: one choice per prompt, the label word as its text."""
-    choices = []
-    for i, score in enumerate(result.scores):
-        choices.append({
+    choices = [
+        {
             "index": i,
             "text": score.label,
             "finish_reason": "stop",
-            "logprobs": {
-                "tokens": [score.label],
-                "token_logprobs": [score.logprobs[score.label]],
-                "top_logprobs": [score.logprobs],
-                "text_offset": [0],
-            },
+            "logprobs": _completion_logprobs(score),
             "probabilities": score.probabilities,
-        })
-    return {
-        **_envelope(result, "text_completion", "cmpl"),
-        "choices": choices,
-        "usage": _usage(result),
-    }
+            **_routing(score),
+        }
+        for i, score in enumerate(result.scores)
+    ]
+    return {**_envelope(result, "text_completion", "cmpl"), "choices": choices, "usage": _usage(result)}
 
 
 def _envelope(result: Classification, kind: str, id_prefix: str) -> dict:
@@ -123,34 +170,91 @@ def _envelope(result: Classification, kind: str, id_prefix: str) -> dict:
 def chat_body(result: Classification) -> dict:
     """OpenAI ``chat.completion``: the label word as the assistant message."""
     score = result.scores[0]
-
-    def entry(token: str, logprob: float) -> dict:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-    top = [entry(word, lp) for word, lp in score.logprobs.items()]
     return {
         **_envelope(result, "chat.completion", "chatcmpl"),
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": score.label},
             "finish_reason": "stop",
-            "logprobs": {"content": [{**entry(score.label, score.logprobs[score.label]), "top_logprobs": top}]},
+            "logprobs": _chat_logprobs(score),
             "probabilities": score.probabilities,
+            **_routing(score),
         }],
         "usage": _usage(result),
     }
 
 
+def completion_chunks(result: Classification, include_usage: bool) -> list[dict]:
+    """``text_completion`` stream: per prompt a chunk with its label, then one with ``finish_reason``.
+
+    Every chunk shares one id (the OpenAI client stitches choices by id and index);
+    with ``include_usage`` a last chunk with empty choices carries the usage, and
+    the others say ``usage: null``, as OpenAI's stream does.
+    """
+    head = _envelope(result, "text_completion", "cmpl")
+    usage = {"usage": None} if include_usage else {}
+    chunks = [
+        {**head, "choices": [{"index": i, "text": score.label, "logprobs": _completion_logprobs(score),
+                              "finish_reason": None, "probabilities": score.probabilities, **_routing(score)}],
+         **usage}
+        for i, score in enumerate(result.scores)
+    ]
+    chunks += [
+        {**head, "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": "stop"}], **usage}
+        for i in range(len(result.scores))
+    ]
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": _usage(result)})
+    return chunks
+
+
+def chat_chunks(result: Classification, include_usage: bool) -> list[dict]:
+    """``chat.completion.chunk`` stream: the label as one delta, then ``finish_reason``, then usage."""
+    head = _envelope(result, "chat.completion.chunk", "chatcmpl")
+    score = result.scores[0]
+    usage = {"usage": None} if include_usage else {}
+    chunks = [
+        {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": score.label},
+                              "logprobs": _chat_logprobs(score), "finish_reason": None,
+                              "probabilities": score.probabilities, **_routing(score)}], **usage},
+        {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], **usage},
+    ]
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": _usage(result)})
+    return chunks
+
+
+def event_stream(chunks: list[dict]) -> StreamingResponse:
+    """Server-sent events as OpenAI sends them: ``data: {json}`` per chunk, then ``data: [DONE]``."""
+
+    async def events():
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 def classify_body(result: Classification) -> dict:
+    """vLLM's ``ClassificationResponse`` (field for field) plus ``probabilities`` by word and ``run_id``."""
     return {
+        "id": f"classify-{uuid.uuid4().hex}",
         "object": "list",
+        "created": int(time.time()),
         "model": result.task,
-        "run_id": result.run_id,
         "data": [
-            {"object": "classification", "index": i, "label": s.label, "probabilities": s.probabilities}
+            {
+                "index": i,
+                "label": s.label,
+                "probs": s.probs,
+                "num_classes": len(s.probs),
+                "probabilities": s.probabilities,
+                **({"run_id": s.run_id, **_routing(s)} if s.similarity is not None else {}),
+            }
             for i, s in enumerate(result.scores)
         ],
-        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        "usage": _usage(result, completion=False),
+        "run_id": result.run_id,
     }
 
 
@@ -159,6 +263,9 @@ def _original_endpoint(app: FastAPI, path: str, method: str) -> Callable | None:
         if isinstance(route, APIRoute) and route.path == path and method in route.methods:
             return route.endpoint
     return None
+
+
+AUTO_MODEL = "auto"  # model="auto": route each text to the nearest task (serving.routing)
 
 
 def install_routes(app: FastAPI, service: ClassificationService, base_names: list[str]) -> None:
@@ -170,10 +277,13 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
     vllm_chat = _original_endpoint(app, "/v1/chat/completions", "POST")
     metrics = service.metrics
 
+    def is_served(model: str) -> bool:
+        return service.table.get(model) is not None or (model == AUTO_MODEL and service.router is not None)
+
     async def dispatch(
         raw: Request,
         endpoint: str,
-        on_task: Callable[[str, dict], Awaitable[dict]],
+        on_task: Callable[[str, dict], Awaitable[Response]],
         on_base: tuple[Callable | None, type] | None = None,
     ) -> Response:
         task_label = UNKNOWN_TASK_LABEL
@@ -192,14 +302,11 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
                 if response.status_code >= 400:
                     metrics.errors.labels(task_label, endpoint, str(response.status_code)).inc()
                 return response
-            if service.table.get(model) is None:
-                raise not_found(
-                    f"The model `{model}` does not exist. Available: {[*base_names, *service.table.names()]}"
-                )
-            task_label = model
-            if body.get("stream"):
-                raise bad_request("stream=true is not supported for task models (one label per prompt)", "stream")
-            return JSONResponse(await on_task(model, body))
+            if not is_served(model):
+                served = [*base_names, *service.table.names(), *([AUTO_MODEL] if service.router else [])]
+                raise not_found(f"The model `{model}` does not exist. Available: {served}")
+            task_label = AUTO_TASK_LABEL if model == AUTO_MODEL else model
+            return await on_task(model, body)
         except ApiError as err:
             metrics.errors.labels(task_label, endpoint, str(err.status)).inc()
             return JSONResponse(err.body(), status_code=err.status)
@@ -212,14 +319,36 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
         finally:
             metrics.requests.labels(task_label, endpoint).inc()
 
-    async def task_completion(model: str, body: dict) -> dict:
-        return completion_body(await service.classify(model, _texts(body.get("prompt"), "prompt"), "prompt"))
+    async def run(model: str, texts, param: str, body: dict) -> Classification:
+        """Classify under ``model``, or under each text's nearest task for model="auto"."""
+        options = _scoring_options(body)
+        if model == AUTO_MODEL:
+            return await service.classify_auto(texts, param, **options)
+        return await service.classify(model, texts, param, **options)
 
-    async def task_chat(model: str, body: dict) -> dict:
-        return chat_body(await service.classify(model, [_chat_text(body)], "messages"))
+    async def task_completion(model: str, body: dict) -> Response:
+        stream = body.get("stream")
+        include_usage = _include_usage(body)
+        result = await run(model, _texts(body.get("prompt"), "prompt"), "prompt", body)
+        if stream:
+            return event_stream(completion_chunks(result, include_usage))
+        return JSONResponse(completion_body(result))
 
-    async def task_classify(model: str, body: dict) -> dict:
-        return classify_body(await service.classify(model, _texts(body.get("input"), "input"), "input"))
+    async def task_chat(model: str, body: dict) -> Response:
+        stream = body.get("stream")
+        include_usage = _include_usage(body)
+        result = await run(model, [_chat_text(body)], "messages", body)
+        if stream:
+            return event_stream(chat_chunks(result, include_usage))
+        return JSONResponse(chat_body(result))
+
+    async def task_classify(model: str, body: dict) -> Response:
+        """vLLM's two request forms: ``input`` (a string or list) or ``messages`` (chat)."""
+        if "messages" in body and "input" not in body:
+            texts, param = [_chat_text(body)], "messages"
+        else:
+            texts, param = _texts(body.get("input"), "input"), "input"
+        return JSONResponse(classify_body(await run(model, texts, param, body)))
 
     async def completions(raw: Request) -> Response:
         return await dispatch(raw, "completions", task_completion, (vllm_completion, CompletionRequest))
@@ -244,7 +373,14 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
                 "max_model_len": service.max_model_len,
                 "run_id": task.run_id,
                 "labels": list(task.spec.labels),
+                **(task.quality.to_dict() if task.quality is not None else {}),
             })
+        if service.router is not None:
+            listing["data"].append({
+                "id": AUTO_MODEL, "object": "model", "created": int(time.time()), "owned_by": "ifedicl",
+                "root": base, "parent": base, "max_model_len": service.max_model_len,
+                "routes_to": service.table.names(),
+            })  # fmt: skip
         return JSONResponse(listing)
 
     async def prometheus_text(raw: Request) -> Response:
@@ -265,6 +401,7 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/classify", classify, methods=["POST"])
+    app.add_api_route("/classify", classify, methods=["POST"])
     app.add_api_route("/admin/reload", admin_reload, methods=["POST"])
     app.add_api_route("/metrics", prometheus_text, methods=["GET"])
     ours = [route for route in app.router.routes if id(route) not in before]

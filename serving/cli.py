@@ -22,9 +22,26 @@ def serve(
     max_slots: int = typer.Option(
         32, "--max-slots", help="(task, version) tables the engine holds at once; live tasks plus versions in flight"
     ),
+    max_inputs: int = typer.Option(
+        256, "--max-inputs-per-request", help="texts one request may carry (more: 400, the limit in the message)"
+    ),
+    max_body_bytes: int = typer.Option(
+        4 * 1024 * 1024, "--max-body-bytes", help="largest request body accepted (more: 413 before parsing)"
+    ),
+    auto_route: bool = typer.Option(
+        False, "--auto-route", help='serve model="auto": each text goes to its nearest task (one more weight copy)'
+    ),
+    routing_index: str = typer.Option(
+        None, "--routing-index", help="directory of the LanceDB routing index (default: a temporary one)"
+    ),
 ) -> None:
-    """Serve published tasks over an OpenAI-compatible API (extra options go to vLLM)."""
-    from serving.server import run_server
+    """Serve published tasks over an OpenAI-compatible API (extra options go to vLLM).
+
+    Without ``--dtype`` the engine computes in the dtype the published runs were made in
+    (so served answers are the evaluated ones); with another, each run is re-scored on
+    its held-out split at load and both accuracies are reported.
+    """
+    from serving.server import ServingLimits, run_server
 
     run_server(
         store=store,
@@ -33,6 +50,9 @@ def serve(
         port=port,
         poll_interval=poll_interval,
         max_slots=max_slots,
+        limits=ServingLimits(max_inputs=max_inputs, max_body_bytes=max_body_bytes),
+        auto_route=auto_route,
+        routing_index=routing_index,
         engine_args=list(ctx.args),
     )
 

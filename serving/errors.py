@@ -7,7 +7,9 @@ from http import HTTPStatus
 # vLLM's names for the error ``type`` field, so our errors look like its own.
 _TYPES = {
     HTTPStatus.BAD_REQUEST: "BadRequestError",
+    HTTPStatus.UNAUTHORIZED: "AuthenticationError",
     HTTPStatus.NOT_FOUND: "NotFoundError",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "RequestEntityTooLargeError",
     HTTPStatus.SERVICE_UNAVAILABLE: "ServiceUnavailableError",
     HTTPStatus.INTERNAL_SERVER_ERROR: "InternalServerError",
 }
@@ -33,3 +35,11 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
 
 def not_found(message: str, param: str | None = "model") -> ApiError:
     return ApiError(HTTPStatus.NOT_FOUND, message, param)
+
+
+def unauthorized(message: str = "Invalid or missing API key: send 'Authorization: Bearer <key>'") -> ApiError:
+    return ApiError(HTTPStatus.UNAUTHORIZED, message)
+
+
+def too_large(message: str) -> ApiError:
+    return ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, message)

@@ -2,7 +2,8 @@
 
 Names are fixed (the deploy/ dashboards and alerts rely on them). Labels stay
 low-cardinality: ``task`` is a published task name, or ``_base`` (the plain base
-model) or ``_unknown`` (a name that is neither), never free text from a request.
+model), ``_auto`` (model="auto") or ``_unknown`` (a name that is none of these),
+never free text from a request.
 The active-run gauge and the run ages are computed at scrape time from the live
 task table, so they can never drift from what is actually served.
 """
@@ -17,8 +18,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from serving.tasks import TaskQuality
+
 BASE_TASK_LABEL = "_base"
 UNKNOWN_TASK_LABEL = "_unknown"
+AUTO_TASK_LABEL = "_auto"  # model="auto" before routing (predictions count under the chosen task)
 
 # Classification latencies on CPU range from milliseconds (tiny models) to seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -49,10 +53,36 @@ class _ActiveRunCollector(Collector):
         yield ages
 
 
+class _AccuracyCollector(Collector):
+    """``ifedicl_task_accuracy{task,run_id,dtype,measured}``: the run's accuracy as made and as served."""
+
+    def __init__(self, qualities: Callable[[], Iterable[tuple[str, str, TaskQuality]]]):
+        self._qualities = qualities
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "ifedicl_task_accuracy",
+            "Held-out accuracy of the served run: measured=run (as the run reported it, in its dtype) "
+            "or measured=serving (re-scored through this server's engine in its dtype)",
+            labels=["task", "run_id", "dtype", "measured"],
+        )
+        for task, run_id, q in self._qualities():
+            if q.run_accuracy is not None:
+                family.add_metric([task, run_id, q.run_dtype, "run"], q.run_accuracy)
+            if q.serving_accuracy is not None:
+                family.add_metric([task, run_id, q.serving_dtype, "serving"], q.serving_accuracy)
+        yield family
+
+
 class ServingMetrics:
     """All ``ifedicl_*`` metrics, registered on one registry (vLLM's, in the server)."""
 
-    def __init__(self, registry: CollectorRegistry, active: Callable[[], Iterable[tuple[str, str, datetime]]]):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        active: Callable[[], Iterable[tuple[str, str, datetime]]],
+        qualities: Callable[[], Iterable[tuple[str, str, TaskQuality]]] = tuple,
+    ):
         self.requests = Counter(
             "ifedicl_requests", "Classification API requests", ["task", "endpoint"], registry=registry
         )
@@ -76,4 +106,12 @@ class ServingMetrics:
         self.reload_failures = Counter(
             "ifedicl_reload_failures", "Runs refused at reload (bad, mismatched or unloadable)", registry=registry
         )
+        self.routing_latency = Histogram(
+            "ifedicl_routing_latency_seconds",
+            "model=auto: time to compute a request's signatures and find each text's nearest task",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.routed = Counter("ifedicl_routed", "model=auto: texts routed, by chosen task", ["task"], registry=registry)
         registry.register(_ActiveRunCollector(active))
+        registry.register(_AccuracyCollector(qualities))

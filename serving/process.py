@@ -37,7 +37,11 @@ class ServeProcess:
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 600.0) -> None:
-        """Block until ``/v1/models`` answers; raise with the log's tail if the server exits or hangs."""
+        """Block until ``/health`` answers; raise with the log's tail if the server exits or hangs.
+
+        ``/health`` stays open with ``--api-key``, and the server only listens once the
+        engine runs and the published tasks are loaded.
+        """
         import httpx
 
         deadline = time.monotonic() + timeout
@@ -45,7 +49,7 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ifedicl serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.base_url}/v1/models", timeout=5).status_code == 200:
+                if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -15,14 +15,40 @@ import asyncio
 import json
 import logging
 import sys
+import tempfile
+from dataclasses import dataclass
 
 from federation_job.errors import IfediclError
 from federation_job.model_source import resolve_model
 from federation_job.modeling import load_config
 from model_patches.vllm_plugin import WORKER_EXTENSION, UnsupportedModelError, engine_overrides
+from serving.guards import DEFAULT_MAX_BODY_BYTES
+from serving.quality import default_serving_dtype
+from serving.service import DEFAULT_MAX_INPUTS
 from storage.store import Store
 
 logger = logging.getLogger("ifedicl.serving")
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one request may ask of the server (``--max-inputs-per-request``, ``--max-body-bytes``)."""
+
+    max_inputs: int = DEFAULT_MAX_INPUTS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    def validate(self) -> None:
+        if self.max_inputs < 1:
+            raise IfediclError(f"--max-inputs-per-request must be >= 1, got {self.max_inputs}")
+        if self.max_body_bytes < 1024:
+            raise IfediclError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+
+
+def api_keys(args) -> list[str]:
+    """vLLM's rule: ``--api-key`` (repeatable) wins over ``VLLM_API_KEY``."""
+    import vllm.envs as envs
+
+    return [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
 
 # vLLM's CPU backend sizes its KV cache with VLLM_CPU_KVCACHE_SPACE; this default
 # keeps its memory check satisfied on a 24 GB machine (DESIGN.md, "Serving").
@@ -33,8 +59,13 @@ def _has_flag(argv: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
-def parse_engine_args(model: str, host: str, port: int, max_slots: int, engine_args: list[str]):
-    """vLLM's server arguments for ``model`` plus the overrides that turn injection on."""
+def parse_engine_args(
+    model: str, host: str, port: int, max_slots: int, engine_args: list[str], run_dtype: str | None = None
+):
+    """vLLM's server arguments for ``model`` plus the overrides that turn injection on.
+
+    ``run_dtype`` (the published runs' dtype) is the engine's dtype unless ``--dtype`` is given.
+    """
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.platforms import current_platform
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -47,6 +78,8 @@ def parse_engine_args(model: str, host: str, port: int, max_slots: int, engine_a
         argv += ["--served-model-name", model]
     if current_platform.is_cpu() and not _has_flag(engine_args, "--gpu-memory-utilization"):
         argv += ["--gpu-memory-utilization", str(CPU_GPU_MEMORY_UTILIZATION)]
+    if not _has_flag(engine_args, "--dtype") and run_dtype is not None:
+        argv += ["--dtype", run_dtype]  # vLLM's "auto" would downcast a float32 checkpoint
     args = parser.parse_args(argv)
     if args.model_tag is not None:
         args.model = args.model_tag
@@ -67,9 +100,17 @@ def parse_engine_args(model: str, host: str, port: int, max_slots: int, engine_a
     return args
 
 
-async def serve_async(args, store: str, poll_interval: float, max_slots: int) -> None:
+async def serve_async(
+    args,
+    store: str,
+    poll_interval: float,
+    max_slots: int,
+    limits: ServingLimits,
+    routing_index: str | None = None,
+) -> None:
     """Start the engine, check injection, load the store, serve until shut down."""
     import vllm.envs as envs
+    from starlette.middleware import Middleware
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
@@ -77,18 +118,42 @@ async def serve_async(args, store: str, poll_interval: float, max_slots: int) ->
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
     from serving.api import install_routes
+    from serving.guards import RequestGuard
+    from serving.metrics import UNKNOWN_TASK_LABEL
     from serving.service import ClassificationService
 
     listen_address, sock = setup_server(args, reuse_port=False)
     poller = None
     async with build_async_engine_client(args) as engine:
         service = ClassificationService(
-            engine, args.model, store, max_slots=max_slots, registry=get_prometheus_registry()
+            engine,
+            args.model,
+            store,
+            max_slots=max_slots,
+            registry=get_prometheus_registry(),
+            max_inputs=limits.max_inputs,
         )
+        if routing_index is not None:
+            from serving.routing import TaskRouter
+
+            dtype = str(engine.model_config.dtype).removeprefix("torch.")
+            service.router = await asyncio.to_thread(TaskRouter, args.model, dtype, routing_index)
         report = await service.start()
         logger.info("ifedicl: serving tasks %s (refused: %s)", report.live, report.failed or "none")
         supported = await engine.get_supported_tasks()
         app = build_app(args, supported, engine.model_config)
+
+        def refused(endpoint: str, status: int) -> None:
+            service.metrics.requests.labels(UNKNOWN_TASK_LABEL, endpoint).inc()
+            service.metrics.errors.labels(UNKNOWN_TASK_LABEL, endpoint, str(status)).inc()
+
+        # Outermost: a refused request never reaches vLLM's middleware or a route. build_app
+        # already built Starlette's middleware stack, so insert and let it be rebuilt lazily.
+        guard = Middleware(
+            RequestGuard, api_keys=api_keys(args), max_body_bytes=limits.max_body_bytes, on_refused=refused
+        )
+        app.user_middleware.insert(0, guard)
+        app.middleware_stack = None
         await init_app_state(engine, app.state, args, supported)
         install_routes(app, service, list(args.served_model_name or [args.model]))
         app.state.ifedicl = service
@@ -128,16 +193,25 @@ def run_server(
     port: int = 8000,
     poll_interval: float = 30.0,
     max_slots: int = 32,
+    limits: ServingLimits | None = None,
+    auto_route: bool = False,
+    routing_index: str | None = None,
     engine_args: list[str] | None = None,
 ) -> None:
     """Blocking entry of ``ifedicl serve``; bad settings raise :class:`IfediclError` before the engine starts."""
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
-    Store(store)  # a missing store is a one-line error, not an engine start-up
+    published = Store(store)  # a missing store is a one-line error, not an engine start-up
     if max_slots < 1:
         raise IfediclError(f"--max-slots must be >= 1, got {max_slots}")
+    limits = limits or ServingLimits()
+    limits.validate()
     cli_env_setup()
-    args = parse_engine_args(model, host, port, max_slots, list(engine_args or []))
+    args = parse_engine_args(
+        model, host, port, max_slots, list(engine_args or []), run_dtype=default_serving_dtype(published)
+    )
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    uvloop.run(serve_async(args, store, poll_interval, max_slots))
+    if auto_route and routing_index is None:
+        routing_index = tempfile.mkdtemp(prefix="ifedicl-routing-")
+    uvloop.run(serve_async(args, store, poll_interval, max_slots, limits, routing_index if auto_route else None))

@@ -36,10 +36,15 @@ from model_patches.vllm_runner import TASK_ID_KEY
 from model_patches.vllm_worker import pack_tables
 from serving.errors import ApiError, bad_request, not_found
 from serving.metrics import ServingMetrics
-from serving.tasks import ActiveTask, NoFreeSlotError, TaskTable
+from serving.quality import accuracy, held_out_split, run_dtype
+from serving.tasks import ActiveTask, NoFreeSlotError, TaskQuality, TaskTable
 from storage.store import Store, StoredRun
 
 logger = logging.getLogger("ifedicl.serving")
+
+# Texts one request may carry: each is one engine request, all admitted at once, so an
+# unbounded list would let one client queue arbitrary work ahead of everyone else.
+DEFAULT_MAX_INPUTS = 256
 
 
 class InjectionInactiveError(RuntimeError):
@@ -55,6 +60,14 @@ class Score:
     probabilities: dict[str, float]  # softmax over the label words' first-token logits
     logprobs: dict[str, float]  # log of the above (normalized over the labels)
     prompt_tokens: int
+    task: str = ""  # the task it was scored under
+    run_id: str | None = None  # that task's version (None: the plain model)
+    similarity: float | None = None  # model="auto": cosine similarity to the chosen task's signature
+
+    @property
+    def probs(self) -> list[float]:
+        """Probabilities in the task's label order (vLLM's ``probs``)."""
+        return list(self.probabilities.values())
 
 
 @dataclass
@@ -90,21 +103,25 @@ class ClassificationService:
         *,
         max_slots: int = DEFAULT_MAX_SLOTS,
         registry: CollectorRegistry | None = None,
+        max_inputs: int = DEFAULT_MAX_INPUTS,
     ):
         self.engine = engine
+        self.max_inputs = max_inputs
         self.model_id = canonical_model_id(model)
         self.fingerprint = fingerprint(self.model_id, load_config(model))
         self.tokenizer = load_tokenizer(model)
         self.max_model_len = int(engine.model_config.max_model_len)
+        self.dtype = str(engine.model_config.dtype).removeprefix("torch.")  # what the engine computes in
         self.store = Store(store)  # raises StoreError when the store does not exist
         self.table = TaskTable(max_slots)
         self.probe_slot = max_slots + 1
         self.metrics_registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = ServingMetrics(self.metrics_registry, self._active_runs)
+        self.metrics = ServingMetrics(self.metrics_registry, self._active_runs, self._qualities)
         self._reload_lock = asyncio.Lock()
         # (task, run_id) -> why it was refused. Complete runs never change, so a refused
         # run is not retried (nor re-counted) at every poll while it stays published.
         self._refused: dict[tuple[str, str], str] = {}
+        self.router = None  # serving.routing.TaskRouter when model="auto" is on
 
     # ------------------------------------------------------------------ start-up
     async def start(self) -> ReloadReport:
@@ -153,6 +170,9 @@ class ClassificationService:
     def _active_runs(self) -> Iterable[tuple[str, str, datetime]]:
         return [(t.name, t.run_id, t.created_at) for t in self.table.live.values()]
 
+    def _qualities(self) -> Iterable[tuple[str, str, TaskQuality]]:
+        return [(t.name, t.run_id, t.quality) for t in self.table.live.values() if t.quality is not None]
+
     async def reload(self, initial: bool = False) -> ReloadReport:
         """Make the store's published runs live; refuse (and count) the ones that cannot be."""
         async with self._reload_lock:
@@ -191,6 +211,9 @@ class ClassificationService:
                 self.table.remove(task)
                 report.removed.append(task)
             report.live = {t.name: t.run_id for t in self.table.live.values()}
+            if self.router is not None and (initial or report.activated or report.removed):
+                served = [(t.name, t.run_id, t.vectors) for t in self.table.live.values()]
+                await asyncio.to_thread(self.router.rebuild, served)
             return report
 
     async def _install(self, run: StoredRun) -> ActiveTask:
@@ -209,10 +232,41 @@ class ClassificationService:
         try:
             beta, shift = pack_tables(tables.beta[:, :, 1:], tables.shift[:, :, 1:])  # row 1 = this run
             await self.engine.collective_rpc("ifedicl_write_slots", args=([slot], beta, shift))
+            active = ActiveTask(run.task, run.run_id, slot, label_ids, run.created_at, run.round, vectors=run.vectors)
+            active.quality = await self._quality(run, active)
         except BaseException:
             self.table.release_slot(slot)
             raise
-        return ActiveTask(run.task, run.run_id, slot, label_ids, run.created_at, run.round)
+        return active
+
+    async def _quality(self, run: StoredRun, task: ActiveTask) -> TaskQuality:
+        """The run's accuracy in the serving dtype: its own, or its held-out split re-scored here.
+
+        Scored through this engine under the row just written (not yet live), so the
+        number is exactly what clients of this server get.
+        """
+        made_in = run_dtype(run.summary, run.settings)
+        recorded = run.summary.get("accuracy")
+        recorded = float(recorded) if isinstance(recorded, int | float) and np.isfinite(recorded) else None
+        examples = run.summary.get("test_examples")
+        if made_in == self.dtype:
+            return TaskQuality(made_in, self.dtype, recorded, recorded, examples, "served in the run's own dtype")
+        try:
+            test = await asyncio.to_thread(held_out_split, run)
+        except Exception as err:
+            note = f"not re-scored in {self.dtype}: held-out split unavailable ({type(err).__name__}: {err})"
+            logger.warning("ifedicl: task %s run %s (%s): %s", run.task.name, run.run_id, made_in, note)
+            return TaskQuality(made_in, self.dtype, recorded, None, None, note)
+        limit = self.max_model_len - 1
+        encoded = [self.tokenizer(run.task.prompt(text))["input_ids"][-limit:] for text in test.texts]
+        scores = await self._score_all(run.task, task.label_ids, test.texts, encoded, task.slot, task.cache_salt)
+        served = accuracy([s.label for s in scores], test.labels, run.task.labels)
+        note = f"held-out split re-scored in {self.dtype} at load (run made in {made_in})"
+        logger.info(
+            "ifedicl: task %s run %s: accuracy %s in %s (as made), %.4f in %s (served) on %d held-out texts",
+            run.task.name, run.run_id, recorded, made_in, served, self.dtype, len(test),
+        )  # fmt: skip
+        return TaskQuality(made_in, self.dtype, recorded, served, len(test), note)
 
     async def poll_forever(self, interval: float) -> None:
         """Reload every ``interval`` seconds until cancelled."""
@@ -234,15 +288,45 @@ class ClassificationService:
             raise not_found(f"The model `{name}` does not exist. Served tasks: {self.table.names()}")
         return task
 
-    def encode(self, spec: TaskSpec, texts: Sequence[str], param: str = "input") -> list[list[int]]:
-        """Token ids of each text's prompt, as the reference path tokenizes it; 400 on bad input."""
+    def check_inputs(self, texts: Sequence[str], param: str = "input") -> None:
+        """400 unless ``texts`` is a non-empty list of non-blank strings, at most ``max_inputs`` long."""
         if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) == 0:
             raise bad_request(f"'{param}' must be a non-empty string or a non-empty list of strings", param)
-        encoded = []
+        if len(texts) > self.max_inputs:
+            raise bad_request(
+                f"'{param}' has {len(texts)} inputs; this server accepts at most {self.max_inputs} per request "
+                "(--max-inputs-per-request): split the batch",
+                param,
+            )
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise bad_request(f"'{param}'[{i}] is empty: nothing to classify", param)
+
+    def encode(
+        self, spec: TaskSpec, texts: Sequence[str], param: str = "input", truncate: int | None = None
+    ) -> list[list[int]]:
+        """Token ids of each text's prompt, as the reference path tokenizes it; 400 on bad input.
+
+        ``truncate`` (vLLM's ``truncate_prompt_tokens``; -1 = the model's limit) keeps the
+        prompt's *last* tokens: the label is scored right after the template's tail, so the
+        head of the text is what can go.
+        """
+        self.check_inputs(texts, param)
+        limit = self.max_model_len - 1  # the scored token needs one position
+        if truncate is not None:
+            if truncate == -1:
+                truncate = limit
+            if not 1 <= truncate <= limit:
+                raise bad_request(
+                    f"'truncate_prompt_tokens' must be -1 or in 1..{limit} (this model's maximum context length "
+                    f"{self.max_model_len} minus the scored token), got {truncate}",
+                    "truncate_prompt_tokens",
+                )
+        encoded = []
+        for i, text in enumerate(texts):
             ids = self.tokenizer(spec.prompt(text))["input_ids"]
+            if truncate is not None:
+                ids = ids[-truncate:]
             if len(ids) + 1 > self.max_model_len:
                 raise bad_request(
                     f"'{param}'[{i}]: the prompt has {len(ids)} tokens; this model's maximum context length is "
@@ -252,17 +336,69 @@ class ClassificationService:
             encoded.append(ids)
         return encoded
 
-    async def classify(self, name: str, texts: Sequence[str], param: str = "input") -> Classification:
-        """Classify ``texts`` under task ``name``'s live version (all of them under that one version)."""
+    async def classify(
+        self,
+        name: str,
+        texts: Sequence[str],
+        param: str = "input",
+        *,
+        priority: int = 0,
+        truncate: int | None = None,
+    ) -> Classification:
+        """Classify ``texts`` under task ``name``'s live version (all of them under that one version).
+
+        ``priority`` goes to the engine with every text (it matters under
+        ``--scheduling-policy priority``; lower is earlier).
+        """
         task = self.task(name)
-        encoded = self.encode(task.spec, texts, param)
+        encoded = self.encode(task.spec, texts, param, truncate)
         start = time.perf_counter()
         with self.table.lease(task):
-            scores = await self._score_all(task.spec, task.label_ids, texts, encoded, task.slot, task.cache_salt)
+            scores = await self._score_all(
+                task.spec, task.label_ids, texts, encoded, task.slot, task.cache_salt, priority
+            )
         self.metrics.latency.labels(task.name).observe(time.perf_counter() - start)
         for score in scores:
+            score.task, score.run_id = task.name, task.run_id
             self.metrics.predictions.labels(task.name, score.label).inc()
         return Classification(task.name, task.run_id, scores)
+
+    async def classify_auto(
+        self,
+        texts: Sequence[str],
+        param: str = "input",
+        *,
+        priority: int = 0,
+        truncate: int | None = None,
+    ) -> Classification:
+        """model="auto": route each text to its nearest served task, classify it there.
+
+        Texts routed to the same task are classified together (one version each); the
+        answer keeps the request's order and says, per text, the task and similarity.
+        """
+        if self.router is None:
+            raise not_found("model='auto' is off on this server (start it with --auto-route)")
+        self.check_inputs(texts, param)
+        if not self.table.live:
+            raise ApiError(503, "no task is served: nothing to route to")
+        start = time.perf_counter()
+        routes = await asyncio.to_thread(self.router.route, list(texts))
+        self.metrics.routing_latency.observe(time.perf_counter() - start)
+        groups: dict[str, list[int]] = {}
+        for i, route in enumerate(routes):
+            groups.setdefault(route.task, []).append(i)
+        results = await asyncio.gather(*(
+            self.classify(task, [texts[i] for i in rows], param, priority=priority, truncate=truncate)
+            for task, rows in groups.items()
+        ))  # fmt: skip
+        scores: list[Score | None] = [None] * len(texts)
+        for rows, result in zip(groups.values(), results):
+            for i, score in zip(rows, result.scores):
+                score.similarity = routes[i].similarity
+                scores[i] = score
+                self.metrics.routed.labels(score.task).inc()
+        run_ids = {s.run_id for s in scores}
+        return Classification("auto", run_ids.pop() if len(run_ids) == 1 else None, scores)
 
     async def classify_plain(self, spec: TaskSpec, texts: Sequence[str]) -> Classification:
         """Score ``spec``'s label words on the plain model (row 0; the reference's ``run=None``)."""
@@ -279,8 +415,11 @@ class ClassificationService:
         encoded: list[list[int]],
         slot: int,
         salt: str | None,
+        priority: int = 0,
     ) -> list[Score]:
-        logprobs = await asyncio.gather(*(self._label_logprobs(ids, slot, salt, label_ids) for ids in encoded))
+        logprobs = await asyncio.gather(
+            *(self._label_logprobs(ids, slot, salt, label_ids, priority) for ids in encoded)
+        )
         scores = []
         for text, ids, row in zip(texts, encoded, logprobs):
             probs = _softmax(row)
@@ -295,7 +434,9 @@ class ClassificationService:
             )
         return scores
 
-    async def _label_logprobs(self, ids: list[int], slot: int, salt: str | None, label_ids: list[int]) -> np.ndarray:
+    async def _label_logprobs(
+        self, ids: list[int], slot: int, salt: str | None, label_ids: list[int], priority: int = 0
+    ) -> np.ndarray:
         """One engine request: the logprobs of ``label_ids`` as the next token after ``ids``. [C] float64."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -311,7 +452,8 @@ class ClassificationService:
             detokenize=False,
         )
         final = None
-        async for output in self.engine.generate(prompt, params, f"ifedicl-{uuid.uuid4().hex}"):
+        request_id = f"ifedicl-{uuid.uuid4().hex}"
+        async for output in self.engine.generate(prompt, params, request_id, priority=priority):
             final = output
         if final is None or not final.outputs or not final.outputs[0].logprobs:
             raise ApiError(500, "the engine returned no logprobs")

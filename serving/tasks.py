@@ -15,7 +15,37 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import numpy as np
+
 from federation_job.task import TaskSpec
+
+
+@dataclass(frozen=True)
+class TaskQuality:
+    """The accuracy a served version is known to have, and in which dtype.
+
+    ``run_accuracy`` is what the run reported (held-out split, ``run_dtype``);
+    ``serving_accuracy`` is the same split scored through this server's engine in
+    ``serving_dtype`` (equal to the run's when the dtypes match; ``None`` when it could
+    not be scored, ``note`` says why).
+    """
+
+    run_dtype: str
+    serving_dtype: str
+    run_accuracy: float | None
+    serving_accuracy: float | None
+    examples: int | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "dtype": self.serving_dtype,
+            "run_dtype": self.run_dtype,
+            "run_accuracy": self.run_accuracy,
+            "serving_accuracy": self.serving_accuracy,
+            "accuracy_examples": self.examples,
+            "accuracy_note": self.note,
+        }
 
 
 class NoFreeSlotError(RuntimeError):
@@ -32,6 +62,8 @@ class ActiveTask:
     label_ids: list[int]
     created_at: datetime
     round: int
+    quality: TaskQuality | None = field(default=None, compare=False)
+    vectors: np.ndarray | None = field(default=None, compare=False, repr=False)  # [L, 2, d]: routing signature
     leases: int = field(default=0, compare=False)
     retired: bool = field(default=False, compare=False)
 

@@ -21,7 +21,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).parent))  # serving_helpers, whatever pytest's import mode
 
-from serving_helpers import TASKS, LoopThread, corpus, publish_run  # noqa: E402
+from serving_helpers import (  # noqa: E402
+    API_KEY,
+    MAX_BODY_BYTES,
+    MAX_INPUTS,
+    TASKS,
+    LoopThread,
+    corpus,
+    ifedicl,
+    publish_run,
+    running_server,
+)
 
 from federation_job.tiny_model import build_tiny_model  # noqa: E402
 from storage.store import Store  # noqa: E402
@@ -62,3 +72,29 @@ def reference_classifiers(serving_models) -> dict:
     from federation_job.predict import ReferenceClassifier
 
     return {family: ReferenceClassifier(str(path)) for family, path in serving_models.items()}
+
+
+@pytest.fixture(scope="session")
+def api_store(tmp_path_factory, serving_models, task_dir) -> str:
+    """sst2, subj and agnews written through the Store API, demo-sentiment by a real ``ifedicl federate``."""
+    uri = tmp_path_factory.mktemp("server-store") / "store"
+    store = Store(uri, create=True)
+    for i, name in enumerate(("sst2", "subj", "agnews")):
+        publish_run(store, serving_models["llama"], TASKS[name], seed=500 + i)
+    ifedicl(
+        "federate", "--task-dir", task_dir, "--model", serving_models["llama"], "--store", uri,
+        "--clients", 2, "--rounds", 1, "--max-test", 5, "--publish",
+    )  # fmt: skip
+    return str(uri)
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory, serving_models, api_store):
+    """The one ``ifedicl serve`` (Llama, eager) the API test modules share: an API key, small limits, model="auto"."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    extra = [
+        "--enforce-eager", "--api-key", API_KEY, "--auto-route",
+        "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY_BYTES),
+    ]  # fmt: skip
+    with running_server(api_store, serving_models["llama"], log, poll_interval=2.0, extra=extra) as proc:
+        yield proc

@@ -29,6 +29,25 @@ LONG_TEXT = " ".join(
 )  # > 64 tokens after templating: prefilled in several chunks
 
 
+API_KEY = "ifedicl-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# Small limits on the shared API server, so limit tests stay cheap.
+MAX_INPUTS = 8
+MAX_BODY_BYTES = 64 * 1024
+
+
+def ifedicl(*args) -> str:
+    """The project's CLI, as a user runs it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "federation_job.cli", *map(str, args)], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, f"ifedicl {args[0]} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
 def corpus() -> list[str]:
     """Tokenizer training text: every template and label word, so labels get distinct first tokens."""
     lines = []
@@ -50,16 +69,23 @@ def random_run(num_layers: int, hidden: int, seed: int, scale: float = 1.0) -> t
 
 
 def publish_run(
-    store: Store, model_path: Path, spec: TaskSpec, seed: int, publish: bool = True, scale: float = 1.0
+    store: Store,
+    model_path: Path,
+    spec: TaskSpec,
+    seed: int,
+    publish: bool = True,
+    scale: float = 1.0,
+    settings: dict | None = None,
+    summary: dict | None = None,
 ) -> str:
     """Write one complete run through the Store API (as the federation driver does)."""
     config = load_config(str(model_path))
     fp = fingerprint(canonical_model_id(str(model_path)), config)
     vectors, coeffs = random_run(fp.num_layers, fp.hidden_size, seed, scale)
-    run_id = store.start_run(spec, fp, settings={"source": "tests/serving", "seed": seed})
+    run_id = store.start_run(spec, fp, settings=settings or {"origin": "tests/serving", "seed": seed})
     store.write_vectors(run_id, spec.name, vectors)
     store.write_coefficients(run_id, spec.name, 0, coeffs)
-    store.finish_run(run_id, summary={"seed": seed})
+    store.finish_run(run_id, summary=summary or {"seed": seed})
     if publish:
         store.publish(run_id)
     return run_id

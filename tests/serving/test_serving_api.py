@@ -1,15 +1,13 @@
 """The real server (``ifedicl serve`` subprocess) hit by the official ``openai`` client.
 
-One server for the whole module (Llama, eager) over a store holding three runs
-written through the Store API and one produced by a real ``ifedicl federate``.
+One server (``api_server``: Llama, eager, with an API key) over a store holding three
+runs written through the Store API and one produced by a real ``ifedicl federate``.
 The reload tests run last: they publish new runs into the server's store.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,7 +16,7 @@ import numpy as np
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, publish_run, random_run, running_server
+from serving_helpers import API_KEY, AUTH, LONG_TEXT, SHORT_TEXTS, TASKS, ifedicl, publish_run, random_run
 
 from federation_job.modeling import ModelFingerprint
 from storage.store import Store
@@ -30,52 +28,19 @@ TEXTS = [*SHORT_TEXTS, LONG_TEXT]
 TOL = 1e-4
 
 
-def ifedicl(*args) -> str:
-    """The project's CLI, as a user runs it."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "federation_job.cli", *map(str, args)], capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, f"ifedicl {args[0]} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+@pytest.fixture(scope="module")
+def server_store(api_store) -> str:
+    return api_store
 
 
 @pytest.fixture(scope="module")
-def server_store(tmp_path_factory, serving_models, task_dir) -> str:
-    uri = tmp_path_factory.mktemp("server-store") / "store"
-    store = Store(uri, create=True)
-    for i, name in enumerate(("sst2", "subj", "agnews")):
-        publish_run(store, serving_models["llama"], TASKS[name], seed=500 + i)
-    ifedicl(
-        "federate",
-        "--task-dir",
-        task_dir,
-        "--model",
-        serving_models["llama"],
-        "--store",
-        uri,
-        "--clients",
-        2,
-        "--rounds",
-        1,
-        "--max-test",
-        5,
-        "--publish",
-    )
-    return str(uri)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, serving_models, server_store):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(
-        server_store, serving_models["llama"], log, poll_interval=2.0, extra=["--enforce-eager"]
-    ) as proc:
-        yield proc
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 def reference(reference_classifiers, store_uri: str, task: str, texts, run_id: str | None = None):
@@ -198,7 +163,7 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(client, server):
         f"{server.base_url}/v1/classify",
         content=b'{"model": "sst2", "input": [',
         timeout=30,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **AUTH},
     )
     assert raw.status_code == 400
     error = raw.json()["error"]
@@ -207,7 +172,7 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(client, server):
         f"{server.base_url}/v1/completions",
         content=b"not json",
         timeout=30,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **AUTH},
     )
     assert raw.status_code == 400 and raw.json()["error"]["code"] == 400
     # Still serving after all that.
@@ -242,7 +207,7 @@ def test_metrics_move(client, server):
 
 
 def admin_reload(server) -> httpx.Response:
-    return httpx.post(f"{server.base_url}/admin/reload", timeout=120)
+    return httpx.post(f"{server.base_url}/admin/reload", timeout=120, headers=AUTH)
 
 
 def _active_run(server, task: str) -> list[str]:
@@ -268,7 +233,7 @@ def test_reload_while_streaming(client, server, server_store, serving_models, re
     stop = threading.Event()
 
     def stream() -> None:
-        worker = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        worker = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
         while not stop.is_set():
             try:
                 answers.append(worker.completions.create(model="sst2", prompt=TEXTS))

@@ -112,7 +112,7 @@ def _malformed(i: int) -> tuple[str, dict]:
         ("/v1/classify", {"json": {"model": "agnews", "input": ["fine", "   "]}}),  # blank text
         ("/v1/completions", {"json": {"model": "sst2", "prompt": "word " * 2000}}),  # too long
         ("/v1/chat/completions", {"json": {"model": "subj", "messages": []}}),  # no messages
-        ("/v1/completions", {"json": {"model": "sst2", "prompt": "x", "stream": True}}),  # unsupported
+        ("/v1/completions", {"json": {"model": "sst2", "prompt": "x", "priority": "high"}}),  # bad option
     ]
     return kinds[i % len(kinds)]
 
