@@ -65,36 +65,30 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    # What every decoder-only family but GPT-2 names the same way.
+    decoder = dict(
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=HEAD_DIM,
+        max_position_embeddings=max_positions,
+        **common,
+    )
     if family == "gpt2":
         config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=heads, n_positions=max_positions, **common)
     elif family == "gemma3":
         config = Gemma3TextConfig(
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            head_dim=HEAD_DIM,
             query_pre_attn_scalar=HEAD_DIM,
             sliding_window=GEMMA3_SLIDING_WINDOW,
             layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)],
-            max_position_embeddings=max_positions,
             architectures=["Gemma3ForCausalLM"],
-            **common,
+            **decoder,
         )
     else:
         config_cls = LlamaConfig if family == "llama" else Qwen2Config
-        config = config_cls(
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            head_dim=HEAD_DIM,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=False,
-            **common,
-        )
+        config = config_cls(tie_word_embeddings=False, **decoder)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.save_pretrained(out_dir)
