@@ -119,3 +119,27 @@ def test_two_concurrent_recalibrations_never_both_publish(live_store, llama_dir,
         assert _interval(first)[1] <= _interval(second)[0]
         assert first["live_run_id"] == live.run_id and second["live_run_id"] == first["candidate_run_id"]
     assert store.published_run_id(TASK) in {r["candidate_run_id"] for r in published}
+
+
+def test_guardrail_compares_in_the_serving_dtype(live_store, llama_dir, task_dir):
+    """`--serving-dtype bfloat16`: candidate and live are both scored in bfloat16, as the server computes."""
+    from federation_job.predict import ReferenceClassifier
+
+    store_dir, live = live_store
+    outcome = recalibrate(
+        str(llama_dir), _source(task_dir), str(store_dir), _settings(0), mode="stage2", margin=0.0,
+        serving_dtype="bfloat16",
+    )  # fmt: skip
+    a = outcome.attempt
+    assert a.decision == "published", a.reason
+    assert a.metrics["compared_in_dtype"] == "bfloat16"
+    assert a.metrics["candidate_accuracy_float32"] == live.summary["accuracy"]  # the run's own, kept beside
+    # The bfloat16 figures are the HF reference path's in bfloat16 on the same held-out split.
+    reference = ReferenceClassifier(str(llama_dir), dtype="bfloat16")
+    data = _source(task_dir).load()
+    run = reference.load(Store(store_dir), TASK)
+    predicted = [p.label for p in reference.classify(data.task, data.test.texts, run)]
+    expected = sum(p == data.task.labels[y] for p, y in zip(predicted, data.test.labels)) / len(data.test)
+    assert a.candidate_accuracy == pytest.approx(expected) and a.live_accuracy == pytest.approx(expected)
+    with pytest.raises(Exception, match="--serving-dtype must be one of"):
+        recalibrate(str(llama_dir), _source(task_dir), str(store_dir), _settings(0), mode="stage2", serving_dtype="fp8")
