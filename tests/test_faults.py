@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from actor_kills import kill_and_wait
 
 from federation_job.driver import Federation, FederationSettings
 from federation_job.modeling import ModelFingerprint
@@ -34,7 +35,13 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def test_clients_killed_at_every_stage(ray_session, llama_dir, task_dir, tmp_path):
-    """0 while loading, 1 during extraction, 2 mid-calibration (seen burning CPU), 3 right after its upload."""
+    """0 while loading, 1 once loaded (its extraction call fails), 2 mid-calibration (seen burning CPU),
+    3 right after its upload.
+
+    A kill races the work it interrupts: client 1 is killed once loaded and seen dead before
+    extraction is dispatched (a tiny model's extraction can finish before a kill lands); client 2
+    gets 25 local epochs, so its calibration is still running when the kill arrives.
+    """
     pids: dict[int, int] = {}
     events: list[str] = []
 
@@ -42,8 +49,8 @@ def test_clients_killed_at_every_stage(ray_session, llama_dir, task_dir, tmp_pat
         if stage == "load":
             ray.kill(actors[0])
             events.append("load")
-        elif stage == "extract":
-            ray.kill(actors[1])
+            ray.get(actors[1].ready.remote())  # 1 has loaded: its answer to the driver's `ready` is in
+            kill_and_wait(actors[1])
             events.append("extract")
         elif stage == "calibrate" and round_index == 1:
             before = _cpu_seconds(pids[2])
@@ -62,7 +69,7 @@ def test_clients_killed_at_every_stage(ray_session, llama_dir, task_dir, tmp_pat
             events.append("after upload")
 
     settings = FederationSettings(
-        clients=6, alpha=100.0, rounds=2, local_epochs=3, min_clients=2, round_timeout_s=120, min_shard=4
+        clients=6, alpha=100.0, rounds=2, local_epochs=25, min_clients=2, round_timeout_s=120, min_shard=4
     )
     store_dir = tmp_path / "store"
     fed = Federation(

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-import ray
+from actor_kills import kill_and_wait
 
 from federation_job.driver import Federation, FederationSettings
 from federation_job.errors import FederationError
@@ -19,18 +19,19 @@ def _settings(**kw) -> FederationSettings:
     return FederationSettings(**{**base, **kw})
 
 
-def test_client_killed_mid_round_is_dropped_and_recorded(ray_session, llama_dir, task_dir, tmp_path):
+def test_client_killed_between_rounds_is_dropped_and_recorded(ray_session, llama_dir, task_dir, tmp_path):
     killed = {}
 
-    def kill_client_1_in_round_1(stage, round_index, actors):
-        if stage == "calibrate" and round_index == 1 and 1 in actors:
-            ray.kill(actors[1])
-            killed["round"] = round_index
+    def kill_client_1_before_round_1(stage, round_index, results, actors):
+        if stage == "broadcast" and 1 in actors:  # stage 1 done: client 1 dies before calibrating
+            kill_and_wait(actors[1])
+            killed["round"] = round_index + 1
 
     store_dir = tmp_path / "store"
     fed = Federation(
-        str(llama_dir), DataSource(str(task_dir), max_test=8), str(store_dir), _settings(), kill_client_1_in_round_1
-    )
+        str(llama_dir), DataSource(str(task_dir), max_test=8), str(store_dir), _settings(), None,
+        kill_client_1_before_round_1,
+    )  # fmt: skip
     result = fed.run(publish=True)
     assert killed == {"round": 1}
     round1 = result.rounds[1]
@@ -47,13 +48,15 @@ def test_client_killed_mid_round_is_dropped_and_recorded(ray_session, llama_dir,
 
 
 def test_too_few_clients_fails_cleanly_and_publishes_nothing(ray_session, llama_dir, task_dir, tmp_path):
-    def kill_two(stage, round_index, actors):
-        if stage == "calibrate":
+    def kill_two(stage, round_index, results, actors):
+        if stage == "broadcast":
             for cid in (0, 1):
-                ray.kill(actors[cid])
+                kill_and_wait(actors[cid])
 
     store_dir = tmp_path / "store"
-    fed = Federation(str(llama_dir), DataSource(str(task_dir), max_test=0), str(store_dir), _settings(), kill_two)
+    fed = Federation(
+        str(llama_dir), DataSource(str(task_dir), max_test=0), str(store_dir), _settings(), None, kill_two
+    )
     with pytest.raises(FederationError, match="round 1: only 1 client.*min_clients=2"):
         fed.run(publish=True)
     stored = Store(store_dir)

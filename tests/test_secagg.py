@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import ray
+from actor_kills import kill_and_wait
 
 from federation_job import wire
 from federation_job.driver import Federation, FederationSettings
@@ -64,21 +65,6 @@ def _settings(**kw) -> FederationSettings:
     return FederationSettings(**{**base, **kw})
 
 
-def _kill_and_wait(actor, timeout_s: float = 30.0) -> None:
-    """``ray.kill`` returns before the actor is gone; wait until a call to it fails as dead."""
-    import time
-
-    ray.kill(actor)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=5)
-        except ray.exceptions.RayActorError:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"actor still answers {timeout_s} s after ray.kill")
-
-
 def test_secagg_federation_matches_plain_and_survives_a_drop_after_keys(ray_session, llama_dir, task_dir, tmp_path):
     """Client 2 dies after keys are agreed in round 1: masking is redone without it, fresh keys."""
     source = DataSource(str(task_dir), max_train=40, max_test=0)
@@ -89,7 +75,7 @@ def test_secagg_federation_matches_plain_and_survives_a_drop_after_keys(ray_sess
         # Keys of round 1 are agreed (gathered): client 2 dies before its masked upload is asked for.
         # Killed here and waited for, not after the upload's dispatch, where a fast upload could win the race.
         if stage == "calibrate-keys" and round_index == 1 and 2 in actors and "killed" not in seen:
-            _kill_and_wait(actors[2])
+            kill_and_wait(actors[2])
             seen["killed"] = {}
 
     fed = Federation(
