@@ -604,6 +604,10 @@ class Federation:
             if publish:
                 self.store.publish(self.run_id)
             _log_event("run_finished", run=self.run_id, published=publish)
+            try:  # housekeeping: servers' cold loads stay ~10 ms however many runs pile up
+                self.store.optimize()
+            except Exception as err:  # the run is complete either way
+                _log_event("store_optimize_failed", run=self.run_id, error=str(err))
             return FederationResult(self.run_id, publish, coefficients, vectors, self.rounds, summary)
         except BaseException as err:
             try:

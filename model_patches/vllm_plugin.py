@@ -35,6 +35,10 @@ WORKER_EXTENSION = "model_patches.vllm_worker.IfediclWorkerExtension"
 # hf_config attribute that sizes the per-layer tables (task/version slots).
 MAX_SLOTS_KEY = "ifedicl_max_slots"
 DEFAULT_MAX_SLOTS = 32
+# What a server gives its task tables when --max-slots is not set: 256 MiB holds
+# 1,938 SmolLM2-135M tasks in float32 (138,480 B each), 256 of a 7B Llama's.
+DEFAULT_TABLE_MEMORY = 256 * 2**20
+MAX_SLOTS_LIMIT = 65_536
 
 _registered = False
 
@@ -51,6 +55,19 @@ def register() -> None:
         if arch not in supported:
             ModelRegistry.register_model(arch, path)
     _registered = True
+
+
+def table_bytes_per_slot(num_layers: int, hidden_size: int, itemsize: int) -> int:
+    """Engine memory one (task, version) row takes: β [L, 2] and λ·v [L, 2, d] in the model's dtype."""
+    return num_layers * 2 * (hidden_size + 1) * itemsize
+
+
+def slots_for_memory(budget_bytes: int, num_layers: int, hidden_size: int, itemsize: int) -> int:
+    """How many task rows fit in ``budget_bytes`` (at least 1, at most ``MAX_SLOTS_LIMIT``)."""
+    per_slot = table_bytes_per_slot(num_layers, hidden_size, itemsize)
+    if budget_bytes < per_slot:
+        raise ValueError(f"a table memory of {budget_bytes} B holds no task: one takes {per_slot} B on this model")
+    return min(MAX_SLOTS_LIMIT, budget_bytes // per_slot)
 
 
 class UnsupportedModelError(ValueError):
@@ -76,8 +93,8 @@ def engine_overrides(hf_architectures: list[str] | None, max_slots: int = DEFAUL
     ``max_slots`` is how many (task, version) tables the engine holds at once,
     besides row 0 (no task) and the start-up probe row.
     """
-    if max_slots < 1:
-        raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+    if not 1 <= max_slots <= MAX_SLOTS_LIMIT:
+        raise ValueError(f"max_slots must be in 1..{MAX_SLOTS_LIMIT}, got {max_slots}")
     return {
         "hf_overrides": {"architectures": [injecting_architecture(hf_architectures)], MAX_SLOTS_KEY: int(max_slots)},
         "worker_extension_cls": WORKER_EXTENSION,

@@ -278,7 +278,7 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
     metrics = service.metrics
 
     def is_served(model: str) -> bool:
-        return service.table.get(model) is not None or (model == AUTO_MODEL and service.router is not None)
+        return model in service.catalog or (model == AUTO_MODEL and service.router is not None)
 
     async def dispatch(
         raw: Request,
@@ -303,7 +303,7 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
                     metrics.errors.labels(task_label, endpoint, str(response.status_code)).inc()
                 return response
             if not is_served(model):
-                served = [*base_names, *service.table.names(), *([AUTO_MODEL] if service.router else [])]
+                served = [*base_names, *sorted(service.catalog), *([AUTO_MODEL] if service.router else [])]
                 raise not_found(f"The model `{model}` does not exist. Available: {served}")
             task_label = AUTO_TASK_LABEL if model == AUTO_MODEL else model
             return await on_task(model, body)
@@ -362,24 +362,26 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
     async def models(raw: Request) -> Response:
         listing = (await raw.app.state.openai_serving_models.show_available_models()).model_dump()
         base = base_names[0]
-        for task in sorted(service.table.live.values(), key=lambda t: t.name):
+        for name, info in sorted(service.catalog.items()):
+            quality = service.quality(info)
             listing["data"].append({
-                "id": task.name,
+                "id": name,
                 "object": "model",
-                "created": int(task.created_at.timestamp()),
+                "created": int(info.created_at.timestamp()),
                 "owned_by": "ifedicl",
                 "root": base,
                 "parent": base,
                 "max_model_len": service.max_model_len,
-                "run_id": task.run_id,
-                "labels": list(task.spec.labels),
-                **(task.quality.to_dict() if task.quality is not None else {}),
-            })
+                "run_id": info.run_id,
+                "labels": list(info.task.labels),
+                "resident": name in service.table.resident,  # tables in the engine now (else: loaded on use)
+                **(quality.to_dict() if quality is not None else {}),
+            })  # fmt: skip
         if service.router is not None:
             listing["data"].append({
                 "id": AUTO_MODEL, "object": "model", "created": int(time.time()), "owned_by": "ifedicl",
                 "root": base, "parent": base, "max_model_len": service.max_model_len,
-                "routes_to": service.table.names(),
+                "routes_to": sorted(service.catalog),
             })  # fmt: skip
         return JSONResponse(listing)
 

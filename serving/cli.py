@@ -20,7 +20,13 @@ def serve(
         30.0, "--poll-interval", help="seconds between store checks for newly published runs (0 = only /admin/reload)"
     ),
     max_slots: int = typer.Option(
-        32, "--max-slots", help="(task, version) tables the engine holds at once; live tasks plus versions in flight"
+        None,
+        "--max-slots",
+        help="task versions whose tables the engine holds at once (default: what --table-memory-mb holds); "
+        "more published tasks load on first use, evicting the least recently used",
+    ),
+    table_memory_mb: float = typer.Option(
+        256.0, "--table-memory-mb", help="engine memory for task tables when --max-slots is not given"
     ),
     max_inputs: int = typer.Option(
         256, "--max-inputs-per-request", help="texts one request may carry (more: 400, the limit in the message)"
@@ -50,6 +56,7 @@ def serve(
         port=port,
         poll_interval=poll_interval,
         max_slots=max_slots,
+        table_memory=int(table_memory_mb * 2**20),
         limits=ServingLimits(max_inputs=max_inputs, max_body_bytes=max_body_bytes),
         auto_route=auto_route,
         routing_index=routing_index,

@@ -4,8 +4,8 @@ Names are fixed (the deploy/ dashboards and alerts rely on them). Labels stay
 low-cardinality: ``task`` is a published task name, or ``_base`` (the plain base
 model), ``_auto`` (model="auto") or ``_unknown`` (a name that is none of these),
 never free text from a request.
-The active-run gauge and the run ages are computed at scrape time from the live
-task table, so they can never drift from what is actually served.
+The active-run gauge, the run ages and the cache gauges are computed at scrape
+time from the service's tables, so they can never drift from what is actually served.
 """
 
 from __future__ import annotations
@@ -74,6 +74,21 @@ class _AccuracyCollector(Collector):
         yield family
 
 
+class _CacheCollector(Collector):
+    """``ifedicl_resident_tasks`` and ``ifedicl_task_slots``: how full the engine's task cache is."""
+
+    def __init__(self, resident: Callable[[], int], slots: int):
+        self._resident, self._slots = resident, slots
+
+    def collect(self):
+        yield GaugeMetricFamily(
+            "ifedicl_resident_tasks", "Task versions whose tables are in the engine now", value=self._resident()
+        )
+        yield GaugeMetricFamily(
+            "ifedicl_task_slots", "Engine table rows for task versions (--max-slots)", value=self._slots
+        )
+
+
 class ServingMetrics:
     """All ``ifedicl_*`` metrics, registered on one registry (vLLM's, in the server)."""
 
@@ -82,6 +97,8 @@ class ServingMetrics:
         registry: CollectorRegistry,
         active: Callable[[], Iterable[tuple[str, str, datetime]]],
         qualities: Callable[[], Iterable[tuple[str, str, TaskQuality]]] = tuple,
+        resident: Callable[[], int] = int,
+        slots: int = 0,
     ):
         self.requests = Counter(
             "ifedicl_requests", "Classification API requests", ["task", "endpoint"], registry=registry
@@ -113,5 +130,24 @@ class ServingMetrics:
             registry=registry,
         )
         self.routed = Counter("ifedicl_routed", "model=auto: texts routed, by chosen task", ["task"], registry=registry)
+        self.loads = Counter(
+            "ifedicl_task_loads",
+            "Task versions written into the engine: reason=request (first request of a non-resident task) "
+            "or reload (start-up and newly published runs)",
+            ["reason"],
+            registry=registry,
+        )
+        self.load_latency = Histogram(
+            "ifedicl_task_load_seconds",
+            "Time to read a task version's tables from the store and write them into the engine",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.evictions = Counter(
+            "ifedicl_task_evictions",
+            "Resident task versions dropped to make room (least recently used, never one in use)",
+            registry=registry,
+        )
         registry.register(_ActiveRunCollector(active))
+        registry.register(_CacheCollector(resident, slots))
         registry.register(_AccuracyCollector(qualities))

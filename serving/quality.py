@@ -28,9 +28,8 @@ def run_dtype(summary: dict, settings: dict) -> str:
 def default_serving_dtype(store: Store) -> str | None:
     """The dtype most published runs were made in (float32 on a tie); ``None`` with nothing published."""
     counts: dict[str, int] = {}
-    for run_id in store.published().values():
-        row = store.run_row(run_id)
-        dtype = run_dtype(_json(row["summary"]), _json(row["settings"]))
+    for info in store.published_runs().values():
+        dtype = run_dtype(info.summary, info.settings)
         counts[dtype] = counts.get(dtype, 0) + 1
     if not counts:
         return None
@@ -55,8 +54,3 @@ def accuracy(predicted: Iterable[str], labels: Iterable[int], words: tuple[str, 
     pairs = [(p, words[g]) for p, g in zip(predicted, labels)]
     return sum(p == g for p, g in pairs) / len(pairs)
 
-
-def _json(value: str | None) -> dict:
-    import json
-
-    return json.loads(value or "{}")

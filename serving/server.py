@@ -20,8 +20,16 @@ from dataclasses import dataclass
 
 from federation_job.errors import IfediclError
 from federation_job.model_source import resolve_model
-from federation_job.modeling import load_config
-from model_patches.vllm_plugin import WORKER_EXTENSION, UnsupportedModelError, engine_overrides
+from federation_job.modeling import fingerprint, load_config
+from model_patches.vllm_plugin import (
+    DEFAULT_TABLE_MEMORY,
+    MAX_SLOTS_KEY,
+    MAX_SLOTS_LIMIT,
+    WORKER_EXTENSION,
+    UnsupportedModelError,
+    engine_overrides,
+    slots_for_memory,
+)
 from serving.guards import DEFAULT_MAX_BODY_BYTES
 from serving.quality import default_serving_dtype
 from serving.service import DEFAULT_MAX_INPUTS
@@ -53,6 +61,8 @@ def api_keys(args) -> list[str]:
 # vLLM's CPU backend sizes its KV cache with VLLM_CPU_KVCACHE_SPACE; this default
 # keeps its memory check satisfied on a 24 GB machine (DESIGN.md, "Serving").
 CPU_GPU_MEMORY_UTILIZATION = 0.3
+# Bytes per value of the engine dtypes vLLM accepts (its aliases included).
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
 def _has_flag(argv: list[str], flag: str) -> bool:
@@ -60,11 +70,18 @@ def _has_flag(argv: list[str], flag: str) -> bool:
 
 
 def parse_engine_args(
-    model: str, host: str, port: int, max_slots: int, engine_args: list[str], run_dtype: str | None = None
+    model: str,
+    host: str,
+    port: int,
+    max_slots: int | None,
+    engine_args: list[str],
+    run_dtype: str | None = None,
+    table_memory: int = DEFAULT_TABLE_MEMORY,
 ):
     """vLLM's server arguments for ``model`` plus the overrides that turn injection on.
 
     ``run_dtype`` (the published runs' dtype) is the engine's dtype unless ``--dtype`` is given.
+    ``max_slots`` None: as many task rows as ``table_memory`` bytes hold in that dtype.
     """
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.platforms import current_platform
@@ -83,9 +100,14 @@ def parse_engine_args(
     args = parser.parse_args(argv)
     if args.model_tag is not None:
         args.model = args.model_tag
+    config = load_config(args.model)
     try:
-        overrides = engine_overrides(load_config(args.model).architectures, max_slots=max_slots)
-    except UnsupportedModelError as err:
+        if max_slots is None:
+            fp = fingerprint(args.model, config)
+            itemsize = DTYPE_BYTES.get(str(args.dtype), 4)  # "auto": sized for the widest it may pick
+            max_slots = slots_for_memory(table_memory, fp.num_layers, fp.hidden_size, itemsize)
+        overrides = engine_overrides(config.architectures, max_slots=max_slots)
+    except (UnsupportedModelError, ValueError) as err:
         raise IfediclError(str(err)) from None
     user = args.hf_overrides
     if isinstance(user, str):
@@ -104,7 +126,6 @@ async def serve_async(
     args,
     store: str,
     poll_interval: float,
-    max_slots: int,
     limits: ServingLimits,
     routing_index: str | None = None,
 ) -> None:
@@ -129,7 +150,7 @@ async def serve_async(
             engine,
             args.model,
             store,
-            max_slots=max_slots,
+            max_slots=args.hf_overrides[MAX_SLOTS_KEY],
             registry=get_prometheus_registry(),
             max_inputs=limits.max_inputs,
         )
@@ -192,7 +213,8 @@ def run_server(
     host: str = "0.0.0.0",
     port: int = 8000,
     poll_interval: float = 30.0,
-    max_slots: int = 32,
+    max_slots: int | None = None,
+    table_memory: int = DEFAULT_TABLE_MEMORY,
     limits: ServingLimits | None = None,
     auto_route: bool = False,
     routing_index: str | None = None,
@@ -203,15 +225,22 @@ def run_server(
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
     published = Store(store)  # a missing store is a one-line error, not an engine start-up
-    if max_slots < 1:
-        raise IfediclError(f"--max-slots must be >= 1, got {max_slots}")
+    if max_slots is not None and not 1 <= max_slots <= MAX_SLOTS_LIMIT:
+        raise IfediclError(f"--max-slots must be in 1..{MAX_SLOTS_LIMIT}, got {max_slots}")
     limits = limits or ServingLimits()
     limits.validate()
     cli_env_setup()
     args = parse_engine_args(
-        model, host, port, max_slots, list(engine_args or []), run_dtype=default_serving_dtype(published)
+        model,
+        host,
+        port,
+        max_slots,
+        list(engine_args or []),
+        run_dtype=default_serving_dtype(published),
+        table_memory=table_memory,
     )
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if auto_route and routing_index is None:
         routing_index = tempfile.mkdtemp(prefix="ifedicl-routing-")
-    uvloop.run(serve_async(args, store, poll_interval, max_slots, limits, routing_index if auto_route else None))
+    logger.info("ifedicl: the engine holds %d task versions at once", args.hf_overrides[MAX_SLOTS_KEY])
+    uvloop.run(serve_async(args, store, poll_interval, limits, routing_index if auto_route else None))

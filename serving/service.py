@@ -1,9 +1,11 @@
 """Classification over a running vLLM engine with per-request task injection.
 
 :class:`ClassificationService` owns what the HTTP layer needs and nothing HTTP:
-the live task versions (loaded from the store, written into the engine's
-injection tables), label scoring, hot reload, metrics and the start-up check
-that injection is really live. It talks to any vLLM ``EngineClient`` (the API
+the published task versions (a catalog read from the store at each reload),
+the engine's injection tables as a bounded cache of them (a task's tables are
+read from the store and written into a row on its first request, evicting the
+least recently used version no request holds), label scoring, hot reload,
+metrics and the start-up check that injection is really live. It talks to any vLLM ``EngineClient`` (the API
 server's AsyncLLM, or one built in a test), so the equivalence tests exercise
 exactly the code the server runs.
 
@@ -17,6 +19,7 @@ softmax over those label logprobs (= softmax over the label logits).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -38,13 +41,16 @@ from serving.errors import ApiError, bad_request, not_found
 from serving.metrics import ServingMetrics
 from serving.quality import accuracy, held_out_split, run_dtype
 from serving.tasks import ActiveTask, NoFreeSlotError, TaskQuality, TaskTable
-from storage.store import Store, StoredRun
+from storage.store import RunInfo, Store, StoredRun, StoreError, check_fingerprint
 
 logger = logging.getLogger("ifedicl.serving")
 
 # Texts one request may carry: each is one engine request, all admitted at once, so an
 # unbounded list would let one client queue arbitrary work ahead of everyone else.
 DEFAULT_MAX_INPUTS = 256
+
+# How long a cache miss waits for a row when every row is leased by in-flight requests (then 503).
+SLOT_WAIT_SECONDS = 60.0
 
 
 class InjectionInactiveError(RuntimeError):
@@ -86,7 +92,7 @@ class ReloadReport:
     activated: dict[str, str] = field(default_factory=dict)  # task -> run made live
     removed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # task (or "_store") -> reason
-    live: dict[str, str] = field(default_factory=dict)  # task -> run live after the reload
+    live: dict[str, str] = field(default_factory=dict)  # task -> run served after the reload (resident or not)
 
     def to_dict(self) -> dict:
         return {"activated": self.activated, "removed": self.removed, "failed": self.failed, "live": self.live}
@@ -113,10 +119,21 @@ class ClassificationService:
         self.max_model_len = int(engine.model_config.max_model_len)
         self.dtype = str(engine.model_config.dtype).removeprefix("torch.")  # what the engine computes in
         self.store = Store(store)  # raises StoreError when the store does not exist
-        self.table = TaskTable(max_slots)
+        self.table = TaskTable(max_slots, on_change=self._rows_may_be_free)
+        self._rows_changed = asyncio.Event()
         self.probe_slot = max_slots + 1
+        self.catalog: dict[str, RunInfo] = {}  # task -> the published run it serves (tables resident or not)
+        self._loading: dict[tuple[str, str], asyncio.Future[ActiveTask]] = {}  # (task, run) -> its load
+        self._waiters: dict[tuple[str, str], int] = {}  # (task, run) -> requests waiting for that load
+        self._qualities: dict[tuple[str, str], TaskQuality] = {}  # (task, run) -> accuracy as served
         self.metrics_registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = ServingMetrics(self.metrics_registry, self._active_runs, self._qualities)
+        self.metrics = ServingMetrics(
+            self.metrics_registry,
+            self._active_runs,
+            self._served_qualities,
+            resident=lambda: len(self.table.resident),
+            slots=max_slots,
+        )
         self._reload_lock = asyncio.Lock()
         # (task, run_id) -> why it was refused. Complete runs never change, so a refused
         # run is not retried (nor re-counted) at every poll while it stays published.
@@ -168,82 +185,215 @@ class ClassificationService:
 
     # ------------------------------------------------------------------ reload
     def _active_runs(self) -> Iterable[tuple[str, str, datetime]]:
-        return [(t.name, t.run_id, t.created_at) for t in self.table.live.values()]
+        return [(t, info.run_id, info.created_at) for t, info in self.catalog.items()]
 
-    def _qualities(self) -> Iterable[tuple[str, str, TaskQuality]]:
-        return [(t.name, t.run_id, t.quality) for t in self.table.live.values() if t.quality is not None]
+    def _served_qualities(self) -> Iterable[tuple[str, str, TaskQuality]]:
+        return [(t, info.run_id, q) for t, info in self.catalog.items() if (q := self.quality(info)) is not None]
+
+    def quality(self, info: RunInfo) -> TaskQuality | None:
+        """What is known of ``info``'s accuracy as served (None until it was first loaded)."""
+        return self._qualities.get((info.task.name, info.run_id))
 
     async def reload(self, initial: bool = False) -> ReloadReport:
-        """Make the store's published runs live; refuse (and count) the ones that cannot be."""
+        """Serve the store's published runs; refuse (and count) the ones that cannot be.
+
+        A newly published version replaces a resident one right away (loaded here,
+        so the task stays warm) and fills a free row if there is one; otherwise it
+        loads on its task's first request. Nothing is evicted by a reload.
+        """
         async with self._reload_lock:
             report = ReloadReport()
             try:
-                published = await asyncio.to_thread(self.store.published)
+                published = await asyncio.to_thread(self.store.published_runs)
             except Exception as err:  # the store is unreachable: keep serving what is live
                 logger.error("ifedicl: cannot read the store %s: %s", self.store.uri, err)
                 self.metrics.reload_failures.inc()
                 report.failed["_store"] = str(err)
-                report.live = {t.name: t.run_id for t in self.table.live.values()}
+                report.live = {t: info.run_id for t, info in self.catalog.items()}
                 return report
-            for task, run_id in published.items():
-                current = self.table.get(task)
-                if current is not None and current.run_id == run_id:
+            for task, info in published.items():
+                current = self.catalog.get(task)
+                if current is not None and current.run_id == info.run_id:
                     continue
-                if (task, run_id) in self._refused:
-                    report.failed[task] = self._refused[(task, run_id)]
+                if (task, info.run_id) in self._refused:
+                    report.failed[task] = self._refused[(task, info.run_id)]
                     continue
                 try:
-                    run = await asyncio.to_thread(self.store.load_run, task, run_id, self.fingerprint)
-                    active = await self._install(run)
+                    self._check(info)
+                    if task in self.table.resident or self.table.free_slots() > 0:
+                        loaded = await self._load_once(info, reason="reload")
+                        self.table.release(loaded)
+                        if loaded.measuring is not None:
+                            await loaded.measuring  # its accuracy is known before it is reported live
                 except Exception as err:
-                    logger.error("ifedicl: refused run %s of task %s: %s", run_id, task, err)
+                    logger.error("ifedicl: refused run %s of task %s: %s", info.run_id, task, err)
                     self.metrics.reload_failures.inc()
-                    report.failed[task] = f"run {run_id}: {type(err).__name__}: {err}"
-                    if not isinstance(err, NoFreeSlotError):  # the only refusal that may pass later
-                        self._refused[(task, run_id)] = report.failed[task]
+                    report.failed[task] = f"run {info.run_id}: {type(err).__name__}: {err}"
+                    if not isinstance(err, NoFreeSlotError | StoreError):  # the refusals that may pass later
+                        self._refused[(task, info.run_id)] = report.failed[task]
                     continue
-                self.table.activate(active)
-                report.activated[task] = run_id
+                self.catalog[task] = info
+                report.activated[task] = info.run_id
                 if not initial:
                     self.metrics.reloads.inc()
-                logger.info("ifedicl: task %s now serves run %s (slot %d)", task, run_id, active.slot)
-            for task in set(self.table.live) - set(published):
+                logger.info("ifedicl: task %s now serves run %s", task, info.run_id)
+            for task in set(self.catalog) - set(published):
+                del self.catalog[task]
                 self.table.remove(task)
                 report.removed.append(task)
-            report.live = {t.name: t.run_id for t in self.table.live.values()}
+            report.live = {t: info.run_id for t, info in self.catalog.items()}
             if self.router is not None and (initial or report.activated or report.removed):
-                served = [(t.name, t.run_id, t.vectors) for t in self.table.live.values()]
-                await asyncio.to_thread(self.router.rebuild, served)
+                await asyncio.to_thread(self._rebuild_router)
             return report
 
-    async def _install(self, run: StoredRun) -> ActiveTask:
-        """Validate ``run``, write its tables into a free engine row, and describe it (not yet live)."""
-        num_layers, hidden = self.fingerprint.num_layers, self.fingerprint.hidden_size
-        if run.vectors.shape != (num_layers, 2, hidden) or run.coefficients.shape != (num_layers, 2, 2):
-            raise ValueError(
-                f"run {run.run_id} has vectors {run.vectors.shape} and coefficients {run.coefficients.shape}; "
-                f"the model needs ({num_layers}, 2, {hidden}) and ({num_layers}, 2, 2)"
-            )
-        if not (np.isfinite(run.vectors).all() and np.isfinite(run.coefficients).all()):
-            raise ValueError(f"run {run.run_id} contains NaN or inf")
-        label_ids = label_token_ids(run.task, self.tokenizer)
-        tables = InjectionTables.build([torch.from_numpy(run.vectors)], [torch.from_numpy(run.coefficients)])
-        slot = self.table.reserve_slot()
+    def _rebuild_router(self) -> None:
+        """model="auto": route over every published task's signature, read from the store in one query."""
+        infos = list(self.catalog.values())
+        fp = self.fingerprint
+        vectors = self.store.vectors_of([i.run_id for i in infos], fp.num_layers, fp.hidden_size)
+        self.router.rebuild([(i.task.name, i.run_id, vectors[i.run_id]) for i in infos])
+
+    def _check(self, info: RunInfo) -> None:
+        """What can be checked without the tables: the model it was made on, its label words."""
+        check_fingerprint(info.run_id, info.fingerprint, self.fingerprint)
+        label_token_ids(info.task, self.tokenizer)
+
+    async def _resident(self, name: str) -> ActiveTask:
+        """``name``'s published version with its tables in the engine, leased to the caller.
+
+        A cache miss loads it now (one load however many requests ask at once).
+        The caller gives the lease back with ``self.table.release``.
+        """
+        info = self.catalog.get(name)
+        if info is None:
+            raise not_found(f"The model `{name}` does not exist. Served tasks: {sorted(self.catalog)}")
+        refused = self._refused.get((name, info.run_id))
+        if refused is not None:
+            raise ApiError(503, f"task {name}: its published run cannot be served: {refused}")
+        task = self.table.get(name)
+        if task is not None and task.run_id == info.run_id:
+            self.table.hold(task)
+            return task
         try:
-            beta, shift = pack_tables(tables.beta[:, :, 1:], tables.shift[:, :, 1:])  # row 1 = this run
-            await self.engine.collective_rpc("ifedicl_write_slots", args=([slot], beta, shift))
-            active = ActiveTask(run.task, run.run_id, slot, label_ids, run.created_at, run.round, vectors=run.vectors)
-            active.quality = await self._quality(run, active)
-        except BaseException:
-            self.table.release_slot(slot)
+            return await self._load_once(info, reason="request")
+        except NoFreeSlotError as err:
+            raise ApiError(503, str(err)) from None
+        except Exception as err:
+            reason = f"run {info.run_id}: {type(err).__name__}: {err}"
+            if not isinstance(err, StoreError):  # the store may come back; bad tables will not
+                self._refused[(name, info.run_id)] = reason
+            raise ApiError(503, f"task {name}: cannot load its tables: {reason}") from None
+
+    async def _load_once(self, info: RunInfo, reason: str) -> ActiveTask:
+        """Load ``info`` unless a load of the same (task, version) is under way, then wait for it.
+
+        Returns the version leased to this caller: the load takes one lease per
+        waiter in the step that makes it resident, so no other load can evict it
+        before its waiters have used it.
+        """
+        key = (info.task.name, info.run_id)
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(info, reason))
+            self._loading[key] = pending
+            self._waiters[key] = 0
+        self._waiters[key] += 1
+        try:
+            return await asyncio.shield(pending)  # one waiter giving up does not cancel the others' load
+        except asyncio.CancelledError:
+            if pending.done() and not pending.cancelled() and pending.exception() is None:
+                self.table.release(pending.result())  # its lease was taken: give it back
+            elif key in self._waiters:
+                self._waiters[key] -= 1
             raise
+
+    async def _reserve_slot(self) -> int:
+        """A row for a new version: free, or the least recently used one no request holds; else wait."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SLOT_WAIT_SECONDS
+        while True:
+            changed = self._rows_changed
+            try:
+                slot, evicted = self.table.reserve_slot()
+            except NoFreeSlotError:
+                if loop.time() >= deadline:
+                    raise
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), deadline - loop.time())
+                continue
+            if evicted is not None:
+                self.metrics.evictions.inc()
+                logger.debug("ifedicl: evicted task %s run %s from slot %d", evicted.name, evicted.run_id, slot)
+            return slot
+
+    def _rows_may_be_free(self) -> None:
+        """Wake loads waiting for a row (a lease ended, a load failed, a version became resident)."""
+        self._rows_changed.set()
+        self._rows_changed = asyncio.Event()
+
+    async def _load(self, info: RunInfo, reason: str) -> ActiveTask:
+        """Read ``info``'s tables from the store, write them into a row, make that version resident.
+
+        Returns in the step that activates it, with one lease per waiter (see
+        :meth:`_load_once`); a missing accuracy is measured in the background
+        (``active.measuring``), so a cold request does not wait for a re-score.
+        """
+        key = (info.task.name, info.run_id)
+        start = time.perf_counter()
+        try:
+            run = await asyncio.to_thread(self.store.load_tables, info)
+            if not (np.isfinite(run.vectors).all() and np.isfinite(run.coefficients).all()):
+                raise ValueError(f"run {run.run_id} contains NaN or inf")
+            label_ids = label_token_ids(run.task, self.tokenizer)
+            tables = InjectionTables.build([torch.from_numpy(run.vectors)], [torch.from_numpy(run.coefficients)])
+            beta, shift = pack_tables(tables.beta[:, :, 1:], tables.shift[:, :, 1:])  # row 1 = this run
+            slot = await self._reserve_slot()
+            try:
+                await self.engine.collective_rpc("ifedicl_write_slots", args=([slot], beta, shift))
+            except BaseException:
+                self.table.release_slot(slot)
+                raise
+        except BaseException:
+            self._loading.pop(key, None)
+            self._waiters.pop(key, None)
+            raise
+        # From here to the return nothing awaits: the row, the catalog and the waiters' leases change together.
+        self._loading.pop(key, None)
+        active = ActiveTask(run.task, run.run_id, slot, label_ids, run.created_at, run.round)
+        active.leases = self._waiters.pop(key, 0)
+        current = self.catalog.get(run.task.name)
+        if reason == "request" and (current is None or current.run_id != run.run_id):
+            self.table.retire(active)  # a reload replaced or removed it meanwhile: serve the waiters, then free
+        else:
+            self.table.activate(active)
+            self.catalog[run.task.name] = info
+        self.metrics.loads.labels(reason).inc()
+        self.metrics.load_latency.observe(time.perf_counter() - start)
+        active.quality = self._qualities.get(key)
+        if active.quality is None:
+            self.table.hold(active)
+            active.measuring = asyncio.ensure_future(self._measure_quality(run, active))
         return active
+
+    async def _measure_quality(self, run: StoredRun, task: ActiveTask) -> None:
+        """Record the run's accuracy in the serving dtype (once per version; survives evictions).
+
+        Called with a lease on ``task`` held for it, which it gives back.
+        """
+        try:
+            quality = await self._quality(run, task)
+        except Exception as err:  # a background measurement must not take the server down
+            logger.error("ifedicl: task %s run %s: accuracy not measured: %s", run.task.name, run.run_id, err)
+            return
+        finally:
+            self.table.release(task)
+        self._qualities[(run.task.name, run.run_id)] = task.quality = quality
 
     async def _quality(self, run: StoredRun, task: ActiveTask) -> TaskQuality:
         """The run's accuracy in the serving dtype: its own, or its held-out split re-scored here.
 
-        Scored through this engine under the row just written (not yet live), so the
-        number is exactly what clients of this server get.
+        Scored through this engine under the version's own row, so the number is
+        exactly what clients of this server get.
         """
         made_in = run_dtype(run.summary, run.settings)
         recorded = run.summary.get("accuracy")
@@ -282,11 +432,12 @@ class ClassificationService:
                 logger.info("ifedicl: reload %s", report.to_dict())
 
     # ------------------------------------------------------------------ scoring
-    def task(self, name: str) -> ActiveTask:
-        task = self.table.get(name)
-        if task is None:
-            raise not_found(f"The model `{name}` does not exist. Served tasks: {self.table.names()}")
-        return task
+    def spec(self, name: str) -> TaskSpec:
+        """The served task ``name`` (404 if no run of it is published and accepted)."""
+        info = self.catalog.get(name)
+        if info is None:
+            raise not_found(f"The model `{name}` does not exist. Served tasks: {sorted(self.catalog)}")
+        return info.task
 
     def check_inputs(self, texts: Sequence[str], param: str = "input") -> None:
         """400 unless ``texts`` is a non-empty list of non-blank strings, at most ``max_inputs`` long."""
@@ -350,13 +501,18 @@ class ClassificationService:
         ``priority`` goes to the engine with every text (it matters under
         ``--scheduling-policy priority``; lower is earlier).
         """
-        task = self.task(name)
-        encoded = self.encode(task.spec, texts, param, truncate)
+        spec = self.spec(name)
+        encoded = self.encode(spec, texts, param, truncate)  # bad input fails before any load
         start = time.perf_counter()
-        with self.table.lease(task):
+        task = await self._resident(name)
+        try:
+            if task.spec != spec:  # a reload changed the template while this request waited
+                encoded = self.encode(task.spec, texts, param, truncate)
             scores = await self._score_all(
                 task.spec, task.label_ids, texts, encoded, task.slot, task.cache_salt, priority
             )
+        finally:
+            self.table.release(task)
         self.metrics.latency.labels(task.name).observe(time.perf_counter() - start)
         for score in scores:
             score.task, score.run_id = task.name, task.run_id
@@ -379,7 +535,7 @@ class ClassificationService:
         if self.router is None:
             raise not_found("model='auto' is off on this server (start it with --auto-route)")
         self.check_inputs(texts, param)
-        if not self.table.live:
+        if not self.catalog:
             raise ApiError(503, "no task is served: nothing to route to")
         start = time.perf_counter()
         routes = await asyncio.to_thread(self.router.route, list(texts))

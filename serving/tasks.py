@@ -1,21 +1,22 @@
-"""Task routing: which (task, version) is live, and which engine table row it occupies.
+"""Which (task, version) each engine table row holds: a bounded cache over the published runs.
 
-The engine holds ``max_slots`` table rows. A published run is written into a
-*free* row and only then made live, so requests already running keep the row
-(and the version) they started with: a request is leased its task version for
-its whole life and scored entirely under it. A replaced version is retired; its
-row returns to the free pool once its last lease ends. Everything here runs on
-the server's event loop, so it needs no locks.
+The engine holds ``max_slots`` table rows; the store may publish many more tasks.
+A version is written into a free row (or the row of the least recently used
+version no request holds) and only then made resident, so requests already
+running keep the row (and the version) they started with: a request is leased
+its task version for its whole life and scored entirely under it. A replaced
+version is retired; its row returns to the free pool once its last lease ends.
+Everything here runs on the server's event loop, so it needs no locks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-
-import numpy as np
 
 from federation_job.task import TaskSpec
 
@@ -49,12 +50,12 @@ class TaskQuality:
 
 
 class NoFreeSlotError(RuntimeError):
-    """Every engine table row is live or still leased by in-flight requests."""
+    """Every engine table row holds a version that in-flight requests are using."""
 
 
 @dataclass
 class ActiveTask:
-    """One servable version of a task: its spec, run, table row and label token ids."""
+    """One resident version of a task: its spec, run, table row and label token ids."""
 
     spec: TaskSpec
     run_id: str
@@ -63,9 +64,10 @@ class ActiveTask:
     created_at: datetime
     round: int
     quality: TaskQuality | None = field(default=None, compare=False)
-    vectors: np.ndarray | None = field(default=None, compare=False, repr=False)  # [L, 2, d]: routing signature
     leases: int = field(default=0, compare=False)
-    retired: bool = field(default=False, compare=False)
+    retired: bool = field(default=False, compare=False)  # no longer the version new requests get
+    released: bool = field(default=False, compare=False)  # its row went back to the pool: never score on it
+    measuring: asyncio.Future | None = field(default=None, compare=False, repr=False)  # accuracy being measured
 
     @property
     def name(self) -> str:
@@ -78,49 +80,77 @@ class ActiveTask:
 
 
 class TaskTable:
-    """Live versions by task name, plus the free/retired engine rows."""
+    """The engine's table rows as a bounded cache of task versions, least recently used first out.
 
-    def __init__(self, max_slots: int):
+    ``resident`` maps a task name to the version new requests get, ordered from
+    least to most recently used. A row is handed out free if one is, else taken
+    from the least recently used resident version that no request holds
+    (:meth:`reserve_slot` says which, so the caller can count the eviction). A
+    replaced version is *retired*: it keeps its row until its last lease ends.
+    """
+
+    def __init__(self, max_slots: int, on_change: Callable[[], None] = lambda: None):
         self.max_slots = max_slots
-        self.live: dict[str, ActiveTask] = {}
+        self._on_change = on_change  # called when a row may have become free or evictable
+        self.resident: OrderedDict[str, ActiveTask] = OrderedDict()
         self._free = list(range(max_slots, 0, -1))  # pop() hands out 1, 2, ...
         self._retired: list[ActiveTask] = []
 
     def get(self, name: str) -> ActiveTask | None:
-        return self.live.get(name)
+        """``name``'s resident version (now the most recently used), or None."""
+        task = self.resident.get(name)
+        if task is not None:
+            self.resident.move_to_end(name)
+        return task
 
     def names(self) -> list[str]:
-        return sorted(self.live)
+        return sorted(self.resident)
 
-    def reserve_slot(self) -> int:
-        """A row no live or in-flight version uses (raises :class:`NoFreeSlotError`)."""
+    def reserve_slot(self) -> tuple[int, ActiveTask | None]:
+        """A row for a new version, and the version evicted to free it (None: the row was free).
+
+        Raises :class:`NoFreeSlotError` when every row is leased by in-flight requests.
+        """
         self._collect()
-        if not self._free:
-            raise NoFreeSlotError(
-                f"all {self.max_slots} injection slots are in use ({len(self.live)} live tasks, "
-                f"{len(self._retired)} retired versions still in flight); raise --max-slots"
-            )
-        return self._free.pop()
+        if self._free:
+            return self._free.pop(), None
+        for name, task in self.resident.items():  # least recently used first
+            if task.leases == 0:
+                del self.resident[name]
+                task.retired = task.released = True
+                return task.slot, task
+        raise NoFreeSlotError(
+            f"all {self.max_slots} injection slots are held by in-flight requests "
+            f"({len(self.resident)} resident tasks, {len(self._retired)} retired versions); raise --max-slots"
+        )
+
+    def free_slots(self) -> int:
+        """Rows a new version can take without evicting anything."""
+        self._collect()
+        return len(self._free)
 
     def release_slot(self, slot: int) -> None:
         """Give back a reserved row that was never activated (a failed load)."""
         self._free.append(slot)
+        self._on_change()
 
     def activate(self, task: ActiveTask) -> ActiveTask | None:
-        """Make ``task`` the live version of its name; return the version it replaced."""
-        old = self.live.get(task.name)
-        self.live[task.name] = task
+        """Make ``task`` the resident version of its name; return the version it replaced."""
+        old = self.resident.pop(task.name, None)
+        self.resident[task.name] = task
         if old is not None:
-            self._retire(old)
+            self.retire(old)
+        self._on_change()
         return old
 
     def remove(self, name: str) -> ActiveTask | None:
-        old = self.live.pop(name, None)
+        old = self.resident.pop(name, None)
         if old is not None:
-            self._retire(old)
+            self.retire(old)
         return old
 
-    def _retire(self, task: ActiveTask) -> None:
+    def retire(self, task: ActiveTask) -> None:
+        """Take ``task`` out of service: no new request gets it; its row is freed once unleased."""
         task.retired = True
         self._retired.append(task)
         self._collect()
@@ -130,21 +160,33 @@ class TaskTable:
         still = []
         for task in self._retired:
             if task.leases == 0:
+                task.released = True
                 self._free.append(task.slot)
             else:
                 still.append(task)
         self._retired = still
 
+    def hold(self, task: ActiveTask) -> None:
+        """Lease ``task``'s row to one request: it is neither evicted nor freed until :meth:`release`."""
+        if task.released:
+            raise RuntimeError(f"task {task.name} run {task.run_id}: its row {task.slot} was already given back")
+        task.leases += 1
+
+    def release(self, task: ActiveTask) -> None:
+        task.leases -= 1
+        if task.leases == 0:
+            if task.retired:
+                self._collect()
+            self._on_change()
+
     @contextmanager
     def lease(self, task: ActiveTask) -> Iterator[ActiveTask]:
         """Hold ``task``'s row for the duration of one request."""
-        task.leases += 1
+        self.hold(task)
         try:
             yield task
         finally:
-            task.leases -= 1
-            if task.retired and task.leases == 0:
-                self._collect()
+            self.release(task)
 
     def in_use_slots(self) -> set[int]:
-        return {t.slot for t in self.live.values()} | {t.slot for t in self._retired}
+        return {t.slot for t in self.resident.values()} | {t.slot for t in self._retired}

@@ -87,5 +87,8 @@ def vectors_schema(hidden_size: int) -> pa.Schema:
     )
 
 
+VECTORS_TABLE_PREFIX = "context_vectors_d"
+
+
 def vectors_table_name(hidden_size: int) -> str:
-    return f"context_vectors_d{hidden_size}"
+    return f"{VECTORS_TABLE_PREFIX}{hidden_size}"

@@ -140,9 +140,17 @@ async def start_engine(args):
 class ServerProcess(ServeProcess):
     """``ifedicl serve`` with the tests' engine settings: float32, 64-token chunks, prefix caching."""
 
-    def __init__(self, store: str, model: Path, log_path: Path, poll_interval: float = 1.0, extra: list[str] = ()):
+    def __init__(
+        self,
+        store: str,
+        model: Path,
+        log_path: Path,
+        poll_interval: float = 1.0,
+        extra: list[str] = (),
+        max_slots: int = 8,
+    ):
         args = [
-            "--poll-interval", str(poll_interval), "--max-slots", "8",
+            "--poll-interval", str(poll_interval), "--max-slots", str(max_slots),
             "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", "64",
             "--max-num-seqs", "32", "--enable-chunked-prefill", "--enable-prefix-caching", "--seed", "0",
             *extra,
@@ -153,3 +161,16 @@ class ServerProcess(ServeProcess):
 def running_server(store: str, model: Path, log_path: Path, **kwargs) -> AbstractContextManager[ServerProcess]:
     """A ready ``ifedicl serve`` for the duration of the block, stopped afterwards whatever happens."""
     return ready(ServerProcess(store, model, log_path, **kwargs))
+
+
+def metric_values(base_url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Samples of ``name`` on the server's /metrics, keyed by their sorted label pairs."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == name:
+                out[tuple(sorted(sample.labels.items()))] = sample.value
+    return out

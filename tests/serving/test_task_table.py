@@ -1,0 +1,49 @@
+"""The engine's table rows as a bounded LRU cache of task versions (pure bookkeeping, no engine)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from federation_job.task import KNOWN_TASKS, TaskSpec
+from serving.tasks import ActiveTask, NoFreeSlotError, TaskTable
+
+
+def version(table: TaskTable, name: str, run_id: str = "r1") -> ActiveTask:
+    slot, _ = table.reserve_slot()
+    task = ActiveTask(TaskSpec(name, *KNOWN_TASKS["sst2"]), run_id, slot, [1, 2], datetime.now(UTC), 1)
+    table.activate(task)
+    return task
+
+
+def test_least_recently_used_unleased_version_is_evicted():
+    table = TaskTable(max_slots=3)
+    a, b, c = (version(table, name) for name in "abc")
+    assert {a.slot, b.slot, c.slot} == {1, 2, 3} and table.free_slots() == 0
+    table.get("a")  # a is now the most recently used; b the least
+    slot, evicted = table.reserve_slot()
+    assert evicted is b and slot == b.slot and b.released and "b" not in table.resident
+    with table.lease(c):  # c is the least recently used now, but in use: a goes instead
+        slot, evicted = table.reserve_slot()
+    assert evicted is a and slot == a.slot and not c.released
+
+
+def test_no_row_while_every_version_is_leased():
+    table = TaskTable(max_slots=2)
+    a, b = version(table, "a"), version(table, "b")
+    with table.lease(a), table.lease(b), pytest.raises(NoFreeSlotError, match="in-flight"):
+        table.reserve_slot()
+    assert table.reserve_slot()[1] is a  # once released, the LRU one is taken
+
+
+def test_replaced_version_keeps_its_row_until_its_last_lease_ends():
+    table = TaskTable(max_slots=2)
+    old = version(table, "a", "r1")
+    with table.lease(old):
+        new = version(table, "a", "r2")
+        assert old.retired and not old.released and table.get("a") is new
+        assert table.free_slots() == 0  # old's row is still in use
+    assert old.released and table.free_slots() == 1
+    with pytest.raises(RuntimeError, match="given back"), table.lease(old):
+        pass
