@@ -42,6 +42,7 @@ from federation_job.modeling import (
     load_tokenizer,
     model_from_weights,
 )
+from federation_job.objective import OBJECTIVES
 from federation_job.partition import dirichlet_partition
 from federation_job.privacy import ClientPrivacy, PrivacySettings, privacy_report
 from federation_job.robust import AGGREGATORS, NormScreen, RobustStrategy
@@ -106,6 +107,10 @@ class FederationSettings:
             (self.weights in ("shared", "per-actor"), f"--weights must be shared or per-actor (got {self.weights})"),
             (self.dtype in DTYPES and self.extract_dtype in DTYPES, f"dtypes must be one of {sorted(DTYPES)}"),
             (self.calibration.batch_size >= 1, "--calib-batch-size must be >= 1"),
+            (
+                self.calibration.objective in OBJECTIVES,
+                f"--objective must be one of {OBJECTIVES} (got {self.calibration.objective})",
+            ),
             (self.capture_batch_size >= 1, "--batch-size must be >= 1"),
             (self.aggregator in AGGREGATORS, f"--aggregator must be one of {AGGREGATORS} (got {self.aggregator})"),
             (0 <= self.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
