@@ -6,6 +6,10 @@ only encoded vectors and Λ. Everything it receives and sends is a ``bytes``
 payload from :mod:`federation_job.wire`, so the driver can count exactly what
 crossed the boundary.
 
+Each answer carries the CPU and wall seconds the actor spent on the request, measured
+in the actor's own process (:mod:`federation_job.compute`): the run's client compute is
+what the clients report, not the driver's view of the round.
+
 Trust options live here, on the client's side of the boundary: its differential
 privacy policy is fixed when it joins (the server cannot switch it off per request),
 and under secure aggregation its value stays here until it leaves masked.
@@ -20,6 +24,7 @@ import torch
 
 from federation_job import wire
 from federation_job.client import CalibrationConfig, Client
+from federation_job.compute import measured
 from federation_job.errors import FederationError
 from federation_job.modeling import DTYPES, SharedWeights, load_model, load_tokenizer, model_from_weights
 from federation_job.privacy import ClientPrivacy
@@ -95,8 +100,10 @@ class ClientActor:
 
     # ------------------------------------------------------------------ requests
     def extract(self, payload: bytes) -> bytes:
-        _, meta = wire.decode(payload)
-        return self._answer("vectors", self._vectors(meta), meta)
+        with measured() as compute:
+            _, meta = wire.decode(payload)
+            vectors = self._vectors(meta)
+        return self._answer("vectors", vectors, meta, compute=compute)
 
     def set_global_vectors(self, payload: bytes) -> bool:
         arrays, _ = wire.decode(payload)
@@ -104,9 +111,10 @@ class ClientActor:
         return True
 
     def calibrate(self, payload: bytes) -> bytes:
-        arrays, meta = wire.decode(payload)
-        coefficients, loss = self._coefficients(arrays, meta)
-        return self._answer("coefficients", coefficients, meta, loss=loss)
+        with measured() as compute:
+            arrays, meta = wire.decode(payload)
+            coefficients, loss = self._coefficients(arrays, meta)
+        return self._answer("coefficients", coefficients, meta, loss=loss, compute=compute)
 
     # ------------------------------------------------------------------ secure aggregation
     def secagg_keys(self, payload: bytes) -> bytes:
