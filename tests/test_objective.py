@@ -2,8 +2,8 @@
 
 Direct = a plain forward of the unmodified HF model on each prompt alone (no padding, no
 hooks), then ``-log softmax`` by hand over the label words' logits (label-only) or the
-whole vocabulary (full-vocab). The project's path must give the same numbers: Λ
-calibration at identity injection (λ=0, β=1).
+whole vocabulary (full-vocab). The project's paths must give the same numbers: Λ
+calibration at identity injection (λ=0, β=1) and LoRA before training (B=0).
 """
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 
 from federation_job.client import Client
 from federation_job.data import load_task_dir
+from federation_job.lora import LoraClient, LoraSettings
 from federation_job.modeling import load_model, load_tokenizer
 from federation_job.objective import label_word_loss
 from model_patches.hf import HFContextModel
@@ -48,6 +49,14 @@ def test_calibration_loss_per_objective_equals_direct_cross_entropy(llama_dir, t
     assert got["label-only"] == pytest.approx(want["label-only"], abs=1e-4)
     assert got["full-vocab"] == pytest.approx(want["full-vocab"], abs=1e-4)
     assert got["label-only"] < got["full-vocab"]  # the label words are a strict subset of the vocabulary
+
+
+def test_lora_batch_loss_per_objective_equals_direct_cross_entropy(llama_dir, task_dir):
+    client = _client(llama_dir, task_dir)
+    lora = LoraClient(client, LoraSettings(rank=4, alpha=8))  # B = 0: the adapted model is the base model
+    for objective in ("label-only", "full-vocab"):
+        got = float(lora.batch_loss(ROWS, objective).detach())
+        assert got == pytest.approx(_direct(llama_dir, client, objective), abs=1e-4), objective
 
 
 def test_label_only_is_cross_entropy_over_the_label_logits():
