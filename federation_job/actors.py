@@ -6,6 +6,14 @@ only encoded vectors and Λ. Everything it receives and sends is a ``bytes``
 payload from :mod:`federation_job.wire`, so the driver can count exactly what
 crossed the boundary.
 
+Each answer carries the CPU and wall seconds the actor spent on the request, measured
+in the actor's own process (:mod:`federation_job.compute`): the run's client compute is
+what the clients report, not the driver's view of the round.
+
+FedAvg-LoRA runs on the same actors: :meth:`ClientActor.train_lora` trains LoRA adapters
+locally (:class:`federation_job.lora.LoraClient`) instead of calibrating Λ; an actor
+serves one method per run.
+
 Trust options live here, on the client's side of the boundary: its differential
 privacy policy is fixed when it joins (the server cannot switch it off per request),
 and under secure aggregation its value stays here until it leaves masked.
@@ -20,6 +28,7 @@ import torch
 
 from federation_job import wire
 from federation_job.client import CalibrationConfig, Client
+from federation_job.compute import measured
 from federation_job.errors import FederationError
 from federation_job.modeling import DTYPES, SharedWeights, load_model, load_tokenizer, model_from_weights
 from federation_job.privacy import ClientPrivacy
@@ -55,6 +64,7 @@ class ClientActor:
         self.vectors: np.ndarray | None = None
         self.pending: np.ndarray | None = None  # secure aggregation: the value awaiting its masked upload
         self.masker: MaskingClient | None = None
+        self.lora = None  # a LoraClient once this actor trains FedAvg-LoRA (its model then carries adapters)
 
     def ready(self) -> int:
         """Number of local examples (the only fact about the data the server learns)."""
@@ -93,10 +103,17 @@ class ClientActor:
             return wire.encode({}, num_examples=num_examples, **extra)
         return wire.encode({key: value}, num_examples=num_examples, **extra)
 
+    def _require_method(self, lora: bool) -> None:
+        if (self.lora is not None) != lora:
+            raise FederationError(f"client {self.client_id} already serves another method in this run")
+
     # ------------------------------------------------------------------ requests
     def extract(self, payload: bytes) -> bytes:
-        _, meta = wire.decode(payload)
-        return self._answer("vectors", self._vectors(meta), meta)
+        self._require_method(lora=False)
+        with measured() as compute:
+            _, meta = wire.decode(payload)
+            vectors = self._vectors(meta)
+        return self._answer("vectors", vectors, meta, compute=compute)
 
     def set_global_vectors(self, payload: bytes) -> bool:
         arrays, _ = wire.decode(payload)
@@ -104,9 +121,27 @@ class ClientActor:
         return True
 
     def calibrate(self, payload: bytes) -> bytes:
-        arrays, meta = wire.decode(payload)
-        coefficients, loss = self._coefficients(arrays, meta)
-        return self._answer("coefficients", coefficients, meta, loss=loss)
+        self._require_method(lora=False)
+        with measured() as compute:
+            arrays, meta = wire.decode(payload)
+            coefficients, loss = self._coefficients(arrays, meta)
+        return self._answer("coefficients", coefficients, meta, loss=loss, compute=compute)
+
+    def train_lora(self, payload: bytes) -> bytes:
+        """FedAvg-LoRA: start from the global adapters received, train them locally, upload them (named tensors)."""
+        from federation_job.lora import LoraClient, LoraSettings
+
+        with measured() as compute:
+            arrays, meta = wire.decode(payload)
+            if self.lora is None:  # first round: adapters attached in place to this actor's model
+                if self.vectors is not None:
+                    raise FederationError(f"client {self.client_id} already serves IFed-ICL in this run")
+                self.lora = LoraClient(self.client, LoraSettings(**meta["lora"]))
+            config = CalibrationConfig(**meta["config"])
+            seed = int(meta.get("seed", 0)) * 1000 + self.client_id
+            result = self.lora.train(arrays, config, seed)
+        num_examples = len(self.client.data)
+        return wire.encode(result.state, num_examples=num_examples, loss=result.mean_loss, compute=compute)
 
     # ------------------------------------------------------------------ secure aggregation
     def secagg_keys(self, payload: bytes) -> bytes:

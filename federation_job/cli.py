@@ -52,6 +52,9 @@ def federate(
     gpus_per_client: float = 0.0,
     batch_size: int = typer.Option(8, help="extraction batch size (length-sorted buckets)"),
     calib_batch_size: int = typer.Option(2, help="calibration batch size (I2CL: 2)"),
+    objective: str = typer.Option(
+        "full-vocab", help="calibration loss: full-vocab (I2CL) or label-only cross-entropy of the label word"
+    ),
     extract_dtype: str = typer.Option("float32", help="stage-1 autocast dtype: float32 | bfloat16 | float16"),
     aggregator: str = typer.Option("mean", help="mean | trimmed-mean | median (coordinate-wise, vectors and Λ)"),
     trim_fraction: float = typer.Option(0.1, help="trimmed-mean: fraction cut from each end"),
@@ -86,7 +89,7 @@ def federate(
         weighted_vectors=weighted,
         weighted_coefficients=weighted,
         capture_batch_size=batch_size,
-        calibration=CalibrationConfig(batch_size=calib_batch_size),
+        calibration=CalibrationConfig(batch_size=calib_batch_size, objective=objective),
         extract_dtype=extract_dtype,
         weights=weights,
         cpus_per_client=cpus_per_client,

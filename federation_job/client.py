@@ -16,6 +16,7 @@ import torch
 
 from federation_job.data import Split
 from federation_job.inference import capture_sum, label_logits, predict_proba
+from federation_job.objective import label_word_loss
 from federation_job.task import TaskSpec, label_token_ids
 from model_patches.hf import HFContextModel
 from model_patches.injection import InjectionTables
@@ -32,6 +33,7 @@ class CalibrationConfig:
     min_lr: float = 1e-5
     noise_scale: float = 1e-3
     epochs: int = 1
+    objective: str = "full-vocab"  # or "label-only" (federation_job.objective)
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float, lr: float, min_lr: float):
@@ -46,6 +48,34 @@ def warmup_cosine(total_steps: int, warmup_fraction: float, lr: float, min_lr: f
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def local_epochs(
+    params: list[torch.Tensor], num_examples: int, config: CalibrationConfig, seed: int, batch_loss
+) -> list[float]:
+    """The local optimisation every trainable method shares (Λ, LoRA): AdamW, warm-up then cosine,
+    ``config.epochs`` shuffled passes in batches of ``config.batch_size``. -> the loss of every step.
+
+    ``batch_loss(rows)`` is the mean loss of those example indices; the caller seeds torch.
+    """
+    order_rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total = math.ceil(num_examples / config.batch_size) * config.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total, config.warmup_fraction, config.lr, config.min_lr)
+    )
+    losses = []
+    for _ in range(config.epochs):
+        order = list(range(num_examples))
+        order_rng.shuffle(order)
+        for start in range(0, num_examples, config.batch_size):
+            loss = batch_loss(order[start : start + config.batch_size])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+    return losses
 
 
 @dataclass
@@ -87,51 +117,41 @@ class Client:
         coefficients: torch.Tensor,  # [L, 2, 2], requires grad
         indices: list[int],
         noise_scale: float,
+        objective: str = "full-vocab",
     ) -> torch.Tensor:
-        """Mean cross-entropy of the label word's first token at the prompt's last position."""
+        """Mean cross-entropy of the label word's first token at the prompt's last position (``objective``)."""
         prompts = [self.task.prompt(self.data.texts[i]) for i in indices]
-        targets = torch.as_tensor([self.label_ids[self.data.labels[i]] for i in indices], device=self.device)
+        classes = torch.as_tensor([self.data.labels[i] for i in indices])
         tables = InjectionTables.build([vectors], [coefficients])
         task_index = torch.ones(len(indices), dtype=torch.long)
         logits, _ = label_logits(self.ctx, self.tokenizer, prompts, self.label_ids, tables, task_index, noise_scale)
-        return torch.nn.functional.cross_entropy(logits, targets)
+        return label_word_loss(logits, classes, self.label_ids, objective)
 
     def calibrate(
         self, vectors: np.ndarray, coefficients: np.ndarray, config: CalibrationConfig, seed: int = 0
     ) -> CalibrationResult:
         """Start from the global Λ and minimise the local loss with AdamW; the LLM stays frozen."""
         torch.manual_seed(seed)
-        order_rng = random.Random(seed)
         vec = torch.as_tensor(vectors, dtype=torch.float32, device=self.device)
         coeffs = torch.nn.Parameter(torch.as_tensor(coefficients, dtype=torch.float32, device=self.device).clone())
-        optimizer = torch.optim.AdamW([coeffs], lr=config.lr, weight_decay=config.weight_decay)
-        steps_per_epoch = math.ceil(len(self.data) / config.batch_size)
-        total = steps_per_epoch * config.epochs
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(total, config.warmup_fraction, config.lr, config.min_lr)
-        )
-        losses = []
-        for _ in range(config.epochs):
-            order = list(range(len(self.data)))
-            order_rng.shuffle(order)
-            for start in range(0, len(order), config.batch_size):
-                loss = self.calibration_loss(vec, coeffs, order[start : start + config.batch_size], config.noise_scale)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(float(loss.detach()))
+
+        def batch_loss(rows: list[int]) -> torch.Tensor:
+            return self.calibration_loss(vec, coeffs, rows, config.noise_scale, config.objective)
+
+        losses = local_epochs([coeffs], len(self.data), config, seed, batch_loss)
         return CalibrationResult(coeffs.detach().cpu().numpy(), float(np.mean(losses)), len(losses))
 
     @torch.no_grad()
-    def evaluate_loss(self, vectors: np.ndarray, coefficients: np.ndarray, batch_size: int = 16) -> float:
+    def evaluate_loss(
+        self, vectors: np.ndarray, coefficients: np.ndarray, batch_size: int = 16, objective: str = "full-vocab"
+    ) -> float:
         """Mean label cross-entropy on the local shard without noise (for logging)."""
         vec = torch.as_tensor(vectors, dtype=torch.float32, device=self.device)
         coeffs = torch.as_tensor(coefficients, dtype=torch.float32, device=self.device)
         losses = []
         for start in range(0, len(self.data), batch_size):
             rows = list(range(start, min(start + batch_size, len(self.data))))
-            losses.append(float(self.calibration_loss(vec, coeffs, rows, 0.0)) * len(rows))
+            losses.append(float(self.calibration_loss(vec, coeffs, rows, 0.0, objective)) * len(rows))
         return sum(losses) / len(self.data)
 
 

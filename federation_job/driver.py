@@ -28,7 +28,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
-from federation_job import liveness, wire
+from federation_job import compute, liveness, wire
 from federation_job.actors import ClientActor
 from federation_job.client import CalibrationConfig, accuracy
 from federation_job.errors import FederationError, IfediclError
@@ -42,6 +42,7 @@ from federation_job.modeling import (
     load_tokenizer,
     model_from_weights,
 )
+from federation_job.objective import OBJECTIVES
 from federation_job.partition import dirichlet_partition
 from federation_job.privacy import ClientPrivacy, PrivacySettings, privacy_report
 from federation_job.robust import AGGREGATORS, NormScreen, RobustStrategy
@@ -106,6 +107,10 @@ class FederationSettings:
             (self.weights in ("shared", "per-actor"), f"--weights must be shared or per-actor (got {self.weights})"),
             (self.dtype in DTYPES and self.extract_dtype in DTYPES, f"dtypes must be one of {sorted(DTYPES)}"),
             (self.calibration.batch_size >= 1, "--calib-batch-size must be >= 1"),
+            (
+                self.calibration.objective in OBJECTIVES,
+                f"--objective must be one of {OBJECTIVES} (got {self.calibration.objective})",
+            ),
             (self.capture_batch_size >= 1, "--batch-size must be >= 1"),
             (self.aggregator in AGGREGATORS, f"--aggregator must be one of {AGGREGATORS} (got {self.aggregator})"),
             (0 <= self.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
@@ -140,8 +145,8 @@ class FederationSettings:
 class FederationResult:
     run_id: str
     published: bool
-    coefficients: np.ndarray  # [L, 2, 2]
-    vectors: np.ndarray  # [L, 2, d]
+    coefficients: np.ndarray | None  # [L, 2, 2]; None for a FedAvg-LoRA run
+    vectors: np.ndarray | None  # [L, 2, d]; None for a FedAvg-LoRA run
     rounds: list[RoundRecord]
     summary: dict
 
@@ -250,6 +255,8 @@ class Federation:
         self.load_dropped: dict[int, str] = {}  # recorded with round 0
         self._driver_model = None
         self.shared_weights: ray.ObjectRef | None = None  # --weights shared: the object each node keeps one copy of
+        # What each client reported it spent per request: {round: {stage: {client: {"cpu_s", "wall_s"}}}}
+        self.client_compute: dict[int, dict[str, dict[int, dict[str, float]]]] = {}
 
     # ------------------------------------------------------------------ setup
     def _model_source(self):
@@ -304,12 +311,20 @@ class Federation:
         if self.after_dispatch is not None:
             self.after_dispatch(stage, round_index, {cid: self.actors[cid] for cid in calls})
         results, dropped = _gather(calls, self.settings.round_timeout_s, f"{stage} r{round_index}")
+        for cid, payload in results.items():
+            self._note_compute(stage, round_index, cid, payload)
         if self.after_gather is not None:
             self.after_gather(stage, round_index, dict(results), {cid: self.actors[cid] for cid in calls})
         for cid, reason in dropped.items():
             self.alive.discard(cid)  # dead or stuck: not asked again this run
             _log_event("client_dropped", stage=stage, round=round_index, client=cid, reason=reason)
         return results, dropped
+
+    def _note_compute(self, stage: str, round_index: int, cid: int, payload: object) -> None:
+        """Keep the CPU and wall seconds a client reported in its answer's metadata (if it did)."""
+        report = compute.reported(wire.meta_of(payload))
+        if report is not None:
+            self.client_compute.setdefault(round_index, {}).setdefault(stage, {})[cid] = report
 
     def _decode_updates(self, results: dict[int, bytes], key: str, shape: tuple, dropped: dict[int, str]):
         """Plain uploads -> checked updates; undecodable, wrong-shape or non-finite ones are recorded drops."""
@@ -542,11 +557,16 @@ class Federation:
                 "bytes_up_per_client": r.bytes_up,
                 "bytes_down_per_client": r.bytes_down,
                 "mean_loss": r.mean_loss,
+                "client_seconds": {
+                    stage: {str(c): v for c, v in by_client.items()}
+                    for stage, by_client in self.client_compute.get(r.round, {}).items()
+                },
             }
             for r in self.rounds
         ]
         stage2 = [r for r in self.rounds if r.round > 0]
         return {
+            **self._compute_summary(),
             "seconds": round(time.monotonic() - started, 3),
             "clients": self.settings.clients,
             "shard_sizes": [len(s) for s in self.shards],
@@ -571,15 +591,63 @@ class Federation:
             "privacy": self._privacy_summary(),
         }
 
+    def _compute_summary(self) -> dict:
+        """Client-reported compute, summed: per run, per stage and per client (CPU and wall seconds).
+
+        Measured inside each actor around each request (:mod:`federation_job.compute`); what a
+        client spent on a request it never answered (it died or timed out) is not known here.
+        """
+        reports = [
+            (stage, cid, report)
+            for by_stage in self.client_compute.values()
+            for stage, by_client in by_stage.items()
+            for cid, report in by_client.items()
+        ]
+
+        def total(items, key: str) -> float:
+            return round(sum(r[key] for _, _, r in items), 4)
+
+        stages = sorted({stage for stage, _, _ in reports})
+        clients = sorted({cid for _, cid, _ in reports})
+        return {
+            "client_cpu_seconds": total(reports, "cpu_s"),
+            "client_wall_seconds": total(reports, "wall_s"),
+            "client_seconds_by_stage": {
+                stage: {k: total([x for x in reports if x[0] == stage], f"{k}_s") for k in ("cpu", "wall")}
+                for stage in stages
+            },
+            "client_seconds_per_client": {
+                str(cid): {k: total([x for x in reports if x[1] == cid], f"{k}_s") for k in ("cpu", "wall")}
+                for cid in clients
+            },
+        }
+
     # ------------------------------------------------------------------ run
-    def run(self, publish: bool = False) -> FederationResult:
-        started = time.monotonic()
-        settings = {
+    def _run_settings(self) -> dict:
+        """What the run row records as its settings."""
+        return {
+            "method": "ifedicl",
             **self.settings.to_dict(),
             "source": dataclasses.asdict(self.source),
             "driver": liveness.driver_identity(),
             "client_privacy": dataclasses.asdict(self.privacy),
         }
+
+    def _stages(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The method's client stages and store writes -> (vectors, final Λ). IFed-ICL: stage 1, then R rounds."""
+        vectors = self.stage_one()
+        self.store.write_vectors(self.run_id, self.data.task.name, vectors)
+        coefficients = initial_coefficients(self.fingerprint.num_layers).numpy()
+        self.store.write_coefficients(self.run_id, self.data.task.name, 0, coefficients)
+        rng = np.random.default_rng(self.settings.seed)
+        for r in tqdm(range(1, self.settings.rounds + 1), desc="rounds", unit="round"):
+            coefficients = self.stage_two_round(r, coefficients, rng)
+            self.store.write_coefficients(self.run_id, self.data.task.name, r, coefficients)
+        return vectors, coefficients
+
+    def run(self, publish: bool = False) -> FederationResult:
+        started = time.monotonic()
+        settings = self._run_settings()
         liveness.ensure_writable(self.store_uri)  # fail before any work, not halfway through
         self.store = Store(self.store_uri, create=True)
         for run_id, reason in liveness.reap_dead_runs(self.store).items():
@@ -589,14 +657,7 @@ class Federation:
         _log_event("run_started", run=self.run_id, task=self.data.task.name, model=self.model_id)
         try:
             self._start_actors()
-            vectors = self.stage_one()
-            self.store.write_vectors(self.run_id, self.data.task.name, vectors)
-            coefficients = initial_coefficients(self.fingerprint.num_layers).numpy()
-            self.store.write_coefficients(self.run_id, self.data.task.name, 0, coefficients)
-            rng = np.random.default_rng(self.settings.seed)
-            for r in tqdm(range(1, self.settings.rounds + 1), desc="rounds", unit="round"):
-                coefficients = self.stage_two_round(r, coefficients, rng)
-                self.store.write_coefficients(self.run_id, self.data.task.name, r, coefficients)
+            vectors, coefficients = self._stages()
             self._kill_actors()
             summary = self._summary(started)
             summary.update(self._evaluate(vectors, coefficients))

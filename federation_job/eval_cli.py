@@ -30,6 +30,11 @@ def eval_command(
     lora_lr: float = typer.Option(5e-4, help="FedAvg-LoRA learning rate"),
     min_shard: int = typer.Option(2, help="smallest client shard the Dirichlet split may produce"),
     weighted: bool = typer.Option(False, help="weight FedAvg by client example counts (paper: unweighted)"),
+    objective: str | None = typer.Option(
+        None,
+        help="training loss of every trainable method: full-vocab | label-only "
+        "(default: each method's own, full-vocab for the Λ methods, label-only for FedAvg-LoRA)",
+    ),
     batch_size: int = typer.Option(16, help="inference batch size"),
     dtype: str = typer.Option("float32", help="model dtype: float32, bfloat16, float16"),
 ) -> None:
@@ -54,6 +59,7 @@ def eval_command(
         lora_alpha=2 * lora_rank,
         lora_lr=lora_lr,
         weighted=weighted,
+        objective=objective,
         batch_size=batch_size,
         dtype=dtype,
     )

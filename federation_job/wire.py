@@ -30,3 +30,16 @@ def decode(payload: bytes) -> tuple[dict[str, np.ndarray], dict]:
     except Exception as err:
         raise FederationError(f"undecodable update ({len(payload)} bytes): {err}") from None
     return arrays, meta
+
+
+def meta_of(payload: object) -> dict:
+    """The JSON metadata of a payload without loading its arrays; {} for anything undecodable."""
+    if not isinstance(payload, bytes) or len(payload) < 8:
+        return {}
+    try:
+        header_len = int.from_bytes(payload[:8], "little")
+        header = json.loads(payload[8 : 8 + header_len])
+        meta = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
+    except Exception:
+        return {}
+    return meta if isinstance(meta, dict) else {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from federation_job.evaluation.settings import EvalSettings
 from model_patches.hf import HFContextModel
 
@@ -22,6 +24,34 @@ class MethodContext:
     def store_uri(self) -> str:
         """LanceDB store the Ray federation writes Λ per round into (read back for per-round accuracy)."""
         return str(self.out_dir / "federation_store")
+
+
+def federated_comm(rounds) -> dict:
+    """Bytes as the driver measured them at the Ray boundary (len of each payload); round 0 = stage 1."""
+    stage1, stage2 = rounds[0], [r for r in rounds if r.round > 0]
+    return {
+        "stage1_up_per_client": float(np.mean(stage1.bytes_up)) if stage1.bytes_up else 0.0,
+        "stage1_down_per_client": float(np.mean(stage1.bytes_down)) if stage1.bytes_down else 0.0,
+        "round_up_per_client": float(np.mean([b for r in stage2 for b in r.bytes_up])),
+        "round_down_per_client": float(np.mean([b for r in stage2 for b in r.bytes_down])),
+        "total_up": int(sum(sum(r.bytes_up) for r in rounds)),
+        "total_down": int(sum(sum(r.bytes_down) for r in rounds)),
+    }
+
+
+COMPUTE_FIELDS = ("client_cpu_seconds", "client_wall_seconds", "client_seconds_by_stage", "client_seconds_per_client")
+
+
+def federated_compute(summary: dict) -> dict:
+    """Client time of a Ray federation as the clients measured it (mean per client, all its requests)."""
+    per_client = summary["client_seconds_per_client"]
+    return {
+        "client_seconds": float(np.mean([c["wall"] for c in per_client.values()])),
+        "client_cpu_seconds": float(np.mean([c["cpu"] for c in per_client.values()])),
+        "client_seconds_note": "measured inside each client actor (wall and process CPU seconds per request), "
+        "summed over its requests, mean over clients",
+        "client_compute": {k: summary[k] for k in COMPUTE_FIELDS},
+    }
 
 
 def no_communication() -> dict:

@@ -3,7 +3,9 @@
 Budget parity: centralized and local-only calibration run ``rounds × local_epochs``
 epochs, the same number of passes over each example a federated client makes.
 IFed-ICL is the real :class:`Federation` (Ray actors, wire bytes, LanceDB store);
-its Λ after every round is read back from the store and scored on the test set.
+its Λ after every round is read back from the store and scored on the test set, and
+its client time is what the actors measured (:func:`.context.federated_compute`).
+Every method trains with ``settings.objective_for(method)``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 import numpy as np
 
 from federation_job.client import CalibrationConfig, Client
-from federation_job.evaluation.context import MethodContext, no_communication
+from federation_job.evaluation.context import MethodContext, federated_comm, federated_compute, no_communication
 from federation_job.evaluation.metrics import mean_std
 from federation_job.evaluation.scoring import score
 from federation_job.evaluation.settings import Cell
@@ -21,25 +23,37 @@ from federation_job.evaluation.tasks import PreparedTask
 from model_patches.injection import initial_coefficients
 
 
-def _calibrate_alone(mc: MethodContext, task: PreparedTask, data, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One party with ``data``: extract its vectors, calibrate Λ from the initial values; timed."""
+def _calibrate_alone(
+    mc: MethodContext, task: PreparedTask, data, seed: int, objective: str
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One party with ``data``: extract its vectors, calibrate Λ from the initial values; timed (wall and CPU)."""
     s = mc.settings
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.process_time()
     client = Client(mc.ctx, mc.tokenizer, task.spec, data)
     vectors = client.extract_vectors(batch_size=8)
     init = initial_coefficients(mc.ctx.num_layers).numpy()
-    result = client.calibrate(vectors, init, CalibrationConfig(epochs=s.rounds * s.local_epochs), seed)
-    info = {"seconds": time.monotonic() - start, "steps": result.steps, "mean_loss": result.mean_loss}
+    config = CalibrationConfig(epochs=s.rounds * s.local_epochs, objective=objective)
+    result = client.calibrate(vectors, init, config, seed)
+    info = {
+        "seconds": time.monotonic() - start,
+        "cpu_seconds": time.process_time() - cpu,
+        "steps": result.steps,
+        "mean_loss": result.mean_loss,
+        "objective": objective,
+    }
     return vectors, result.coefficients, info
 
 
 def i2cl_central(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     """All training data in one place: the upper bound the federation should approach."""
-    vectors, coeffs, info = _calibrate_alone(mc, task, task.data.train, cell.seed)
+    objective = mc.settings.objective_for(cell.method)
+    vectors, coeffs, info = _calibrate_alone(mc, task, task.data.train, cell.seed, objective)
     result = score(mc.ctx, mc.tokenizer, task.spec, task.test, None, vectors, coeffs, mc.settings.batch_size)
     return {
         **result,
+        "objective": objective,
         "client_seconds": info["seconds"],
+        "client_cpu_seconds": info["cpu_seconds"],
         "calibration": info,
         "coefficients": coeffs.tolist(),
         "comm": no_communication(),
@@ -49,11 +63,13 @@ def i2cl_central(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
 def local_calibration(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     """Each client's own vectors and Λ, no federation (the paper's global-vs-local comparison)."""
     s = mc.settings
+    objective = s.objective_for(cell.method)
     per_client, local_coeffs = [], []
     for cid, shard in enumerate(task.shards(s.clients, cell.alpha, cell.seed, s.min_shard)):
-        vectors, coeffs, info = _calibrate_alone(mc, task, shard, cell.seed * 1000 + cid)
+        vectors, coeffs, info = _calibrate_alone(mc, task, shard, cell.seed * 1000 + cid, objective)
         result = score(mc.ctx, mc.tokenizer, task.spec, task.test, None, vectors, coeffs, s.batch_size)
-        per_client.append({"client": cid, "examples": len(shard), "seconds": info["seconds"], **result})
+        timing = {"seconds": info["seconds"], "cpu_seconds": info["cpu_seconds"]}
+        per_client.append({"client": cid, "examples": len(shard), **timing, **result})
         local_coeffs.append(coeffs.tolist())
     acc = [c["accuracy"] for c in per_client]
     return {
@@ -61,22 +77,11 @@ def local_calibration(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict
         "macro_f1": float(np.mean([c["macro_f1"] for c in per_client])),
         "client_accuracy_std": mean_std(acc)[1],
         "per_client": per_client,
+        "objective": objective,
         "client_seconds": float(np.mean([c["seconds"] for c in per_client])),
+        "client_cpu_seconds": float(np.mean([c["cpu_seconds"] for c in per_client])),
         "coefficients_per_client": local_coeffs,
         "comm": no_communication(),
-    }
-
-
-def _ifedicl_comm(rounds) -> dict:
-    """Bytes as the driver measured them at the Ray boundary (len of each payload)."""
-    stage1, stage2 = rounds[0], [r for r in rounds if r.round > 0]
-    return {
-        "stage1_up_per_client": float(np.mean(stage1.bytes_up)),
-        "stage1_down_per_client": float(np.mean(stage1.bytes_down)),
-        "round_up_per_client": float(np.mean([b for r in stage2 for b in r.bytes_up])),
-        "round_down_per_client": float(np.mean([b for r in stage2 for b in r.bytes_down])),
-        "total_up": int(sum(sum(r.bytes_up) for r in rounds)),
-        "total_down": int(sum(sum(r.bytes_down) for r in rounds)),
     }
 
 
@@ -86,6 +91,7 @@ def ifedicl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     from storage.store import Store
 
     s = mc.settings
+    objective = s.objective_for(cell.method)
     settings = FederationSettings(
         clients=s.clients,
         alpha=cell.alpha,
@@ -97,6 +103,7 @@ def ifedicl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
         weighted_vectors=s.weighted,
         weighted_coefficients=s.weighted,
         dtype=s.dtype,
+        calibration=CalibrationConfig(objective=objective),
     )
     result = Federation(mc.model_id, task.source, mc.store_uri, settings).run(publish=False)
     by_round = Store(mc.store_uri).coefficients_by_round(result.run_id)
@@ -110,10 +117,10 @@ def ifedicl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
         "macro_f1": final["macro_f1"],
         "per_round": per_round,
         "run_id": result.run_id,
-        # Clients run in parallel on Ray; the wall time of the client stages bounds each client's compute.
-        "client_seconds": float(sum(r.seconds for r in result.rounds)),
-        "client_seconds_note": "wall time of the Ray client stages (parallel clients, includes Ray overhead)",
+        "objective": objective,
+        **federated_compute(result.summary),
+        "stage_seconds": float(sum(r.seconds for r in result.rounds)),  # the driver's wall time of the Ray stages
         "dropped": {r.round: r.dropped for r in result.rounds if r.dropped},
         "coefficients": result.coefficients.tolist(),
-        "comm": _ifedicl_comm(result.rounds),
+        "comm": federated_comm(result.rounds),
     }

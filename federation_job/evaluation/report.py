@@ -66,6 +66,7 @@ def _summarize_method(records: list[dict]) -> dict:
         "macro_f1_std": f1_std,
         "seeds": sorted(r["seed"] for r in records),
         "client_seconds_mean": mean_std([r["client_seconds"] for r in records])[0],
+        "client_cpu_seconds_mean": mean_std([r.get("client_cpu_seconds", 0.0) for r in records])[0],
         "comm": {k: float(np.mean([r["comm"][k] for r in records])) for k in COMM_FIELDS},
     }
     if "client_accuracy_std" in records[0]:
@@ -116,6 +117,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _objective_line(settings: dict) -> str:
+    objective = settings.get("objective")
+    if objective:
+        return f"{objective} cross-entropy for every trainable method"
+    return "each method's own (full-vocab for I2CL, local-only and IFed-ICL; label-only for FedAvg-LoRA)"
+
+
 def render_markdown(results: dict) -> str:
     summary, settings = results["summary"], results["settings"]
     methods = [m for m in METHODS if m in settings["methods"]]
@@ -127,6 +135,7 @@ def render_markdown(results: dict) -> str:
         f"{settings['clients']} clients, Dirichlet α ∈ {settings['alphas']}, {settings['rounds']} rounds × "
         f"{settings['local_epochs']} local epoch(s), seeds {settings['seeds']}, test {settings['test_size']} "
         f"(class-balanced), {settings['shots']}-shot ICL, LoRA r={settings['lora_rank']}.  ",
+        f"Training objective: {_objective_line(settings)}.  ",
         "Accuracy and macro-F1 in %, mean ± std over seeds. Local methods: mean over clients.",
         "",
         "## Table 1: accuracy (%)",
@@ -186,17 +195,24 @@ def render_markdown(results: dict) -> str:
         comm_rows,
     )
 
-    lines += ["", "## Table 3: client compute (seconds)", ""]
+    lines += ["", "## Table 3: client compute, seconds per client (wall / CPU)", ""]
     compute_rows = []
     for task, a, by_method in rows_of:
         compute_rows.append(
-            [task, a] + [f"{by_method[m]['client_seconds_mean']:.1f}" if m in by_method else "–" for m in methods]
+            [task, a]
+            + [
+                f"{by_method[m]['client_seconds_mean']:.1f} / {by_method[m]['client_cpu_seconds_mean']:.1f}"
+                if m in by_method
+                else "–"
+                for m in methods
+            ]
         )
     lines += _table(["dataset", "α"] + [METHOD_LABELS[m] for m in methods], compute_rows)
     lines += [
         "",
-        "IFed-ICL: wall time of the Ray client stages (parallel clients, incl. Ray overhead). FedAvg-LoRA, local-only: "
-        "mean per client, in process. I2CL central: the single party.",
+        "IFed-ICL and FedAvg-LoRA: measured inside each Ray client actor (wall and process CPU seconds of every "
+        "request it served), summed per client, mean over clients; both run on the same actors. Local-only: mean "
+        "per client, in process. I2CL central: the single party. Prompt-only methods train nothing (0).",
     ]
 
     lines += ["", "## Global vs local coefficients (paper Fig. 2)", ""]

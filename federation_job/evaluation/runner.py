@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from federation_job.evaluation import methods_i2cl, methods_icl, methods_lora
 from federation_job.evaluation.cells import CellStore
 from federation_job.evaluation.context import MethodContext
-from federation_job.evaluation.settings import Cell, EvalSettings, plan_cells
+from federation_job.evaluation.settings import FEDERATED, Cell, EvalSettings, plan_cells
 from federation_job.evaluation.tasks import PreparedTask, prepare_task
 
 log = logging.getLogger("ifedicl.eval")
@@ -56,7 +56,7 @@ def run_cells(settings: EvalSettings, out_dir: str | Path) -> tuple[list[dict], 
     if todo:
         mc = _load_context(settings, out_dir)
         started_ray = False
-        if any(c.method == "ifedicl" for c in todo):
+        if any(c.method in FEDERATED for c in todo):
             from federation_job.driver import ensure_ray  # one Ray for all federation cells
 
             started_ray = ensure_ray()

@@ -55,11 +55,24 @@ class EvalSettings:
     lora_alpha: int = 16
     lora_lr: float = 5e-4
     weighted: bool = False  # paper: unweighted FedAvg of vectors, Λ (and, for parity, LoRA weights)
+    # Training loss of every trainable method: "full-vocab" | "label-only" (federation_job.objective);
+    # None keeps each method's own: full-vocab for I2CL, local-only and IFed-ICL (I2CL's), label-only for LoRA.
+    objective: str | None = None
     batch_size: int = 16
     dtype: str = "float32"
     test_seed: int = 0  # the test sample is the same for every seed: spread over seeds is the split's and training's
 
+    def objective_for(self, method: str) -> str:
+        """The loss ``method`` trains with under these settings."""
+        if self.objective is not None:
+            return self.objective
+        return "label-only" if method == "fedavg_lora" else "full-vocab"
+
     def validate(self) -> None:
+        from federation_job.objective import OBJECTIVES
+
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {list(OBJECTIVES)} (got {self.objective!r})")
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")

@@ -1,0 +1,156 @@
+"""FedAvg-LoRA through the same Ray job as IFed-ICL: the baseline measured like for like.
+
+The same :class:`~federation_job.driver.Federation` (actors, client sampling, drop and
+timeout handling, ``min_clients``, screening and aggregators, store rows per round,
+client-reported CPU and wall seconds) with the method's stages swapped: no stage 1
+(round 0 only records who loaded), then each round the server sends the global LoRA
+adapters, every sampled client trains them locally (:meth:`ClientActor.train_lora`) and
+uploads its adapters; the server averages them (FedAvg, or the robust aggregators, on the
+flattened state). Bytes are ``len()`` of those wire payloads, exactly as for Λ.
+
+Not offered: secure aggregation and differential privacy (their clipping bounds and
+masking are defined for vectors and Λ), and publishing (a LoRA run has no context
+vectors to serve).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import ray
+from tqdm.auto import tqdm
+
+from federation_job import wire
+from federation_job.driver import Federation, _traffic
+from federation_job.errors import IfediclError
+from federation_job.lora import LoraSettings, attach_lora, flatten, load_trainable, trainable_state, unflatten
+from federation_job.modeling import load_model, model_from_weights
+from federation_job.server import ClientUpdate, check_update
+from storage.store import RoundRecord
+
+
+class LoraFederation(Federation):
+    """``LoraFederation(model, source, store, settings, lora=LoraSettings(...)).run()``.
+
+    ``states[r]`` holds the global adapters after round r (0: the initial ones).
+    """
+
+    def __init__(self, *args, lora: LoraSettings | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        s = self.settings
+        if s.secagg or self.privacy.vectors_on or self.privacy.coefficients_on:
+            raise IfediclError("FedAvg-LoRA runs without --secagg and differential privacy (defined for vectors and Λ)")
+        self.lora = lora or LoraSettings()
+        self.states: list[dict[str, np.ndarray]] = []  # the global adapters after each round (0 = initial)
+
+    def _run_settings(self) -> dict:
+        return {**super()._run_settings(), "method": "fedavg-lora", "lora": dataclasses.asdict(self.lora)}
+
+    def _base_model(self):
+        """A model for the driver's own use: aliases the object-store weights (no copy) or loads its own."""
+        if self.shared_weights is not None:
+            return model_from_weights(ray.get(self.shared_weights))
+        return load_model(self.model_id, self.settings.dtype)
+
+    def _stages(self) -> tuple[None, None]:
+        loaded = sorted(self.alive)
+        self._record(
+            RoundRecord(
+                round=0,  # no stage 1: the record of who loaded (and who was dropped while loading)
+                clients_sampled=sorted(self.actors),
+                clients_answered=loaded,
+                dropped=dict(self.load_dropped),
+                mean_loss=None,
+                bytes_up=[0] * len(loaded),
+                bytes_down=[0] * len(self.actors),
+                seconds=0.0,
+            )
+        )
+        state = trainable_state(attach_lora(self._base_model(), self.lora))
+        self.states = [state]
+        rng = np.random.default_rng(self.settings.seed)
+        for r in tqdm(range(1, self.settings.rounds + 1), desc="rounds", unit="round"):
+            state = self.lora_round(r, state, rng)
+            self.states.append(state)
+        return None, None
+
+    def _decode_states(self, results: dict[int, bytes], like: dict[str, np.ndarray], dropped: dict[int, str]):
+        """Uploaded adapters -> flattened, checked updates; a wrong name set or shape is a recorded rejection."""
+        updates = []
+        for cid, payload in sorted(results.items()):
+            try:
+                arrays, meta = wire.decode(payload)
+                if sorted(arrays) != sorted(like) or any(arrays[n].shape != like[n].shape for n in like):
+                    raise IfediclError(f"client {cid} sent tensors that are not the global adapters")
+                update = ClientUpdate(cid, flatten(arrays), int(meta["num_examples"]), meta.get("loss"))
+                check_update(update, (sum(v.size for v in like.values()),))
+                updates.append(update)
+            except (IfediclError, KeyError, ValueError, TypeError) as err:
+                dropped[cid] = f"rejected update: {err}"
+        return updates
+
+    def lora_round(self, round_index: int, state: dict[str, np.ndarray], rng: np.random.Generator):
+        start = time.monotonic()
+        s = self.settings
+        sampled = self.coefficient_strategy.configure(sorted(self.alive), s.fraction, s.min_clients, rng)
+        config = dataclasses.replace(s.calibration, epochs=s.local_epochs, lr=self.lora.lr)
+        payload = wire.encode(
+            state,
+            round=round_index,
+            seed=s.seed + round_index,
+            config=dataclasses.asdict(config),
+            lora=dataclasses.asdict(self.lora),
+        )
+        results, dropped = self._call("train", round_index, "train_lora", {cid: payload for cid in sampled})
+        updates = self._decode_states(results, state, dropped)
+        self._require(len(updates), f"round {round_index}")
+        traffic = _traffic(results, {cid: len(payload) for cid in sampled})
+        reference = flatten(state)
+        new, used = self._combine(
+            "train", round_index, updates, reference.shape, self.coefficient_strategy, reference, dropped, traffic
+        )
+        losses = [u.loss for u in used if u.loss is not None]
+        self._record(
+            RoundRecord(
+                round=round_index,
+                clients_sampled=sampled,
+                clients_answered=[u.client_id for u in used],
+                dropped=dropped,
+                mean_loss=float(np.mean(losses)) if losses else None,
+                bytes_up=[traffic["up"][u.client_id] for u in used],
+                bytes_down=[traffic["down"][c] for c in sampled],
+                seconds=time.monotonic() - start,
+            )
+        )
+        return unflatten(new, state)
+
+    def _evaluate(self, vectors, coefficients) -> dict:
+        """Zero-shot and FedAvg-LoRA accuracy on the source's test split (the final global adapters)."""
+        from federation_job.client import accuracy
+        from model_patches.hf import HFContextModel
+
+        test = self.data.test
+        if not len(test) or not self.states:
+            return {}
+        model = self._base_model()
+        ctx = HFContextModel(model)
+        try:
+            task = self.data.task
+            zero_shot = accuracy(ctx, self.tokenizer, task, test)
+            peft_model = attach_lora(model, self.lora)
+            load_trainable(peft_model, self.states[-1])
+            return {
+                "dtype": self.settings.dtype,
+                "test_examples": len(test),
+                "zero_shot_accuracy": zero_shot,
+                "accuracy": accuracy(ctx, self.tokenizer, task, test),
+            }
+        finally:
+            ctx.remove_hooks()
+
+    def run(self, publish: bool = False):
+        if publish:
+            raise IfediclError("a FedAvg-LoRA run has no context vectors to publish")
+        return super().run(publish=False)

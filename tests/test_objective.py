@@ -1,0 +1,68 @@
+"""The objective option: label-only and full-vocabulary cross-entropy, checked against a direct computation.
+
+Direct = a plain forward of the unmodified HF model on each prompt alone (no padding, no
+hooks), then ``-log softmax`` by hand over the label words' logits (label-only) or the
+whole vocabulary (full-vocab). The project's paths must give the same numbers: Λ
+calibration at identity injection (λ=0, β=1) and LoRA before training (B=0).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from federation_job.client import Client
+from federation_job.data import load_task_dir
+from federation_job.lora import LoraClient, LoraSettings
+from federation_job.modeling import load_model, load_tokenizer
+from federation_job.objective import label_word_loss
+from model_patches.hf import HFContextModel
+
+ROWS = [0, 1, 2, 3, 4]
+
+
+def _client(llama_dir, task_dir):
+    data = load_task_dir(task_dir)
+    ctx = HFContextModel(load_model(str(llama_dir)))
+    return Client(ctx, load_tokenizer(str(llama_dir)), data.task, data.train.head(8))
+
+
+@torch.no_grad()
+def _direct(llama_dir, client: Client, objective: str) -> float:
+    model = load_model(str(llama_dir))  # a separate copy: no hooks, no adapters
+    losses = []
+    for i in ROWS:
+        ids = client.tokenizer(client.task.prompt(client.data.texts[i]), return_tensors="pt")["input_ids"]
+        logits = model(input_ids=ids).logits[0, -1].double()  # [V] at the last token
+        pool = logits[client.label_ids] if objective == "label-only" else logits
+        target = logits[client.label_ids[client.data.labels[i]]]
+        losses.append(float(torch.logsumexp(pool, 0) - target))
+    return float(np.mean(losses))
+
+
+def test_calibration_loss_per_objective_equals_direct_cross_entropy(llama_dir, task_dir):
+    client = _client(llama_dir, task_dir)
+    L, d = client.ctx.num_layers, client.ctx.hidden_size
+    vectors = torch.randn(L, 2, d)
+    identity = torch.stack([torch.zeros(L, 2), torch.ones(L, 2)], dim=-1)  # λ=0, β=1: the plain model
+    got = {o: float(client.calibration_loss(vectors, identity, ROWS, 0.0, o)) for o in ("label-only", "full-vocab")}
+    want = {o: _direct(llama_dir, client, o) for o in got}
+    assert got["label-only"] == pytest.approx(want["label-only"], abs=1e-4)
+    assert got["full-vocab"] == pytest.approx(want["full-vocab"], abs=1e-4)
+    assert got["label-only"] < got["full-vocab"]  # the label words are a strict subset of the vocabulary
+
+
+def test_lora_batch_loss_per_objective_equals_direct_cross_entropy(llama_dir, task_dir):
+    client = _client(llama_dir, task_dir)
+    lora = LoraClient(client, LoraSettings(rank=4, alpha=8))  # B = 0: the adapted model is the base model
+    for objective in ("label-only", "full-vocab"):
+        got = float(lora.batch_loss(ROWS, objective).detach())
+        assert got == pytest.approx(_direct(llama_dir, client, objective), abs=1e-4), objective
+
+
+def test_label_only_is_cross_entropy_over_the_label_logits():
+    logits = torch.randn(3, 50, dtype=torch.float64)
+    label_ids, classes = [7, 19, 3], torch.tensor([2, 0, 1])
+    expected = -torch.log_softmax(logits[:, label_ids], dim=1)[torch.arange(3), classes].mean()
+    assert float(label_word_loss(logits, classes, label_ids, "label-only")) == pytest.approx(float(expected), abs=1e-6)
+    with pytest.raises(ValueError, match="unknown objective"):
+        label_word_loss(logits, classes, label_ids, "label-words")
