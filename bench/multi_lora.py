@@ -3,7 +3,7 @@
 Not a test: prints a table and ratios. The alternative to IFed-ICL a user weighs is
 federated LoRA, one adapter per task, served with vLLM's multi-LoRA (on CPU:
 ``PunicaWrapperCPU``). This module makes FedAvg-LoRA-shaped adapters (rank 8 on
-``q_proj``/``v_proj``, alpha 16, as ``federation_job/evaluation/methods_lora.py``
+``q_proj``/``v_proj``, alpha 16, as ``federation_job/lora.py`` (FedAvg-LoRA's clients)
 builds them; random non-zero B so they change outputs) and scores the same label
 requests the server sends (``max_tokens=1``, logprobs of the label ids) with each
 batch's requests spread round-robin over N distinct adapters.
@@ -78,14 +78,15 @@ def make_adapters(model_dir: str | Path, count: int, rank: int = RANK, seed: int
                   out_dir: str | Path | None = None, alpha: int = ALPHA) -> list[Path]:
     """``count`` PEFT LoRA adapter directories (adapter_config.json + adapter_model.safetensors).
 
-    Rank ``rank`` on the query/value projections (``methods_lora.target_modules``), built by
-    ``methods_lora.build_lora_model`` (the FedAvg-LoRA model); A keeps peft's init under the
+    Rank ``rank`` on the query/value projections, attached by ``federation_job.lora.attach_lora``
+    (what FedAvg-LoRA's clients train); A keeps peft's init under the
     adapter's own seed, B is drawn N(0, B_STD) so every adapter changes the outputs.
     """
-    from federation_job.evaluation.methods_lora import build_lora_model
+    from federation_job.lora import LoraSettings, attach_lora
+    from federation_job.modeling import load_model
 
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ifedicl-lora-"))
-    model = build_lora_model(str(model_dir), rank, alpha, seed)
+    model = attach_lora(load_model(str(model_dir), "float32"), LoraSettings(rank=rank, alpha=alpha, init_seed=seed))
     paths = []
     for k in range(count):
         gen = torch.Generator().manual_seed(seed * 100_003 + k)
