@@ -132,7 +132,14 @@ async def measure_plain(model: Path, prompts, label_ids, opts) -> dict:
     engine = AsyncLLM.from_engine_args(engine_args(model, opts.dtype, opts.enforce_eager))
     try:
         await sweep(engine, prompts[:32], label_ids)  # warm-up
-        return {"plain": median_stats([await sweep(engine, prompts, label_ids) for _ in range(opts.repeats)])}
+        runs: dict[str, list[dict]] = {}
+        for _ in range(opts.repeats):
+            runs.setdefault("plain", []).append(await sweep(engine, prompts, label_ids))
+            if not opts.skip_lora:  # LoRA's batch: the base it is compared with
+                runs.setdefault("plain, LoRA's batch", []).append(
+                    await sweep(engine, prompts[: opts.lora_prompts], label_ids)
+                )
+        return {name: median_stats(r) for name, r in runs.items()}
     finally:
         engine.shutdown()
 
@@ -200,8 +207,9 @@ async def measure_lora(model: Path, prompts, label_ids, opts) -> dict:
     batch mixing adapter and no-adapter requests scores the latter with an adapter, see bench/multi_lora.py)."""
     import tempfile
 
-    from bench.multi_lora import RANK, lora_requests, make_adapters
     from vllm.v1.engine.async_llm import AsyncLLM
+
+    from bench.multi_lora import RANK, lora_requests, make_adapters
 
     with tempfile.TemporaryDirectory(prefix="ifedicl-bench-lora-") as tmp:
         requests = lora_requests(make_adapters(model, max(opts.adapters), out_dir=tmp))
@@ -217,7 +225,8 @@ async def measure_lora(model: Path, prompts, label_ids, opts) -> dict:
             runs: dict[str, list[dict]] = {}
             for _ in range(opts.repeats):
                 for n in opts.adapters:
-                    runs.setdefault(f"{n} adapters", []).append(await sweep(engine, prompts, label_ids, lora_of=mix(n)))
+                    stats = await sweep(engine, prompts[: opts.lora_prompts], label_ids, lora_of=mix(n))
+                    runs.setdefault(f"{n} adapters", []).append(stats)
             return {name: median_stats(r) for name, r in runs.items()}
         finally:
             engine.shutdown()
@@ -250,6 +259,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompts", type=int, default=1000, help="requests per batch (all submitted together)")
+    parser.add_argument("--lora-prompts", type=int, default=256, help="requests per multi-LoRA batch (slower)")
     parser.add_argument("--cold", type=int, default=20, help="published tasks beyond the slots, loaded on demand")
     parser.add_argument("--slots", type=int, default=None, help="engine task rows (default: max(--tasks))")
     parser.add_argument("--repeats", type=int, default=3)
@@ -278,7 +288,8 @@ def main() -> None:
     store_uri, store_s = published_store(Path(opts.store_dir), str(model), opts.slots + opts.cold, opts.dtype)
     print(f"store: {store_uri} ({opts.slots + opts.cold} published tasks; {store_s:.0f} s to write what was missing)")
 
-    plain = asyncio.run(measure_plain(model, prompts, label_ids, opts))["plain"]
+    plain_rows = asyncio.run(measure_plain(model, prompts, label_ids, opts))
+    plain = plain_rows["plain"]
     injected = asyncio.run(measure_injected(model, store_uri, prompts, texts, label_ids, opts))
     print_table("IFed-ICL: N distinct tasks mixed in every batch (injecting engine)",
                 {"plain vLLM": plain, **injected["rows"]}, plain)
@@ -295,18 +306,16 @@ def main() -> None:
 
     if not opts.skip_lora:
         lora = asyncio.run(measure_lora(model, prompts, label_ids, opts))
-        print_table("vLLM multi-LoRA: N distinct rank-8 adapters (q, v) mixed in every batch (eager: vLLM's CPU "
-                    "platform turns compilation off with LoRA)", {"plain vLLM": plain, **lora}, plain)
-        print("\nside by side (throughput, x plain vLLM)")
-        for n in opts.tasks:
-            lora_row = lora.get(f"{n} adapters")
-            ifed_row = injected["rows"].get(f"{n} tasks")
+        lora_base = plain_rows["plain, LoRA's batch"]
+        print_table(f"vLLM multi-LoRA: N distinct rank-8 adapters (q, v) mixed in every batch of {opts.lora_prompts} "
+                    "(eager: vLLM's CPU platform turns compilation off with LoRA)",
+                    {"plain vLLM": lora_base, **lora}, lora_base)
+        print("\nside by side (throughput, x plain vLLM on the same batch)")
+        for n in sorted(set(opts.tasks) | set(opts.adapters)):
+            ifed_row, lora_row = injected["rows"].get(f"{n} tasks"), lora.get(f"{n} adapters")
             cells = [f"IFed-ICL {ifed_row['req_s'] / plain['req_s']:.3f}" if ifed_row else "",
-                     f"LoRA {lora_row['req_s'] / plain['req_s']:.3f}" if lora_row else ""]
+                     f"multi-LoRA {lora_row['req_s'] / lora_base['req_s']:.3f}" if lora_row else ""]
             print(f"{n:>6} distinct: " + "   ".join(c for c in cells if c))
-        for n in opts.adapters:
-            if n not in opts.tasks:
-                print(f"{n:>6} distinct: LoRA {lora[f'{n} adapters']['req_s'] / plain['req_s']:.3f}")
 
 
 if __name__ == "__main__":

@@ -490,19 +490,32 @@ class Federation:
             dropped,
             traffic,
         )
-        losses = [u.loss for u in used if u.loss is not None]
-        record = RoundRecord(
-            round=round_index,
-            clients_sampled=sampled,
-            clients_answered=[u.client_id for u in used],
-            dropped=dropped,
-            mean_loss=float(np.mean(losses)) if losses else None,
-            bytes_up=[traffic["up"][u.client_id] for u in used],
-            bytes_down=[traffic["down"][c] for c in sampled],
-            seconds=time.monotonic() - start,
-        )
-        self._record(record)
+        self._record_round(round_index, sampled, used, dropped, traffic, start)
         return new
+
+    def _record_round(
+        self,
+        round_index: int,
+        sampled: list[int],
+        used: list[ClientUpdate],
+        dropped: dict[int, str],
+        traffic: dict,
+        start: float,
+    ) -> None:
+        """Record a calibration round from the updates it aggregated."""
+        losses = [u.loss for u in used if u.loss is not None]
+        self._record(
+            RoundRecord(
+                round=round_index,
+                clients_sampled=sampled,
+                clients_answered=[u.client_id for u in used],
+                dropped=dropped,
+                mean_loss=float(np.mean(losses)) if losses else None,
+                bytes_up=[traffic["up"][u.client_id] for u in used],
+                bytes_down=[traffic["down"][c] for c in sampled],
+                seconds=time.monotonic() - start,
+            )
+        )
 
     def _record(self, record: RoundRecord) -> None:
         self.rounds.append(record)

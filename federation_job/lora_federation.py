@@ -111,19 +111,7 @@ class LoraFederation(Federation):
         new, used = self._combine(
             "train", round_index, updates, reference.shape, self.coefficient_strategy, reference, dropped, traffic
         )
-        losses = [u.loss for u in used if u.loss is not None]
-        self._record(
-            RoundRecord(
-                round=round_index,
-                clients_sampled=sampled,
-                clients_answered=[u.client_id for u in used],
-                dropped=dropped,
-                mean_loss=float(np.mean(losses)) if losses else None,
-                bytes_up=[traffic["up"][u.client_id] for u in used],
-                bytes_down=[traffic["down"][c] for c in sampled],
-                seconds=time.monotonic() - start,
-            )
-        )
+        self._record_round(round_index, sampled, used, dropped, traffic, start)
         return unflatten(new, state)
 
     def _evaluate(self, vectors, coefficients) -> dict:

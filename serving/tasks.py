@@ -187,6 +187,3 @@ class TaskTable:
             yield task
         finally:
             self.release(task)
-
-    def in_use_slots(self) -> set[int]:
-        return {t.slot for t in self.resident.values()} | {t.slot for t in self._retired}

@@ -64,3 +64,25 @@ def no_communication() -> dict:
         "total_up": 0,
         "total_down": 0,
     }
+
+
+def federation_settings(mc: MethodContext, cell):
+    """The Ray federation a cell's federated methods (IFed-ICL, FedAvg-LoRA) run: same clients, shards,
+    rounds, local epochs, weighting and objective, so their bytes and seconds compare."""
+    from federation_job.client import CalibrationConfig
+    from federation_job.driver import FederationSettings
+
+    s = mc.settings
+    return FederationSettings(
+        clients=s.clients,
+        alpha=cell.alpha,
+        rounds=s.rounds,
+        local_epochs=s.local_epochs,
+        seed=cell.seed,
+        min_shard=s.min_shard,
+        min_clients=1,
+        weighted_vectors=s.weighted,
+        weighted_coefficients=s.weighted,
+        dtype=s.dtype,
+        calibration=CalibrationConfig(objective=s.objective_for(cell.method)),
+    )

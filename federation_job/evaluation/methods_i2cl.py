@@ -15,7 +15,13 @@ import time
 import numpy as np
 
 from federation_job.client import CalibrationConfig, Client
-from federation_job.evaluation.context import MethodContext, federated_comm, federated_compute, no_communication
+from federation_job.evaluation.context import (
+    MethodContext,
+    federated_comm,
+    federated_compute,
+    federation_settings,
+    no_communication,
+)
 from federation_job.evaluation.metrics import mean_std
 from federation_job.evaluation.scoring import score
 from federation_job.evaluation.settings import Cell
@@ -87,24 +93,12 @@ def local_calibration(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict
 
 def ifedicl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     """The real Ray federation, then accuracy of the global Λ after every round (round 0 = initial Λ)."""
-    from federation_job.driver import Federation, FederationSettings
+    from federation_job.driver import Federation
     from storage.store import Store
 
     s = mc.settings
     objective = s.objective_for(cell.method)
-    settings = FederationSettings(
-        clients=s.clients,
-        alpha=cell.alpha,
-        rounds=s.rounds,
-        local_epochs=s.local_epochs,
-        seed=cell.seed,
-        min_shard=s.min_shard,
-        min_clients=1,
-        weighted_vectors=s.weighted,
-        weighted_coefficients=s.weighted,
-        dtype=s.dtype,
-        calibration=CalibrationConfig(objective=objective),
-    )
+    settings = federation_settings(mc, cell)
     result = Federation(mc.model_id, task.source, mc.store_uri, settings).run(publish=False)
     by_round = Store(mc.store_uri).coefficients_by_round(result.run_id)
     per_round = []

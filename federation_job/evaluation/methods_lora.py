@@ -17,8 +17,7 @@ measured (:func:`.context.federated_compute`), as for IFed-ICL.
 
 from __future__ import annotations
 
-from federation_job.client import CalibrationConfig
-from federation_job.evaluation.context import MethodContext, federated_comm, federated_compute
+from federation_job.evaluation.context import MethodContext, federated_comm, federated_compute, federation_settings
 from federation_job.evaluation.scoring import score
 from federation_job.evaluation.settings import Cell
 from federation_job.evaluation.tasks import PreparedTask
@@ -29,24 +28,12 @@ from model_patches.hf import HFContextModel
 
 def fedavg_lora(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     """The Ray FedAvg-LoRA run, then accuracy of the global adapters after every round (round 0 = base model)."""
-    from federation_job.driver import FederationSettings
     from federation_job.lora_federation import LoraFederation
 
     s = mc.settings
     objective = s.objective_for(cell.method)
     lora = LoraSettings(rank=s.lora_rank, alpha=s.lora_alpha, lr=s.lora_lr, init_seed=cell.seed)
-    settings = FederationSettings(
-        clients=s.clients,
-        alpha=cell.alpha,
-        rounds=s.rounds,
-        local_epochs=s.local_epochs,
-        seed=cell.seed,
-        min_shard=s.min_shard,
-        min_clients=1,
-        weighted_coefficients=s.weighted,
-        dtype=s.dtype,
-        calibration=CalibrationConfig(objective=objective),
-    )
+    settings = federation_settings(mc, cell)
     fed = LoraFederation(mc.model_id, task.source, mc.store_uri, settings, lora=lora)
     result = fed.run()
 
