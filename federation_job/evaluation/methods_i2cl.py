@@ -11,10 +11,11 @@ Every method trains with ``settings.objective_for(method)``.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
-from federation_job.client import CalibrationConfig, Client
+from federation_job.client import Client
 from federation_job.evaluation.context import MethodContext, federated_comm, federated_compute, no_communication
 from federation_job.evaluation.metrics import mean_std
 from federation_job.evaluation.scoring import score
@@ -30,9 +31,10 @@ def _calibrate_alone(
     s = mc.settings
     start, cpu = time.monotonic(), time.process_time()
     client = Client(mc.ctx, mc.tokenizer, task.spec, data)
-    vectors = client.extract_vectors(batch_size=8)
+    vectors = client.extract_vectors(batch_size=8, max_examples=s.recipe.get("stage1_examples"))
     init = initial_coefficients(mc.ctx.num_layers).numpy()
-    config = CalibrationConfig(epochs=s.rounds * s.local_epochs, objective=objective)
+    # one party, one local run: one schedule over all its epochs whatever the recipe's schedule
+    config = replace(s.calibration("i2cl_central", epochs=s.rounds * s.local_epochs), objective=objective)
     result = client.calibrate(vectors, init, config, seed)
     info = {
         "seconds": time.monotonic() - start,
@@ -103,7 +105,8 @@ def ifedicl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
         weighted_vectors=s.weighted,
         weighted_coefficients=s.weighted,
         dtype=s.dtype,
-        calibration=CalibrationConfig(objective=objective),
+        stage1_examples=s.recipe.get("stage1_examples"),
+        calibration=s.calibration(cell.method),
     )
     result = Federation(mc.model_id, task.source, mc.store_uri, settings).run(publish=False)
     by_round = Store(mc.store_uri).coefficients_by_round(result.run_id)
