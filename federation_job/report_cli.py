@@ -21,8 +21,10 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _sizes(clients: int, alpha: float, rounds: int, local_epochs: int, test_size, max_train, shots, batch_size):
+def _sizes(clients, alpha, rounds, local_epochs, test_size, max_train, shots, batch_size, threads, inference_dtype):
     return dict(
+        threads=threads or None,
+        inference_dtype=inference_dtype or None,
         clients=clients,
         alphas=[alpha],
         rounds=rounds,
@@ -65,6 +67,8 @@ def report_command(
     max_train: int = typer.Option(600),
     shots: int = typer.Option(4),
     batch_size: int = typer.Option(16),
+    threads: int = typer.Option(1, help="torch threads in the driver (0: torch's default); 1 is fastest when shared"),
+    inference_dtype: str = typer.Option("", help="dtype of the prompt-only methods (default: float32, as the rest)"),
     max_cells: int | None = typer.Option(None, help="compute at most this many cells, then stop (resume later)"),
     render_only: bool = typer.Option(False, help="only rewrite results.json/md and the plots from the cells"),
 ) -> None:
@@ -77,7 +81,9 @@ def report_command(
         seeds=list(range(seeds)),
         objectives=_csv(objectives),
         methods=_csv(methods),
-        base=_sizes(clients, alpha, rounds, local_epochs, test_size, max_train, shots, batch_size),
+        base=_sizes(
+            clients, alpha, rounds, local_epochs, test_size, max_train, shots, batch_size, threads, inference_dtype
+        ),
     )
     _run(spec, out, render_only, max_cells)
 
@@ -99,6 +105,8 @@ def ablate_command(
     max_train: int = typer.Option(600),
     shots: int = typer.Option(4),
     batch_size: int = typer.Option(16),
+    threads: int = typer.Option(1, help="torch threads in the driver (0: torch's default); 1 is fastest when shared"),
+    inference_dtype: str = typer.Option("", help="dtype of the prompt-only methods (default: float32, as the rest)"),
     max_cells: int | None = typer.Option(None, help="compute at most this many cells, then stop (resume later)"),
     render_only: bool = typer.Option(False, help="only rewrite results.json/md from the cells"),
 ) -> None:
@@ -115,7 +123,9 @@ def ablate_command(
         seeds=list(range(seeds)),
         objectives=_csv(objectives),
         methods=_csv(methods),
-        base=_sizes(clients, alpha, rounds, local_epochs, test_size, max_train, shots, batch_size),
+        base=_sizes(
+            clients, alpha, rounds, local_epochs, test_size, max_train, shots, batch_size, threads, inference_dtype
+        ),
         variants={v: ABLATION_VARIANTS[v] for v in chosen},
     )
     # every objective runs the variants' methods (the report's "prompt-only methods once" does not apply here)

@@ -19,6 +19,18 @@ class MethodContext:
     ctx: HFContextModel
     tokenizer: object
     out_dir: Path
+    inference: tuple | None = None  # (ctx, tokenizer) of the prompt-only methods, when their dtype differs
+
+    def prompt_only(self) -> tuple:
+        """(ctx, tokenizer) the prompt-only methods score with: ``settings.inference_dtype`` if set."""
+        dtype = self.settings.inference_dtype
+        if dtype is None or dtype == self.settings.dtype:
+            return self.ctx, self.tokenizer
+        if self.inference is None:
+            from federation_job.modeling import load_model
+
+            self.inference = (HFContextModel(load_model(self.model_id, dtype)), self.tokenizer)
+        return self.inference
 
     @property
     def store_uri(self) -> str:

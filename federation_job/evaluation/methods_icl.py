@@ -65,16 +65,18 @@ def icl_prompts(task: TaskSpec, demos: list[tuple[str, int]], texts: list[str], 
 
 def zero_shot(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     start = time.monotonic()
-    result = score(mc.ctx, mc.tokenizer, task.spec, task.test, batch_size=mc.settings.batch_size)
+    ctx, tokenizer = mc.prompt_only()
+    result = score(ctx, tokenizer, task.spec, task.test, batch_size=mc.settings.batch_size)
     return {**result, "client_seconds": 0.0, "eval_seconds": time.monotonic() - start, "comm": no_communication()}
 
 
 def few_shot_icl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     start = time.monotonic()
+    ctx, tokenizer = mc.prompt_only()
     demos = select_demos(task.data.train, mc.settings.shots, cell.seed)
-    prefixes, queries = icl_parts(task.spec, demos, task.test.texts, mc.tokenizer, max_positions(mc.model))
+    prefixes, queries = icl_parts(task.spec, demos, task.test.texts, tokenizer, max_positions(mc.model))
     result = score_shared_prefix(
-        mc.ctx, mc.tokenizer, task.spec, task.test, prefixes, queries, batch_size=mc.settings.batch_size
+        ctx, tokenizer, task.spec, task.test, prefixes, queries, batch_size=mc.settings.batch_size
     )
     return {
         **result,
@@ -89,13 +91,12 @@ def local_icl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     """Each client prompts with k demos from its own shard; the reported number is the mean over clients."""
     s = mc.settings
     start = time.monotonic()
+    ctx, tokenizer = mc.prompt_only()
     per_client = []
     for cid, shard in enumerate(task.shards(s.clients, cell.alpha, cell.seed, s.min_shard)):
         demos = select_demos(shard, s.shots, cell.seed * 1000 + cid)
-        prefixes, queries = icl_parts(task.spec, demos, task.test.texts, mc.tokenizer, max_positions(mc.model))
-        result = score_shared_prefix(
-            mc.ctx, mc.tokenizer, task.spec, task.test, prefixes, queries, batch_size=s.batch_size
-        )
+        prefixes, queries = icl_parts(task.spec, demos, task.test.texts, tokenizer, max_positions(mc.model))
+        result = score_shared_prefix(ctx, tokenizer, task.spec, task.test, prefixes, queries, batch_size=s.batch_size)
         per_client.append({"client": cid, "examples": len(shard), "classes": len(set(shard.labels)), **result})
     acc = [c["accuracy"] for c in per_client]
     f1 = [c["macro_f1"] for c in per_client]

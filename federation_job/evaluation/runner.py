@@ -94,6 +94,10 @@ def run_cells(
         todo = todo[: max(0, max_cells)]
     stats = {"cells": len(cells), "resumed": len(records), "computed": 0}
     if todo:
+        if settings.threads:
+            import torch
+
+            torch.set_num_threads(settings.threads)
         mc = _load_context(settings, out_dir)
         started_ray = False
         if any(c.method in FEDERATED for c in todo):
