@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -162,3 +163,24 @@ def test_federated_cell_cost_counts_the_client_actors(ray_session, llama_dir, ta
     assert cost["actors_cpu_s"] == pytest.approx(record["client_compute"]["client_cpu_seconds"], abs=1e-3)
     assert cost["actors_cpu_s"] > 0 and cost["cpu_s"] == pytest.approx(cost["process_cpu_s"] + cost["actors_cpu_s"])
     assert record["objective"] == "label-only"
+
+
+def test_ablation_variants_are_cells_of_their_own(llama_dir, task_dir, tmp_path, counted):
+    from federation_job.evaluation.grid import ABLATION_VARIANTS
+
+    calls, _ = counted
+    variants = {v: ABLATION_VARIANTS[v] for v in ("default", "attention only", "lr 3e-2")}
+    spec = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=["i2cl_central"], variants=variants)
+    out = tmp_path / "ablation"
+    results = run_grid(spec, out, "ifedicl ablate --tiny")
+    assert len(calls) == 3 and results["finished"] == 3
+    folders = sorted(p.parent.parent.name for p in out.glob("*/label-only/*/cells/*.json"))
+    assert folders == ["attention_only", "default", "lr_3e-2"]
+    attn = json.loads(next(out.glob("*/label-only/attention_only/cells/*.json")).read_text())
+    coefficients = [layer[1] for layer in attn["coefficients"]]  # the MLP block: not injected, not trained
+    assert all(block == [0.0, 1.0] for block in coefficients)
+    md = (out / "results.md").read_text()
+    for variant in variants:
+        row = next(x for x in md.splitlines() if x.startswith(f"| {variant} |"))
+        assert re.search(r"\d+\.\d ± \d+\.\d / \d+ s", row), row
+    assert run_grid(spec, out, "ifedicl ablate --tiny")["run"]["computed"] == 0 and len(calls) == 3
