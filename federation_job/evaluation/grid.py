@@ -148,12 +148,15 @@ class Progress:
 
     def before(self, group: Group, cell: Cell, task_name: str) -> None:
         eta, unknown = self.eta()
-        more = f" + {unknown} cell(s) not yet timed" if unknown else ""
+        timed = len(self.todo) - unknown
+        if unknown:
+            eta_text = f"ETA {_fmt_duration(eta)} for {timed} cell(s) + {unknown} of methods not yet timed"
+        else:
+            eta_text = f"ETA {_fmt_duration(eta)}"
         guess = self.expected(group, cell)
         self.stream.write(
             f"[report {self.done + 1}/{self.total}] {group.model} {task_name} seed {cell.seed} "
-            f"{column_label(group.column(cell.method))}: ~{_fmt_duration(guess)}; "
-            f"ETA {_fmt_duration(eta)}{more}\n"
+            f"{column_label(group.column(cell.method))}: ~{_fmt_duration(guess)}; {eta_text}\n"
         )
         self.stream.flush()
 
