@@ -36,6 +36,19 @@ def _sizes(clients, alpha, rounds, local_epochs, test_size, max_train, shots, ba
     )
 
 
+def _reproducing(args: list[str]) -> list[str]:
+    """The command line minus what only shapes one session (--max-cells N, --render-only)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--max-cells":
+            skip = True
+        elif arg != "--render-only" and not arg.startswith("--max-cells="):
+            out.append(arg)
+    return out
+
+
 def _run(spec, out: Path, render_only: bool, max_cells: int | None) -> None:
     from federation_job.evaluation.grid import run_grid, write_report
 
@@ -43,7 +56,7 @@ def _run(spec, out: Path, render_only: bool, max_cells: int | None) -> None:
         spec.groups(out)  # validates every group's settings before any work
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    command = shlex.join(["ifedicl", *sys.argv[1:]]) if len(sys.argv) > 1 else "ifedicl"
+    command = shlex.join(["ifedicl", *_reproducing(sys.argv[1:])])
     run = write_report if render_only else lambda *a: run_grid(*a, max_cells=max_cells)
     results = run(spec, out, command)
     typer.echo(f"{results['finished']}/{results['total']} cells finished; wrote {out / 'results.md'}")
