@@ -161,7 +161,8 @@ def test_federated_cell_cost_counts_the_client_actors(ray_session, llama_dir, ta
     record = json.loads(cell_path.read_text())
     cost = record["cost"]
     assert cost["actors_cpu_s"] == pytest.approx(record["client_compute"]["client_cpu_seconds"], abs=1e-3)
-    assert cost["actors_cpu_s"] > 0 and cost["cpu_s"] == pytest.approx(cost["process_cpu_s"] + cost["actors_cpu_s"])
+    assert cost["actors_cpu_s"] > 0  # each field is rounded to the millisecond on its own
+    assert cost["cpu_s"] == pytest.approx(cost["process_cpu_s"] + cost["actors_cpu_s"], abs=2e-3)
     assert record["objective"] == "label-only"
 
 
