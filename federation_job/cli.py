@@ -272,10 +272,13 @@ def _register_subcommands() -> None:
     from federation_job.eval_cli import eval_command
     from federation_job.models_cli import models_app
     from federation_job.recalibrate_cli import recalibrate_command, recalibration_exporter_command
+    from federation_job.report_cli import ablate_command, report_command
     from serving.cli import serve
 
     app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)
     app.command("eval")(eval_command)
+    app.command("report")(report_command)
+    app.command("ablate")(ablate_command)
     app.command("recalibrate")(recalibrate_command)
     app.command("recalibration-exporter")(recalibration_exporter_command)
     app.add_typer(models_app, name="models")

@@ -34,6 +34,16 @@ class CalibrationConfig:
     noise_scale: float = 1e-3
     epochs: int = 1
     objective: str = "full-vocab"  # or "label-only" (federation_job.objective)
+    # "per-round": warm-up and cosine decay restart in every round (I2CL's schedule, per local run);
+    # "global": one warm-up/cosine schedule across all rounds, each round continuing where the last stopped.
+    schedule: str = "per-round"
+    round_index: int = 1  # which round this local run is (1-based), for the global schedule
+    rounds_total: int = 1
+    modules: str = "both"  # which blocks Λ injects into and trains: both | attn | mlp (the other: λ=0, β=1)
+
+
+SCHEDULES = ("per-round", "global")
+MODULES = ("both", "attn", "mlp")
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float, lr: float, min_lr: float):
@@ -58,12 +68,18 @@ def local_epochs(
 
     ``batch_loss(rows)`` is the mean loss of those example indices; the caller seeds torch.
     """
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES} (got {config.schedule!r})")
     order_rng = random.Random(seed)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = math.ceil(num_examples / config.batch_size) * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total, config.warmup_fraction, config.lr, config.min_lr)
-    )
+    offset = 0
+    if config.schedule == "global":  # this round's steps are a slice of one schedule over every round
+        offset = total * (max(1, config.round_index) - 1)
+        factor = warmup_cosine(total * max(1, config.rounds_total), config.warmup_fraction, config.lr, config.min_lr)
+    else:
+        factor = warmup_cosine(total, config.warmup_fraction, config.lr, config.min_lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step + offset))
     losses = []
     for _ in range(config.epochs):
         order = list(range(num_examples))
@@ -76,6 +92,23 @@ def local_epochs(
             schedule.step()
             losses.append(float(loss.detach()))
     return losses
+
+
+def module_mask(modules: str, like: torch.Tensor):
+    """Λ -> the Λ injected: with ``modules`` = attn (mlp), the other block is fixed at λ=0, β=1 (no injection,
+    no gradient, no weight decay); ``both`` is the identity."""
+    from model_patches.injection import BETA
+
+    if modules not in MODULES:
+        raise ValueError(f"modules must be one of {MODULES} (got {modules!r})")
+    if modules == "both":
+        return lambda c: c
+    off = 1 if modules == "attn" else 0  # block index: 0 attention, 1 MLP
+    keep = torch.ones_like(like, dtype=torch.float32)
+    keep[:, off] = 0.0
+    fixed = torch.zeros_like(like, dtype=torch.float32)
+    fixed[:, off, BETA] = 1.0
+    return lambda c: c * keep + fixed
 
 
 @dataclass
@@ -102,12 +135,15 @@ class Client:
         progress=None,
         autocast_dtype: torch.dtype | None = None,
         clip_norm: float | None = None,
+        max_examples: int | None = None,
     ) -> np.ndarray:
         """Local context vector v_k: mean over demonstrations of each block's last-token output. [L, 2, d].
 
-        ``clip_norm`` bounds each demonstration's [L, 2, d] contribution (differential privacy).
+        ``clip_norm`` bounds each demonstration's [L, 2, d] contribution (differential privacy);
+        ``max_examples`` uses only the first that many local examples (stage-1 ablation).
         """
-        demos = [self.task.demonstration(t, y) for t, y in zip(self.data.texts, self.data.labels)]
+        pairs = list(zip(self.data.texts, self.data.labels))[:max_examples]
+        demos = [self.task.demonstration(t, y) for t, y in pairs]
         total = capture_sum(self.ctx, self.tokenizer, demos, batch_size, progress, autocast_dtype, clip_norm)
         return (total / len(demos)).numpy()
 
@@ -134,12 +170,14 @@ class Client:
         torch.manual_seed(seed)
         vec = torch.as_tensor(vectors, dtype=torch.float32, device=self.device)
         coeffs = torch.nn.Parameter(torch.as_tensor(coefficients, dtype=torch.float32, device=self.device).clone())
+        effective = module_mask(config.modules, coeffs)
 
         def batch_loss(rows: list[int]) -> torch.Tensor:
-            return self.calibration_loss(vec, coeffs, rows, config.noise_scale, config.objective)
+            return self.calibration_loss(vec, effective(coeffs), rows, config.noise_scale, config.objective)
 
         losses = local_epochs([coeffs], len(self.data), config, seed, batch_loss)
-        return CalibrationResult(coeffs.detach().cpu().numpy(), float(np.mean(losses)), len(losses))
+        final = effective(coeffs).detach().cpu().numpy()
+        return CalibrationResult(final, float(np.mean(losses)), len(losses))
 
     @torch.no_grad()
     def evaluate_loss(

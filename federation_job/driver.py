@@ -82,6 +82,7 @@ class FederationSettings:
     weighted_vectors: bool = False  # paper: unweighted
     weighted_coefficients: bool = False  # paper: unweighted
     capture_batch_size: int = 8
+    stage1_examples: int | None = None  # each client builds v_k from at most this many of its examples (None: all)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     weights: str = "shared"  # shared: one object-store copy per node; per-actor: each loads its own
     cpus_per_client: float | None = None  # default: the machine's CPUs split over the clients
@@ -112,6 +113,7 @@ class FederationSettings:
                 f"--objective must be one of {OBJECTIVES} (got {self.calibration.objective})",
             ),
             (self.capture_batch_size >= 1, "--batch-size must be >= 1"),
+            (self.stage1_examples is None or self.stage1_examples >= 1, "--stage1-examples must be >= 1"),
             (self.aggregator in AGGREGATORS, f"--aggregator must be one of {AGGREGATORS} (got {self.aggregator})"),
             (0 <= self.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
             (self.reject_norm_factor >= 0, "--reject-norm-factor must be >= 0 (0: off)"),
@@ -432,6 +434,7 @@ class Federation:
             {},
             batch_size=self.settings.capture_batch_size,
             extract_dtype=self.settings.extract_dtype,
+            max_examples=self.settings.stage1_examples,
             secagg=self.settings.secagg,
             weighted=self.settings.weighted_vectors,
         )
@@ -467,7 +470,9 @@ class Federation:
         start = time.monotonic()
         s = self.settings
         sampled = self.coefficient_strategy.configure(sorted(self.alive), s.fraction, s.min_clients, rng)
-        config = dataclasses.asdict(dataclasses.replace(s.calibration, epochs=s.local_epochs))
+        config = dataclasses.asdict(
+            dataclasses.replace(s.calibration, epochs=s.local_epochs, round_index=round_index, rounds_total=s.rounds)
+        )
         payload = wire.encode(
             {"coefficients": coefficients},
             round=round_index,

@@ -19,6 +19,18 @@ class MethodContext:
     ctx: HFContextModel
     tokenizer: object
     out_dir: Path
+    inference: tuple | None = None  # (ctx, tokenizer) of the prompt-only methods, when their dtype differs
+
+    def prompt_only(self) -> tuple:
+        """(ctx, tokenizer) the prompt-only methods score with: ``settings.inference_dtype`` if set."""
+        dtype = self.settings.inference_dtype
+        if dtype is None or dtype == self.settings.dtype:
+            return self.ctx, self.tokenizer
+        if self.inference is None:
+            from federation_job.modeling import load_model
+
+            self.inference = (HFContextModel(load_model(self.model_id, dtype)), self.tokenizer)
+        return self.inference
 
     @property
     def store_uri(self) -> str:
@@ -68,8 +80,7 @@ def no_communication() -> dict:
 
 def federation_settings(mc: MethodContext, cell):
     """The Ray federation a cell's federated methods (IFed-ICL, FedAvg-LoRA) run: same clients, shards,
-    rounds, local epochs, weighting and objective, so their bytes and seconds compare."""
-    from federation_job.client import CalibrationConfig
+    rounds, local epochs, weighting, objective and recipe, so their bytes and seconds compare."""
     from federation_job.driver import FederationSettings
 
     s = mc.settings
@@ -84,5 +95,6 @@ def federation_settings(mc: MethodContext, cell):
         weighted_vectors=s.weighted,
         weighted_coefficients=s.weighted,
         dtype=s.dtype,
-        calibration=CalibrationConfig(objective=s.objective_for(cell.method)),
+        stage1_examples=s.recipe.get("stage1_examples"),
+        calibration=s.calibration(cell.method),
     )

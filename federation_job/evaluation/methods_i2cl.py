@@ -11,10 +11,11 @@ Every method trains with ``settings.objective_for(method)``.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
-from federation_job.client import CalibrationConfig, Client
+from federation_job.client import Client
 from federation_job.evaluation.context import (
     MethodContext,
     federated_comm,
@@ -36,9 +37,10 @@ def _calibrate_alone(
     s = mc.settings
     start, cpu = time.monotonic(), time.process_time()
     client = Client(mc.ctx, mc.tokenizer, task.spec, data)
-    vectors = client.extract_vectors(batch_size=8)
+    vectors = client.extract_vectors(batch_size=8, max_examples=s.recipe.get("stage1_examples"))
     init = initial_coefficients(mc.ctx.num_layers).numpy()
-    config = CalibrationConfig(epochs=s.rounds * s.local_epochs, objective=objective)
+    # one party, one local run: one schedule over all its epochs whatever the recipe's schedule
+    config = replace(s.calibration("i2cl_central", epochs=s.rounds * s.local_epochs), objective=objective)
     result = client.calibrate(vectors, init, config, seed)
     info = {
         "seconds": time.monotonic() - start,

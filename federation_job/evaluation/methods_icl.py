@@ -14,7 +14,7 @@ import numpy as np
 from federation_job.data import Split
 from federation_job.evaluation.context import MethodContext, no_communication
 from federation_job.evaluation.metrics import mean_std
-from federation_job.evaluation.scoring import max_positions, score
+from federation_job.evaluation.scoring import max_positions, score, score_shared_prefix
 from federation_job.evaluation.settings import Cell
 from federation_job.evaluation.tasks import PreparedTask
 from federation_job.task import TaskSpec
@@ -37,30 +37,47 @@ def select_demos(split: Split, k: int, seed: int) -> list[tuple[str, int]]:
     return [(split.texts[i], split.labels[i]) for i in chosen]
 
 
-def icl_prompts(task: TaskSpec, demos: list[tuple[str, int]], texts: list[str], tokenizer, limit: int) -> list[str]:
-    """``demo_1 … demo_k template(x)``; the oldest demos are dropped if the prompt would not fit the model."""
+def icl_parts(
+    task: TaskSpec, demos: list[tuple[str, int]], texts: list[str], tokenizer, limit: int
+) -> tuple[list[str], list[str]]:
+    """(prefixes, queries): prompt i is ``prefixes[i] + queries[i]`` = ``demo_1 … demo_k template(x)``;
+    the oldest demos are dropped if the prompt would not fit the model."""
     prefix = [task.demonstration(t, y) for t, y in demos]
-    prompts = []
+    prefix_tokens = len(tokenizer("".join(prefix))["input_ids"])
+    prefixes, queries = [], []
     for text in texts:
         query = task.prompt(text)
         kept = list(prefix)
-        while kept and len(tokenizer("".join(kept) + query)["input_ids"]) > limit:
-            kept.pop(0)
-        prompts.append("".join(kept) + query)
-    return prompts
+        # cheap bound first: prefix + query tokens (+2 for a boundary merge / special token) fit
+        if prefix_tokens + len(tokenizer(query, add_special_tokens=False)["input_ids"]) + 2 > limit:
+            while kept and len(tokenizer("".join(kept) + query)["input_ids"]) > limit:
+                kept.pop(0)
+        prefixes.append("".join(kept))
+        queries.append(query)
+    return prefixes, queries
+
+
+def icl_prompts(task: TaskSpec, demos: list[tuple[str, int]], texts: list[str], tokenizer, limit: int) -> list[str]:
+    """``demo_1 … demo_k template(x)``; the oldest demos are dropped if the prompt would not fit the model."""
+    prefixes, queries = icl_parts(task, demos, texts, tokenizer, limit)
+    return [p + q for p, q in zip(prefixes, queries)]
 
 
 def zero_shot(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     start = time.monotonic()
-    result = score(mc.ctx, mc.tokenizer, task.spec, task.test, batch_size=mc.settings.batch_size)
+    ctx, tokenizer = mc.prompt_only()
+    result = score(ctx, tokenizer, task.spec, task.test, batch_size=mc.settings.batch_size)
     return {**result, "client_seconds": 0.0, "eval_seconds": time.monotonic() - start, "comm": no_communication()}
 
 
 def few_shot_icl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     start = time.monotonic()
+    ctx, tokenizer = mc.prompt_only()
     demos = select_demos(task.data.train, mc.settings.shots, cell.seed)
-    prompts = icl_prompts(task.spec, demos, task.test.texts, mc.tokenizer, max_positions(mc.model))
-    result = score(mc.ctx, mc.tokenizer, task.spec, task.test, prompts, batch_size=mc.settings.batch_size)
+    prefixes, queries = icl_parts(task.spec, demos, task.test.texts, tokenizer, max_positions(mc.model))
+    result = score_shared_prefix(
+        ctx, tokenizer, task.spec, task.test, prefixes, queries, batch_size=mc.settings.batch_size
+    )
     return {
         **result,
         "shots": len(demos),
@@ -74,11 +91,12 @@ def local_icl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     """Each client prompts with k demos from its own shard; the reported number is the mean over clients."""
     s = mc.settings
     start = time.monotonic()
+    ctx, tokenizer = mc.prompt_only()
     per_client = []
     for cid, shard in enumerate(task.shards(s.clients, cell.alpha, cell.seed, s.min_shard)):
         demos = select_demos(shard, s.shots, cell.seed * 1000 + cid)
-        prompts = icl_prompts(task.spec, demos, task.test.texts, mc.tokenizer, max_positions(mc.model))
-        result = score(mc.ctx, mc.tokenizer, task.spec, task.test, prompts, batch_size=s.batch_size)
+        prefixes, queries = icl_parts(task.spec, demos, task.test.texts, tokenizer, max_positions(mc.model))
+        result = score_shared_prefix(ctx, tokenizer, task.spec, task.test, prefixes, queries, batch_size=s.batch_size)
         per_client.append({"client": cid, "examples": len(shard), "classes": len(set(shard.labels)), **result})
     acc = [c["accuracy"] for c in per_client]
     f1 = [c["macro_f1"] for c in per_client]

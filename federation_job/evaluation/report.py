@@ -10,6 +10,7 @@ only from the JSON summary, so the two always agree.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import subprocess
 from collections import defaultdict
@@ -30,8 +31,12 @@ COMM_FIELDS = (
 )
 
 
+@functools.cache
 def code_version() -> str:
-    """``git describe`` of the checkout this code runs from, else the installed package version."""
+    """``git describe`` of the checkout this code runs from, else the installed package version.
+
+    Read once per process: the code that runs is what was imported at start, whatever the
+    checkout holds later (editing files during a long report does not relabel its cells)."""
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--tags"],

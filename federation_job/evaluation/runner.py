@@ -1,10 +1,16 @@
-"""The loop over cells: load the model once, skip finished cells, run the rest with progress bars."""
+"""The loop over cells: load the model once, skip finished cells, run the rest with progress bars.
+
+Every finished cell records what it cost (``cost``): its wall seconds, the CPU seconds of
+this process (the in-process methods' work, and the scoring) and, for the Ray federations,
+the CPU seconds the client actors measured themselves (:mod:`federation_job.compute`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -27,33 +33,71 @@ METHOD_FUNCTIONS = {
     "ifedicl": methods_i2cl.ifedicl,
 }
 
+# Called before each cell is computed (cell, task name) and after it finished (cell, task name, record).
+CellHook = Callable[..., None]
+
+_MODELS: dict[tuple[str, str], tuple] = {}  # (model id, dtype) -> (model, ctx, tokenizer): the last one loaded
+
 
 def _load_context(settings: EvalSettings, out_dir: Path) -> MethodContext:
+    """The frozen model for the in-process methods; kept across calls (a report runs many groups of cells)."""
     from federation_job.modeling import canonical_model_id, load_model, load_tokenizer
     from model_patches.hf import HFContextModel
 
     model_id = canonical_model_id(settings.model)
-    model = load_model(model_id, settings.dtype)
-    return MethodContext(settings, model_id, model, HFContextModel(model), load_tokenizer(model_id), out_dir)
+    key = (model_id, settings.dtype)
+    if key not in _MODELS:
+        for _, ctx, _ in _MODELS.values():
+            ctx.remove_hooks()
+        _MODELS.clear()
+        model = load_model(model_id, settings.dtype)
+        _MODELS[key] = (model, HFContextModel(model), load_tokenizer(model_id))
+    model, ctx, tokenizer = _MODELS[key]
+    return MethodContext(settings, model_id, model, ctx, tokenizer, out_dir)
 
 
-def run_cells(settings: EvalSettings, out_dir: str | Path) -> tuple[list[dict], dict[str, PreparedTask], dict]:
-    """Compute every unfinished cell; return all cell records, the prepared tasks and run stats.
+def cell_cost(wall_s: float, process_cpu_s: float, result: dict) -> dict:
+    """What a cell cost: wall seconds, this process's CPU seconds, the client actors' CPU seconds (all clients)."""
+    client_cpu = float(result.get("client_compute", {}).get("client_cpu_seconds", 0.0))
+    return {
+        "wall_s": round(wall_s, 3),
+        "process_cpu_s": round(process_cpu_s, 3),
+        "actors_cpu_s": round(client_cpu, 3),
+        "cpu_s": round(process_cpu_s + client_cpu, 3),
+    }
+
+
+def run_cells(
+    settings: EvalSettings,
+    out_dir: str | Path,
+    before_cell: CellHook | None = None,
+    after_cell: CellHook | None = None,
+    max_cells: int | None = None,
+) -> tuple[list[dict], dict[str, PreparedTask], dict]:
+    """Compute every unfinished cell (at most ``max_cells``); return the finished cell records, the tasks, run stats.
 
     Stats say how many cells were computed and how many were resumed from disk.
     """
+    from federation_job.evaluation.report import code_version
+
     settings.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    store = CellStore(out_dir, settings.cell_hash())
+    store = CellStore(out_dir, settings.cell_hash(), code_version())
     cells = plan_cells(settings)
     tasks = {
         loc: prepare_task(loc, settings.max_train, settings.test_size, settings.test_seed) for loc in settings.tasks
     }
     records: dict[Cell, dict] = {c: r for c in cells if (r := store.get(c)) is not None}
     todo = [c for c in cells if c not in records]
+    if max_cells is not None:
+        todo = todo[: max(0, max_cells)]
     stats = {"cells": len(cells), "resumed": len(records), "computed": 0}
     if todo:
+        if settings.threads:
+            import torch
+
+            torch.set_num_threads(settings.threads)
         mc = _load_context(settings, out_dir)
         started_ray = False
         if any(c.method in FEDERATED for c in todo):
@@ -65,18 +109,23 @@ def run_cells(settings: EvalSettings, out_dir: str | Path) -> tuple[list[dict], 
                 for cell in todo:
                     task = tasks[cell.task]
                     bar.set_postfix_str(f"{cell.method} {task.name} α={cell.alpha} seed={cell.seed}")
-                    start = time.monotonic()
+                    if before_cell is not None:
+                        before_cell(cell, task.name)
+                    start, cpu = time.monotonic(), time.process_time()
                     result = METHOD_FUNCTIONS[cell.method](mc, task, cell)
                     result["cell_seconds"] = time.monotonic() - start
+                    result["cost"] = cell_cost(result["cell_seconds"], time.process_time() - cpu, result)
                     records[cell] = store.put(cell, task.name, result)
                     stats["computed"] += 1
                     bar.update(1)
+                    if after_cell is not None:
+                        after_cell(cell, task.name, records[cell])
         finally:
             if started_ray:
                 import ray
 
                 ray.shutdown()
-    return [records[c] for c in cells], tasks, stats
+    return [records[c] for c in cells if c in records], tasks, stats
 
 
 def evaluate(settings: EvalSettings, out_dir: str | Path) -> dict:

@@ -35,7 +35,37 @@ def score(
     if vectors is not None:
         tables = InjectionTables.build([torch.from_numpy(vectors)], [torch.from_numpy(np.asarray(coefficients))])
         index = [1] * len(prompts)
-    probs = predict_proba(ctx, tokenizer, prompts, label_token_ids(task, tokenizer), tables, index, batch_size)
+    # Batches of similar length (padding is wasted compute); predictions are put back in test order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    sorted_probs = predict_proba(
+        ctx, tokenizer, [prompts[i] for i in order], label_token_ids(task, tokenizer), tables, index, batch_size
+    )
+    probs = np.zeros_like(sorted_probs)
+    probs[order] = sorted_probs
+    return _metrics(probs, test, task)
+
+
+def score_shared_prefix(
+    ctx: HFContextModel,
+    tokenizer,
+    task: TaskSpec,
+    test: Split,
+    prefixes: Sequence[str],
+    queries: Sequence[str],
+    batch_size: int = 16,
+) -> dict:
+    """:func:`score` for prompts ``prefixes[i] + queries[i]`` whose prefixes (the demonstrations) repeat:
+    each distinct prefix is run once (:mod:`.prefix`). Adds ``prefix_cache`` counts to the metrics."""
+    from federation_job.evaluation.prefix import predict_proba_shared_prefix
+
+    stats: dict = {}
+    probs = predict_proba_shared_prefix(
+        ctx, tokenizer, prefixes, queries, label_token_ids(task, tokenizer), batch_size, stats
+    )
+    return {**_metrics(probs, test, task), "prefix_cache": stats}
+
+
+def _metrics(probs: np.ndarray, test: Split, task: TaskSpec) -> dict:
     predictions = probs.argmax(axis=1)
     return {
         "accuracy": metrics.accuracy(predictions, test.labels),

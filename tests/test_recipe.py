@@ -1,0 +1,81 @@
+"""The recipe knobs the ablation varies: one schedule across rounds, attention/MLP-only Λ, stage-1 example count,
+few-shot scoring on a shared prefix cache. Tiny random models; no accuracy asserted."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from federation_job.client import CalibrationConfig, Client, local_epochs, warmup_cosine
+from federation_job.data import load_task_dir
+from federation_job.inference import predict_proba
+from federation_job.modeling import load_model, load_tokenizer
+from federation_job.task import label_token_ids
+from model_patches.hf import HFContextModel
+from model_patches.injection import BETA, LAM, initial_coefficients
+
+
+def _client(model_dir, task_dir, n=12):
+    data = load_task_dir(task_dir)
+    ctx = HFContextModel(load_model(str(model_dir)))
+    return Client(ctx, load_tokenizer(str(model_dir)), data.task, data.train.head(n))
+
+
+def _lr_sum(config: CalibrationConfig, examples: int) -> float:
+    """Adam with a constant gradient and no weight decay moves a parameter by exactly lr per step: the sum of lrs."""
+    p = torch.nn.Parameter(torch.zeros(()))
+    local_epochs([p], examples, config, 0, lambda rows: p * 1.0)
+    return -float(p.detach())
+
+
+def test_one_schedule_across_rounds_continues_where_the_last_round_stopped():
+    base = dict(lr=1e-2, weight_decay=0.0, batch_size=2, epochs=1, rounds_total=3)
+    examples, steps = 10, 5
+    total = warmup_cosine(3 * steps, 0.05, 1e-2, 1e-5)
+    for r in (1, 2, 3):
+        moved = _lr_sum(CalibrationConfig(schedule="global", round_index=r, **base), examples)
+        expected = sum(1e-2 * total(i) for i in range((r - 1) * steps, r * steps))
+        assert moved == pytest.approx(expected, rel=1e-4), r
+    restart = warmup_cosine(steps, 0.05, 1e-2, 1e-5)
+    per_round = [_lr_sum(CalibrationConfig(round_index=r, **base), examples) for r in (1, 2, 3)]
+    assert per_round == pytest.approx([sum(1e-2 * restart(i) for i in range(steps))] * 3, rel=1e-4)
+    assert not math.isclose(per_round[2], _lr_sum(CalibrationConfig(schedule="global", round_index=3, **base), 10))
+
+
+@pytest.mark.parametrize("modules, off", [("attn", 1), ("mlp", 0)])
+def test_one_block_only_leaves_the_other_uninjected(llama_dir, task_dir, modules, off):
+    client = _client(llama_dir, task_dir)
+    vectors = client.extract_vectors()
+    start = initial_coefficients(client.ctx.num_layers).numpy()
+    config = CalibrationConfig(epochs=2, modules=modules)
+    result = client.calibrate(vectors, start, config, seed=0).coefficients
+    assert np.all(result[:, off, LAM] == 0.0) and np.all(result[:, off, BETA] == 1.0)
+    assert not np.allclose(result[:, 1 - off], start[:, 1 - off])  # the trained block moved
+
+
+def test_stage1_examples_uses_the_first_n(llama_dir, task_dir):
+    client = _client(llama_dir, task_dir)
+    first = Client(client.ctx, client.tokenizer, client.task, client.data.head(5))
+    np.testing.assert_allclose(client.extract_vectors(max_examples=5), first.extract_vectors(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(client.extract_vectors(), first.extract_vectors())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_shared_prefix_scoring_equals_full_prompts(tiny_models, task_dir, family):
+    from federation_job.evaluation.prefix import predict_proba_shared_prefix
+
+    data = load_task_dir(task_dir)
+    ctx = HFContextModel(load_model(str(tiny_models[family])))
+    tokenizer = load_tokenizer(str(tiny_models[family]))
+    demos = [data.task.demonstration(t, y) for t, y in zip(data.train.texts[:4], data.train.labels[:4])]
+    prefixes = ["".join(demos)] * 10 + ["".join(demos[1:])] * 5 + [""]  # two shared prefixes and a bare prompt
+    queries = [data.task.prompt(t) for t in data.test.texts[:16]]
+    ids = label_token_ids(data.task, tokenizer)
+    full = predict_proba(ctx, tokenizer, [p + q for p, q in zip(prefixes, queries)], ids, batch_size=4)
+    stats: dict = {}
+    cached = predict_proba_shared_prefix(ctx, tokenizer, prefixes, queries, ids, batch_size=4, stats=stats)
+    np.testing.assert_allclose(cached, full, atol=1e-5)
+    assert stats["cached"] == 15 and stats["fallback"] == 1 and stats["prefix_tokens_saved"] > 0

@@ -1,0 +1,187 @@
+"""The report grid (``ifedicl report``): atomic cells, resume without recomputation, files rebuilt from cells.
+
+Tiny random Llama, the real harness (real methods, real cell files); one small Ray
+federation for the per-cell cost of a federated method. No accuracy is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from federation_job.evaluation import runner
+from federation_job.evaluation.cells import CellStore, write_atomic
+from federation_job.evaluation.grid import GridSpec, finished_cells, run_grid, write_report
+from federation_job.evaluation.settings import Cell
+
+BASE = dict(clients=3, alphas=[1.0], rounds=1, test_size=8, shots=2, max_train=24, min_shard=4, batch_size=8)
+COMMAND = "ifedicl report --tiny"
+
+
+def _spec(model, task, **kw) -> GridSpec:
+    args = dict(
+        models=[str(model)],
+        tasks=[str(task)],
+        seeds=[0, 1],
+        objectives=["full-vocab", "label-only"],
+        methods=["zero_shot", "few_shot_icl", "i2cl_central"],
+        base=dict(BASE),
+    )
+    return GridSpec(**{**args, **kw})
+
+
+class Interrupt(BaseException):
+    """Stands for Ctrl-C / a killed session (not an Exception: nothing may swallow it)."""
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Every method invocation, as (group dir, cell key); optionally interrupt before invocation number N."""
+    calls: list[tuple[str, str]] = []
+    state = {"interrupt_at": None}
+    for name, fn in list(runner.METHOD_FUNCTIONS.items()):
+
+        def wrapper(mc, task, cell, fn=fn):
+            if state["interrupt_at"] == len(calls) + 1:
+                raise Interrupt
+            calls.append((str(mc.out_dir), cell.key))
+            return fn(mc, task, cell)
+
+        monkeypatch.setitem(runner.METHOD_FUNCTIONS, name, wrapper)
+    return calls, state
+
+
+def test_cell_writes_are_atomic_and_half_cells_are_not_finished(tmp_path, monkeypatch):
+    store = CellStore(tmp_path, "hash", "v1")
+    cell = Cell("zero_shot", "/data/subj", None, 0)
+    record = store.put(cell, "subj", {"accuracy": 0.5, "macro_f1": 0.5, "cost": {"wall_s": 1.0}})
+    assert store.get(cell) == record and record["code_version"] == "v1"
+    path = store.path(cell)
+    assert path.name == "zero_shot__subj__ana__s0.json"  # the task's name, not where it lives: resumes anywhere
+
+    # A crash in the middle of a rewrite: the finished cell stays whole and no temp file is left behind.
+    def crash(*_):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        store.put(cell, "subj", {"accuracy": 0.9, "macro_f1": 0.9, "cost": {"wall_s": 1.0}})
+    monkeypatch.undo()
+    assert store.get(cell) == record
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+    # What a non-atomic writer would leave: a prefix of the JSON. Never read as finished.
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    assert store.get(cell) is None
+    # Whole JSON but not a finished cell (no cost) / other settings: not finished either.
+    write_atomic(path, json.dumps({k: v for k, v in record.items() if k != "cost"}))
+    assert store.get(cell) is None
+    write_atomic(path, json.dumps(record))
+    assert store.get(cell) == record
+    assert CellStore(tmp_path, "other-hash").get(cell) is None
+
+
+def test_interrupted_report_resumes_without_recomputing(llama_dir, task_dir, tmp_path, counted):
+    calls, state = counted
+    spec = _spec(llama_dir, task_dir)
+    out = tmp_path / "report"
+    groups = spec.groups(out)
+    assert [len(g.settings.methods) for g in groups] == [3, 1]  # prompt-only methods once, trainable per objective
+    total = 2 * 3 + 2 * 1
+
+    state["interrupt_at"] = 4  # killed before the 4th cell: three cells finished
+    with pytest.raises(Interrupt):
+        run_grid(spec, out, COMMAND)
+    first = list(calls)
+    assert len(first) == 3
+    finished, todo, n = finished_cells(groups)
+    assert (len(finished), len(todo), n) == (3, total - 3, total)
+    assert first == [
+        (str(out / llama_dir.name / "full-vocab"), k)
+        for k in (
+            "zero_shot__demo-sentiment__ana__s0",
+            "few_shot_icl__demo-sentiment__ana__s0",
+            "i2cl_central__demo-sentiment__ana__s0",
+        )
+    ]  # seed-major: every method at seed 0 first
+
+    state["interrupt_at"] = None
+    results = run_grid(spec, out, COMMAND)
+    second = calls[len(first) :]
+    assert len(second) == total - 3 and not set(second) & set(first)  # nothing finished was recomputed
+    assert results["run"] == {"cells": total, "computed": total - 3, "resumed": 3}
+    assert results["finished"] == total
+
+    third = run_grid(spec, out, COMMAND)
+    assert len(calls) == total and third["run"]["computed"] == 0
+
+    # A bounded session computes at most max_cells and leaves the rest for the next one.
+    bigger = _spec(llama_dir, task_dir, seeds=[0, 1, 2])
+    assert run_grid(bigger, out, COMMAND, max_cells=1)["run"]["computed"] == 1
+    assert len(calls) == total + 1
+
+
+def test_results_are_rebuilt_from_the_cells(llama_dir, task_dir, tmp_path):
+    spec = _spec(llama_dir, task_dir, seeds=[0], methods=["zero_shot", "i2cl_central"])
+    out = tmp_path / "report"
+    results = run_grid(spec, out, COMMAND)
+    md = (out / "results.md").read_text()
+    assert COMMAND in md and results["code_version"] in md
+    assert results["cell_code_versions"] and all(v in md for v in results["cell_code_versions"])
+    for cell in (out / llama_dir.name).glob("*/cells/*.json"):
+        record = json.loads(cell.read_text())
+        assert record["cost"]["wall_s"] > 0 and record["cost"]["cpu_s"] > 0 and record["code_version"]
+
+    # Delete every summary file and edit one cell: render-only rebuilds both from the cells alone.
+    for name in ("results.md", "results.json"):
+        (out / name).unlink()
+    cell_path = next((out / llama_dir.name / "label-only" / "cells").glob("i2cl_central__*.json"))
+    record = json.loads(cell_path.read_text())
+    record["accuracy"] = 0.123
+    write_atomic(cell_path, json.dumps(record))
+    rebuilt = write_report(spec, out, COMMAND)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["summary"] == json.loads(json.dumps(rebuilt["summary"]))
+    by_col = on_disk["summary"][str(llama_dir)]["demo-sentiment"]
+    assert by_col["i2cl_central@label-only"]["accuracy_mean"] == pytest.approx(0.123)
+    row = next(x for x in (out / "results.md").read_text().splitlines() if x.startswith(f"| {llama_dir} |"))
+    assert "12.3 ± 0.0" in row
+    assert (out / llama_dir.name / "label-only" / "results.md").exists()
+
+
+def test_federated_cell_cost_counts_the_client_actors(ray_session, llama_dir, task_dir, tmp_path):
+    spec = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=["ifedicl"])
+    out = tmp_path / "report"
+    run_grid(spec, out, COMMAND)
+    (cell_path,) = (out / llama_dir.name / "label-only" / "cells").glob("ifedicl__*.json")
+    record = json.loads(cell_path.read_text())
+    cost = record["cost"]
+    assert cost["actors_cpu_s"] == pytest.approx(record["client_compute"]["client_cpu_seconds"], abs=1e-3)
+    assert cost["actors_cpu_s"] > 0  # each field is rounded to the millisecond on its own
+    assert cost["cpu_s"] == pytest.approx(cost["process_cpu_s"] + cost["actors_cpu_s"], abs=2e-3)
+    assert record["objective"] == "label-only"
+
+
+def test_ablation_variants_are_cells_of_their_own(llama_dir, task_dir, tmp_path, counted):
+    from federation_job.evaluation.grid import ABLATION_VARIANTS
+
+    calls, _ = counted
+    variants = {v: ABLATION_VARIANTS[v] for v in ("default", "attention only", "lr 3e-2")}
+    spec = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=["i2cl_central"], variants=variants)
+    out = tmp_path / "ablation"
+    results = run_grid(spec, out, "ifedicl ablate --tiny")
+    assert len(calls) == 3 and results["finished"] == 3
+    folders = sorted(p.parent.parent.name for p in out.glob("*/label-only/*/cells/*.json"))
+    assert folders == ["attention_only", "default", "lr_3e-2"]
+    attn = json.loads(next(out.glob("*/label-only/attention_only/cells/*.json")).read_text())
+    coefficients = [layer[1] for layer in attn["coefficients"]]  # the MLP block: not injected, not trained
+    assert all(block == [0.0, 1.0] for block in coefficients)
+    md = (out / "results.md").read_text()
+    for variant in variants:
+        row = next(x for x in md.splitlines() if x.startswith(f"| {variant} |"))
+        assert re.search(r"\d+\.\d ± \d+\.\d / \d+ s", row), row
+    assert run_grid(spec, out, "ifedicl ablate --tiny")["run"]["computed"] == 0 and len(calls) == 3
