@@ -39,7 +39,7 @@ test: install lint system-deps models
 # The issue-11 report: SmolLM2-135M and Gemma-3-270M x Subj, Emotion, AG News, SST-2, TREC x every method x
 # 3 seeds x both objectives (10 clients, alpha 0.5). Hours of CPU: it resumes from the committed cells in
 # docs/report/ (one JSON per finished cell) and never recomputes one; REPORT_ARGS="--max-cells 20" bounds a session.
-DATA ?= /work/shared/data
+DATA ?= ../shared/data
 REPORT_ARGS ?=
 report: install models
 	$(BIN)/ifedicl report --out docs/report --data-dir $(DATA) $(REPORT_ARGS)

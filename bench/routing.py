@@ -10,7 +10,7 @@ up to client weighting), indexed with :class:`storage.routing.TaskSignatureIndex
 training texts without template or label: a second per-task vector a client can
 compute and upload exactly like its context vectors (same size, same privacy boundary).
 
-    python bench/routing.py --model smollm2-135m --data /work/shared/data --tasks sst2 subj agnews trec
+    python bench/routing.py --model smollm2-135m --data ../shared/data --tasks sst2 subj agnews trec
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def per_task(ctx, tokenizer, spec, train, n: int) -> tuple[np.ndarray, np.ndarra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF directory, GGUF file or installed model name")
-    parser.add_argument("--data", default="/work/shared/data", help="directory of task directories")
+    parser.add_argument("--data", default="../shared/data", help="directory of task directories")
     parser.add_argument("--tasks", nargs="+", default=["sst2", "subj", "agnews", "trec"])
     parser.add_argument("--demos", type=int, default=64, help="training rows per task for the vectors")
     parser.add_argument("--test", type=int, default=50, help="held-out texts routed per task")

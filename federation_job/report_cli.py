@@ -64,7 +64,7 @@ def _run(spec, out: Path, render_only: bool, max_cells: int | None) -> None:
 
 def report_command(
     out: Path = typer.Option(Path("docs/report"), help="report folder: cells/, results.json, results.md, PNGs"),
-    data_dir: Path = typer.Option(Path("/work/shared/data"), help="folder holding one task directory per task"),
+    data_dir: Path = typer.Option(Path("../shared/data"), help="one task directory per task"),
     tasks: str = typer.Option(REPORT_TASKS, help="comma-separated task directory names under --data-dir"),
     models: str = typer.Option(REPORT_MODELS, help="comma-separated named models / HF ids / paths"),
     seeds: int = typer.Option(3, help="seeds 0..N-1"),
@@ -103,7 +103,7 @@ def report_command(
 
 def ablate_command(
     out: Path = typer.Option(Path("docs/ablation"), help="ablation folder: cells per variant, results.md"),
-    data_dir: Path = typer.Option(Path("/work/shared/data"), help="folder holding one task directory per task"),
+    data_dir: Path = typer.Option(Path("../shared/data"), help="one task directory per task"),
     tasks: str = typer.Option("subj", help="comma-separated task directory names under --data-dir"),
     models: str = typer.Option("smollm2-135m", help="comma-separated named models / HF ids / paths"),
     seeds: int = typer.Option(2, help="seeds 0..N-1"),
