@@ -31,12 +31,12 @@ from pathlib import Path
 import psutil
 import torch
 
-from federation_job.data import load_task_dir
-from federation_job.demo_data import corpus, make_sentiment_dir
-from federation_job.driver import Federation, FederationSettings
-from federation_job.model_source import resolve_model
-from federation_job.sources import DataSource
-from federation_job.tiny_model import build_tiny_model
+from ifedicl.devkit.demo_data import corpus, make_sentiment_dir
+from ifedicl.devkit.tiny_model import build_tiny_model
+from ifedicl.federation_job.driver import Federation, FederationSettings
+from ifedicl.kernel.data import load_task_dir
+from ifedicl.kernel.model_source import resolve_model
+from ifedicl.kernel.sources import DataSource
 
 
 class PeakPSS:

@@ -9,7 +9,7 @@ Not a test: prints tables and ratios from one run, on a real model.
    calibrated run's scale: speed does not depend on the values.
 2. Plain vLLM: the stock model class; ``--prompts`` requests (one text each, label scoring
    as the server does it: ``max_tokens=1`` and the label words' logprobs) submitted together.
-3. The injecting engine under :class:`serving.service.ClassificationService` over that
+3. The injecting engine under :class:`ifedicl.serving.service.ClassificationService` over that
    store: start-up loads every task the slots hold; then the same requests with N distinct
    tasks mixed in the batch (request i under task i mod N) for each N of ``--tasks``, and
    row 0 (no task) on the same engine.
@@ -65,9 +65,9 @@ def task_name(i: int) -> str:
 
 def published_store(store_dir: Path, model: str, count: int, dtype: str) -> tuple[str, float]:
     """A store with ``count`` published tasks for ``model`` (reused when it has them); seconds spent."""
-    from federation_job.modeling import canonical_model_id, fingerprint, load_config
-    from federation_job.task import KNOWN_TASKS, TaskSpec
-    from storage.store import Store
+    from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config
+    from ifedicl.kernel.task import KNOWN_TASKS, TaskSpec
+    from ifedicl.storage.store import Store
 
     fp = fingerprint(canonical_model_id(model), load_config(model))
     uri = store_dir / f"{fp.config_hash}-{dtype}"
@@ -148,9 +148,9 @@ async def measure_injected(model: Path, store_uri: str, prompts, texts, label_id
     """Mixes of N distinct tasks, row 0, start-up load, cold vs warm, on the injecting engine."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from federation_job.modeling import load_config
-    from model_patches.vllm_plugin import engine_overrides
-    from serving.service import ClassificationService
+    from ifedicl.kernel.modeling import load_config
+    from ifedicl.model_patches.vllm_plugin import engine_overrides
+    from ifedicl.serving.service import ClassificationService
 
     overrides = engine_overrides(load_config(str(model)).architectures, max_slots=opts.slots)
     engine = AsyncLLM.from_engine_args(engine_args(model, opts.dtype, opts.enforce_eager, **overrides))
@@ -234,8 +234,8 @@ async def measure_lora(model: Path, prompts, label_ids, opts) -> dict:
 
 # ---------------------------------------------------------------------- report
 def memory(model: str, dtype: str, slots: int) -> dict:
-    from federation_job.modeling import canonical_model_id, fingerprint, load_config
-    from model_patches.vllm_plugin import table_bytes_per_slot
+    from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config
+    from ifedicl.model_patches.vllm_plugin import table_bytes_per_slot
 
     fp = fingerprint(canonical_model_id(model), load_config(model))
     per_task = table_bytes_per_slot(fp.num_layers, fp.hidden_size, 4 if dtype == "float32" else 2)
@@ -274,8 +274,8 @@ def main() -> None:
     if opts.prompts < max(opts.tasks):
         parser.error(f"--prompts {opts.prompts} cannot mix {max(opts.tasks)} distinct tasks in one batch")
 
-    from federation_job.modeling import load_tokenizer
-    from federation_job.task import KNOWN_TASKS, TaskSpec, label_token_ids
+    from ifedicl.kernel.modeling import load_tokenizer
+    from ifedicl.kernel.task import KNOWN_TASKS, TaskSpec, label_token_ids
 
     model = resolve(opts.model)
     tokenizer = load_tokenizer(str(model))

@@ -78,12 +78,12 @@ def make_adapters(model_dir: str | Path, count: int, rank: int = RANK, seed: int
                   out_dir: str | Path | None = None, alpha: int = ALPHA) -> list[Path]:
     """``count`` PEFT LoRA adapter directories (adapter_config.json + adapter_model.safetensors).
 
-    Rank ``rank`` on the query/value projections, attached by ``federation_job.lora.attach_lora``
+    Rank ``rank`` on the query/value projections, attached by ``ifedicl.federation_job.lora.attach_lora``
     (what FedAvg-LoRA's clients train); A keeps peft's init under the
     adapter's own seed, B is drawn N(0, B_STD) so every adapter changes the outputs.
     """
-    from federation_job.lora import LoraSettings, attach_lora
-    from federation_job.modeling import load_model
+    from ifedicl.federation_job.lora import LoraSettings, attach_lora
+    from ifedicl.kernel.modeling import load_model
 
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ifedicl-lora-"))
     model = attach_lora(load_model(str(model_dir), "float32"), LoraSettings(rank=rank, alpha=alpha, init_seed=seed))
@@ -220,7 +220,7 @@ def _pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 
 def hf_label_logits(model, prompts: list[list[int]], label_ids: list[int], pad_id: int, **forward) -> torch.Tensor:
     """Label logits [B, C] at each prompt's last token: one batched forward, the LM head on the last position only."""
-    from model_patches.hf import position_ids_from_mask
+    from ifedicl.model_patches.hf import position_ids_from_mask
 
     ids, mask = _pad(prompts, pad_id)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=1,
@@ -252,7 +252,7 @@ def run_hf_peft(model: str | Path, prompts: list[list[int]], label_ids: list[int
     """HF-with-peft equivalent: {"plain": stats (base model, no peft), N: stats} per adapter count."""
     from peft import PeftModel
 
-    from federation_job.modeling import load_model, load_tokenizer
+    from ifedicl.kernel.modeling import load_model, load_tokenizer
 
     torch.set_num_threads(2)
     pad_id = load_tokenizer(str(model)).pad_token_id
@@ -300,8 +300,8 @@ def main() -> None:
     if opts.batch < max(opts.adapters):
         parser.error("--batch must be >= the largest --adapters for that many distinct adapters per batch")
 
-    from federation_job.modeling import load_tokenizer
-    from federation_job.task import KNOWN_TASKS, TaskSpec, label_token_ids
+    from ifedicl.kernel.modeling import load_tokenizer
+    from ifedicl.kernel.task import KNOWN_TASKS, TaskSpec, label_token_ids
 
     model = resolve(opts.model)
     tokenizer = load_tokenizer(str(model))

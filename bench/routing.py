@@ -3,8 +3,8 @@
 Not a test: prints a table. For each task directory (task.json + train/test .jsonl), the
 context vectors are computed as stage 1 computes them (mean block outputs at the last
 token of ``--demos`` training demonstrations; one client, so equal to the federated mean
-up to client weighting), indexed with :class:`storage.routing.TaskSignatureIndex`, and
-``--test`` held-out texts per task are routed with :class:`serving.routing.TaskRouter`
+up to client weighting), indexed with :class:`ifedicl.storage.routing_index.TaskSignatureIndex`, and
+``--test`` held-out texts per task are routed with :class:`ifedicl.serving.router.TaskRouter`
 (the server's code). Also measured, as what to use when the vectors alone route poorly:
 *text centroids*, the mean block outputs at the end of ``text + "\\n"`` over the same
 training texts without template or label: a second per-task vector a client can
@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 def per_task(ctx, tokenizer, spec, train, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(context vectors, text centroids), each ``[L, 2, d]``, from the first ``n`` training rows."""
-    from federation_job.inference import capture_sum
-    from serving.routing import query_text
+    from ifedicl.model_patches.inference import capture_sum
+    from ifedicl.serving.router import query_text
 
     texts, labels = train.texts[:n], train.labels[:n]
     demos = [spec.demonstration(t, y) for t, y in zip(texts, labels)]
@@ -53,15 +53,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     opts = parser.parse_args()
 
-    from federation_job.data import load_task_dir
-    from federation_job.modeling import load_model, load_tokenizer
-    from model_patches.hf import HFContextModel
-    from serving.routing import TaskRouter
-    from storage.routing import TaskSignatureIndex
+    from ifedicl.kernel.data import load_task_dir
+    from ifedicl.kernel.modeling import load_model, load_tokenizer
+    from ifedicl.model_patches.hf import HFContextModel
+    from ifedicl.serving.router import TaskRouter
+    from ifedicl.storage.routing_index import TaskSignatureIndex
 
     torch.set_num_threads(2)
     try:
-        from federation_job.model_source import resolve_model
+        from ifedicl.kernel.model_source import resolve_model
 
         model = resolve_model(opts.model)
     except ImportError:

@@ -52,7 +52,7 @@ WORDS = [
 
 
 def make_prompts(n: int, seed: int = 0) -> list[str]:
-    from federation_job.task import KNOWN_TASKS, TaskSpec
+    from ifedicl.kernel.task import KNOWN_TASKS, TaskSpec
 
     rng = np.random.default_rng(seed)
     spec = TaskSpec("sst2", *KNOWN_TASKS["sst2"])
@@ -60,8 +60,8 @@ def make_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def build_model(root: Path, layers: int, hidden: int, dtype: torch.dtype) -> Path:
-    from federation_job.task import KNOWN_TASKS, TaskSpec
-    from federation_job.tiny_model import build_tiny_model
+    from ifedicl.devkit.tiny_model import build_tiny_model
+    from ifedicl.kernel.task import KNOWN_TASKS, TaskSpec
 
     texts = []
     for name in TASK_NAMES:
@@ -73,7 +73,7 @@ def build_model(root: Path, layers: int, hidden: int, dtype: torch.dtype) -> Pat
 
 
 def random_tables(num_layers: int, hidden: int, tasks: int):
-    from model_patches.injection import InjectionTables
+    from ifedicl.model_patches.injection import InjectionTables
 
     rng = np.random.default_rng(0)
     vectors = [torch.from_numpy(rng.normal(0, 1, (num_layers, 2, hidden)).astype(np.float32)) for _ in range(tasks)]
@@ -107,10 +107,10 @@ async def run_vllm(model: Path, prompts: list[list[int]], label_ids: list[int], 
     from vllm.inputs import TokensPrompt
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from federation_job.modeling import load_config
-    from model_patches.injection import InjectionTables
-    from model_patches.vllm_plugin import engine_overrides
-    from model_patches.vllm_worker import pack_tables
+    from ifedicl.kernel.modeling import load_config
+    from ifedicl.model_patches.injection import InjectionTables
+    from ifedicl.model_patches.vllm_plugin import engine_overrides
+    from ifedicl.model_patches.vllm_worker import pack_tables
 
     config = load_config(str(model))
     extra = engine_overrides(config.architectures, max_slots=len(TASK_NAMES) + 1) if injected else {}
@@ -165,8 +165,8 @@ async def run_vllm(model: Path, prompts: list[list[int]], label_ids: list[int], 
             else:
                 out[batch] = {"plain": await sweep(batch, lambda i: 0)}
         if injected and held_out is not None:
-            from federation_job.modeling import load_tokenizer
-            from federation_job.task import label_token_ids
+            from ifedicl.kernel.modeling import load_tokenizer
+            from ifedicl.kernel.task import label_token_ids
 
             run, encoded, labels = held_out
             task_labels = label_token_ids(run.task, load_tokenizer(str(model)))
@@ -178,9 +178,9 @@ async def run_vllm(model: Path, prompts: list[list[int]], label_ids: list[int], 
 
 
 def run_hf(model: Path, texts: list[str], label_ids: list[int], batch_sizes, dtype: torch.dtype) -> dict:
-    from federation_job.inference import label_logits
-    from federation_job.modeling import load_model, load_tokenizer
-    from model_patches.hf import HFContextModel
+    from ifedicl.kernel.modeling import load_model, load_tokenizer
+    from ifedicl.model_patches.hf import HFContextModel
+    from ifedicl.model_patches.inference import label_logits
 
     torch.set_num_threads(2)
     tokenizer = load_tokenizer(str(model))
@@ -206,7 +206,7 @@ def run_hf(model: Path, texts: list[str], label_ids: list[int], batch_sizes, dty
 def resolve(model: str) -> Path:
     """An HF directory, a GGUF file or an installed model name -> the directory both backends load."""
     try:
-        from federation_job.model_source import resolve_model
+        from ifedicl.kernel.model_source import resolve_model
     except ImportError:  # before model sources existed: HF directories only
         return Path(model)
     return Path(resolve_model(model))
@@ -214,9 +214,9 @@ def resolve(model: str) -> Path:
 
 def held_out(store_uri: str, task: str, model: Path, max_texts: int):
     """The published run of ``task`` and its held-out split, tokenized as the server does."""
-    from federation_job.modeling import canonical_model_id, fingerprint, load_config, load_tokenizer
-    from serving.quality import held_out_split
-    from storage.store import Store
+    from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config, load_tokenizer
+    from ifedicl.serving.quality import held_out_split
+    from ifedicl.storage.store import Store
 
     expect = fingerprint(canonical_model_id(str(model)), load_config(str(model)))
     run = Store(store_uri).load_run(task, expect=expect)
@@ -281,8 +281,8 @@ def main() -> None:
     if bool(opts.store) != bool(opts.task):
         parser.error("--store and --task go together")
 
-    from federation_job.modeling import load_tokenizer
-    from federation_job.task import KNOWN_TASKS, TaskSpec, label_token_ids
+    from ifedicl.kernel.modeling import load_tokenizer
+    from ifedicl.kernel.task import KNOWN_TASKS, TaskSpec, label_token_ids
 
     with tempfile.TemporaryDirectory() as tmp:
         if opts.model:
@@ -316,7 +316,7 @@ def main() -> None:
             print(f"{dtype:>9} {r[first]['plain']['req_s']:>9.1f} {r[first]['single']['req_s']:>9.1f} "
                   f"{r[top]['plain']['req_s']:>11.1f} {r[top]['single']['req_s']:>11.1f} {acc:>9}")
         if run_data is not None:
-            from serving.quality import run_dtype
+            from ifedicl.serving.quality import run_dtype
 
             run = run_data[0]
             made_in = run_dtype(run.summary, run.settings)

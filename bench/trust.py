@@ -8,7 +8,7 @@ synthetic sentiment task (fast; its accuracy only shows the pipeline runs); with
 accuracies are a real model's.
 
     python bench/trust.py --clients 4 --rounds 2
-    python bench/trust.py --model smollm2-135m --task-dir federation_job/demo_tasks/subj
+    python bench/trust.py --model smollm2-135m --task-dir devkit/demo_tasks/subj
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from federation_job.data import load_task_dir
-from federation_job.demo_data import corpus, make_sentiment_dir
-from federation_job.driver import Federation, FederationSettings, ensure_ray
-from federation_job.privacy import PrivacySettings
-from federation_job.sources import DataSource
-from federation_job.tiny_model import build_tiny_model
+from ifedicl.devkit.demo_data import corpus, make_sentiment_dir
+from ifedicl.devkit.tiny_model import build_tiny_model
+from ifedicl.federation_job.driver import Federation, FederationSettings, ensure_ray
+from ifedicl.federation_job.privacy import PrivacySettings
+from ifedicl.kernel.data import load_task_dir
+from ifedicl.kernel.sources import DataSource
 
 VARIANTS = {
     "plain mean": {},

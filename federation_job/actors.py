@@ -3,15 +3,15 @@
 Each actor loads the frozen model once (from the node's shared object-store copy,
 or its own copy from a path), loads its own shard of data from disk, and returns
 only encoded vectors and Λ. Everything it receives and sends is a ``bytes``
-payload from :mod:`federation_job.wire`, so the driver can count exactly what
+payload from :mod:`ifedicl.federation_job.wire`, so the driver can count exactly what
 crossed the boundary.
 
 Each answer carries the CPU and wall seconds the actor spent on the request, measured
-in the actor's own process (:mod:`federation_job.compute`): the run's client compute is
+in the actor's own process (:mod:`ifedicl.federation_job.compute`): the run's client compute is
 what the clients report, not the driver's view of the round.
 
 FedAvg-LoRA runs on the same actors: :meth:`ClientActor.train_lora` trains LoRA adapters
-locally (:class:`federation_job.lora.LoraClient`) instead of calibrating Λ; an actor
+locally (:class:`ifedicl.federation_job.lora.LoraClient`) instead of calibrating Λ; an actor
 serves one method per run.
 
 Trust options live here, on the client's side of the boundary: its differential
@@ -26,15 +26,15 @@ import os
 import numpy as np
 import torch
 
-from federation_job import wire
-from federation_job.client import CalibrationConfig, Client
-from federation_job.compute import measured
-from federation_job.errors import FederationError
-from federation_job.modeling import DTYPES, SharedWeights, load_model, load_tokenizer, model_from_weights
-from federation_job.privacy import ClientPrivacy
-from federation_job.secagg import MaskingClient
-from federation_job.sources import DataSource
-from model_patches.hf import HFContextModel
+from ifedicl.federation_job import wire
+from ifedicl.federation_job.client import CalibrationConfig, Client
+from ifedicl.federation_job.compute import measured
+from ifedicl.federation_job.privacy import ClientPrivacy
+from ifedicl.federation_job.secagg import MaskingClient
+from ifedicl.kernel.errors import FederationError
+from ifedicl.kernel.modeling import DTYPES, SharedWeights, load_model, load_tokenizer, model_from_weights
+from ifedicl.kernel.sources import DataSource
+from ifedicl.model_patches.hf import HFContextModel
 
 
 class ClientActor:
@@ -136,7 +136,7 @@ class ClientActor:
 
     def train_lora(self, payload: bytes) -> bytes:
         """FedAvg-LoRA: start from the global adapters received, train them locally, upload them (named tensors)."""
-        from federation_job.lora import LoraClient, LoraSettings
+        from ifedicl.federation_job.lora import LoraClient, LoraSettings
 
         with measured() as compute:
             arrays, meta = wire.decode(payload)

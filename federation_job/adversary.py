@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from federation_job.actors import ClientActor
-from federation_job.errors import IfediclError
+from ifedicl.federation_job.actors import ClientActor
+from ifedicl.kernel.errors import IfediclError
 
 MODES = ("scale", "flip", "nan")
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from federation_job.data import Split
-from federation_job.inference import capture_sum, label_logits, predict_proba
-from federation_job.objective import label_word_loss
-from federation_job.task import TaskSpec, label_token_ids
-from model_patches.hf import HFContextModel
-from model_patches.injection import InjectionTables
+from ifedicl.federation_job.objective import label_word_loss
+from ifedicl.kernel.data import Split
+from ifedicl.kernel.task import TaskSpec, label_token_ids
+from ifedicl.model_patches.hf import HFContextModel
+from ifedicl.model_patches.inference import capture_sum, label_logits, predict_proba
+from ifedicl.model_patches.injection import InjectionTables
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def local_epochs(
 def module_mask(modules: str, like: torch.Tensor):
     """Λ -> the Λ injected: with ``modules`` = attn (mlp), the other block is fixed at λ=0, β=1 (no injection,
     no gradient, no weight decay); ``both`` is the identity."""
-    from model_patches.injection import BETA
+    from ifedicl.model_patches.injection import BETA
 
     if modules not in MODULES:
         raise ValueError(f"modules must be one of {MODULES} (got {modules!r})")

@@ -6,10 +6,10 @@ A client that dies or times out is dropped from the round and recorded; a round
 with fewer than ``min_clients`` answers fails the run cleanly (nothing published).
 
 Trust options (see README "Trust model"): updates are screened and combined by a
-:class:`~federation_job.robust.RobustStrategy`; clients may clip and noise what they
-upload (:mod:`federation_job.privacy`); under ``secagg`` the server only ever sees the
-cohort's sum (:mod:`federation_job.secagg`). A run whose driver dies is reaped by the
-next run (:mod:`federation_job.liveness`).
+:class:`~ifedicl.federation_job.robust.RobustStrategy`; clients may clip and noise what they
+upload (:mod:`ifedicl.federation_job.privacy`); under ``secagg`` the server only ever sees the
+cohort's sum (:mod:`ifedicl.federation_job.secagg`). A run whose driver dies is reaped by the
+next run (:mod:`ifedicl.federation_job.liveness`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,17 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
-from federation_job import compute, liveness, wire
-from federation_job.actors import ClientActor
-from federation_job.client import CalibrationConfig, accuracy
-from federation_job.errors import FederationError, IfediclError
-from federation_job.modeling import (
+from ifedicl.federation_job import compute, liveness, wire
+from ifedicl.federation_job.actors import ClientActor
+from ifedicl.federation_job.client import CalibrationConfig, accuracy
+from ifedicl.federation_job.objective import OBJECTIVES
+from ifedicl.federation_job.partition import dirichlet_partition
+from ifedicl.federation_job.privacy import ClientPrivacy, PrivacySettings, privacy_report
+from ifedicl.federation_job.robust import AGGREGATORS, NormScreen, RobustStrategy
+from ifedicl.federation_job.secagg import MIN_COHORT, unmask_sum
+from ifedicl.federation_job.strategies import ClientUpdate, check_update
+from ifedicl.kernel.errors import FederationError, IfediclError
+from ifedicl.kernel.modeling import (
     DTYPES,
     canonical_model_id,
     fingerprint,
@@ -42,17 +48,11 @@ from federation_job.modeling import (
     load_tokenizer,
     model_from_weights,
 )
-from federation_job.objective import OBJECTIVES
-from federation_job.partition import dirichlet_partition
-from federation_job.privacy import ClientPrivacy, PrivacySettings, privacy_report
-from federation_job.robust import AGGREGATORS, NormScreen, RobustStrategy
-from federation_job.secagg import MIN_COHORT, unmask_sum
-from federation_job.server import ClientUpdate, check_update
-from federation_job.sources import DataSource
-from federation_job.task import label_token_ids
-from model_patches.hf import HFContextModel
-from model_patches.injection import initial_coefficients
-from storage.store import RoundRecord, Store
+from ifedicl.kernel.sources import DataSource
+from ifedicl.kernel.task import label_token_ids
+from ifedicl.model_patches.hf import HFContextModel
+from ifedicl.model_patches.injection import initial_coefficients
+from ifedicl.storage.store import RoundRecord, Store
 
 log = logging.getLogger("ifedicl.federation")
 
@@ -134,7 +134,7 @@ class FederationSettings:
             if not ok:
                 raise IfediclError(message)
         self.privacy.validate()
-        from federation_job.adversary import parse_modes
+        from ifedicl.federation_job.adversary import parse_modes
 
         for spec in self.adversaries.values():
             parse_modes(spec)
@@ -284,7 +284,7 @@ class Federation:
         for cid, indices in enumerate(self.shards):
             args = (cid, model, self.model_id, self.source, indices, self.settings.dtype, device, self.privacy)
             if cid in self.settings.adversaries:
-                from federation_job.adversary import AdversarialClientActor
+                from ifedicl.federation_job.adversary import AdversarialClientActor
 
                 evil = ray.remote(AdversarialClientActor).options(**options)
                 self.actors[cid] = evil.remote(*args, adversary=self.settings.adversaries[cid])
@@ -612,7 +612,7 @@ class Federation:
     def _compute_summary(self) -> dict:
         """Client-reported compute, summed: per run, per stage and per client (CPU and wall seconds).
 
-        Measured inside each actor around each request (:mod:`federation_job.compute`); what a
+        Measured inside each actor around each request (:mod:`ifedicl.federation_job.compute`); what a
         client spent on a request it never answered (it died or timed out) is not known here.
         """
         reports = [

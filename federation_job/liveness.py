@@ -17,7 +17,7 @@ import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
-from storage.store import Store
+from ifedicl.storage.store import Store
 
 
 def _boot_id() -> str:
@@ -86,7 +86,7 @@ def reap_dead_runs(store: Store, now: datetime | None = None) -> dict[str, str]:
 
 def ensure_writable(uri: str) -> None:
     """Fail before any work if a local store directory cannot be written (read-only mount, permissions)."""
-    from federation_job.errors import IfediclError
+    from ifedicl.kernel.errors import IfediclError
 
     if "://" in uri:
         return

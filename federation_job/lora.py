@@ -3,13 +3,13 @@
 peft LoRA (rank 8 by default) on the attention query/value projections (``q_proj``,
 ``v_proj``; GPT-2's fused ``c_attn``). Adapters are attached *in place* to a frozen
 model (peft replaces those Linear modules), so the model's forward, and the
-:class:`~model_patches.hf.HFContextModel` wrapped around it, run with the adapters:
+:class:`~ifedicl.model_patches.hf.HFContextModel` wrapped around it, run with the adapters:
 LoRA is trained with the same forward (last-token logits only), the same objective
-options (:mod:`federation_job.objective`) and the same local optimisation
-(:func:`federation_job.client.local_epochs`) as Λ calibration.
+options (:mod:`ifedicl.federation_job.objective`) and the same local optimisation
+(:func:`ifedicl.federation_job.client.local_epochs`) as Λ calibration.
 
 What crosses the wire is the adapters' state dict (named float32 tensors), encoded
-with :mod:`federation_job.wire`; the server averages the flattened state.
+with :mod:`ifedicl.federation_job.wire`; the server averages the flattened state.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from federation_job.client import CalibrationConfig, Client, local_epochs
-from federation_job.inference import label_logits
-from federation_job.objective import label_word_loss
+from ifedicl.federation_job.client import CalibrationConfig, Client, local_epochs
+from ifedicl.federation_job.objective import label_word_loss
+from ifedicl.model_patches.inference import label_logits
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class LoraResult:
 
 
 class LoraClient:
-    """The FedAvg-LoRA client role on a :class:`~federation_job.client.Client`'s model, data and task."""
+    """The FedAvg-LoRA client role on a :class:`~ifedicl.federation_job.client.Client`'s model, data and task."""
 
     def __init__(self, client: Client, settings: LoraSettings):
         self.client = client

@@ -1,6 +1,6 @@
 """FedAvg-LoRA through the same Ray job as IFed-ICL: the baseline measured like for like.
 
-The same :class:`~federation_job.driver.Federation` (actors, client sampling, drop and
+The same :class:`~ifedicl.federation_job.driver.Federation` (actors, client sampling, drop and
 timeout handling, ``min_clients``, screening and aggregators, store rows per round,
 client-reported CPU and wall seconds) with the method's stages swapped: no stage 1
 (round 0 only records who loaded), then each round the server sends the global LoRA
@@ -22,13 +22,13 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from federation_job import wire
-from federation_job.driver import Federation, _traffic
-from federation_job.errors import IfediclError
-from federation_job.lora import LoraSettings, attach_lora, flatten, load_trainable, trainable_state, unflatten
-from federation_job.modeling import load_model, model_from_weights
-from federation_job.server import ClientUpdate, check_update
-from storage.store import RoundRecord
+from ifedicl.federation_job import wire
+from ifedicl.federation_job.driver import Federation, _traffic
+from ifedicl.federation_job.lora import LoraSettings, attach_lora, flatten, load_trainable, trainable_state, unflatten
+from ifedicl.federation_job.strategies import ClientUpdate, check_update
+from ifedicl.kernel.errors import IfediclError
+from ifedicl.kernel.modeling import load_model, model_from_weights
+from ifedicl.storage.store import RoundRecord
 
 
 class LoraFederation(Federation):
@@ -116,8 +116,8 @@ class LoraFederation(Federation):
 
     def _evaluate(self, vectors, coefficients) -> dict:
         """Zero-shot and FedAvg-LoRA accuracy on the source's test split (the final global adapters)."""
-        from federation_job.client import accuracy
-        from model_patches.hf import HFContextModel
+        from ifedicl.federation_job.client import accuracy
+        from ifedicl.model_patches.hf import HFContextModel
 
         test = self.data.test
         if not len(test) or not self.states:

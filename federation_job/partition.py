@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from federation_job.errors import DataError
+from ifedicl.kernel.errors import DataError
 
 
 def dirichlet_partition(

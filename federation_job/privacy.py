@@ -26,11 +26,10 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import version
 
 import numpy as np
-import torch
 
-from federation_job.errors import IfediclError
+from ifedicl.kernel.errors import IfediclError
 
-# dp_accounting (and scipy under it) is imported lazily: the capture path imports clip_rows.
+# dp_accounting (and scipy under it) is imported lazily: clients import this module on their hot path.
 
 
 def accountant_name() -> str:
@@ -77,12 +76,6 @@ def spent_epsilon(releases: list[tuple[float, int]], delta: float) -> float:
     accountant = _accountant()
     accountant.compose(dp_accounting.ComposedDpEvent(events))
     return float(accountant.get_epsilon(delta))
-
-
-def clip_rows(rows: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """Scale each row (one example's flattened contribution) to L2 norm <= ``clip_norm``. [B, F] -> [B, F]."""
-    norms = rows.norm(dim=1, keepdim=True)  # [B, 1]
-    return rows * torch.clamp(clip_norm / (norms + 1e-12), max=1.0)
 
 
 def clip_vector(values: np.ndarray, clip_norm: float) -> np.ndarray:

@@ -31,15 +31,15 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, Timeout
 
-from federation_job import wire
-from federation_job.client import accuracy
-from federation_job.driver import Federation, FederationSettings, _log_event
-from federation_job.errors import IfediclError
-from federation_job.modeling import DTYPES, load_model
-from federation_job.sources import DataSource
-from model_patches.hf import HFContextModel
-from storage.recalibrations import Attempt, attempts, now, record_attempt
-from storage.store import ModelMismatchError, RoundRecord, Store, StoreError, check_fingerprint
+from ifedicl.federation_job import wire
+from ifedicl.federation_job.client import accuracy
+from ifedicl.federation_job.driver import Federation, FederationSettings, _log_event
+from ifedicl.kernel.errors import IfediclError
+from ifedicl.kernel.modeling import DTYPES, load_model
+from ifedicl.kernel.sources import DataSource
+from ifedicl.model_patches.hf import HFContextModel
+from ifedicl.storage.recalibrations import Attempt, attempts, now, record_attempt
+from ifedicl.storage.store import ModelMismatchError, RoundRecord, Store, StoreError, check_fingerprint
 
 log = logging.getLogger("ifedicl.recalibrate")
 

@@ -7,7 +7,7 @@ crude attacks (a scaled or sign-flipped update) before any mean sees them, and
 the rejected client is recorded with its reason like a dropped one.
 
 Screening needs each client's update in the clear, so it is off under secure
-aggregation (the server only sees the sum there; see :mod:`federation_job.secagg`).
+aggregation (the server only sees the sum there; see :mod:`ifedicl.federation_job.secagg`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from federation_job.errors import FederationError
-from federation_job.server import ClientUpdate, FedAvg, sample_clients
+from ifedicl.federation_job.strategies import ClientUpdate, FedAvg, sample_clients
+from ifedicl.kernel.errors import FederationError
 
 AGGREGATORS = ("mean", "trimmed-mean", "median")
 

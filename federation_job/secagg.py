@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from federation_job.errors import FederationError
+from ifedicl.kernel.errors import FederationError
 
 FRACTION_BITS = 24  # fixed point: x -> round(x * 2^24); resolution 6e-8, range +-5.5e11 per value
 MIN_COHORT = 2  # a client refuses to mask for a cohort smaller than this (a sum of one is the value)

@@ -13,7 +13,7 @@ import json
 import numpy as np
 from safetensors.numpy import load, save
 
-from federation_job.errors import FederationError
+from ifedicl.kernel.errors import FederationError
 
 
 def encode(arrays: dict[str, np.ndarray], **meta: object) -> bytes:

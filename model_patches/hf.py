@@ -2,7 +2,7 @@
 
 Works by forward hooks on each decoder layer's attention and MLP modules, so the
 model's parameter names (and therefore checkpoint loading) are untouched. The math
-itself lives in :func:`model_patches.injection.inject`; this module only finds the
+itself lives in :func:`ifedicl.model_patches.injection.inject`; this module only finds the
 modules and routes tensors.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model_patches.injection import InjectionTables, inject
+from ifedicl.model_patches.injection import InjectionTables, inject
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -1,12 +1,12 @@
 """Injecting versions of vLLM's in-tree Llama, Qwen2 and Gemma 3 models.
 
-Each decoder layer applies IFed-ICL's injection (:func:`model_patches.injection.inject`)
+Each decoder layer applies IFed-ICL's injection (:func:`ifedicl.model_patches.injection.inject`)
 to the two block outputs that are added to the residual stream, per token, from
 fixed per-layer tables. Llama/Qwen2: the attention output (before
 ``post_attention_layernorm``'s residual add) and the MLP output. Gemma 3 normalizes
 each block's output before the residual add (``post_attention_layernorm``,
 ``post_feedforward_layernorm``), so it injects *after* those norms: on exactly
-what is added to the residual, as the HF hooks do (:mod:`model_patches.hf`).
+what is added to the residual, as the HF hooks do (:mod:`ifedicl.model_patches.hf`).
 Tables:
 
     ifedicl_beta  [2, R]      block (attn, mlp) x table row
@@ -18,7 +18,7 @@ start-up probe (β = 0, shift = 0: it zeroes every block output, so a request se
 under it must score differently from the plain model if the seam is live).
 
 Which row a token uses comes from one shared ``token_task[max_tokens]`` buffer that
-:mod:`model_patches.vllm_runner` fills before every forward from each scheduled
+:mod:`ifedicl.model_patches.vllm_runner` fills before every forward from each scheduled
 request's ``sampling_params.extra_args["task_id"]``. Everything the layer does is
 tensor math on fixed buffers, so it runs unchanged under torch.compile.
 
@@ -36,9 +36,9 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
-from model_patches.injection import ATTN, MLP, inject
-from model_patches.vllm_plugin import DEFAULT_MAX_SLOTS, MAX_SLOTS_KEY
-from model_patches.vllm_runner import install_runner_seam
+from ifedicl.model_patches.injection import ATTN, MLP, inject
+from ifedicl.model_patches.vllm_plugin import DEFAULT_MAX_SLOTS, MAX_SLOTS_KEY
+from ifedicl.model_patches.vllm_runner import install_runner_seam
 
 
 class InjectionState:

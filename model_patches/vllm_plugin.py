@@ -14,9 +14,9 @@ from __future__ import annotations
 
 # Injecting architecture -> "module:Class", imported lazily by vLLM's ModelRegistry.
 ARCHITECTURES: dict[str, str] = {
-    "IfediclLlamaForCausalLM": "model_patches.vllm_models:IfediclLlamaForCausalLM",
-    "IfediclQwen2ForCausalLM": "model_patches.vllm_models:IfediclQwen2ForCausalLM",
-    "IfediclGemma3ForCausalLM": "model_patches.vllm_models:IfediclGemma3ForCausalLM",
+    "IfediclLlamaForCausalLM": "ifedicl.model_patches.vllm_models:IfediclLlamaForCausalLM",
+    "IfediclQwen2ForCausalLM": "ifedicl.model_patches.vllm_models:IfediclQwen2ForCausalLM",
+    "IfediclGemma3ForCausalLM": "ifedicl.model_patches.vllm_models:IfediclGemma3ForCausalLM",
 }
 
 # HF architecture of the checkpoint -> the injecting class that serves it.
@@ -30,7 +30,7 @@ INJECTING_ARCHITECTURE: dict[str, str] = {
 
 # vLLM resolves this qualified name in each worker and mixes it into the worker
 # class, which exposes the buffer-management RPCs to ``collective_rpc``.
-WORKER_EXTENSION = "model_patches.vllm_worker.IfediclWorkerExtension"
+WORKER_EXTENSION = "ifedicl.model_patches.vllm_worker.IfediclWorkerExtension"
 
 # hf_config attribute that sizes the per-layer tables (task/version slots).
 MAX_SLOTS_KEY = "ifedicl_max_slots"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model_patches.vllm_runner import seam_installed
+from ifedicl.model_patches.vllm_runner import seam_installed
 
 
 class IfediclWorkerExtension:
@@ -26,7 +26,7 @@ class IfediclWorkerExtension:
         if state is None:
             raise RuntimeError(
                 "the loaded model has no IFed-ICL injection buffers: start the engine with "
-                "model_patches.vllm_plugin.engine_overrides(...)"
+                "ifedicl.model_patches.vllm_plugin.engine_overrides(...)"
             )
         return state
 

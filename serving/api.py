@@ -29,9 +29,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
-from serving.errors import ApiError, bad_request, not_found
-from serving.metrics import AUTO_TASK_LABEL, BASE_TASK_LABEL, UNKNOWN_TASK_LABEL
-from serving.service import Classification, ClassificationService, Score
+from ifedicl.serving.api_errors import ApiError, bad_request, not_found
+from ifedicl.serving.metrics import AUTO_TASK_LABEL, BASE_TASK_LABEL, UNKNOWN_TASK_LABEL
+from ifedicl.serving.service import Classification, ClassificationService, Score
 
 logger = logging.getLogger("ifedicl.serving")
 

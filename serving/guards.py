@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import ApiError, too_large, unauthorized
+from ifedicl.serving.api_errors import ApiError, too_large, unauthorized
 
 # Read-only probes that stay reachable without a key (the runbook says so).
 OPEN_PATHS = frozenset({"/health", "/metrics"})

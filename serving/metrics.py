@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from serving.tasks import TaskQuality
+from ifedicl.serving.task_cache import TaskQuality
 
 BASE_TASK_LABEL = "_base"
 UNKNOWN_TASK_LABEL = "_unknown"

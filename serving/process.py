@@ -30,7 +30,7 @@ class ServeProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [
-            sys.executable, "-m", "federation_job.cli", "serve", "--store", str(store), "--model", str(model),
+            sys.executable, "-m", "ifedicl.cli", "serve", "--store", str(store), "--model", str(model),
             "--host", "127.0.0.1", "--port", str(self.port), *args,
         ]  # fmt: skip
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from federation_job.data import Split
-from federation_job.sources import DataSource
-from federation_job.task import TaskSpec
-from storage.store import Store, StoredRun
+from ifedicl.kernel.data import Split
+from ifedicl.kernel.sources import DataSource
+from ifedicl.kernel.task import TaskSpec
+from ifedicl.storage.store import Store, StoredRun
 
 DEFAULT_RUN_DTYPE = "float32"  # runs made before the dtype was recorded were float32 (the only default)
 

@@ -31,17 +31,17 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
-from federation_job.modeling import canonical_model_id, fingerprint, load_config, load_tokenizer
-from federation_job.task import TaskSpec, label_token_ids
-from model_patches.injection import InjectionTables
-from model_patches.vllm_plugin import DEFAULT_MAX_SLOTS
-from model_patches.vllm_runner import TASK_ID_KEY
-from model_patches.vllm_worker import pack_tables
-from serving.errors import ApiError, bad_request, not_found
-from serving.metrics import ServingMetrics
-from serving.quality import accuracy, held_out_split, run_dtype
-from serving.tasks import ActiveTask, NoFreeSlotError, TaskQuality, TaskTable
-from storage.store import RunInfo, Store, StoredRun, StoreError, check_fingerprint
+from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config, load_tokenizer
+from ifedicl.kernel.task import TaskSpec, label_token_ids
+from ifedicl.model_patches.injection import InjectionTables
+from ifedicl.model_patches.vllm_plugin import DEFAULT_MAX_SLOTS
+from ifedicl.model_patches.vllm_runner import TASK_ID_KEY
+from ifedicl.model_patches.vllm_worker import pack_tables
+from ifedicl.serving.api_errors import ApiError, bad_request, not_found
+from ifedicl.serving.metrics import ServingMetrics
+from ifedicl.serving.quality import accuracy, held_out_split, run_dtype
+from ifedicl.serving.task_cache import ActiveTask, NoFreeSlotError, TaskQuality, TaskTable
+from ifedicl.storage.store import RunInfo, Store, StoredRun, StoreError, check_fingerprint
 
 logger = logging.getLogger("ifedicl.serving")
 

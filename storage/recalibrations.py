@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from storage.store import Store
+from ifedicl.storage.store import Store
 
 TABLE = "recalibrations"
 TIMESTAMP = pa.timestamp("us", tz="UTC")

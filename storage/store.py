@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow as pa
 from lancedb.index import BTree
 
-from federation_job.errors import IfediclError
-from federation_job.modeling import ModelFingerprint
-from federation_job.task import TaskSpec
-from model_patches.injection import BLOCKS
-from storage import schema
+from ifedicl.kernel.errors import IfediclError
+from ifedicl.kernel.modeling import ModelFingerprint
+from ifedicl.kernel.task import TaskSpec
+from ifedicl.model_patches.injection import BLOCKS
+from ifedicl.storage import schema
 
 
 class StoreError(IfediclError):

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import ray
 
-from federation_job.driver import Federation, FederationSettings, ensure_ray
-from federation_job.sources import DataSource
+from ifedicl.federation_job.driver import Federation, FederationSettings, ensure_ray
+from ifedicl.kernel.sources import DataSource
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ray_nodes import kill_all, node_processes  # noqa: E402

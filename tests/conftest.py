@@ -17,9 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from federation_job.data import load_task_dir  # noqa: E402
-from federation_job.demo_data import corpus, make_sentiment_dir  # noqa: E402
-from federation_job.tiny_model import build_tiny_model  # noqa: E402
+from ifedicl.devkit.demo_data import corpus, make_sentiment_dir  # noqa: E402
+from ifedicl.devkit.tiny_model import build_tiny_model  # noqa: E402
+from ifedicl.kernel.data import load_task_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ REAL_MODELS = ("smollm2-135m", "gemma3-270m")
 @pytest.fixture(scope="session")
 def real_models() -> dict[str, Path]:
     """Named real model -> its converted HF directory (what both backends load)."""
-    from federation_job.gguf_cache import converted_dir
-    from federation_job.model_catalog import pull
+    from ifedicl.kernel.gguf_cache import converted_dir
+    from ifedicl.kernel.model_catalog import pull
 
     return {name: converted_dir(pull(name)) for name in REAL_MODELS}  # pull: offline once installed

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from federation_job import wire
-from federation_job.errors import DataError, FederationError
-from federation_job.partition import dirichlet_partition
-from federation_job.server import ClientUpdate, FedAvg, check_update, sample_clients
+from ifedicl.federation_job import wire
+from ifedicl.federation_job.partition import dirichlet_partition
+from ifedicl.federation_job.strategies import ClientUpdate, FedAvg, check_update, sample_clients
+from ifedicl.kernel.errors import DataError, FederationError
 
 
 def _updates():

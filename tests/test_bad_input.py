@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from federation_job.errors import TaskSpecError
-from federation_job.modeling import load_tokenizer
-from federation_job.task import TaskSpec, label_token_ids
+from ifedicl.kernel.errors import TaskSpecError
+from ifedicl.kernel.modeling import load_tokenizer
+from ifedicl.kernel.task import TaskSpec, label_token_ids
 
 
 def _cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "federation_job.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "ifedicl.cli", *map(str, args)], capture_output=True, text=True, timeout=300
     )
 
 

@@ -3,11 +3,11 @@
 import numpy as np
 import torch
 
-from federation_job.client import CalibrationConfig, Client, warmup_cosine
-from federation_job.data import load_task_dir
-from federation_job.modeling import load_model, load_tokenizer
-from model_patches.hf import HFContextModel
-from model_patches.injection import initial_coefficients
+from ifedicl.federation_job.client import CalibrationConfig, Client, warmup_cosine
+from ifedicl.kernel.data import load_task_dir
+from ifedicl.kernel.modeling import load_model, load_tokenizer
+from ifedicl.model_patches.hf import HFContextModel
+from ifedicl.model_patches.injection import initial_coefficients
 
 
 def _client(llama_dir, task_dir, n=24):

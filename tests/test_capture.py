@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from federation_job.inference import capture_sum
-from federation_job.modeling import load_model, load_tokenizer
-from model_patches.hf import HFContextModel
+from ifedicl.kernel.modeling import load_model, load_tokenizer
+from ifedicl.model_patches.hf import HFContextModel
+from ifedicl.model_patches.inference import capture_sum
 
 TEXTS = ["the film was great .", "a mess", "the soundtrack was a joy to watch and the cast was brilliant ."]
 

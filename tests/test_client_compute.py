@@ -7,9 +7,9 @@ import json
 
 from compute_checks import check_compute_totals, process_cpu_seconds
 
-from federation_job.driver import Federation, FederationSettings
-from federation_job.sources import DataSource
-from storage.store import Store
+from ifedicl.federation_job.driver import Federation, FederationSettings
+from ifedicl.kernel.sources import DataSource
+from ifedicl.storage.store import Store
 
 
 def test_ifedicl_clients_report_their_own_cpu_and_wall_seconds(ray_session, llama_dir, task_dir, tmp_path):

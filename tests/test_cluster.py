@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from federation_job.recalibrate import RecalibrationCollector
-from storage.recalibrations import attempts
-from storage.store import Store
+from ifedicl.federation_job.recalibrate import RecalibrationCollector
+from ifedicl.storage.recalibrations import attempts
+from ifedicl.storage.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ray_nodes import RAY, LocalRayCluster  # noqa: E402

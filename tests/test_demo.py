@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from storage.store import Store
+from ifedicl.storage.store import Store
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.vllm]
 
@@ -25,7 +25,7 @@ SLACK = 0.05
 def test_demo_federates_serves_and_beats_zero_shot(tmp_path, real_models):
     workdir = tmp_path / "demo"
     done = subprocess.run(
-        [sys.executable, "-m", "federation_job.cli", "demo", "--workdir", str(workdir)],
+        [sys.executable, "-m", "ifedicl.cli", "demo", "--workdir", str(workdir)],
         capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]

@@ -12,10 +12,10 @@ import struct
 
 import pytest
 
-from federation_job.data import load_task_dir
-from federation_job.evaluation.report import pct
-from federation_job.evaluation.runner import evaluate
-from federation_job.evaluation.settings import METHOD_LABELS, METHODS, EvalSettings
+from ifedicl.evaluation.report import pct
+from ifedicl.evaluation.runner import evaluate
+from ifedicl.evaluation.settings import METHOD_LABELS, METHODS, EvalSettings
+from ifedicl.kernel.data import load_task_dir
 
 ROUNDS, CLIENTS = 2, 3
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -190,7 +190,7 @@ def test_hf_dataset_saved_to_disk_through_the_cli(ray_session, llama_dir, task_d
     import typer
     from typer.testing import CliRunner
 
-    from federation_job.eval_cli import eval_command
+    from ifedicl.cli.evaluate import eval_command
 
     data = load_task_dir(task_dir)
     dataset_dir = tmp_path / "sst2"  # a known name: the loader picks I2CL's SST-2 template and labels

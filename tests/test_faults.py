@@ -17,11 +17,11 @@ import pytest
 import ray
 from actor_kills import kill_and_wait
 
-from federation_job.driver import Federation, FederationSettings
-from federation_job.modeling import ModelFingerprint
-from federation_job.sources import DataSource
-from federation_job.task import TaskSpec
-from storage.store import Store, StoreError
+from ifedicl.federation_job.driver import Federation, FederationSettings
+from ifedicl.kernel.modeling import ModelFingerprint
+from ifedicl.kernel.sources import DataSource
+from ifedicl.kernel.task import TaskSpec
+from ifedicl.storage.store import Store, StoreError
 
 
 def _pid(actor) -> int:
@@ -90,7 +90,7 @@ def test_clients_killed_at_every_stage(ray_session, llama_dir, task_dir, tmp_pat
 
 def _federate_cmd(llama_dir, task_dir, store, *extra):
     return [
-        sys.executable, "-m", "federation_job.cli", "federate", "--task-dir", str(task_dir), "--model", str(llama_dir),
+        sys.executable, "-m", "ifedicl.cli", "federate", "--task-dir", str(task_dir), "--model", str(llama_dir),
         "--store", str(store), "--clients", "2", "--alpha", "1.0", "--max-test", "0", "--publish", *map(str, extra),
     ]  # fmt: skip
 
@@ -177,7 +177,7 @@ def test_reaping_tells_dead_remote_and_live_drivers_apart(tmp_path):
     """Same host: a gone pid is proof. Other host: only a missed heartbeat (4x round timeout + 60 s) is."""
     from datetime import timedelta
 
-    from federation_job import liveness
+    from ifedicl.federation_job import liveness
 
     store = Store(tmp_path / "store", create=True)
     task = TaskSpec("demo-sentiment", "Review: {text}\nSentiment:", ("negative", "positive"))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from actor_kills import kill_and_wait
 
-from federation_job.driver import Federation, FederationSettings
-from federation_job.errors import FederationError
-from federation_job.sources import DataSource
-from storage.store import Store
+from ifedicl.federation_job.driver import Federation, FederationSettings
+from ifedicl.kernel.errors import FederationError
+from ifedicl.kernel.sources import DataSource
+from ifedicl.storage.store import Store
 
 
 def _settings(**kw) -> FederationSettings:
@@ -67,7 +67,7 @@ def test_too_few_clients_fails_cleanly_and_publishes_nothing(ray_session, llama_
 
 def _cli(*args, check=True):
     proc = subprocess.run(
-        [sys.executable, "-m", "federation_job.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "ifedicl.cli", *map(str, args)], capture_output=True, text=True, timeout=600
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"ifedicl {args[0]} failed:\n{proc.stdout}\n{proc.stderr}")

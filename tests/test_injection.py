@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from federation_job.inference import encode
-from federation_job.modeling import load_model, load_tokenizer
-from model_patches.hf import HFContextModel, UnsupportedArchitectureError
-from model_patches.injection import InjectionTables, initial_coefficients, inject
+from ifedicl.kernel.modeling import load_model, load_tokenizer
+from ifedicl.model_patches.hf import HFContextModel, UnsupportedArchitectureError
+from ifedicl.model_patches.inference import encode
+from ifedicl.model_patches.injection import InjectionTables, initial_coefficients, inject
 
 
 def test_inject_hand_computed():

@@ -11,13 +11,13 @@ from actor_kills import kill_and_wait
 from compute_checks import check_compute_totals
 from transformers import AutoConfig
 
-from federation_job import wire
-from federation_job.driver import FederationSettings
-from federation_job.errors import IfediclError
-from federation_job.lora import LoraSettings
-from federation_job.lora_federation import LoraFederation
-from federation_job.sources import DataSource
-from storage.store import Store
+from ifedicl.federation_job import wire
+from ifedicl.federation_job.driver import FederationSettings
+from ifedicl.federation_job.lora import LoraSettings
+from ifedicl.federation_job.lora_federation import LoraFederation
+from ifedicl.kernel.errors import IfediclError
+from ifedicl.kernel.sources import DataSource
+from ifedicl.storage.store import Store
 
 RANK = 4
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from federation_job.errors import IfediclError, TaskSpecError
-from federation_job.gguf_cache import SOURCE_FILE, GgufError, converted_dir, source_of
-from federation_job.model_catalog import ModelPackageError, pull
-from federation_job.model_source import UnknownModelError, model_identity, resolve_model
-from federation_job.modeling import fingerprint, load_config
-from federation_job.task import TaskSpec, label_token_ids
-from storage.store import ModelMismatchError, Store
+from ifedicl.kernel.errors import IfediclError, TaskSpecError
+from ifedicl.kernel.gguf_cache import SOURCE_FILE, GgufError, converted_dir, source_of
+from ifedicl.kernel.model_catalog import ModelPackageError, pull
+from ifedicl.kernel.model_source import UnknownModelError, model_identity, resolve_model
+from ifedicl.kernel.modeling import fingerprint, load_config
+from ifedicl.kernel.task import TaskSpec, label_token_ids
+from ifedicl.storage.store import ModelMismatchError, Store
 
 pytestmark = pytest.mark.real_model
 
@@ -82,7 +82,7 @@ def test_a_run_made_from_a_gguf_is_refused_for_another_model(tmp_path, real_mode
 
 
 def test_bos_follows_the_gguf_rule(real_models):
-    from federation_job.modeling import load_tokenizer
+    from ifedicl.kernel.modeling import load_tokenizer
 
     smollm2, gemma = load_tokenizer("smollm2-135m"), load_tokenizer("gemma3-270m")
     assert smollm2("The capital").input_ids[0] != smollm2.bos_token_id  # SmolLM2's GGUF: add_bos_token = false
@@ -133,7 +133,7 @@ def test_wrong_hash_and_unknown_names(private_cache, real_models):
 
 def test_cli_errors_are_one_line(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "federation_job.cli", "predict", "--store", str(tmp_path), "--model", "smollm3",
+        [sys.executable, "-m", "ifedicl.cli", "predict", "--store", str(tmp_path), "--model", "smollm3",
          "--task", "subj", "some text"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -16,7 +16,7 @@ def test_adapters_load_in_vllm_and_change_outputs(llama_dir, tmp_path):
     from vllm.lora.peft_helper import PEFTHelper
 
     from bench.multi_lora import hf_label_logits, make_adapters, measure_hf
-    from federation_job.modeling import load_model, load_tokenizer
+    from ifedicl.kernel.modeling import load_model, load_tokenizer
 
     paths = make_adapters(llama_dir, 3, out_dir=tmp_path)
     assert [p.name for p in paths] == ["adapter-000", "adapter-001", "adapter-002"]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from federation_job.client import Client
-from federation_job.data import load_task_dir
-from federation_job.lora import LoraClient, LoraSettings
-from federation_job.modeling import load_model, load_tokenizer
-from federation_job.objective import label_word_loss
-from model_patches.hf import HFContextModel
+from ifedicl.federation_job.client import Client
+from ifedicl.federation_job.lora import LoraClient, LoraSettings
+from ifedicl.federation_job.objective import label_word_loss
+from ifedicl.kernel.data import load_task_dir
+from ifedicl.kernel.modeling import load_model, load_tokenizer
+from ifedicl.model_patches.hf import HFContextModel
 
 ROWS = [0, 1, 2, 3, 4]
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from federation_job.data import load_task_dir
-from federation_job.driver import Federation, FederationSettings
-from federation_job.inference import capture_sum
-from federation_job.modeling import load_model, load_tokenizer
-from federation_job.privacy import ClientPrivacy, PrivacySettings, clip_rows, noise_multiplier, spent_epsilon
-from federation_job.sources import DataSource
-from model_patches.hf import HFContextModel
-from storage.store import Store
+from ifedicl.federation_job.driver import Federation, FederationSettings
+from ifedicl.federation_job.privacy import ClientPrivacy, PrivacySettings, noise_multiplier, spent_epsilon
+from ifedicl.kernel.data import load_task_dir
+from ifedicl.kernel.modeling import load_model, load_tokenizer
+from ifedicl.kernel.sources import DataSource
+from ifedicl.model_patches.hf import HFContextModel
+from ifedicl.model_patches.inference import capture_sum, clip_rows
+from ifedicl.storage.store import Store
 
 
 def _analytic_delta(epsilon: float, sigma: float) -> float:

@@ -12,12 +12,12 @@ import pytest
 from filelock import FileLock
 from typer.testing import CliRunner
 
-from federation_job.driver import Federation, FederationSettings
-from federation_job.recalibrate import RecalibrationCollector, default_lock_path, recalibrate
-from federation_job.recalibrate_cli import app
-from federation_job.sources import DataSource
-from storage.recalibrations import attempts
-from storage.store import Store
+from ifedicl.cli.recalibrate import app
+from ifedicl.federation_job.driver import Federation, FederationSettings
+from ifedicl.federation_job.recalibrate import RecalibrationCollector, default_lock_path, recalibrate
+from ifedicl.kernel.sources import DataSource
+from ifedicl.storage.recalibrations import attempts
+from ifedicl.storage.store import Store
 
 TASK = "demo-sentiment"
 
@@ -101,7 +101,7 @@ def _interval(row) -> tuple[datetime, datetime]:
 
 def test_two_concurrent_recalibrations_never_both_publish(live_store, llama_dir, task_dir):
     store_dir, live = live_store
-    cmd = [sys.executable, "-m", "federation_job.recalibrate_cli", "recalibrate", "--model", str(llama_dir)]
+    cmd = [sys.executable, "-m", "ifedicl.cli", "recalibrate", "--model", str(llama_dir)]
     cmd += ["--store", str(store_dir), "--task-dir", str(task_dir), "--mode", "stage2", "--rounds", "0"]
     cmd += ["--clients", "2", "--alpha", "1.0", "--max-train", "32", "--max-test", "12", "--min-shard", "4"]
     cmd += ["--margin", "1", "--json"]
@@ -123,7 +123,7 @@ def test_two_concurrent_recalibrations_never_both_publish(live_store, llama_dir,
 
 def test_guardrail_compares_in_the_serving_dtype(live_store, llama_dir, task_dir):
     """`--serving-dtype bfloat16`: candidate and live are both scored in bfloat16, as the server computes."""
-    from federation_job.predict import ReferenceClassifier
+    from ifedicl.serving.reference import ReferenceClassifier
 
     store_dir, live = live_store
     outcome = recalibrate(

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from federation_job.client import CalibrationConfig, Client, local_epochs, warmup_cosine
-from federation_job.data import load_task_dir
-from federation_job.inference import predict_proba
-from federation_job.modeling import load_model, load_tokenizer
-from federation_job.task import label_token_ids
-from model_patches.hf import HFContextModel
-from model_patches.injection import BETA, LAM, initial_coefficients
+from ifedicl.federation_job.client import CalibrationConfig, Client, local_epochs, warmup_cosine
+from ifedicl.kernel.data import load_task_dir
+from ifedicl.kernel.modeling import load_model, load_tokenizer
+from ifedicl.kernel.task import label_token_ids
+from ifedicl.model_patches.hf import HFContextModel
+from ifedicl.model_patches.inference import predict_proba
+from ifedicl.model_patches.injection import BETA, LAM, initial_coefficients
 
 
 def _client(model_dir, task_dir, n=12):
@@ -65,7 +65,7 @@ def test_stage1_examples_uses_the_first_n(llama_dir, task_dir):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_shared_prefix_scoring_equals_full_prompts(tiny_models, task_dir, family):
-    from federation_job.evaluation.prefix import predict_proba_shared_prefix
+    from ifedicl.evaluation.prefix import predict_proba_shared_prefix
 
     data = load_task_dir(task_dir)
     ctx = HFContextModel(load_model(str(tiny_models[family])))

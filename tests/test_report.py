@@ -12,10 +12,10 @@ import re
 
 import pytest
 
-from federation_job.evaluation import runner
-from federation_job.evaluation.cells import CellStore, write_atomic
-from federation_job.evaluation.grid import GridSpec, finished_cells, run_grid, write_report
-from federation_job.evaluation.settings import Cell
+from ifedicl.evaluation import runner
+from ifedicl.evaluation.cells import CellStore, write_atomic
+from ifedicl.evaluation.grid import GridSpec, finished_cells, run_grid, write_report
+from ifedicl.evaluation.settings import Cell
 
 BASE = dict(clients=3, alphas=[1.0], rounds=1, test_size=8, shots=2, max_train=24, min_shard=4, batch_size=8)
 COMMAND = "ifedicl report --tiny"
@@ -167,7 +167,7 @@ def test_federated_cell_cost_counts_the_client_actors(ray_session, llama_dir, ta
 
 
 def test_ablation_variants_are_cells_of_their_own(llama_dir, task_dir, tmp_path, counted):
-    from federation_job.evaluation.grid import ABLATION_VARIANTS
+    from ifedicl.evaluation.grid import ABLATION_VARIANTS
 
     calls, _ = counted
     variants = {v: ABLATION_VARIANTS[v] for v in ("default", "attention only", "lr 3e-2")}

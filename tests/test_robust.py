@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 
-from federation_job.driver import Federation, FederationSettings
-from federation_job.robust import NormScreen, RobustStrategy, coordinate_trimmed_mean, trim_count
-from federation_job.server import ClientUpdate
-from federation_job.sources import DataSource
-from storage.store import Store
+from ifedicl.federation_job.driver import Federation, FederationSettings
+from ifedicl.federation_job.robust import NormScreen, RobustStrategy, coordinate_trimmed_mean, trim_count
+from ifedicl.federation_job.strategies import ClientUpdate
+from ifedicl.kernel.sources import DataSource
+from ifedicl.storage.store import Store
 
 
 def _updates(values):
@@ -54,7 +54,7 @@ def _settings(**kw) -> FederationSettings:
 
 
 def _honest_mean(uploads: dict[int, bytes], key: str) -> np.ndarray:
-    from federation_job import wire
+    from ifedicl.federation_job import wire
 
     return np.mean([wire.decode(p)[0][key] for cid, p in uploads.items() if cid != 4], axis=0)
 

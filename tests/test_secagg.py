@@ -5,11 +5,11 @@ import pytest
 import ray
 from actor_kills import kill_and_wait
 
-from federation_job import wire
-from federation_job.driver import Federation, FederationSettings
-from federation_job.errors import FederationError
-from federation_job.secagg import FRACTION_BITS, MaskingClient, decode_fixed, encode_fixed, unmask_sum
-from federation_job.sources import DataSource
+from ifedicl.federation_job import wire
+from ifedicl.federation_job.driver import Federation, FederationSettings
+from ifedicl.federation_job.secagg import FRACTION_BITS, MaskingClient, decode_fixed, encode_fixed, unmask_sum
+from ifedicl.kernel.errors import FederationError
+from ifedicl.kernel.sources import DataSource
 
 
 def _cohort(values: dict[int, np.ndarray], context: bytes = b"t|1|0"):
@@ -107,8 +107,8 @@ def test_weighted_secure_mean_equals_weighted_fedavg(llama_dir, task_dir):
     """Client actors (in-process, real model) mask N_k * v_k; the server divides the sum by the public sum of N_k."""
     import torch
 
-    from federation_job.actors import ClientActor
-    from federation_job.server import ClientUpdate, FedAvg
+    from ifedicl.federation_job.actors import ClientActor
+    from ifedicl.federation_job.strategies import ClientUpdate, FedAvg
 
     threads = torch.get_num_threads()  # an actor pins its process to OMP_NUM_THREADS; restore for later tests
     source = DataSource(str(task_dir), max_train=30, max_test=0)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from federation_job.modeling import ModelFingerprint
-from federation_job.task import TaskSpec
-from storage.store import ModelMismatchError, Store, StoreError
+from ifedicl.kernel.modeling import ModelFingerprint
+from ifedicl.kernel.task import TaskSpec
+from ifedicl.storage.store import ModelMismatchError, Store, StoreError
 
 TASK = TaskSpec("t1", "Q: {text}\nA:", ("no", "yes"))
 FP = ModelFingerprint("/models/tiny", 3, 128, "abc123")

@@ -33,8 +33,8 @@ from serving_helpers import (  # noqa: E402
     running_server,
 )
 
-from federation_job.tiny_model import build_tiny_model  # noqa: E402
-from storage.store import Store  # noqa: E402
+from ifedicl.devkit.tiny_model import build_tiny_model  # noqa: E402
+from ifedicl.storage.store import Store  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +69,7 @@ def loop_thread() -> Iterator[LoopThread]:
 @pytest.fixture(scope="session")
 def reference_classifiers(serving_models) -> dict:
     """The HF reference path (``ifedicl predict``'s classifier), one per model family, loaded once."""
-    from federation_job.predict import ReferenceClassifier
+    from ifedicl.serving.reference import ReferenceClassifier
 
     return {family: ReferenceClassifier(str(path)) for family, path in serving_models.items()}
 

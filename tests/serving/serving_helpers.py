@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from federation_job.modeling import canonical_model_id, fingerprint, load_config
-from federation_job.task import KNOWN_TASKS, TaskSpec
-from serving.process import ServeProcess, free_port, ready  # noqa: F401 (free_port: used by test modules)
-from storage.store import Store
+from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config
+from ifedicl.kernel.task import KNOWN_TASKS, TaskSpec
+from ifedicl.serving.process import ServeProcess, free_port, ready  # noqa: F401 (free_port: used by test modules)
+from ifedicl.storage.store import Store
 
 # sst2 and mr share a template on purpose: identical prompts under two tasks are
 # exactly where a prefix cache without per-task salt would serve the wrong KV.
@@ -42,7 +42,7 @@ def ifedicl(*args) -> str:
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "federation_job.cli", *map(str, args)], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "ifedicl.cli", *map(str, args)], capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, f"ifedicl {args[0]} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -111,7 +111,7 @@ def engine_args(model_path: Path, *, enforce_eager: bool, max_slots: int = 8, **
     """Engine settings for tests: float32, chunked prefill in 64-token steps, prefix caching on."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from model_patches.vllm_plugin import engine_overrides
+    from ifedicl.model_patches.vllm_plugin import engine_overrides
 
     config = load_config(str(model_path))
     settings = dict(

@@ -23,9 +23,9 @@ import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 from serving_helpers import SHORT_TEXTS, TASKS, free_port, publish_run, running_server
 
-from federation_job.recalibrate import RecalibrationCollector
-from storage.recalibrations import Attempt, record_attempt
-from storage.store import Store
+from ifedicl.federation_job.recalibrate import RecalibrationCollector
+from ifedicl.storage.recalibrations import Attempt, record_attempt
+from ifedicl.storage.store import Store
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

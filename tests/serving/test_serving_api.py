@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import API_KEY, AUTH, LONG_TEXT, SHORT_TEXTS, TASKS, ifedicl, publish_run, random_run
 
-from federation_job.modeling import ModelFingerprint
-from storage.store import Store
+from ifedicl.kernel.modeling import ModelFingerprint
+from ifedicl.storage.store import Store
 
 pytestmark = pytest.mark.vllm
 

@@ -19,8 +19,8 @@ import openai
 import pytest
 from serving_helpers import SHORT_TEXTS, metric_values, publish_run, running_server
 
-from federation_job.task import KNOWN_TASKS, TaskSpec
-from storage.store import Store
+from ifedicl.kernel.task import KNOWN_TASKS, TaskSpec
+from ifedicl.storage.store import Store
 
 pytestmark = pytest.mark.vllm
 

@@ -21,7 +21,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import API_KEY, AUTH, LONG_TEXT, MAX_BODY_BYTES, MAX_INPUTS, SHORT_TEXTS, TASKS
 
-from storage.store import Store
+from ifedicl.storage.store import Store
 
 pytestmark = pytest.mark.vllm
 

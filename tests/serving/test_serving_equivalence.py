@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, engine_args, publish_run, start_engine
 
-from federation_job.predict import ReferenceClassifier
-from serving.service import ClassificationService
-from storage.store import Store
+from ifedicl.serving.reference import ReferenceClassifier
+from ifedicl.serving.service import ClassificationService
+from ifedicl.storage.store import Store
 
 pytestmark = pytest.mark.vllm
 

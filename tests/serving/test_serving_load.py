@@ -16,7 +16,7 @@ import httpx
 import pytest
 from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, publish_run, running_server
 
-from storage.store import Store
+from ifedicl.storage.store import Store
 
 pytestmark = pytest.mark.vllm
 

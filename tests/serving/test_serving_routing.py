@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import API_KEY, AUTH, LONG_TEXT, SHORT_TEXTS, publish_run
 
-from federation_job.data import load_task_dir
-from storage.store import Store
+from ifedicl.kernel.data import load_task_dir
+from ifedicl.storage.store import Store
 
 pytestmark = pytest.mark.vllm
 
@@ -37,7 +37,7 @@ def expected_routes(reference_classifiers, store_uri: str, served: dict[str, dic
     """The routing rule, computed here with plain numpy on the HF reference model."""
     import torch
 
-    from federation_job.inference import encode
+    from ifedicl.model_patches.inference import encode
 
     ref = reference_classifiers["llama"]
     store = Store(store_uri)
@@ -141,8 +141,8 @@ def test_runs_served_in_their_dtype_and_rescored_in_another(api_server, api_stor
 
 
 def test_engine_dtype_defaults_to_the_runs(api_store, serving_models):
-    from serving.quality import default_serving_dtype
-    from serving.server import parse_engine_args
+    from ifedicl.serving.launch import parse_engine_args
+    from ifedicl.serving.quality import default_serving_dtype
 
     assert default_serving_dtype(Store(api_store)) == "float32"
     model = str(serving_models["llama"])

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from federation_job.task import KNOWN_TASKS, TaskSpec
-from serving.tasks import ActiveTask, NoFreeSlotError, TaskTable
+from ifedicl.kernel.task import KNOWN_TASKS, TaskSpec
+from ifedicl.serving.task_cache import ActiveTask, NoFreeSlotError, TaskTable
 
 
 def version(table: TaskTable, name: str, run_id: str = "r1") -> ActiveTask:

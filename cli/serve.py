@@ -1,0 +1,86 @@
+"""``ifedicl serve``: the typer command (registered by the main CLI) and ``python -m serving``.
+
+Importing this module must stay cheap: vLLM and torch load only when the
+command runs. Unknown options are vLLM engine/server arguments and pass
+through untouched (``ifedicl serve --store s --model m --enforce-eager --max-model-len 2048``).
+"""
+
+from __future__ import annotations
+
+import typer
+
+
+def serve(
+    ctx: typer.Context,
+    store: str = typer.Option(..., "--store", help="LanceDB URI or local directory with published runs"),
+    model: str = typer.Option(..., "--model", help="HF model id or local path (the one the runs were made with)"),
+    host: str = typer.Option("0.0.0.0", "--host", help="address to bind"),
+    port: int = typer.Option(8000, "--port", help="port to bind"),
+    poll_interval: float = typer.Option(
+        30.0, "--poll-interval", help="seconds between store checks for newly published runs (0 = only /admin/reload)"
+    ),
+    max_slots: int = typer.Option(
+        None,
+        "--max-slots",
+        help="task versions whose tables the engine holds at once (default: what --table-memory-mb holds); "
+        "more published tasks load on first use, evicting the least recently used",
+    ),
+    table_memory_mb: float = typer.Option(
+        256.0, "--table-memory-mb", help="engine memory for task tables when --max-slots is not given"
+    ),
+    max_inputs: int = typer.Option(
+        256, "--max-inputs-per-request", help="texts one request may carry (more: 400, the limit in the message)"
+    ),
+    max_body_bytes: int = typer.Option(
+        4 * 1024 * 1024, "--max-body-bytes", help="largest request body accepted (more: 413 before parsing)"
+    ),
+    auto_route: bool = typer.Option(
+        False, "--auto-route", help='serve model="auto": each text goes to its nearest task (one more weight copy)'
+    ),
+    routing_index: str = typer.Option(
+        None, "--routing-index", help="directory of the LanceDB routing index (default: a temporary one)"
+    ),
+) -> None:
+    """Serve published tasks over an OpenAI-compatible API (extra options go to vLLM).
+
+    Without ``--dtype`` the engine computes in the dtype the published runs were made in
+    (so served answers are the evaluated ones); with another, each run is re-scored on
+    its held-out split at load and both accuracies are reported.
+    """
+    from ifedicl.serving.launch import ServingLimits, run_server
+
+    run_server(
+        store=store,
+        model=model,
+        host=host,
+        port=port,
+        poll_interval=poll_interval,
+        max_slots=max_slots,
+        table_memory=int(table_memory_mb * 2**20),
+        limits=ServingLimits(max_inputs=max_inputs, max_body_bytes=max_body_bytes),
+        auto_route=auto_route,
+        routing_index=routing_index,
+        engine_args=list(ctx.args),
+    )
+
+
+def main() -> None:
+    """``python -m serving``: the same command without the main CLI (errors as one line, exit 2)."""
+    import sys
+
+    import click
+
+    from ifedicl.kernel.errors import IfediclError
+
+    app = typer.Typer(add_completion=False)
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)
+    try:
+        app(standalone_mode=False)
+    except IfediclError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)

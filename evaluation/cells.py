@@ -1,0 +1,75 @@
+"""Finished cells on disk: ``<out>/cells/<key>.json``. This is what makes a run resumable.
+
+A cell is written atomically (a temp file in the same directory, flushed to disk, then
+renamed over the final name) only when it has finished, so an interrupted run leaves no
+half cell: a reader sees the whole previous file or the whole new one. A file that does
+not parse, lacks the fields every finished cell has, or was computed under different
+settings (its ``settings_hash`` differs) does not count as finished and is recomputed.
+Each cell records the code version it was computed with and what it cost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ifedicl.evaluation.settings import Cell
+
+REQUIRED = ("method", "settings_hash", "accuracy", "macro_f1", "cost")
+
+
+class CellStore:
+    def __init__(self, out_dir: Path, settings_hash: str, code_version: str | None = None):
+        self.dir = Path(out_dir) / "cells"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.settings_hash = settings_hash
+        self.code_version = code_version
+
+    def path(self, cell: Cell) -> Path:
+        return self.dir / f"{cell.key}.json"
+
+    def get(self, cell: Cell) -> dict | None:
+        """The stored result, or None if absent, unreadable, incomplete, or from other settings."""
+        path = self.path(cell)
+        if not path.exists():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            return None
+        if not isinstance(record, dict) or any(k not in record for k in REQUIRED):
+            return None
+        return record if record.get("settings_hash") == self.settings_hash else None
+
+    def put(self, cell: Cell, task_name: str, result: dict) -> dict:
+        record = {
+            "method": cell.method,
+            "task": task_name,
+            "location": cell.task,
+            "alpha": cell.alpha,
+            "seed": cell.seed,
+            "settings_hash": self.settings_hash,
+            "code_version": self.code_version,
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **result,
+        }
+        write_atomic(self.path(cell), json.dumps(record, indent=1, default=float))
+        return record
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds either its old content or all of ``text``, never a part (same-directory rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

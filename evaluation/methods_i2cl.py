@@ -1,0 +1,122 @@
+"""Context-vector methods: I2CL centralized, local-only calibration, and IFed-ICL on Ray.
+
+Budget parity: centralized and local-only calibration run ``rounds × local_epochs``
+epochs, the same number of passes over each example a federated client makes.
+IFed-ICL is the real :class:`Federation` (Ray actors, wire bytes, LanceDB store);
+its Λ after every round is read back from the store and scored on the test set, and
+its client time is what the actors measured (:func:`.context.federated_compute`).
+Every method trains with ``settings.objective_for(method)``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from ifedicl.evaluation.context import (
+    MethodContext,
+    federated_comm,
+    federated_compute,
+    federation_settings,
+    no_communication,
+)
+from ifedicl.evaluation.scoring import score
+from ifedicl.evaluation.settings import Cell
+from ifedicl.evaluation.statistics import mean_std
+from ifedicl.evaluation.tasks import PreparedTask
+from ifedicl.federation_job.client import Client
+from ifedicl.model_patches.injection import initial_coefficients
+
+
+def _calibrate_alone(
+    mc: MethodContext, task: PreparedTask, data, seed: int, objective: str
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One party with ``data``: extract its vectors, calibrate Λ from the initial values; timed (wall and CPU)."""
+    s = mc.settings
+    start, cpu = time.monotonic(), time.process_time()
+    client = Client(mc.ctx, mc.tokenizer, task.spec, data)
+    vectors = client.extract_vectors(batch_size=8, max_examples=s.recipe.get("stage1_examples"))
+    init = initial_coefficients(mc.ctx.num_layers).numpy()
+    # one party, one local run: one schedule over all its epochs whatever the recipe's schedule
+    config = replace(s.calibration("i2cl_central", epochs=s.rounds * s.local_epochs), objective=objective)
+    result = client.calibrate(vectors, init, config, seed)
+    info = {
+        "seconds": time.monotonic() - start,
+        "cpu_seconds": time.process_time() - cpu,
+        "steps": result.steps,
+        "mean_loss": result.mean_loss,
+        "objective": objective,
+    }
+    return vectors, result.coefficients, info
+
+
+def i2cl_central(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
+    """All training data in one place: the upper bound the federation should approach."""
+    objective = mc.settings.objective_for(cell.method)
+    vectors, coeffs, info = _calibrate_alone(mc, task, task.data.train, cell.seed, objective)
+    result = score(mc.ctx, mc.tokenizer, task.spec, task.test, None, vectors, coeffs, mc.settings.batch_size)
+    return {
+        **result,
+        "objective": objective,
+        "client_seconds": info["seconds"],
+        "client_cpu_seconds": info["cpu_seconds"],
+        "calibration": info,
+        "coefficients": coeffs.tolist(),
+        "comm": no_communication(),
+    }
+
+
+def local_calibration(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
+    """Each client's own vectors and Λ, no federation (the paper's global-vs-local comparison)."""
+    s = mc.settings
+    objective = s.objective_for(cell.method)
+    per_client, local_coeffs = [], []
+    for cid, shard in enumerate(task.shards(s.clients, cell.alpha, cell.seed, s.min_shard)):
+        vectors, coeffs, info = _calibrate_alone(mc, task, shard, cell.seed * 1000 + cid, objective)
+        result = score(mc.ctx, mc.tokenizer, task.spec, task.test, None, vectors, coeffs, s.batch_size)
+        timing = {"seconds": info["seconds"], "cpu_seconds": info["cpu_seconds"]}
+        per_client.append({"client": cid, "examples": len(shard), **timing, **result})
+        local_coeffs.append(coeffs.tolist())
+    acc = [c["accuracy"] for c in per_client]
+    return {
+        "accuracy": float(np.mean(acc)),
+        "macro_f1": float(np.mean([c["macro_f1"] for c in per_client])),
+        "client_accuracy_std": mean_std(acc)[1],
+        "per_client": per_client,
+        "objective": objective,
+        "client_seconds": float(np.mean([c["seconds"] for c in per_client])),
+        "client_cpu_seconds": float(np.mean([c["cpu_seconds"] for c in per_client])),
+        "coefficients_per_client": local_coeffs,
+        "comm": no_communication(),
+    }
+
+
+def ifedicl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
+    """The real Ray federation, then accuracy of the global Λ after every round (round 0 = initial Λ)."""
+    from ifedicl.federation_job.driver import Federation
+    from ifedicl.storage.store import Store
+
+    s = mc.settings
+    objective = s.objective_for(cell.method)
+    settings = federation_settings(mc, cell)
+    result = Federation(mc.model_id, task.source, mc.store_uri, settings).run(publish=False)
+    by_round = Store(mc.store_uri).coefficients_by_round(result.run_id)
+    per_round = []
+    for r in sorted(by_round):
+        scored = score(mc.ctx, mc.tokenizer, task.spec, task.test, None, result.vectors, by_round[r], s.batch_size)
+        per_round.append({"round": int(r), **scored})
+    final = per_round[-1]
+    return {
+        "accuracy": final["accuracy"],
+        "macro_f1": final["macro_f1"],
+        "per_round": per_round,
+        "run_id": result.run_id,
+        "objective": objective,
+        **federated_compute(result.summary),
+        "stage_seconds": float(sum(r.seconds for r in result.rounds)),  # the driver's wall time of the Ray stages
+        "dropped": {r.round: r.dropped for r in result.rounds if r.dropped},
+        "coefficients": result.coefficients.tolist(),
+        "comm": federated_comm(result.rounds),
+    }

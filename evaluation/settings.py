@@ -1,0 +1,160 @@
+"""What one evaluation run is: its settings and its cells (method × task × α × seed).
+
+A cell is the unit of work and of resume. Methods that never see the client split
+(zero-shot, few-shot ICL, centralized I2CL) get ``alpha=None`` cells, computed once
+and shown in every α's table, instead of being recomputed per α.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+# Display order = the paper's table order, cheap methods first.
+METHODS: tuple[str, ...] = (
+    "zero_shot",
+    "few_shot_icl",
+    "local_icl",
+    "i2cl_central",
+    "local_calibration",
+    "fedavg_lora",
+    "ifedicl",
+)
+METHOD_LABELS: dict[str, str] = {
+    "zero_shot": "zero-shot",
+    "few_shot_icl": "few-shot ICL",
+    "local_icl": "local ICL",
+    "i2cl_central": "I2CL (central)",
+    "local_calibration": "local-only calib.",
+    "fedavg_lora": "FedAvg-LoRA",
+    "ifedicl": "IFed-ICL",
+}
+SPLIT_FREE = frozenset({"zero_shot", "few_shot_icl", "i2cl_central"})  # do not depend on α
+FEDERATED = frozenset({"fedavg_lora", "ifedicl"})
+
+
+@dataclass
+class EvalSettings:
+    """Everything that changes a number. Hashed into each cell so a stale cell is recomputed."""
+
+    model: str
+    tasks: list[str]
+    clients: int = 10
+    alphas: list[float] = field(default_factory=lambda: [0.5])
+    rounds: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0])
+    test_size: int = 500
+    shots: int = 4
+    max_train: int | None = 5000
+    local_epochs: int = 1
+    min_shard: int = 2
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_lr: float = 5e-4
+    weighted: bool = False  # paper: unweighted FedAvg of vectors, Λ (and, for parity, LoRA weights)
+    # Training loss of every trainable method: "full-vocab" | "label-only" (federation_job.objective);
+    # None keeps each method's own: full-vocab for I2CL, local-only and IFed-ICL (I2CL's), label-only for LoRA.
+    objective: str | None = None
+    batch_size: int = 16
+    dtype: str = "float32"
+    # The Λ methods' recipe (I2CL central, local-only, IFed-ICL), for the ablation: CalibrationConfig fields
+    # (lr, batch_size, schedule, modules, weight_decay, warmup_fraction, ...) and "stage1_examples" (per client).
+    recipe: dict = field(default_factory=dict)
+    # dtype of the prompt-only methods (zero-shot, few-shot and local ICL); None: ``dtype``. bfloat16 is ~3x
+    # faster on CPUs with AVX512-bf16 but flips near-tie predictions (measured: 92% argmax agreement on Subj).
+    inference_dtype: str | None = None
+    # torch intra-op threads in this process (None: torch's default). Does not change a number (not hashed);
+    # on a shared machine 1 thread avoids OpenMP spin-waits (measured 4.7x faster zero-shot under load).
+    threads: int | None = None
+    test_seed: int = 0  # the test sample is the same for every seed: spread over seeds is the split's and training's
+
+    def objective_for(self, method: str) -> str:
+        """The loss ``method`` trains with under these settings."""
+        if self.objective is not None:
+            return self.objective
+        return "label-only" if method == "fedavg_lora" else "full-vocab"
+
+    def calibration(self, method: str, **fields):
+        """The CalibrationConfig a Λ method trains with: the recipe's fields over I2CL's defaults."""
+        from ifedicl.federation_job.client import CalibrationConfig
+
+        recipe = {k: v for k, v in self.recipe.items() if k not in ("stage1_examples", "rounds_total")}
+        return CalibrationConfig(**{**recipe, "objective": self.objective_for(method), **fields})
+
+    def validate(self) -> None:
+        from ifedicl.federation_job.objective import OBJECTIVES
+
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {list(OBJECTIVES)} (got {self.objective!r})")
+        from ifedicl.federation_job.client import CalibrationConfig
+
+        allowed = {f.name for f in dataclasses.fields(CalibrationConfig)} - {"epochs", "objective", "round_index"}
+        wrong = sorted(set(self.recipe) - allowed - {"rounds_total", "stage1_examples"})
+        if wrong:
+            raise ValueError(f"unknown recipe field(s) {wrong}; choose from {sorted(allowed | {'stage1_examples'})}")
+        from ifedicl.kernel.modeling import DTYPES
+
+        if self.inference_dtype is not None and self.inference_dtype not in DTYPES:
+            raise ValueError(f"inference dtype must be one of {sorted(DTYPES)} (got {self.inference_dtype!r})")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if not self.tasks:
+            raise ValueError("give at least one task directory or HF dataset")
+        for ok, message in (
+            (self.clients >= 1, "--clients must be >= 1"),
+            (all(a > 0 for a in self.alphas) and self.alphas, "--alpha must be > 0"),
+            (self.rounds >= 1, "--rounds must be >= 1"),
+            (self.seeds, "--seeds must be >= 1"),
+            (self.test_size >= 1, "--test-size must be >= 1"),
+            (self.shots >= 1, "--shots must be >= 1"),
+            (self.local_epochs >= 1, "--local-epochs must be >= 1"),
+        ):
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def cell_hash(self) -> str:
+        """Hash of the settings a cell's numbers depend on (not which tasks/α/seeds/methods were asked for)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in ("tasks", "alphas", "seeds", "methods")}
+        data.pop("threads")
+        for optional in ("recipe", "inference_dtype"):
+            if not data[optional]:
+                del data[optional]  # the defaults: the same hash as before these settings existed
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    task: str  # the task's location as given (dir or dataset name)
+    alpha: float | None
+    seed: int
+
+    @property
+    def key(self) -> str:
+        alpha = "na" if self.alpha is None else f"{self.alpha:g}"
+        # The task's last path component: a cell computed from /a/data/subj is the same cell as from
+        # /b/data/subj (the settings hash says whether the numbers are comparable), so committed cells resume anywhere.
+        name = self.task.rstrip("/").rsplit("/", 1)[-1] or self.task
+        safe_task = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-80:]
+        return f"{self.method}__{safe_task}__a{alpha}__s{self.seed}"
+
+
+def plan_cells(settings: EvalSettings) -> list[Cell]:
+    """Every cell of the run, in the order they are computed."""
+    cells = []
+    for task in settings.tasks:
+        for method in METHODS:
+            if method not in settings.methods:
+                continue
+            alphas = [None] if method in SPLIT_FREE else settings.alphas
+            for alpha in alphas:
+                for seed in settings.seeds:
+                    cells.append(Cell(method, task, alpha, seed))
+    return cells

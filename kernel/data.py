@@ -1,0 +1,168 @@
+"""Labelled text loading: the JSONL task layout, CSV, and Hugging Face datasets.
+
+Every loader validates as it reads (empty text, label outside the label list)
+and names the file and line of the first bad row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ifedicl.kernel.errors import DataError
+from ifedicl.kernel.task import KNOWN_TASKS, TaskSpec
+
+
+@dataclass
+class Split:
+    """Parallel lists of texts and integer labels (indices into the task's label words)."""
+
+    texts: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices) -> Split:
+        return Split([self.texts[i] for i in indices], [self.labels[i] for i in indices])
+
+    def head(self, n: int | None) -> Split:
+        return self if n is None else self.subset(range(min(n, len(self))))
+
+
+@dataclass
+class TaskData:
+    task: TaskSpec
+    train: Split
+    test: Split
+
+
+def _check_row(text, label, task: TaskSpec, where: str) -> tuple[str, int]:
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: empty or missing text")
+    if isinstance(label, str) and not label.lstrip("-").isdigit():
+        if label not in task.labels:
+            raise DataError(f"{where}: label {label!r} is not one of {list(task.labels)}")
+        return text, task.labels.index(label)
+    try:
+        index = int(label)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: label {label!r} is not an integer or a label word") from None
+    if not 0 <= index < len(task.labels):
+        raise DataError(f"{where}: label {index} is outside 0..{len(task.labels) - 1} ({list(task.labels)})")
+    return text, index
+
+
+def _read_jsonl(path: Path, task: TaskSpec) -> Split:
+    split = Split()
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object with 'text' and 'label'")
+            text, label = _check_row(row.get("text"), row.get("label"), task, where)
+            split.texts.append(text)
+            split.labels.append(label)
+    return split
+
+
+def _read_csv(path: Path, task: TaskSpec) -> Split:
+    split = Split()
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: CSV needs a header with 'text' and 'label' columns, got {reader.fieldnames}")
+        for line_no, row in enumerate(reader, start=2):
+            text, label = _check_row(row["text"], row["label"], task, f"{path}:{line_no}")
+            split.texts.append(text)
+            split.labels.append(label)
+    return split
+
+
+def _read_split(directory: Path, name: str, task: TaskSpec, required: bool) -> Split:
+    for suffix, reader in ((".jsonl", _read_jsonl), (".csv", _read_csv)):
+        path = directory / f"{name}{suffix}"
+        if path.exists():
+            split = reader(path, task)
+            if required and not split:
+                raise DataError(f"{path}: no examples")
+            return split
+    if required:
+        raise DataError(f"{directory}: no {name}.jsonl or {name}.csv")
+    return Split()
+
+
+def load_task_dir(directory: str | Path, task: TaskSpec | None = None) -> TaskData:
+    """Load ``task.json`` + ``train``/``test`` (``.jsonl`` or ``.csv``) from a directory.
+
+    ``task`` overrides (or replaces a missing) ``task.json``.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"task directory {directory} does not exist")
+    if task is None:
+        spec_path = directory / "task.json"
+        if not spec_path.exists():
+            raise DataError(f"{directory}: no task.json (or pass --template and --labels)")
+        try:
+            task = TaskSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{spec_path}: invalid JSON ({err.msg})") from None
+    train = _read_split(directory, "train", task, required=True)
+    test = _read_split(directory, "test", task, required=False)
+    return TaskData(task, train, test)
+
+
+def load_hf_dataset(
+    name_or_path: str,
+    task: TaskSpec | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
+) -> TaskData:
+    """Load a Hugging Face dataset by hub name, or a local ``save_to_disk`` directory.
+
+    The template and labels default to I2CL's for known names (sst2, agnews, ...).
+    """
+    import datasets  # optional dependency, imported only on this path
+
+    if task is None:
+        key = Path(name_or_path).name.split("/")[-1].lower()
+        if key not in KNOWN_TASKS:
+            raise DataError(f"dataset {name_or_path!r}: no built-in template; pass --template and --labels")
+        template, labels = KNOWN_TASKS[key]
+        task = TaskSpec(key.replace("ag_news", "agnews"), template, labels)
+    try:
+        if Path(name_or_path).exists():
+            dataset = datasets.load_from_disk(name_or_path)
+        else:
+            dataset = datasets.load_dataset(name_or_path)
+    except Exception as err:  # the hub or disk layer: report it as a data problem
+        raise DataError(f"could not load dataset {name_or_path!r}: {err}") from None
+    splits = {}
+    for split_name in ("train", "test"):
+        fallback = "validation" if split_name == "test" else None
+        name = split_name if split_name in dataset else fallback
+        if name is None or name not in dataset:
+            if split_name == "train":
+                raise DataError(f"dataset {name_or_path!r} has no train split (has {list(dataset)})")
+            splits[split_name] = Split()
+            continue
+        part = dataset[name]
+        for column in (text_field, label_field):
+            if column not in part.column_names:
+                raise DataError(f"dataset {name_or_path!r}[{name}] has no column {column!r} ({part.column_names})")
+        split = Split()
+        for i, (text, label) in enumerate(zip(part[text_field], part[label_field])):
+            text, label = _check_row(text, label, task, f"{name_or_path}[{name}] row {i}")
+            split.texts.append(text)
+            split.labels.append(label)
+        splits[split_name] = split
+    return TaskData(task, splits["train"], splits["test"])
