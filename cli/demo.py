@@ -16,6 +16,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import typer
+
+from ifedicl.cli.console import setup_logging
 from ifedicl.devkit import DEMO_TASK_DIR
 
 DEMO_MODEL = "smollm2-135m"
@@ -105,3 +108,16 @@ def _classify_through_server(store_dir: Path, model: str, data, log_path: Path, 
         probabilities = {k: round(v, 3) for k, v in (first.model_extra or {}).get("probabilities", {}).items()}
         echo(f"      e.g. {texts[0][:70]!r} -> {first.text} {json.dumps(probabilities)}")
     return correct / len(texts), len(texts)
+
+
+def demo_command(
+    workdir: Path = typer.Option(Path("ifedicl-demo"), help="where the store and the server log are written"),
+    model: str = typer.Option("smollm2-135m", help="a named model, a .gguf file or an HF directory"),
+    task_dir: Path | None = typer.Option(None, help="task to federate (default: a Subj slice shipped with ifedicl)"),
+    clients: int = 4,
+    rounds: int = 3,
+    alpha: float = typer.Option(0.5, help="Dirichlet label-skew concentration"),
+) -> None:
+    """End to end on a real model, offline: federate on local Ray, publish, serve, classify via the OpenAI API."""
+    setup_logging(True)
+    run_demo(workdir, model, task_dir or DEMO_TASK_DIR, clients, rounds, alpha, echo=typer.echo)

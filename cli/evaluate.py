@@ -1,7 +1,7 @@
 """``ifedicl eval``: every baseline and IFed-ICL on the same split and test set, in one command.
 
 Kept import-light: the model stack, Ray, peft and matplotlib load only when the
-command runs. Registered by the main CLI with ``app.command("eval")(eval_command)``.
+command runs. Takes the federation flags of ``ifedicl federate`` (:mod:`ifedicl.cli.federation_options`).
 """
 
 from __future__ import annotations
@@ -10,31 +10,27 @@ from pathlib import Path
 
 import typer
 
+from ifedicl.cli.federation_options import federation_options
+
+# Federation options EvalSettings holds as its own fields (hashed since before the shared option set).
+EVAL_FIELDS = ("clients", "rounds", "local_epochs", "min_shard", "weighted", "objective")
 METHOD_NAMES = "zero_shot,few_shot_icl,local_icl,i2cl_central,local_calibration,fedavg_lora,ifedicl"
 
 
+@federation_options
 def eval_command(
+    federation,
     tasks: list[str] = typer.Argument(..., help="task directories (task.json + train/test) or HF dataset names/paths"),
     model: str = typer.Option(..., help="HF model id or local path"),
     out: Path = typer.Option(..., help="output directory (results.json, results.md, PNGs, resumable cells)"),
-    clients: int = typer.Option(10, help="number of federated clients"),
     alpha: list[float] = typer.Option([0.5], help="Dirichlet label-skew α; repeat for an accuracy-vs-α sweep"),
-    rounds: int = typer.Option(5, help="federated rounds (IFed-ICL Λ rounds and FedAvg-LoRA rounds)"),
     seeds: int = typer.Option(1, help="number of seeds (0..N-1): split, demos, training; mean ± std over them"),
     test_size: int = typer.Option(500, help="test examples, sampled uniformly across classes"),
     shots: int = typer.Option(4, help="k demonstrations in the prompt for few-shot and local ICL"),
     max_train: int = typer.Option(5000, help="training examples used (the paper: 5,000); 0 = all"),
-    local_epochs: int = typer.Option(1, help="local epochs per round (all federated methods)"),
     methods: str = typer.Option(METHOD_NAMES, help="comma-separated subset of the methods"),
     lora_rank: int = typer.Option(8, help="FedAvg-LoRA rank"),
     lora_lr: float = typer.Option(5e-4, help="FedAvg-LoRA learning rate"),
-    min_shard: int = typer.Option(2, help="smallest client shard the Dirichlet split may produce"),
-    weighted: bool = typer.Option(False, help="weight FedAvg by client example counts (paper: unweighted)"),
-    objective: str | None = typer.Option(
-        None,
-        help="training loss of every trainable method: full-vocab | label-only "
-        "(default: each method's own, full-vocab for the Λ methods, label-only for FedAvg-LoRA)",
-    ),
     batch_size: int = typer.Option(16, help="inference batch size"),
     dtype: str = typer.Option("float32", help="model dtype: float32, bfloat16, float16"),
 ) -> None:
@@ -45,21 +41,22 @@ def eval_command(
     settings = EvalSettings(
         model=model,
         tasks=list(tasks),
-        clients=clients,
+        clients=federation.clients,
         alphas=list(alpha),
-        rounds=rounds,
+        rounds=federation.rounds,
         seeds=list(range(seeds)),
         test_size=test_size,
         shots=shots,
         max_train=max_train or None,
-        local_epochs=local_epochs,
-        min_shard=min_shard,
+        local_epochs=federation.local_epochs,
+        min_shard=federation.min_shard,
         methods=[m.strip() for m in methods.split(",") if m.strip()],
         lora_rank=lora_rank,
         lora_alpha=2 * lora_rank,
         lora_lr=lora_lr,
-        weighted=weighted,
-        objective=objective,
+        weighted=federation.weighted,
+        objective=federation.objective,
+        federation=federation.changed(exclude=EVAL_FIELDS),
         batch_size=batch_size,
         dtype=dtype,
     )
@@ -73,6 +70,3 @@ def eval_command(
     typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(results['plots'])} plot(s)")
     typer.echo((out / "results.md").read_text())
 
-
-if __name__ == "__main__":
-    typer.run(eval_command)

@@ -1,4 +1,4 @@
-"""``ifedicl serve``: the typer command (registered by the main CLI) and ``python -m serving``.
+"""``ifedicl serve``: the patched vLLM engine behind an OpenAI-compatible API.
 
 Importing this module must stay cheap: vLLM and torch load only when the
 command runs. Unknown options are vLLM engine/server arguments and pass
@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 
-def serve(
+def serve_command(
     ctx: typer.Context,
     store: str = typer.Option(..., "--store", help="LanceDB URI or local directory with published runs"),
     model: str = typer.Option(..., "--model", help="HF model id or local path (the one the runs were made with)"),
@@ -63,24 +63,3 @@ def serve(
         engine_args=list(ctx.args),
     )
 
-
-def main() -> None:
-    """``python -m serving``: the same command without the main CLI (errors as one line, exit 2)."""
-    import sys
-
-    import click
-
-    from ifedicl.kernel.errors import IfediclError
-
-    app = typer.Typer(add_completion=False)
-    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)
-    try:
-        app(standalone_mode=False)
-    except IfediclError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)

@@ -80,21 +80,24 @@ def no_communication() -> dict:
 
 def federation_settings(mc: MethodContext, cell):
     """The Ray federation a cell's federated methods (IFed-ICL, FedAvg-LoRA) run: same clients, shards,
-    rounds, local epochs, weighting, objective and recipe, so their bytes and seconds compare."""
-    from ifedicl.federation_job.driver import FederationSettings
+    rounds, local epochs, weighting, objective, recipe and federation flags, so their bytes and seconds
+    compare. Built by the same :class:`FederationOptions` as ``ifedicl federate``'s."""
+    from ifedicl.federation_job.options import FederationOptions
 
     s = mc.settings
-    return FederationSettings(
+    options = FederationOptions(
         clients=s.clients,
-        alpha=cell.alpha,
         rounds=s.rounds,
         local_epochs=s.local_epochs,
-        seed=cell.seed,
         min_shard=s.min_shard,
-        min_clients=1,
-        weighted_vectors=s.weighted,
-        weighted_coefficients=s.weighted,
+        weighted=s.weighted,
+        **s.federation,
+    )
+    return options.settings(
+        cell.alpha,
+        cell.seed,
         dtype=s.dtype,
         stage1_examples=s.recipe.get("stage1_examples"),
         calibration=s.calibration(cell.method),
     )
+

@@ -63,6 +63,9 @@ class EvalSettings:
     # The Λ methods' recipe (I2CL central, local-only, IFed-ICL), for the ablation: CalibrationConfig fields
     # (lr, batch_size, schedule, modules, weight_decay, warmup_fraction, ...) and "stage1_examples" (per client).
     recipe: dict = field(default_factory=dict)
+    # The federation flags of ``ifedicl federate`` that differ from their defaults and have no field above
+    # (aggregator, secure aggregation, DP, fraction, round timeout, ...): FederationOptions by name.
+    federation: dict = field(default_factory=dict)
     # dtype of the prompt-only methods (zero-shot, few-shot and local ICL); None: ``dtype``. bfloat16 is ~3x
     # faster on CPUs with AVX512-bf16 but flips near-tie predictions (measured: 92% argmax agreement on Subj).
     inference_dtype: str | None = None
@@ -82,6 +85,8 @@ class EvalSettings:
         from ifedicl.federation_job.client import CalibrationConfig
 
         recipe = {k: v for k, v in self.recipe.items() if k not in ("stage1_examples", "rounds_total")}
+        if "calib_batch_size" in self.federation:  # ``eval --calib-batch-size``, as ``federate`` takes it
+            recipe.setdefault("batch_size", self.federation["calib_batch_size"])
         return CalibrationConfig(**{**recipe, "objective": self.objective_for(method), **fields})
 
     def validate(self) -> None:
@@ -99,6 +104,9 @@ class EvalSettings:
 
         if self.inference_dtype is not None and self.inference_dtype not in DTYPES:
             raise ValueError(f"inference dtype must be one of {sorted(DTYPES)} (got {self.inference_dtype!r})")
+        from ifedicl.federation_job.options import FederationOptions
+
+        FederationOptions(**self.federation)  # an unknown name fails here, before any cell runs
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -123,7 +131,7 @@ class EvalSettings:
         """Hash of the settings a cell's numbers depend on (not which tasks/α/seeds/methods were asked for)."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("tasks", "alphas", "seeds", "methods")}
         data.pop("threads")
-        for optional in ("recipe", "inference_dtype"):
+        for optional in ("recipe", "inference_dtype", "federation"):
             if not data[optional]:
                 del data[optional]  # the defaults: the same hash as before these settings existed
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

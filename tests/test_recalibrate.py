@@ -12,7 +12,7 @@ import pytest
 from filelock import FileLock
 from typer.testing import CliRunner
 
-from ifedicl.cli.recalibrate import app
+from ifedicl.cli.main import app
 from ifedicl.federation_job.driver import Federation, FederationSettings
 from ifedicl.federation_job.recalibrate import RecalibrationCollector, default_lock_path, recalibrate
 from ifedicl.kernel.sources import DataSource

@@ -1,0 +1,76 @@
+"""The federation options as command-line flags, declared once for ``federate``, ``recalibrate`` and ``eval``.
+
+:func:`federation_options` adds one typer option per field of
+:class:`~ifedicl.federation_job.options.FederationOptions` to a command and hands the command
+the parsed values as one ``federation`` argument, so the three commands cannot drift apart
+(they did: ``recalibrate`` lacked the aggregator, secure-aggregation and DP flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+
+import typer
+
+from ifedicl.federation_job.options import FederationOptions
+
+HELP = {
+    "clients": "number of federated clients (Ray actors)",
+    "rounds": "federated rounds of stage 2 (Λ); FedAvg-LoRA's rounds in eval",
+    "local_epochs": "local epochs per round",
+    "fraction": "fraction of clients sampled per round",
+    "min_clients": "a round with fewer answering clients fails the run",
+    "round_timeout": "seconds a round waits for clients; one still silent is dropped and recorded",
+    "min_shard": "smallest client shard the Dirichlet split may produce",
+    "weighted": "weight vector and Λ means by client example counts (paper: unweighted)",
+    "weights": "shared (one copy per node) or per-actor model weights",
+    "cpus_per_client": "CPUs per client actor (default: the machine's split over the clients)",
+    "gpus_per_client": "GPUs per client actor",
+    "calib_batch_size": "calibration batch size (I2CL: 2)",
+    "objective": "training loss: full-vocab (I2CL) or label-only cross-entropy of the label word "
+    "(default: full-vocab for the Λ methods, label-only for FedAvg-LoRA)",
+    "extract_dtype": "stage-1 autocast dtype: float32 | bfloat16 | float16",
+    "aggregator": "mean | trimmed-mean | median (coordinate-wise, vectors and Λ)",
+    "trim_fraction": "trimmed-mean: fraction cut from each end",
+    "reject_norm_factor": "reject updates with norm > FACTOR x the round's median (vectors; Λ deltas); 0: off",
+    "secagg": "secure aggregation: the server sees only masked sums",
+    "dp_vector_epsilon": "DP on the uploaded vectors: ε (one release)",
+    "dp_vector_clip": "DP: per-example L2 bound of the [L,2,d] contribution",
+    "dp_coefficient_epsilon": "DP on Λ updates: ε over all rounds",
+    "dp_coefficient_clip": "DP: L2 bound of a client's per-round Λ delta",
+    "dp_delta": "DP: δ",
+}
+
+
+def _parameters() -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(FederationOptions)
+    return [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(f.default, help=HELP[f.name], rich_help_panel="Federation"),
+            annotation=hints[f.name],
+        )
+        for f in dataclasses.fields(FederationOptions)
+    ]
+
+
+def federation_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Declare the shared federation flags on ``command``; it receives them as ``federation: FederationOptions``."""
+    shared = _parameters()
+    names = [p.name for p in shared]
+    own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items() if name != "federation"]
+
+    @functools.wraps(command)
+    def with_options(**kwargs):
+        federation = FederationOptions(**{name: kwargs.pop(name) for name in names})
+        return command(federation=federation, **kwargs)
+
+    with_options.__signature__ = inspect.Signature([*own, *shared])
+    with_options.__annotations__ = {p.name: p.annotation for p in [*own, *shared]}
+    del with_options.__wrapped__  # typer must read the signature above, not the command's own
+    return with_options

@@ -1,0 +1,107 @@
+"""The federation's user-facing options, one set for every command that runs a federation.
+
+``ifedicl federate``, ``ifedicl recalibrate`` and ``ifedicl eval`` all run the same Ray
+federation, so they take the same options and build :class:`FederationSettings` the same
+way, here. A recalibration therefore keeps differential privacy, secure aggregation and
+robust aggregation exactly as the first run was given them (it used to drop them: its
+own option list lacked those flags). The CLI declares these fields as typer options
+(``ifedicl.cli.federation_options``); the evaluation harness stores the non-default ones
+with its settings so that a changed option recomputes a cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports this module to declare its flags: torch and Ray load only when a run starts
+    from ifedicl.federation_job.driver import FederationSettings
+    from ifedicl.federation_job.privacy import PrivacySettings
+
+
+@dataclass(frozen=True)
+class FederationOptions:
+    """What a user chooses about a federation, by the names of its command-line flags.
+
+    Not chosen here: the Dirichlet α and the seed (``eval`` sweeps lists of them), the data,
+    and what the command does with the run (publish, compare with the live run, tabulate).
+    """
+
+    clients: int = 10
+    rounds: int = 5
+    local_epochs: int = 1
+    fraction: float = 1.0  # of alive clients sampled per round
+    min_clients: int = 1  # a round with fewer answers fails the run
+    round_timeout: float = 1800.0  # seconds a round waits; a client still silent then is dropped
+    min_shard: int = 2
+    weighted: bool = False  # weight vector and Λ means by client example counts (paper: unweighted)
+    weights: str = "shared"  # shared: one object-store copy per node; per-actor: each loads its own
+    cpus_per_client: float | None = None
+    gpus_per_client: float = 0.0
+    calib_batch_size: int = 2  # I2CL's
+    objective: str | None = None  # None: full-vocab for the Λ methods (I2CL's), label-only for FedAvg-LoRA
+    extract_dtype: str = "float32"
+    aggregator: str = "mean"
+    trim_fraction: float = 0.1
+    reject_norm_factor: float = 10.0
+    secagg: bool = False
+    dp_vector_epsilon: float | None = None
+    dp_vector_clip: float = 1.0
+    dp_coefficient_epsilon: float | None = None
+    dp_coefficient_clip: float = 0.1
+    dp_delta: float = 1e-5
+
+    def privacy(self) -> PrivacySettings:
+        from ifedicl.federation_job.privacy import PrivacySettings
+
+        return PrivacySettings(
+            vector_epsilon=self.dp_vector_epsilon,
+            vector_clip=self.dp_vector_clip,
+            coefficient_epsilon=self.dp_coefficient_epsilon,
+            coefficient_clip=self.dp_coefficient_clip,
+            delta=self.dp_delta,
+        )
+
+    def settings(self, alpha: float, seed: int, **fields) -> FederationSettings:
+        """The run these options describe, at Dirichlet ``alpha`` and ``seed``; ``fields`` set the rest
+        (``capture_batch_size``, ``dtype``, ``stage1_examples``, or a whole ``calibration``)."""
+        from ifedicl.federation_job.client import CalibrationConfig
+        from ifedicl.federation_job.driver import FederationSettings
+
+        calibration = CalibrationConfig(batch_size=self.calib_batch_size, objective=self.objective or "full-vocab")
+        return FederationSettings(
+            **{
+                "clients": self.clients,
+                "alpha": alpha,
+                "rounds": self.rounds,
+                "local_epochs": self.local_epochs,
+                "fraction": self.fraction,
+                "min_clients": self.min_clients,
+                "round_timeout_s": self.round_timeout,
+                "seed": seed,
+                "min_shard": self.min_shard,
+                "weighted_vectors": self.weighted,
+                "weighted_coefficients": self.weighted,
+                "calibration": calibration,
+                "weights": self.weights,
+                "cpus_per_client": self.cpus_per_client,
+                "gpus_per_client": self.gpus_per_client,
+                "extract_dtype": self.extract_dtype,
+                "aggregator": self.aggregator,
+                "trim_fraction": self.trim_fraction,
+                "reject_norm_factor": self.reject_norm_factor,
+                "secagg": self.secagg,
+                "privacy": self.privacy(),
+                **fields,
+            }
+        )
+
+    def changed(self, exclude: tuple[str, ...] = ()) -> dict:
+        """The options that differ from their defaults, by name (JSON-able: what a cell hash includes)."""
+        defaults = FederationOptions()
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in exclude and getattr(self, f.name) != getattr(defaults, f.name)
+        }
