@@ -1,7 +1,7 @@
 """``ifedicl eval``: every baseline and IFed-ICL on the same split and test set, in one command.
 
 Kept import-light: the model stack, Ray, peft and matplotlib load only when the
-command runs. Takes the federation flags of ``ifedicl federate`` (:mod:`ifedicl.cli.federation_options`).
+command runs. Takes the federation flags of ``ifedicl federate`` (:mod:`ifedicl.cli.option_sets`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from ifedicl.cli.federation_options import federation_options
+from ifedicl.cli.option_sets import federation_options
 
 # Federation options EvalSettings holds as its own fields (hashed since before the shared option set).
 EVAL_FIELDS = ("clients", "rounds", "local_epochs", "min_shard", "weighted", "objective")

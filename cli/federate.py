@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ifedicl.cli.console import setup_logging
-from ifedicl.cli.federation_options import federation_options
+from ifedicl.cli.option_sets import federation_options
 
 
 @federation_options

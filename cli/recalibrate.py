@@ -1,6 +1,6 @@
 """``ifedicl recalibrate`` and ``ifedicl recalibration-exporter``.
 
-The federation flags are the ones ``ifedicl federate`` takes (:mod:`ifedicl.cli.federation_options`),
+The federation flags are the ones ``ifedicl federate`` takes (:mod:`ifedicl.cli.option_sets`),
 so a recalibration keeps DP, secure aggregation and robust aggregation as the run was given them.
 
 Exit codes of ``recalibrate``: 0 published, 1 kept the live run (candidate worse
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from ifedicl.cli.federation_options import federation_options
+from ifedicl.cli.option_sets import federation_options
 
 
 @federation_options

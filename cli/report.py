@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+
+from ifedicl.cli.option_sets import option_set
 
 REPORT_TASKS = "subj,emotion,agnews,sst2,trec"
 REPORT_MODELS = "smollm2-135m,gemma3-270m"
@@ -21,19 +24,64 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _sizes(clients, alpha, rounds, local_epochs, test_size, max_train, shots, batch_size, threads, inference_dtype):
-    return dict(
-        threads=threads or None,
-        inference_dtype=inference_dtype or None,
-        clients=clients,
-        alphas=[alpha],
-        rounds=rounds,
-        local_epochs=local_epochs,
-        test_size=test_size,
-        max_train=max_train or None,
-        shots=shots,
-        batch_size=batch_size,
-    )
+@dataclass(frozen=True)
+class GridSizes:
+    """The shape every cell of the report and the ablation shares: the issue-11 settings (10 clients, α 0.5,
+    3 rounds, 600 train, 200 balanced test), and how this process runs (threads, session bounds)."""
+
+    data_dir: Path = Path("../shared/data")
+    clients: int = 10
+    alpha: float = 0.5
+    rounds: int = 3
+    local_epochs: int = 1
+    test_size: int = 200
+    max_train: int = 600
+    shots: int = 4
+    batch_size: int = 16
+    threads: int = 1
+    inference_dtype: str = ""
+    max_cells: int | None = None
+    render_only: bool = False
+
+    def base(self) -> dict:
+        """The EvalSettings fields of every cell."""
+        return dict(
+            threads=self.threads or None,
+            inference_dtype=self.inference_dtype or None,
+            clients=self.clients,
+            alphas=[self.alpha],
+            rounds=self.rounds,
+            local_epochs=self.local_epochs,
+            test_size=self.test_size,
+            max_train=self.max_train or None,
+            shots=self.shots,
+            batch_size=self.batch_size,
+        )
+
+    def task_dirs(self, tasks: str) -> list[str]:
+        return [str(self.data_dir / t) for t in _csv(tasks)]
+
+
+grid_options = option_set(
+    GridSizes,
+    {
+        "data_dir": "one task directory per task",
+        "clients": "federated clients",
+        "alpha": "Dirichlet label-skew α",
+        "rounds": "federated rounds",
+        "local_epochs": "local epochs per round",
+        "test_size": "class-balanced test examples",
+        "max_train": "training examples used (0: all)",
+        "shots": "demonstrations in few-shot and local ICL prompts",
+        "batch_size": "inference batch size",
+        "threads": "torch threads in the driver (0: torch's default); 1 is fastest when shared",
+        "inference_dtype": "dtype of the prompt-only methods (default: float32, as the rest)",
+        "max_cells": "compute at most this many cells, then stop (resume later)",
+        "render_only": "only rewrite results.json/md and the plots from the cells",
+    },
+    "Grid",
+    "grid",
+)
 
 
 def _reproducing(args: list[str]) -> list[str]:
@@ -49,7 +97,7 @@ def _reproducing(args: list[str]) -> list[str]:
     return out
 
 
-def _run(spec, out: Path, render_only: bool, max_cells: int | None) -> None:
+def _run(spec, out: Path, grid: GridSizes) -> None:
     from ifedicl.evaluation.grid import run_grid, write_report
 
     try:
@@ -57,14 +105,15 @@ def _run(spec, out: Path, render_only: bool, max_cells: int | None) -> None:
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     command = shlex.join(["ifedicl", *_reproducing(sys.argv[1:])])
-    run = write_report if render_only else lambda *a: run_grid(*a, max_cells=max_cells)
+    run = write_report if grid.render_only else lambda *a: run_grid(*a, max_cells=grid.max_cells)
     results = run(spec, out, command)
     typer.echo(f"{results['finished']}/{results['total']} cells finished; wrote {out / 'results.md'}")
 
 
+@grid_options
 def report_command(
+    grid: GridSizes,
     out: Path = typer.Option(Path("docs/report"), help="report folder: cells/, results.json, results.md, PNGs"),
-    data_dir: Path = typer.Option(Path("../shared/data"), help="one task directory per task"),
     tasks: str = typer.Option(REPORT_TASKS, help="comma-separated task directory names under --data-dir"),
     models: str = typer.Option(REPORT_MODELS, help="comma-separated named models / HF ids / paths"),
     seeds: int = typer.Option(3, help="seeds 0..N-1"),
@@ -72,56 +121,31 @@ def report_command(
     methods: str = typer.Option(
         "zero_shot,few_shot_icl,local_icl,i2cl_central,local_calibration,fedavg_lora,ifedicl", help="methods"
     ),
-    clients: int = typer.Option(10),
-    alpha: float = typer.Option(0.5),
-    rounds: int = typer.Option(3),
-    local_epochs: int = typer.Option(1),
-    test_size: int = typer.Option(200),
-    max_train: int = typer.Option(600),
-    shots: int = typer.Option(4),
-    batch_size: int = typer.Option(16),
-    threads: int = typer.Option(1, help="torch threads in the driver (0: torch's default); 1 is fastest when shared"),
-    inference_dtype: str = typer.Option("", help="dtype of the prompt-only methods (default: float32, as the rest)"),
-    max_cells: int | None = typer.Option(None, help="compute at most this many cells, then stop (resume later)"),
-    render_only: bool = typer.Option(False, help="only rewrite results.json/md and the plots from the cells"),
 ) -> None:
     """Run (or resume) the report; finished cells are never recomputed."""
     from ifedicl.evaluation.grid import GridSpec
 
     spec = GridSpec(
         models=_csv(models),
-        tasks=[str(data_dir / t) for t in _csv(tasks)],
+        tasks=grid.task_dirs(tasks),
         seeds=list(range(seeds)),
         objectives=_csv(objectives),
         methods=_csv(methods),
-        base=_sizes(
-            clients, alpha, rounds, local_epochs, test_size, max_train, shots, batch_size, threads, inference_dtype
-        ),
+        base=grid.base(),
     )
-    _run(spec, out, render_only, max_cells)
+    _run(spec, out, grid)
 
 
+@grid_options
 def ablate_command(
+    grid: GridSizes,
     out: Path = typer.Option(Path("docs/ablation"), help="ablation folder: cells per variant, results.md"),
-    data_dir: Path = typer.Option(Path("../shared/data"), help="one task directory per task"),
     tasks: str = typer.Option("subj", help="comma-separated task directory names under --data-dir"),
     models: str = typer.Option("smollm2-135m", help="comma-separated named models / HF ids / paths"),
     seeds: int = typer.Option(2, help="seeds 0..N-1"),
     objectives: str = typer.Option("label-only,full-vocab", help="training losses"),
     variants: str = typer.Option("", help="comma-separated variant names (default: all; see results.md)"),
     methods: str = typer.Option("ifedicl", help="methods run under every variant (e.g. ifedicl,local_calibration)"),
-    clients: int = typer.Option(10),
-    alpha: float = typer.Option(0.5),
-    rounds: int = typer.Option(3),
-    local_epochs: int = typer.Option(1),
-    test_size: int = typer.Option(200),
-    max_train: int = typer.Option(600),
-    shots: int = typer.Option(4),
-    batch_size: int = typer.Option(16),
-    threads: int = typer.Option(1, help="torch threads in the driver (0: torch's default); 1 is fastest when shared"),
-    inference_dtype: str = typer.Option("", help="dtype of the prompt-only methods (default: float32, as the rest)"),
-    max_cells: int | None = typer.Option(None, help="compute at most this many cells, then stop (resume later)"),
-    render_only: bool = typer.Option(False, help="only rewrite results.json/md from the cells"),
 ) -> None:
     """IFed-ICL's recipe ablation at a fixed client budget: one resumable cell per (model, task, seed, variant)."""
     from ifedicl.evaluation.grid import ABLATION_VARIANTS, GridSpec
@@ -132,14 +156,12 @@ def ablate_command(
         raise typer.BadParameter(f"unknown variant(s) {unknown}; choose from {list(ABLATION_VARIANTS)}")
     spec = GridSpec(
         models=_csv(models),
-        tasks=[str(data_dir / t) for t in _csv(tasks)],
+        tasks=grid.task_dirs(tasks),
         seeds=list(range(seeds)),
         objectives=_csv(objectives),
         methods=_csv(methods),
-        base=_sizes(
-            clients, alpha, rounds, local_epochs, test_size, max_train, shots, batch_size, threads, inference_dtype
-        ),
+        base=grid.base(),
         variants={v: ABLATION_VARIANTS[v] for v in chosen},
     )
     # every objective runs the variants' methods (the report's "prompt-only methods once" does not apply here)
-    _run(spec, out, render_only, max_cells)
+    _run(spec, out, grid)

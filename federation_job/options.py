@@ -5,7 +5,7 @@ federation, so they take the same options and build :class:`FederationSettings` 
 way, here. A recalibration therefore keeps differential privacy, secure aggregation and
 robust aggregation exactly as the first run was given them (it used to drop them: its
 own option list lacked those flags). The CLI declares these fields as typer options
-(``ifedicl.cli.federation_options``); the evaluation harness stores the non-default ones
+(``ifedicl.cli.option_sets``); the evaluation harness stores the non-default ones
 with its settings so that a changed option recomputes a cell.
 """
 

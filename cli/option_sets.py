@@ -1,4 +1,4 @@
-"""The federation options as command-line flags, declared once for ``federate``, ``recalibrate`` and ``eval``.
+"""Flags declared once for the commands that share them; first of all the federation's.
 
 :func:`federation_options` adds one typer option per field of
 :class:`~ifedicl.federation_job.options.FederationOptions` to a command and hands the command
@@ -46,31 +46,39 @@ HELP = {
 }
 
 
-def _parameters() -> list[inspect.Parameter]:
-    hints = typing.get_type_hints(FederationOptions)
-    return [
+def option_set(options: type, help: dict[str, str], panel: str, argument: str):
+    """A decorator declaring each field of the dataclass ``options`` as a typer flag (its default, ``help``,
+    grouped under ``panel`` in ``--help``) on a command, which receives them parsed as one ``argument``.
+
+    Commands that share a set of flags declare it once with this, instead of repeating the options.
+    """
+    hints = typing.get_type_hints(options)
+    shared = [
         inspect.Parameter(
             f.name,
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(f.default, help=HELP[f.name], rich_help_panel="Federation"),
+            default=typer.Option(f.default, help=help[f.name], rich_help_panel=panel),
             annotation=hints[f.name],
         )
-        for f in dataclasses.fields(FederationOptions)
+        for f in dataclasses.fields(options)
     ]
-
-
-def federation_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Declare the shared federation flags on ``command``; it receives them as ``federation: FederationOptions``."""
-    shared = _parameters()
     names = [p.name for p in shared]
-    own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items() if name != "federation"]
 
-    @functools.wraps(command)
-    def with_options(**kwargs):
-        federation = FederationOptions(**{name: kwargs.pop(name) for name in names})
-        return command(federation=federation, **kwargs)
+    def declare(command: Callable[..., None]) -> Callable[..., None]:
+        own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items() if name != argument]
 
-    with_options.__signature__ = inspect.Signature([*own, *shared])
-    with_options.__annotations__ = {p.name: p.annotation for p in [*own, *shared]}
-    del with_options.__wrapped__  # typer must read the signature above, not the command's own
-    return with_options
+        @functools.wraps(command)
+        def with_options(**kwargs):
+            chosen = options(**{name: kwargs.pop(name) for name in names})
+            return command(**{argument: chosen}, **kwargs)
+
+        with_options.__signature__ = inspect.Signature([*own, *shared])
+        with_options.__annotations__ = {p.name: p.annotation for p in [*own, *shared]}
+        del with_options.__wrapped__  # typer must read the signature above, not the command's own
+        return with_options
+
+    return declare
+
+
+# Declares the federation flags on a command; it receives them as ``federation: FederationOptions``.
+federation_options = option_set(FederationOptions, HELP, "Federation", "federation")
