@@ -2,9 +2,10 @@
 
 Why: one participant with a bug or a grudge must not move the global vectors or Λ
 arbitrarily. FedAvg's mean has breakdown point 0 (one client can put it anywhere);
-a coordinate-wise median has 1/2 and a β-trimmed mean β. A norm screen catches the
-crude attacks (a scaled or sign-flipped update) before any mean sees them, and
-the rejected client is recorded with its reason like a dropped one.
+a coordinate-wise median has 1/2 and a β-trimmed mean β (:class:`CoordinateMedian`,
+:class:`TrimmedMean`). A norm screen catches the crude attacks (a scaled or sign-flipped
+update) before any mean sees them, and the rejected client is recorded with its reason
+like a dropped one; it is a wrapper (:class:`Screened`) so it goes in front of any rule.
 
 Screening needs each client's update in the clear, so it is off under secure
 aggregation (the server only sees the sum there; see :mod:`ifedicl.federation_job.secagg`).
