@@ -171,7 +171,7 @@ class Federation:
         started, s = time.monotonic(), self.settings
         strategy = self.strategies.vectors
         at = RoundId("extract", 0, "stage 1 (context vectors)")
-        plan = strategy.configure(self.alive, np.random.default_rng(s.seed))
+        plan = strategy.configure(self.alive, np.random.default_rng(s.seed))  # all alive: stage 2's rng stays untouched
         request = wire.encode(
             {}, batch_size=s.capture_batch_size, extract_dtype=s.extract_dtype, max_examples=s.stage1_examples,
             **plan.instructions,
