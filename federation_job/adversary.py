@@ -6,17 +6,21 @@ claim is only as good as the attack it was run against. Selected per client thro
 the run's settings like every other setting; never used unless asked for.
 
 Modes (comma-separated): ``scale:F`` multiplies the vectors by F; ``flip`` negates Λ
-(β -> -β inverts every block's output); ``nan`` uploads NaNs in both.
+(β -> -β inverts every block's output); ``nan`` uploads NaNs in both; ``hang:S`` is a
+stuck client: alive, but it sits S seconds on every calibration request before answering
+(the server must drop it at its round timeout, not wait).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
 from ifedicl.federation_job.actors import ClientActor
 from ifedicl.kernel.errors import IfediclError
 
-MODES = ("scale", "flip", "nan")
+MODES = ("scale", "flip", "nan", "hang")
 
 
 def parse_modes(spec: str) -> dict[str, float]:
@@ -42,6 +46,7 @@ class AdversarialClientActor(ClientActor):
 
     def _coefficients(self, arrays: dict, meta: dict) -> tuple[np.ndarray, float]:
         coefficients, loss = super()._coefficients(arrays, meta)
+        time.sleep(self.modes.get("hang", 0.0))
         if "nan" in self.modes:
             return np.full_like(coefficients, np.nan), loss
         return (-coefficients if "flip" in self.modes else coefficients), loss

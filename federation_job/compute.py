@@ -12,7 +12,7 @@ core, which CPU seconds do not. On a GPU, CPU seconds miss device time; the wall
 covers it (results are copied to host memory before the clock stops).
 
 The numbers travel back in the answer's wire metadata (``compute``) and the driver
-records them per round and client (:meth:`ifedicl.federation_job.driver.Federation._note_compute`).
+records them per round and client (:meth:`ifedicl.federation_job.ray_pool.ClientPool._note_compute`).
 """
 
 from __future__ import annotations

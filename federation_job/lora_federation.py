@@ -23,9 +23,10 @@ import ray
 from tqdm.auto import tqdm
 
 from ifedicl.federation_job import wire
-from ifedicl.federation_job.driver import Federation, _traffic
+from ifedicl.federation_job.driver import Federation
+from ifedicl.federation_job.exchange import RoundOutcome, Traffic
 from ifedicl.federation_job.lora import LoraSettings, attach_lora, flatten, load_trainable, trainable_state, unflatten
-from ifedicl.federation_job.strategies import ClientUpdate, check_update
+from ifedicl.federation_job.strategies import ClientUpdate, RoundId, check_update
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import load_model, model_from_weights
 from ifedicl.storage.store import RoundRecord
@@ -55,31 +56,25 @@ class LoraFederation(Federation):
         return load_model(self.model_id, self.settings.dtype)
 
     def _stages(self) -> tuple[None, None]:
-        loaded = sorted(self.alive)
-        self._record(
-            RoundRecord(
-                round=0,  # no stage 1: the record of who loaded (and who was dropped while loading)
-                clients_sampled=sorted(self.actors),
-                clients_answered=loaded,
-                dropped=dict(self.load_dropped),
-                mean_loss=None,
-                bytes_up=[0] * len(loaded),
-                bytes_down=[0] * len(self.actors),
-                seconds=0.0,
-            )
-        )
+        # no stage 1: round 0 records who loaded (and who was dropped while loading), no bytes, no seconds
+        now = time.monotonic()
+        loaded = RoundOutcome(0, sorted(self.pool.actors), sorted(self.alive), dict(self.load_dropped), Traffic(), now)
+        self._record(loaded.record(finished=now))
         state = trainable_state(attach_lora(self._base_model(), self.lora))
         self.states = [state]
         rng = np.random.default_rng(self.settings.seed)
         for r in tqdm(range(1, self.settings.rounds + 1), desc="rounds", unit="round"):
-            state = self.lora_round(r, state, rng)
+            state, record = self.lora_round(r, state, rng)
+            self._record(record)
             self.states.append(state)
         return None, None
 
-    def _decode_states(self, results: dict[int, bytes], like: dict[str, np.ndarray], dropped: dict[int, str]):
+    def _decode_states(
+        self, answers: dict[int, object], like: dict[str, np.ndarray]
+    ) -> tuple[list[ClientUpdate], dict[int, str]]:
         """Uploaded adapters -> flattened, checked updates; a wrong name set or shape is a recorded rejection."""
-        updates = []
-        for cid, payload in sorted(results.items()):
+        updates, rejected = [], {}
+        for cid, payload in sorted(answers.items()):
             try:
                 arrays, meta = wire.decode(payload)
                 if sorted(arrays) != sorted(like) or any(arrays[n].shape != like[n].shape for n in like):
@@ -88,31 +83,37 @@ class LoraFederation(Federation):
                 check_update(update, (sum(v.size for v in like.values()),))
                 updates.append(update)
             except (IfediclError, KeyError, ValueError, TypeError) as err:
-                dropped[cid] = f"rejected update: {err}"
-        return updates
+                rejected[cid] = f"rejected update: {err}"
+        return updates, rejected
 
-    def lora_round(self, round_index: int, state: dict[str, np.ndarray], rng: np.random.Generator):
-        start = time.monotonic()
-        s = self.settings
-        sampled = self.coefficient_strategy.configure(sorted(self.alive), s.fraction, s.min_clients, rng)
+    def lora_round(
+        self, round_index: int, state: dict[str, np.ndarray], rng: np.random.Generator
+    ) -> tuple[dict[str, np.ndarray], RoundRecord]:
+        """One FedAvg round of the adapters, configured and aggregated by the run's Λ strategy.
+
+        The plan's upload instructions (masking, weighting) are not sent: LoRA clients always
+        upload in the clear (secure aggregation is refused above), so the payload stays as it was.
+        """
+        started, s = time.monotonic(), self.settings
+        strategy = self.strategies.coefficients
+        at = RoundId("train", round_index, f"round {round_index}")
+        plan = strategy.configure(self.alive, rng)
         config = dataclasses.replace(s.calibration, epochs=s.local_epochs, lr=self.lora.lr)
-        payload = wire.encode(
+        request = wire.encode(
             state,
             round=round_index,
             seed=s.seed + round_index,
             config=dataclasses.asdict(config),
             lora=dataclasses.asdict(self.lora),
         )
-        results, dropped = self._call("train", round_index, "train_lora", {cid: payload for cid in sampled})
-        updates = self._decode_states(results, state, dropped)
-        self._require(len(updates), f"round {round_index}")
-        traffic = _traffic(results, {cid: len(payload) for cid in sampled})
-        reference = flatten(state)
-        new, used = self._combine(
-            "train", round_index, updates, reference.shape, self.coefficient_strategy, reference, dropped, traffic
-        )
-        self._record_round(round_index, sampled, used, dropped, traffic, start)
-        return unflatten(new, state)
+        asked = self.pool.call(at.stage, at.index, "train_lora", plan.requests(request))
+        updates, rejected = self._decode_states(asked.answers, state)
+        result = strategy.aggregate(at, updates, reference=flatten(state))
+        outcome = RoundOutcome.collect(
+            round_index, plan.clients, result.used, started,
+            dropped=[asked.dropped, rejected, result.dropped], traffic=[asked.traffic, result.traffic],
+        )  # fmt: skip
+        return unflatten(result.value, state), outcome.record()
 
     def _evaluate(self, vectors, coefficients) -> dict:
         """Zero-shot and FedAvg-LoRA accuracy on the source's test split (the final global adapters)."""

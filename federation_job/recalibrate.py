@@ -101,26 +101,25 @@ class Stage2Federation(Federation):
         super().__init__(*args, **kwargs)
         self.published_vectors = np.asarray(vectors, dtype=np.float32)
 
-    def stage_one(self) -> np.ndarray:
+    def stage_one(self) -> tuple[np.ndarray, RoundRecord]:
         start = time.monotonic()
         sampled = sorted(self.alive)
         broadcast = wire.encode({"vectors": self.published_vectors})
-        acks, dropped = self._call("broadcast", 0, "set_global_vectors", {cid: broadcast for cid in sampled})
-        self._require(len(acks), "stage 1 (broadcast of the published vectors)")
+        sent = self.pool.call("broadcast", 0, "set_global_vectors", {cid: broadcast for cid in sampled})
+        acks, dropped = sent.answers, sent.dropped
+        self.strategies.vectors.selection.require(len(acks), "stage 1 (broadcast of the published vectors)")
         answered = sorted(acks)
-        self._record(
-            RoundRecord(
-                round=0,
-                clients_sampled=sampled,
-                clients_answered=answered,
-                dropped=dropped,
-                mean_loss=None,
-                bytes_up=[0] * len(answered),
-                bytes_down=[len(broadcast)] * len(sampled),
-                seconds=time.monotonic() - start,
-            )
+        record = RoundRecord(
+            round=0,
+            clients_sampled=sampled,
+            clients_answered=answered,
+            dropped=dropped,
+            mean_loss=None,
+            bytes_up=[0] * len(answered),
+            bytes_down=[len(broadcast)] * len(sampled),
+            seconds=time.monotonic() - start,
         )
-        return self.published_vectors
+        return self.published_vectors, record
 
 
 def _finite(value) -> float | None:

@@ -2,9 +2,10 @@
 
 Why: one participant with a bug or a grudge must not move the global vectors or Λ
 arbitrarily. FedAvg's mean has breakdown point 0 (one client can put it anywhere);
-a coordinate-wise median has 1/2 and a β-trimmed mean β. A norm screen catches the
-crude attacks (a scaled or sign-flipped update) before any mean sees them, and
-the rejected client is recorded with its reason like a dropped one.
+a coordinate-wise median has 1/2 and a β-trimmed mean β (:class:`CoordinateMedian`,
+:class:`TrimmedMean`). A norm screen catches the crude attacks (a scaled or sign-flipped
+update) before any mean sees them, and the rejected client is recorded with its reason
+like a dropped one; it is a wrapper (:class:`Screened`) so it goes in front of any rule.
 
 Screening needs each client's update in the clear, so it is off under secure
 aggregation (the server only sees the sum there; see :mod:`ifedicl.federation_job.secagg`).
@@ -16,7 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ifedicl.federation_job.strategies import ClientUpdate, FedAvg, sample_clients
+from ifedicl.federation_job.exchange import log_event
+from ifedicl.federation_job.strategies import (
+    Aggregate,
+    ClearTextStrategy,
+    ClientSelection,
+    ClientUpdate,
+    RoundId,
+    Strategy,
+)
 from ifedicl.kernel.errors import FederationError
 
 AGGREGATORS = ("mean", "trimmed-mean", "median")
@@ -72,38 +81,44 @@ def coordinate_median(stacked: np.ndarray) -> np.ndarray:
     return np.median(stacked, axis=0)
 
 
-@dataclass(frozen=True)
-class RobustStrategy:
-    """Flower-style strategy: ``configure`` picks the round's clients, ``aggregate`` screens and combines."""
+class CoordinateMedian(ClearTextStrategy):
+    """Per coordinate, the median of the K updates: breakdown point 1/2 (unweighted)."""
 
-    aggregator: str = "mean"
-    trim_fraction: float = 0.1
-    screen: NormScreen = NormScreen()
-    weighted: bool = False
+    def __init__(self, selection: ClientSelection = ClientSelection()):
+        super().__init__(selection)
 
-    def __post_init__(self) -> None:
-        if self.aggregator not in AGGREGATORS:
-            raise FederationError(f"aggregator must be one of {AGGREGATORS} (got {self.aggregator!r})")
-        if not 0 <= self.trim_fraction < 0.5:
-            raise FederationError(f"trim fraction must be in [0, 0.5) (got {self.trim_fraction})")
-        if self.weighted and self.aggregator != "mean":
-            raise FederationError("weighted means only go with --aggregator mean (robust aggregators are unweighted)")
+    def combine(self, updates: list[ClientUpdate]) -> np.ndarray:
+        return coordinate_median(np.stack([u.values.astype(np.float64) for u in updates]))
 
-    def configure(self, available: list[int], fraction: float, min_clients: int, rng: np.random.Generator) -> list[int]:
-        return sample_clients(available, fraction, min_clients, rng)
 
-    def aggregate(
-        self, updates: list[ClientUpdate], reference: np.ndarray | None = None
-    ) -> tuple[np.ndarray | None, list[ClientUpdate], dict[int, str]]:
-        """(aggregate or None if nothing survived, the updates used, {client: reason} for rejected)."""
+class TrimmedMean(ClearTextStrategy):
+    """Per coordinate, the mean after cutting ``trim_fraction`` of the K values from each end (unweighted)."""
+
+    def __init__(self, trim_fraction: float = 0.1, selection: ClientSelection = ClientSelection()):
+        if not 0 <= trim_fraction < 0.5:
+            raise FederationError(f"trim fraction must be in [0, 0.5) (got {trim_fraction})")
+        super().__init__(selection)
+        self.trim_fraction = trim_fraction
+
+    def combine(self, updates: list[ClientUpdate]) -> np.ndarray:
+        return coordinate_trimmed_mean(np.stack([u.values.astype(np.float64) for u in updates]), self.trim_fraction)
+
+
+class Screened(Strategy):
+    """Any strategy behind a :class:`NormScreen`: outliers are rejected (and recorded) before the rule sees them."""
+
+    def __init__(self, inner: Strategy, screen: NormScreen):
+        if inner.masked:
+            raise FederationError("a norm screen needs each update in the clear, not masked")
+        super().__init__(inner.selection, inner.weighted)
+        self.inner = inner
+        self.screen = screen
+
+    def aggregate(self, at: RoundId, updates: list[ClientUpdate], reference: np.ndarray | None = None) -> Aggregate:
+        self.selection.require(len(updates), at.name)
         kept, rejected = self.screen(updates, reference)
-        if not kept:
-            return None, kept, rejected
-        if self.aggregator == "mean":
-            return FedAvg(self.weighted).aggregate(kept), kept, rejected
-        stacked = np.stack([u.values.astype(np.float64) for u in kept])  # [K, ...]
-        if self.aggregator == "median":
-            out = coordinate_median(stacked)
-        else:
-            out = coordinate_trimmed_mean(stacked, self.trim_fraction)
-        return out.astype(np.float32), kept, rejected
+        for cid, reason in rejected.items():
+            log_event("client_rejected", stage=at.stage, round=at.index, client=cid, reason=reason)
+        self.selection.require(len(kept), f"{at.stage} round {at.index} after screening" if rejected else at.stage)
+        inner = self.inner.aggregate(at, kept, reference)
+        return Aggregate(inner.value, inner.used, {**rejected, **inner.dropped}, inner.traffic)

@@ -9,7 +9,7 @@ the sum and nothing is left of them.
 
 Dropouts: a client that dies after the keys are agreed leaves its pairwise masks
 uncancelled. This implementation does not recover them (that needs Shamir shares of
-the mask seeds, as SecAgg+ does); the driver instead redoes the masking with the
+the mask seeds, as SecAgg+ does); :class:`SecureFedAvg` instead redoes the masking with the
 survivors and *fresh* keys, reusing the survivors' already computed local results
 (no extra training). Fresh keys matter: reused masks would let the server subtract two
 uploads of one client and strip a mask.
@@ -21,6 +21,8 @@ with each organisation's long-term key (a PKI) closes that and is not done here.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -28,7 +30,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ifedicl.kernel.errors import FederationError
+from ifedicl.federation_job import wire
+from ifedicl.federation_job.exchange import Exchange, Traffic, log_event
+from ifedicl.federation_job.strategies import Aggregate, ClientSelection, ClientUpdate, RoundId, Strategy
+from ifedicl.kernel.errors import FederationError, IfediclError
 
 FRACTION_BITS = 24  # fixed point: x -> round(x * 2^24); resolution 6e-8, range +-5.5e11 per value
 MIN_COHORT = 2  # a client refuses to mask for a cohort smaller than this (a sum of one is the value)
@@ -97,3 +102,96 @@ def unmask_sum(uploads: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
                 raise FederationError(f"masked upload of {upload.dtype}[{upload.size}], expected uint64[{total.size}]")
             total = total + upload
     return decode_fixed(total).reshape(shape)
+
+
+class Transport(Protocol):
+    """How the server reaches the cohort during aggregation (the Ray client pool implements it)."""
+
+    session: str  # unique per run: binds every mask to this run
+
+    def call(self, stage: str, round_index: int, method: str, requests: dict[int, bytes]) -> Exchange:
+        """Send each client its request; answers, drops (died, timed out) and bytes come back."""
+
+    def exclude(self, client_id: int) -> None:
+        """Never ask this client again in this run."""
+
+
+class SecureFedAvg(Strategy):
+    """FedAvg of values the server never sees one by one: clients upload counts, then masked values.
+
+    ``aggregate`` runs the masked-sum protocol over ``transport``: key agreement, then one masked
+    upload per member; the masks cancel in the sum, which divided by the cohort's size (or its
+    public example count, weighted) is the mean. A member lost after keys were agreed leaves its
+    masks in the sum, so the attempt is redone without it, with fresh keys.
+    """
+
+    masked = True
+
+    def __init__(self, transport: Transport, weighted: bool = False, selection: ClientSelection = ClientSelection()):
+        super().__init__(selection, weighted)
+        self.transport = transport
+
+    def aggregate(self, at: RoundId, updates: list[ClientUpdate], reference: np.ndarray | None = None) -> Aggregate:
+        self.selection.require(len(updates), at.name)
+        by_id = {u.client_id: u for u in updates}
+        shape = updates[0].values.shape
+        cohort = sorted(by_id)
+        dropped: dict[int, str] = {}
+        traffic = Traffic()
+        for attempt in range(len(cohort) + 1):
+            self._require_cohort(at, cohort)
+            context = f"{self.transport.session}|{at.stage}|{at.index}|{attempt}"
+            public, keys = self._agree_keys(at, cohort, context)
+            traffic += keys.traffic
+            dropped.update(keys.dropped)
+            cohort = sorted(public)
+            self._require_cohort(at, cohort)
+            keyring = np.stack([public[c] for c in cohort])
+            request = wire.encode({"public_keys": keyring}, cohort=cohort, context=context)
+            masked = self.transport.call(f"{at.stage}-masked", at.index, "secagg_upload", {c: request for c in cohort})
+            traffic += masked.traffic
+            uploads, lost = {}, dict(masked.dropped)
+            for cid, payload in masked.answers.items():
+                try:
+                    uploads[cid] = wire.decode(payload)[0]["masked"]
+                except (IfediclError, KeyError) as err:
+                    lost[cid] = f"rejected masked upload: {err}"
+            if not lost:
+                members = [by_id[c] for c in cohort]
+                mean = self._mean(at, [uploads[c] for c in cohort], members, shape)
+                return Aggregate(mean, members, dropped, traffic)
+            for cid, reason in lost.items():
+                self.transport.exclude(cid)
+                dropped[cid] = f"{reason} (after masks were agreed: masking redone without it)"
+                log_event("secagg_redo", stage=at.stage, round=at.index, client=cid, attempt=attempt)
+            cohort = sorted(set(uploads) - set(lost))
+        raise FederationError(f"{at.stage} round {at.index}: secure aggregation did not converge")
+
+    def _require_cohort(self, at: RoundId, cohort: list[int]) -> None:
+        self.selection.require(len(cohort), f"{at.stage} round {at.index} (secure aggregation)")
+        if len(cohort) < MIN_COHORT:
+            raise FederationError(f"{at.stage}: secure aggregation needs at least {MIN_COHORT} clients")
+
+    def _agree_keys(self, at: RoundId, cohort: list[int], context: str) -> tuple[dict[int, np.ndarray], Exchange]:
+        """Each member's fresh public key -> ({client: key}, the exchange with its drops reworded)."""
+        request = wire.encode({}, context=context)
+        keys = self.transport.call(f"{at.stage}-keys", at.index, "secagg_keys", {c: request for c in cohort})
+        keys.dropped = {cid: f"{reason} (before masks were agreed)" for cid, reason in keys.dropped.items()}
+        public = {}
+        for cid, payload in keys.answers.items():
+            try:
+                public[cid] = np.asarray(wire.decode(payload)[0]["public_key"], np.uint8).reshape(32)
+            except (IfediclError, KeyError, ValueError) as err:
+                keys.dropped[cid] = f"rejected key: {err}"
+        return public, keys
+
+    def _mean(
+        self, at: RoundId, uploads: list[np.ndarray], members: list[ClientUpdate], shape: tuple[int, ...]
+    ) -> np.ndarray:
+        """The masks cancel in the ring sum: what is left is the cohort's sum, divided into its mean."""
+        total = unmask_sum(uploads, shape)
+        divisor = sum(u.num_examples for u in members) if self.weighted else len(members)
+        mean = total / divisor
+        if not np.all(np.isfinite(mean)):
+            raise FederationError(f"{at.stage} round {at.index}: the securely aggregated sum is not finite")
+        return mean.astype(np.float32)

@@ -1,16 +1,27 @@
-"""The server role: client sampling and aggregation (Flower-style small objects).
+"""The server role as Flower-shaped strategies: each one configures a round and aggregates it.
 
 Stage 1 averages context vectors once; stage 2 averages Λ every round (FedAvg).
 The paper uses unweighted means; weighting by N_k is offered for skewed splits.
+
+Why one object per aggregation rule, owning its client selection: the driver then only
+asks "whom, with what instructions?" (:meth:`Strategy.configure`) and "what is the
+round's value?" (:meth:`Strategy.aggregate`). How many clients a round needs, what a
+client must upload (in the clear or masked) and how updates are combined all live
+with the rule, so the robust rules (:mod:`~ifedicl.federation_job.robust`), the norm
+screen wrapped around any rule, and secure aggregation
+(:mod:`~ifedicl.federation_job.secagg`) plug in the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ifedicl.kernel.errors import FederationError
+from ifedicl.federation_job import wire
+from ifedicl.federation_job.exchange import Traffic
+from ifedicl.kernel.errors import FederationError, IfediclError
 
 
 @dataclass
@@ -40,13 +51,111 @@ def check_update(update: ClientUpdate, expected_shape: tuple[int, ...]) -> None:
         raise FederationError(f"client {update.client_id} reported {update.num_examples} examples")
 
 
-class FedAvg:
-    """Mean of client updates, optionally weighted by each client's example count."""
+@dataclass(frozen=True)
+class ClientSelection:
+    """Whom a round asks, and the failure policy: a round with fewer than ``min_clients`` fails the run.
 
-    def __init__(self, weighted: bool = False):
+    Clients that die, time out or send a bad update are dropped from the round and recorded;
+    the round goes on with the rest as long as at least ``min_clients`` of them remain.
+    """
+
+    fraction: float = 1.0  # of the alive clients, sampled per round
+    min_clients: int = 1
+
+    def select(self, available: list[int] | set[int], rng: np.random.Generator) -> list[int]:
+        return sample_clients(sorted(available), self.fraction, self.min_clients, rng)
+
+    def require(self, answered: int, what: str) -> None:
+        if answered < self.min_clients:
+            raise FederationError(
+                f"{what}: only {answered} client(s) answered, fewer than min_clients={self.min_clients}; "
+                "nothing was published"
+            )
+
+
+@dataclass(frozen=True)
+class RoundId:
+    """Which request of which round: ``stage`` names the request (as the hooks see it), ``name`` the round in errors."""
+
+    stage: str
+    index: int
+    name: str
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """``configure``'s answer: the clients asked and what the strategy needs each upload to be."""
+
+    clients: list[int]
+    instructions: dict[str, object]  # wire metadata for the clients: mask the upload? weight it?
+
+    def requests(self, payload: bytes) -> dict[int, bytes]:
+        return {cid: payload for cid in self.clients}
+
+
+@dataclass
+class Aggregate:
+    """``aggregate``'s answer: the round's value, the updates in it, and what it cost or dropped on the way."""
+
+    value: np.ndarray
+    used: list[ClientUpdate]
+    dropped: dict[int, str] = field(default_factory=dict)  # rejected by a screen, or lost during masking
+    traffic: Traffic = field(default_factory=Traffic)  # requests the aggregation itself made (secure aggregation)
+
+
+class Strategy(ABC):
+    """Configure a round, aggregate a round. Subclasses set ``masked`` if clients keep their value back."""
+
+    masked = False  # True: clients upload only their example count, the value follows masked
+
+    def __init__(self, selection: ClientSelection, weighted: bool = False):
+        self.selection = selection
         self.weighted = weighted
 
-    def aggregate(self, updates: list[ClientUpdate]) -> np.ndarray:
+    def configure(self, available: list[int] | set[int], rng: np.random.Generator) -> RoundPlan:
+        """The round's clients and the upload instructions every one of them gets."""
+        return RoundPlan(self.selection.select(available, rng), {"secagg": self.masked, "weighted": self.weighted})
+
+    def decode(
+        self, answers: dict[int, object], key: str, shape: tuple[int, ...]
+    ) -> tuple[list[ClientUpdate], dict[int, str]]:
+        """Uploads -> checked updates, and {client: reason} for the undecodable, wrong-shape or non-finite ones."""
+        updates, rejected = [], {}
+        for cid, payload in sorted(answers.items()):
+            try:
+                arrays, meta = wire.decode(payload)
+                values = np.zeros(shape, np.float32) if self.masked else arrays[key]  # masked: it comes later
+                update = ClientUpdate(cid, values, int(meta["num_examples"]), meta.get("loss"))
+                check_update(update, shape)
+                updates.append(update)
+            except (IfediclError, KeyError, ValueError, TypeError) as err:
+                rejected[cid] = f"rejected update: {err}"
+        return updates, rejected
+
+    @abstractmethod
+    def aggregate(self, at: RoundId, updates: list[ClientUpdate], reference: np.ndarray | None = None) -> Aggregate:
+        """The round's value from its updates (``reference``: the round's starting global value, if any)."""
+
+
+class ClearTextStrategy(Strategy):
+    """A rule that sees each update in the clear: check the quorum, then combine the values."""
+
+    def aggregate(self, at: RoundId, updates: list[ClientUpdate], reference: np.ndarray | None = None) -> Aggregate:
+        self.selection.require(len(updates), at.name)
+        return Aggregate(self.combine(updates).astype(np.float32), list(updates))
+
+    @abstractmethod
+    def combine(self, updates: list[ClientUpdate]) -> np.ndarray:
+        """[K] updates -> one value of the same shape."""
+
+
+class FedAvg(ClearTextStrategy):
+    """Mean of client updates, optionally weighted by each client's example count."""
+
+    def __init__(self, weighted: bool = False, selection: ClientSelection = ClientSelection()):
+        super().__init__(selection, weighted)
+
+    def combine(self, updates: list[ClientUpdate]) -> np.ndarray:
         if not updates:
             raise FederationError("nothing to aggregate: no client update")
         stacked = np.stack([u.values.astype(np.float64) for u in updates])  # [K, ...]
@@ -55,4 +164,4 @@ class FedAvg:
         else:
             weights = np.ones(len(updates), dtype=np.float64)
         weights /= weights.sum()
-        return np.tensordot(weights, stacked, axes=1).astype(np.float32)
+        return np.tensordot(weights, stacked, axes=1)

@@ -5,8 +5,21 @@ import pytest
 
 from ifedicl.federation_job import wire
 from ifedicl.federation_job.partition import dirichlet_partition
-from ifedicl.federation_job.strategies import ClientUpdate, FedAvg, check_update, sample_clients
+from ifedicl.federation_job.strategies import (
+    ClientSelection,
+    ClientUpdate,
+    FedAvg,
+    RoundId,
+    check_update,
+    sample_clients,
+)
 from ifedicl.kernel.errors import DataError, FederationError
+
+ROUND = RoundId("calibrate", 1, "round 1")
+
+
+def _mean(strategy, updates):
+    return strategy.aggregate(ROUND, updates).value
 
 
 def _updates():
@@ -17,18 +30,38 @@ def _updates():
 
 
 def test_unweighted_mean_is_exact():
-    assert np.array_equal(FedAvg(weighted=False).aggregate(_updates()), np.full((2, 2, 2), 2.5, np.float32))
+    assert np.array_equal(_mean(FedAvg(weighted=False), _updates()), np.full((2, 2, 2), 2.5, np.float32))
 
 
 def test_weighted_mean_is_exact():
-    assert np.array_equal(FedAvg(weighted=True).aggregate(_updates()), np.full((2, 2, 2), 3.25, np.float32))
+    assert np.array_equal(_mean(FedAvg(weighted=True), _updates()), np.full((2, 2, 2), 3.25, np.float32))
 
 
 def test_fedavg_of_coefficients_matches_numpy():
     rng = np.random.default_rng(0)
     values = [rng.normal(size=(4, 2, 2)).astype(np.float32) for _ in range(5)]
     updates = [ClientUpdate(i, v, 10) for i, v in enumerate(values)]
-    np.testing.assert_allclose(FedAvg().aggregate(updates), np.mean(values, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(_mean(FedAvg(), updates), np.mean(values, axis=0), rtol=1e-6)
+
+
+def test_the_strategy_owns_sampling_and_the_minimum_count():
+    strategy = FedAvg(selection=ClientSelection(fraction=0.5, min_clients=3))
+    plan = strategy.configure({0, 1, 2, 3, 4, 5, 6, 7}, np.random.default_rng(0))
+    assert len(plan.clients) == 4 and set(plan.clients) <= set(range(8))
+    assert plan.instructions == {"secagg": False, "weighted": False}
+    assert len(strategy.configure({0, 1, 2, 3}, np.random.default_rng(0)).clients) == 3  # never below the minimum
+    used = strategy.aggregate(ROUND, [ClientUpdate(c, np.ones((2, 2, 2), np.float32), 1) for c in (0, 1, 2)]).used
+    assert [u.client_id for u in used] == [0, 1, 2]
+    with pytest.raises(FederationError, match="round 1: only 2 client.*min_clients=3"):
+        strategy.aggregate(ROUND, _updates())
+
+
+def test_decode_records_bad_uploads_as_rejections():
+    good = wire.encode({"coefficients": np.ones((2, 2, 2), np.float32)}, num_examples=3, loss=0.5)
+    nan = wire.encode({"coefficients": np.full((2, 2, 2), np.nan, np.float32)}, num_examples=3)
+    updates, rejected = FedAvg().decode({0: good, 1: b"garbage", 2: nan}, "coefficients", (2, 2, 2))
+    assert [(u.client_id, u.num_examples, u.loss) for u in updates] == [(0, 3, 0.5)]
+    assert "undecodable" in rejected[1] and "non-finite" in rejected[2]
 
 
 def test_bad_updates_are_rejected():

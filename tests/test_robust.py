@@ -3,12 +3,25 @@
 import json
 
 import numpy as np
+import pytest
 
 from ifedicl.federation_job.driver import Federation, FederationSettings
-from ifedicl.federation_job.robust import NormScreen, RobustStrategy, coordinate_trimmed_mean, trim_count
-from ifedicl.federation_job.strategies import ClientUpdate
+from ifedicl.federation_job.federation_settings import build_strategies
+from ifedicl.federation_job.robust import (
+    CoordinateMedian,
+    NormScreen,
+    Screened,
+    TrimmedMean,
+    coordinate_trimmed_mean,
+    trim_count,
+)
+from ifedicl.federation_job.secagg import SecureFedAvg
+from ifedicl.federation_job.strategies import ClientSelection, ClientUpdate, FedAvg, RoundId
+from ifedicl.kernel.errors import FederationError
 from ifedicl.kernel.sources import DataSource
 from ifedicl.storage.store import Store
+
+ROUND = RoundId("calibrate", 1, "round 1")
 
 
 def _updates(values):
@@ -34,10 +47,40 @@ def test_trimmed_mean_and_median_ignore_one_extreme_client():
     values = np.array([[1.0], [2.0], [3.0], [4.0], [1000.0]])
     assert trim_count(5, 0.2) == 1 and trim_count(2, 0.4) == 0
     assert coordinate_trimmed_mean(values, 0.2)[0] == 3.0
-    value, _, _ = RobustStrategy("median", screen=NormScreen(0.0)).aggregate(_updates(values))
-    assert value[0] == 3.0
-    mean, _, _ = RobustStrategy("mean", screen=NormScreen(0.0)).aggregate(_updates(values))
-    assert mean[0] == np.float32(202.0)
+    assert CoordinateMedian().aggregate(ROUND, _updates(values)).value[0] == 3.0
+    assert TrimmedMean(0.2).aggregate(ROUND, _updates(values)).value[0] == 3.0
+    assert FedAvg().aggregate(ROUND, _updates(values)).value[0] == np.float32(202.0)
+
+
+def test_the_norm_screen_wraps_any_strategy_and_records_what_it_rejected():
+    values = [np.full((2, 2, 2), x) for x in (1.0, 1.1, 0.9, 1.05, 50.0)]
+    for rule in (FedAvg(), CoordinateMedian(), TrimmedMean(0.0)):
+        result = Screened(rule, NormScreen(10.0)).aggregate(ROUND, _updates(values))
+        assert [u.client_id for u in result.used] == [0, 1, 2, 3] and list(result.dropped) == [4]
+        assert result.value.max() < 1.2  # the outlier never reached the rule
+    strict = Screened(FedAvg(selection=ClientSelection(min_clients=5)), NormScreen(10.0))
+    with pytest.raises(FederationError, match="calibrate round 1 after screening: only 4 client"):
+        strict.aggregate(ROUND, _updates(values))
+
+
+def test_one_factory_builds_the_strategies_the_settings_ask_for():
+    def built(**kw):
+        strategies = build_strategies(FederationSettings(clients=4, min_clients=2, **kw), transport=None)
+        return strategies.vectors, strategies.coefficients
+
+    vectors, coefficients = built(fraction=0.5, aggregator="trimmed-mean", trim_fraction=0.2)
+    assert isinstance(coefficients, Screened) and isinstance(coefficients.inner, TrimmedMean)
+    assert coefficients.inner.trim_fraction == 0.2 and coefficients.screen == NormScreen(10.0)
+    assert coefficients.selection == ClientSelection(0.5, 2) and vectors.selection == ClientSelection(1.0, 2)
+    assert isinstance(built(aggregator="median")[1].inner, CoordinateMedian)
+    vectors, coefficients = built(weighted_coefficients=True)
+    assert isinstance(coefficients.inner, FedAvg) and coefficients.weighted and not vectors.weighted
+    vectors, coefficients = built(secagg=True, weighted_vectors=True)
+    assert isinstance(vectors, SecureFedAvg) and vectors.weighted and isinstance(coefficients, SecureFedAvg)
+    assert coefficients.configure([0, 1, 2], np.random.default_rng(0)).instructions == {
+        "secagg": True,
+        "weighted": False,
+    }
 
 
 def _settings(**kw) -> FederationSettings:

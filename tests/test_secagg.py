@@ -7,7 +7,16 @@ from actor_kills import kill_and_wait
 
 from ifedicl.federation_job import wire
 from ifedicl.federation_job.driver import Federation, FederationSettings
-from ifedicl.federation_job.secagg import FRACTION_BITS, MaskingClient, decode_fixed, encode_fixed, unmask_sum
+from ifedicl.federation_job.exchange import Exchange
+from ifedicl.federation_job.secagg import (
+    FRACTION_BITS,
+    MaskingClient,
+    SecureFedAvg,
+    decode_fixed,
+    encode_fixed,
+    unmask_sum,
+)
+from ifedicl.federation_job.strategies import ClientSelection, RoundId
 from ifedicl.kernel.errors import FederationError
 from ifedicl.kernel.sources import DataSource
 
@@ -108,7 +117,7 @@ def test_weighted_secure_mean_equals_weighted_fedavg(llama_dir, task_dir):
     import torch
 
     from ifedicl.federation_job.actors import ClientActor
-    from ifedicl.federation_job.strategies import ClientUpdate, FedAvg
+    from ifedicl.federation_job.strategies import ClientUpdate, FedAvg, RoundId
 
     threads = torch.get_num_threads()  # an actor pins its process to OMP_NUM_THREADS; restore for later tests
     source = DataSource(str(task_dir), max_train=30, max_test=0)
@@ -124,5 +133,56 @@ def test_weighted_secure_mean_equals_weighted_fedavg(llama_dir, task_dir):
     uploads = [wire.decode(a.secagg_upload(request))[0]["masked"] for a in actors.values()]
     shape = plain[0].shape
     secure = unmask_sum(uploads, shape) / sum(counts.values())
-    expected = FedAvg(weighted=True).aggregate([ClientUpdate(c, v, counts[c]) for c, v in plain.items()])
+    updates = [ClientUpdate(c, v, counts[c]) for c, v in plain.items()]
+    expected = FedAvg(weighted=True).aggregate(RoundId("extract", 0, "stage 1"), updates).value
     np.testing.assert_allclose(secure, expected, atol=1e-5)
+
+
+class InProcessCohort:
+    """A transport to in-process clients (real key agreement and masking); ``lose`` vanishes before its upload once."""
+
+    session = "in-process"
+
+    def __init__(self, values: dict[int, np.ndarray], lose: int | None = None):
+        self.values, self.lose = values, lose
+        self.maskers: dict[int, MaskingClient] = {}
+        self.key_rounds = 0
+        self.excluded: set[int] = set()
+
+    def call(self, stage, round_index, method, requests):
+        if method == "secagg_keys":
+            self.key_rounds += 1
+            self.maskers = {cid: MaskingClient(cid) for cid in requests}
+            answers = {cid: wire.encode({"public_key": m.public_key()}) for cid, m in self.maskers.items()}
+            return Exchange.of(requests, answers, {})
+        answers, dropped = {}, {}
+        for cid, request in requests.items():  # secagg_upload
+            if cid == self.lose:
+                dropped[cid], self.lose = "client died (RayActorError)", None
+                continue
+            arrays, meta = wire.decode(request)
+            peers = dict(zip(meta["cohort"], arrays["public_keys"]))
+            masked = self.maskers[cid].mask(self.values[cid], peers, str(meta["context"]).encode())
+            answers[cid] = wire.encode({"masked": masked})
+        return Exchange.of(requests, answers, dropped)
+
+    def exclude(self, client_id: int) -> None:
+        self.excluded.add(client_id)
+
+
+def test_secure_fedavg_strategy_redoes_the_masking_without_a_member_lost_after_the_keys():
+    rng = np.random.default_rng(0)
+    values = {cid: rng.normal(size=(3, 2, 2)) for cid in range(3)}
+    cohort = InProcessCohort(values, lose=2)
+    strategy = SecureFedAvg(cohort, selection=ClientSelection(min_clients=2))
+    updates, rejected = strategy.decode(
+        {cid: wire.encode({}, num_examples=5) for cid in values}, "coefficients", (3, 2, 2)
+    )  # masked: the plain answers carry only counts
+    assert rejected == {} and all(not u.values.any() for u in updates)
+    result = strategy.aggregate(RoundId("calibrate", 1, "round 1"), updates)
+    np.testing.assert_allclose(result.value, (values[0] + values[1]) / 2, atol=1e-6)
+    assert [u.client_id for u in result.used] == [0, 1] and cohort.key_rounds == 2  # fresh keys for the redo
+    assert list(result.dropped) == [2] and "after masks were agreed" in result.dropped[2]
+    assert cohort.excluded == {2} and result.traffic.up[2] > 0 and result.traffic.down[0] > result.traffic.down[2]
+    with pytest.raises(FederationError, match="only 1 client.*min_clients=2"):
+        strategy.aggregate(RoundId("calibrate", 2, "round 2"), updates[:1])

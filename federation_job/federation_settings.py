@@ -1,0 +1,127 @@
+"""What a federation run is asked to do, and the strategies those settings build.
+
+Why its own module: the CLI, the evaluation grid and recalibration construct
+:class:`FederationSettings`, and :func:`build_strategies` is the one place that turns
+its aggregation fields into strategy objects (the driver never dispatches on a string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ifedicl.federation_job.client import CalibrationConfig
+from ifedicl.federation_job.objective import OBJECTIVES
+from ifedicl.federation_job.privacy import PrivacySettings
+from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
+from ifedicl.federation_job.secagg import MIN_COHORT, SecureFedAvg, Transport
+from ifedicl.federation_job.strategies import ClientSelection, FedAvg, Strategy
+from ifedicl.kernel.errors import IfediclError
+from ifedicl.kernel.modeling import DTYPES
+
+
+@dataclass
+class FederationSettings:
+    clients: int = 10
+    alpha: float = 0.5
+    rounds: int = 5
+    local_epochs: int = 1
+    fraction: float = 1.0  # of alive clients sampled per round
+    min_clients: int = 1
+    round_timeout_s: float = 1800.0
+    load_timeout_s: float | None = None  # for each client to load the model (None: round_timeout_s)
+    seed: int = 0
+    min_shard: int = 2
+    weighted_vectors: bool = False  # paper: unweighted
+    weighted_coefficients: bool = False  # paper: unweighted
+    capture_batch_size: int = 8
+    stage1_examples: int | None = None  # each client builds v_k from at most this many of its examples (None: all)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    weights: str = "shared"  # shared: one object-store copy per node; per-actor: each loads its own
+    cpus_per_client: float | None = None  # default: the machine's CPUs split over the clients
+    gpus_per_client: float = 0.0
+    dtype: str = "float32"  # weights; calibration needs float32 (I2CL)
+    extract_dtype: str = "float32"  # stage-1 forwards under autocast, e.g. bfloat16 on GPUs
+    aggregator: str = "mean"  # mean (FedAvg) | trimmed-mean | median, coordinate-wise, vectors and Λ
+    trim_fraction: float = 0.1  # trimmed-mean: cut from each end
+    reject_norm_factor: float = 10.0  # reject ||update - reference|| > factor * round median (0: off)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    secagg: bool = False  # pairwise-masked sums: the server sees no single client's vectors or Λ
+    adversaries: dict[int, str] = field(default_factory=dict)  # drills/tests: {client: "scale:50,flip"}
+
+    def validate(self) -> None:
+        checks = [
+            (self.clients >= 1, f"--clients must be >= 1 (got {self.clients})"),
+            (self.alpha > 0, f"--alpha must be > 0 (got {self.alpha})"),
+            (self.rounds >= 0, f"--rounds must be >= 0 (got {self.rounds})"),
+            (self.local_epochs >= 1, f"--local-epochs must be >= 1 (got {self.local_epochs})"),
+            (0 < self.fraction <= 1, f"--fraction must be in (0, 1] (got {self.fraction})"),
+            (1 <= self.min_clients <= self.clients, f"--min-clients must be in 1..{self.clients}"),
+            (self.round_timeout_s > 0, "--round-timeout must be > 0"),
+            (self.load_timeout_s is None or self.load_timeout_s > 0, "the load timeout must be > 0"),
+            (self.weights in ("shared", "per-actor"), f"--weights must be shared or per-actor (got {self.weights})"),
+            (self.dtype in DTYPES and self.extract_dtype in DTYPES, f"dtypes must be one of {sorted(DTYPES)}"),
+            (self.calibration.batch_size >= 1, "--calib-batch-size must be >= 1"),
+            (
+                self.calibration.objective in OBJECTIVES,
+                f"--objective must be one of {OBJECTIVES} (got {self.calibration.objective})",
+            ),
+            (self.capture_batch_size >= 1, "--batch-size must be >= 1"),
+            (self.stage1_examples is None or self.stage1_examples >= 1, "--stage1-examples must be >= 1"),
+            (self.aggregator in AGGREGATORS, f"--aggregator must be one of {AGGREGATORS} (got {self.aggregator})"),
+            (0 <= self.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
+            (self.reject_norm_factor >= 0, "--reject-norm-factor must be >= 0 (0: off)"),
+            (
+                not (self.aggregator != "mean" and (self.weighted_vectors or self.weighted_coefficients)),
+                "--weighted only goes with --aggregator mean (robust aggregators are unweighted)",
+            ),
+            (
+                not (self.secagg and self.aggregator != "mean"),
+                "--secagg only supports --aggregator mean: robust aggregators need each update in the clear",
+            ),
+            (
+                not (self.secagg and self.min_clients < MIN_COHORT),
+                f"--secagg needs --min-clients >= {MIN_COHORT} (a sum of one client is its value)",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise IfediclError(message)
+        self.privacy.validate()
+        from ifedicl.federation_job.adversary import parse_modes  # imports the Ray actor class: only when needed
+
+        for spec in self.adversaries.values():
+            parse_modes(spec)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RoundStrategies:
+    """The run's two aggregations: stage 1's context vectors (every alive client) and each round's Λ."""
+
+    vectors: Strategy
+    coefficients: Strategy
+
+
+def build_strategies(settings: FederationSettings, transport: Transport) -> RoundStrategies:
+    """The strategies ``settings`` ask for; ``transport`` reaches the clients for secure aggregation."""
+
+    def build(fraction: float, weighted: bool) -> Strategy:
+        selection = ClientSelection(fraction, settings.min_clients)
+        if settings.secagg:  # the server sees only the sum: nothing to screen, no robust rule
+            return SecureFedAvg(transport, weighted, selection)
+        rule: Strategy
+        if settings.aggregator == "median":
+            rule = CoordinateMedian(selection)
+        elif settings.aggregator == "trimmed-mean":
+            rule = TrimmedMean(settings.trim_fraction, selection)
+        else:
+            rule = FedAvg(weighted, selection)
+        return Screened(rule, NormScreen(settings.reject_norm_factor))
+
+    return RoundStrategies(
+        vectors=build(1.0, settings.weighted_vectors),  # stage 1 asks every client that loaded
+        coefficients=build(settings.fraction, settings.weighted_coefficients),
+    )
