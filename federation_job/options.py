@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI imports this module to declare its flags: torch and Ray load only when a run starts
-    from ifedicl.federation_job.driver import FederationSettings
+    from ifedicl.federation_job.federation_settings import FederationSettings
     from ifedicl.federation_job.privacy import PrivacySettings
 
 
@@ -67,7 +67,7 @@ class FederationOptions:
         """The run these options describe, at Dirichlet ``alpha`` and ``seed``; ``fields`` set the rest
         (``capture_batch_size``, ``dtype``, ``stage1_examples``, or a whole ``calibration``)."""
         from ifedicl.federation_job.client import CalibrationConfig
-        from ifedicl.federation_job.driver import FederationSettings
+        from ifedicl.federation_job.federation_settings import FederationSettings
 
         calibration = CalibrationConfig(batch_size=self.calib_batch_size, objective=self.objective or "full-vocab")
         return FederationSettings(
