@@ -85,6 +85,11 @@ def clip_vector(values: np.ndarray, clip_norm: float) -> np.ndarray:
 
 
 def gaussian_noise(shape: tuple[int, ...], std: float, rng: np.random.Generator) -> np.ndarray:
+    """N(0, std^2) per coordinate, drawn from ``rng``, which must be seeded from OS entropy
+    (``np.random.default_rng()``, as each client actor holds), never from the run's seed: the server
+    chooses and records that seed, and noise it can regenerate it can subtract, leaving no privacy.
+    tests/test_privacy.py checks the uploads of two identically seeded clients carry different noise.
+    """
     return rng.normal(0.0, std, size=shape)
 
 

@@ -1,17 +1,29 @@
 """Labelled text loading: the JSONL task layout, CSV, and Hugging Face datasets.
 
-Every loader validates as it reads (empty text, label outside the label list)
-and names the file and line of the first bad row.
+Every loader validates as it reads (empty text, label outside the label list, a label
+of the wrong type) and names the file and line of the first bad row. Files are read
+as UTF-8 (a leading byte-order mark, as Excel writes, is skipped), so texts in any
+script load as they are.
+
+A label is either a class index (an integer, or a string of digits as CSV gives it)
+or one of the task's label words. Booleans and floats are refused, *including*
+integral floats like ``1.0``: ``int()`` used to turn ``true`` into 1 and ``1.7`` into
+1 silently, and a float label column usually means the wrong column (a score, a
+regression target) or an export that turned missing values into NaN, which is worth
+a look rather than a guess. Write the index as an integer (``1``) instead.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ifedicl.kernel.errors import DataError
+import numpy as np
+
+from ifedicl.kernel.errors import DataError, TaskSpecError
 from ifedicl.kernel.task import KNOWN_TASKS, TaskSpec
 
 
@@ -39,51 +51,80 @@ class TaskData:
     test: Split
 
 
-def _check_row(text, label, task: TaskSpec, where: str) -> tuple[str, int]:
+def _label_index(label: object, task: TaskSpec, where: str) -> int:
+    """The class index a row's label names, or a :class:`DataError` that quotes it."""
+    words = list(task.labels)
+    use = f"use an integer class index (0..{len(words) - 1}) or a word of {words}"
+    if label is None:
+        raise DataError(f"{where}: missing label")
+    # bool before Integral: True is an int to Python, and int(True) == 1 would pass silently
+    if isinstance(label, bool | np.bool_):
+        raise DataError(f"{where}: label {label!r} is a boolean; {use}")
+    if isinstance(label, numbers.Integral):
+        index = int(label)
+    elif isinstance(label, numbers.Real):
+        raise DataError(f"{where}: label {label!r} is a float; {use}")
+    elif isinstance(label, str):
+        if label in task.labels:
+            return task.labels.index(label)
+        if not label.lstrip("-").isdigit():
+            raise DataError(f"{where}: label {label!r} is not one of {words} nor an integer class index")
+        index = int(label)
+    else:
+        raise DataError(f"{where}: label {label!r} is a {type(label).__name__}; {use}")
+    if not 0 <= index < len(words):
+        raise DataError(f"{where}: label {index} is outside 0..{len(words) - 1} ({words})")
+    return index
+
+
+def _check_row(text: object, label: object, task: TaskSpec, where: str) -> tuple[str, int]:
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{where}: empty or missing text")
-    if isinstance(label, str) and not label.lstrip("-").isdigit():
-        if label not in task.labels:
-            raise DataError(f"{where}: label {label!r} is not one of {list(task.labels)}")
-        return text, task.labels.index(label)
-    try:
-        index = int(label)
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: label {label!r} is not an integer or a label word") from None
-    if not 0 <= index < len(task.labels):
-        raise DataError(f"{where}: label {index} is outside 0..{len(task.labels) - 1} ({list(task.labels)})")
-    return text, index
+    return text, _label_index(label, task, where)
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
+    return DataError(
+        f"{path}: not UTF-8 text ({err.reason}, byte {err.object[err.start : err.end]!r}); save it as UTF-8"
+    )
 
 
 def _read_jsonl(path: Path, task: TaskSpec) -> Split:
     split = Split()
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected an object with 'text' and 'label'")
-            text, label = _check_row(row.get("text"), row.get("label"), task, where)
-            split.texts.append(text)
-            split.labels.append(label)
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: invalid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: expected an object with 'text' and 'label'")
+                text, label = _check_row(row.get("text"), row.get("label"), task, where)
+                split.texts.append(text)
+                split.labels.append(label)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
     return split
 
 
 def _read_csv(path: Path, task: TaskSpec) -> Split:
     split = Split()
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-            raise DataError(f"{path}: CSV needs a header with 'text' and 'label' columns, got {reader.fieldnames}")
-        for line_no, row in enumerate(reader, start=2):
-            text, label = _check_row(row["text"], row["label"], task, f"{path}:{line_no}")
-            split.texts.append(text)
-            split.labels.append(label)
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
+                raise DataError(f"{path}: CSV needs a header with 'text' and 'label' columns, got {reader.fieldnames}")
+            for row in reader:
+                # the reader's own line count: a quoted text may span several physical lines
+                text, label = _check_row(row["text"], row["label"], task, f"{path}:{reader.line_num}")
+                split.texts.append(text)
+                split.labels.append(label)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
     return split
 
 
@@ -113,9 +154,13 @@ def load_task_dir(directory: str | Path, task: TaskSpec | None = None) -> TaskDa
         if not spec_path.exists():
             raise DataError(f"{directory}: no task.json (or pass --template and --labels)")
         try:
-            task = TaskSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8")))
+            task = TaskSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8-sig")))
         except json.JSONDecodeError as err:
             raise DataError(f"{spec_path}: invalid JSON ({err.msg})") from None
+        except UnicodeDecodeError as err:
+            raise _not_utf8(spec_path, err) from None
+        except TaskSpecError as err:  # name the file: the spec's own message cannot know where it came from
+            raise TaskSpecError(f"{spec_path}: {err}") from None
     train = _read_split(directory, "train", task, required=True)
     test = _read_split(directory, "test", task, required=False)
     return TaskData(task, train, test)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ifedicl.kernel.data import TaskData, load_hf_dataset, load_task_dir
-from ifedicl.kernel.errors import DataError
+from ifedicl.kernel.errors import DataError, TaskSpecError
 from ifedicl.kernel.task import TaskSpec
 
 
@@ -42,7 +42,11 @@ class DataSource:
             if not (template and labels):
                 raise DataError("--template and --labels go together")
             name = Path(task_dir or dataset).name.lower()
-            spec = TaskSpec(name, template.replace("\\n", "\n"), tuple(w.strip() for w in labels.split(",")))
+            words = tuple(w.strip() for w in labels.split(","))
+            try:
+                spec = TaskSpec(name, template.replace("\\n", "\n"), words)
+            except TaskSpecError as err:  # say which options it came from (task.json is not involved)
+                raise TaskSpecError(f"--template/--labels: {err}") from None
         if task_dir:
             return cls(str(task_dir), "task_dir", spec, max_train, max_test)
         return cls(dataset, "hf", spec, max_train, max_test)

