@@ -50,7 +50,8 @@ logger = logging.getLogger("ifedicl.serving")
 DEFAULT_MAX_INPUTS = 256
 
 # How long a cache miss waits for a task row when every row is leased by in-flight requests (then 503).
-SLOT_WAIT_SECONDS = 60.0
+# Long enough to ride out a burst of in-flight requests; ``--slot-wait-seconds`` changes it.
+DEFAULT_SLOT_WAIT_SECONDS = 60.0
 
 
 class InjectionInactiveError(RuntimeError):
@@ -110,9 +111,11 @@ class ClassificationService:
         max_slots: int = DEFAULT_MAX_SLOTS,
         registry: CollectorRegistry | None = None,
         max_inputs: int = DEFAULT_MAX_INPUTS,
+        slot_wait_seconds: float = DEFAULT_SLOT_WAIT_SECONDS,
     ):
         self.engine = engine
         self.max_inputs = max_inputs
+        self.slot_wait_seconds = slot_wait_seconds
         self.model_id = canonical_model_id(model)
         self.fingerprint = fingerprint(self.model_id, load_config(model))
         self.tokenizer = load_tokenizer(model)
@@ -204,13 +207,15 @@ class ClassificationService:
         async with self._reload_lock:
             report = ReloadReport()
             try:
-                published = await asyncio.to_thread(self.store.published_runs)
+                published = await asyncio.to_thread(self._published_runs)
             except Exception as err:  # the store is unreachable: keep serving what is live
                 logger.error("ifedicl: cannot read the store %s: %s", self.store.uri, err)
+                self.metrics.store_up.set(0)
                 self.metrics.reload_failures.inc()
                 report.failed["_store"] = str(err)
                 report.live = {t: info.run_id for t, info in self.catalog.items()}
                 return report
+            self.metrics.store_up.set(1)
             for task, info in published.items():
                 current = self.catalog.get(task)
                 if current is not None and current.run_id == info.run_id:
@@ -246,6 +251,15 @@ class ClassificationService:
                 await asyncio.to_thread(self._rebuild_router)
             return report
 
+    def _published_runs(self) -> dict[str, RunInfo]:
+        """The store's published runs; :class:`StoreError` if the store itself is gone.
+
+        The store is opened afresh (a cheap connect) because LanceDB lists a local store
+        whose directory vanished as an empty database: read through the old connection,
+        that would mean "nothing is published" and the reload would unload every task.
+        """
+        return Store(self.store.uri).published_runs()
+
     def _rebuild_router(self) -> None:
         """model="auto": route over every published task's signature, read from the store in one query."""
         infos = list(self.catalog.values())
@@ -277,7 +291,7 @@ class ClassificationService:
         try:
             return await self._load_once(info, reason="request")
         except NoFreeRowError as err:
-            raise ApiError(503, str(err)) from None
+            raise ApiError(503, f"task {name}: {err} (waited {self.slot_wait_seconds:g} s for a free one)") from None
         except Exception as err:
             reason = f"run {info.run_id}: {type(err).__name__}: {err}"
             if not isinstance(err, StoreError):  # the store may come back; bad tables will not
@@ -308,9 +322,13 @@ class ClassificationService:
             raise
 
     async def _reserve_row(self) -> int:
-        """A task row for a new version: free, or the least recently used one no request holds; else wait."""
+        """A task row for a new version: free, or the least recently used one no request holds.
+
+        When every row is leased, waits up to ``slot_wait_seconds`` for a lease to end, then
+        raises :class:`NoFreeRowError` (503): a request never waits unboundedly on others.
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + SLOT_WAIT_SECONDS
+        deadline = loop.time() + self.slot_wait_seconds
         while True:
             changed = self._rows_changed
             try:
