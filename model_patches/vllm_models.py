@@ -13,9 +13,10 @@ Tables:
     ifedicl_shift [2, R, d]   λ·v per block and row
 
 with R = max_slots + 2 task rows ("slots" = task rows): row 0 = no task (β = 1,
-shift = 0), rows 1..max_slots hold (task, version) tables written by the server, and the last row is the
-start-up probe (β = 0, shift = 0: it zeroes every block output, so a request sent
-under it must score differently from the plain model if the seam is live).
+shift = 0), rows 1..max_slots hold (task, version) tables written by the server,
+and the last row is the start-up probe (β = 0, shift = 0: it zeroes every block
+output, so a request sent under it must score differently from the plain model if
+the seam is live).
 
 Which row a token uses comes from one shared ``token_task_row[max_tokens]`` buffer that
 :mod:`ifedicl.model_patches.vllm_runner` fills before every forward from each scheduled
