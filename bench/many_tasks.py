@@ -150,6 +150,7 @@ async def measure_injected(model: Path, store_uri: str, prompts, texts, label_id
 
     from ifedicl.kernel.modeling import load_config
     from ifedicl.model_patches.vllm_plugin import engine_overrides
+    from ifedicl.model_patches.vllm_runner import TASK_ROW_KEY
     from ifedicl.serving.service import ClassificationService
 
     overrides = engine_overrides(load_config(str(model)).architectures, max_slots=opts.slots)
@@ -161,17 +162,17 @@ async def measure_injected(model: Path, store_uri: str, prompts, texts, label_id
         report = await service.start()
         out["startup_s"] = time.perf_counter() - start
         out["published"], out["resident"] = len(report.live), len(service.table.resident)
-        slots = {name: task.slot for name, task in service.table.resident.items()}
-        counts = [n for n in opts.tasks if n <= len(slots)]
+        task_rows = {name: task.task_row for name, task in service.table.resident.items()}
+        counts = [n for n in opts.tasks if n <= len(task_rows)]
         names = [task_name(i) for i in range(max(counts))]
 
         def mix(n: int):
-            return lambda i: {"task_id": slots[names[i % n]]}
+            return lambda i: {TASK_ROW_KEY: task_rows[names[i % n]]}
 
         await sweep(engine, prompts[:32], label_ids, mix(1))  # warm-up
         runs: dict[str, list[dict]] = {}
         for _ in range(opts.repeats):  # interleaved, so drift hits every configuration alike
-            runs.setdefault("row 0", []).append(await sweep(engine, prompts, label_ids, lambda i: {"task_id": 0}))
+            runs.setdefault("row 0", []).append(await sweep(engine, prompts, label_ids, lambda i: {TASK_ROW_KEY: 0}))
             for n in counts:
                 runs.setdefault(f"{n} tasks", []).append(await sweep(engine, prompts, label_ids, mix(n)))
         out["rows"] = {name: median_stats(r) for name, r in runs.items()}

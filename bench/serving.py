@@ -110,6 +110,7 @@ async def run_vllm(model: Path, prompts: list[list[int]], label_ids: list[int], 
     from ifedicl.kernel.modeling import load_config
     from ifedicl.model_patches.injection import InjectionTables
     from ifedicl.model_patches.vllm_plugin import engine_overrides
+    from ifedicl.model_patches.vllm_runner import TASK_ROW_KEY
     from ifedicl.model_patches.vllm_worker import pack_tables
 
     config = load_config(str(model))
@@ -122,17 +123,17 @@ async def run_vllm(model: Path, prompts: list[list[int]], label_ids: list[int], 
         if injected:
             tables = random_tables(config.num_hidden_layers, config.hidden_size, len(TASK_NAMES))
             rows = list(range(1, len(TASK_NAMES) + 1))
-            await engine.collective_rpc("ifedicl_write_slots",
+            await engine.collective_rpc("ifedicl_write_rows",
                                         args=(rows, *pack_tables(tables.beta[:, :, 1:], tables.shift[:, :, 1:])))
             if held_out is not None:
                 run, _, _ = held_out
                 real = InjectionTables.build([torch.from_numpy(run.vectors)], [torch.from_numpy(run.coefficients)])
-                await engine.collective_rpc("ifedicl_write_slots", args=(
+                await engine.collective_rpc("ifedicl_write_rows", args=(
                     [len(TASK_NAMES) + 1], *pack_tables(real.beta[:, :, 1:], real.shift[:, :, 1:])))
 
         async def score(ids: list[int], row: int, labels: list[int] = label_ids) -> float:
             params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=labels, detokenize=False,
-                                    extra_args={"task_id": row} if injected else None)
+                                    extra_args={TASK_ROW_KEY: row} if injected else None)
             start = time.perf_counter()
             async for _ in engine.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex):
                 pass
@@ -140,7 +141,7 @@ async def run_vllm(model: Path, prompts: list[list[int]], label_ids: list[int], 
 
         async def label_of(ids: list[int], row: int, labels: list[int]) -> int:
             params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=labels, detokenize=False,
-                                    extra_args={"task_id": row})
+                                    extra_args={TASK_ROW_KEY: row})
             final = None
             async for output in engine.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex):
                 final = output

@@ -34,6 +34,11 @@ def serve_command(
     max_body_bytes: int = typer.Option(
         4 * 1024 * 1024, "--max-body-bytes", help="largest request body accepted (more: 413 before parsing)"
     ),
+    slot_wait_seconds: float = typer.Option(
+        60.0,
+        "--slot-wait-seconds",
+        help="how long a request for a non-resident task waits while every slot is in use (then 503)",
+    ),
     auto_route: bool = typer.Option(
         False, "--auto-route", help='serve model="auto": each text goes to its nearest task (one more weight copy)'
     ),
@@ -57,7 +62,9 @@ def serve_command(
         poll_interval=poll_interval,
         max_slots=max_slots,
         table_memory=int(table_memory_mb * 2**20),
-        limits=ServingLimits(max_inputs=max_inputs, max_body_bytes=max_body_bytes),
+        limits=ServingLimits(
+            max_inputs=max_inputs, max_body_bytes=max_body_bytes, slot_wait_seconds=slot_wait_seconds
+        ),
         auto_route=auto_route,
         routing_index=routing_index,
         engine_args=list(ctx.args),

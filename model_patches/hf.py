@@ -104,7 +104,7 @@ class HFContextModel:
         self._capture: list[list[torch.Tensor | None]] | None = None
         self._capture_index: torch.Tensor | None = None  # [B]
         self._tables: InjectionTables | None = None
-        self._task_index: torch.Tensor | None = None  # [B, S]
+        self._task_row: torch.Tensor | None = None  # [B, S]
         self._noise_scale = 0.0
         self._handles = [
             module.register_forward_hook(self._make_hook(layer, block))
@@ -128,7 +128,7 @@ class HFContextModel:
             if self._tables is not None:
                 hidden = inject(
                     hidden,
-                    self._task_index,
+                    self._task_row,
                     self._tables.beta[layer, block],
                     self._tables.shift[layer, block],
                     self._noise_scale,
@@ -156,24 +156,24 @@ class HFContextModel:
     def injecting(
         self,
         tables: InjectionTables,
-        task_index: torch.Tensor,  # [B] per example (0 = none)
+        task_row: torch.Tensor,  # [B] per example: its row in ``tables`` (0 = none)
         seq_len: int,
         noise_scale: float = 0.0,
     ) -> Iterator[None]:
-        """Inject ``tables`` at every position, every layer, both blocks."""
+        """Inject ``tables`` at every position, every layer, both blocks (a row outside them: plain)."""
         if tables.num_layers != self.num_layers or tables.hidden_size != self.hidden_size:
             raise ValueError(
                 f"tables are for L={tables.num_layers}, d={tables.hidden_size}; "
                 f"model has L={self.num_layers}, d={self.hidden_size}"
             )
         self._tables = tables
-        self._task_index = task_index.view(-1, 1).expand(-1, seq_len)  # [B, S]
+        self._task_row = task_row.view(-1, 1).expand(-1, seq_len)  # [B, S]
         self._noise_scale = noise_scale
         try:
             yield
         finally:
             self._tables = None
-            self._task_index = None
+            self._task_row = None
             self._noise_scale = 0.0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ def label_logits(
     prompts: Sequence[str],
     label_ids: Sequence[int],
     tables: InjectionTables | None = None,
-    task_index: torch.Tensor | None = None,  # [B]
+    task_row: torch.Tensor | None = None,  # [B] each prompt's row in ``tables`` (0 = plain)
     noise_scale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocab logits [B, V] and label-word logits [B, C] at the last prompt token."""
@@ -90,7 +90,7 @@ def label_logits(
     if tables is None:
         logits = ctx.forward(input_ids, mask)
     else:
-        with ctx.injecting(tables, task_index.to(device), input_ids.shape[1], noise_scale):
+        with ctx.injecting(tables, task_row.to(device), input_ids.shape[1], noise_scale):
             logits = ctx.forward(input_ids, mask)
     logits = logits.float()
     return logits, logits[:, torch.as_tensor(list(label_ids), device=device)]
@@ -103,17 +103,17 @@ def predict_proba(
     prompts: Sequence[str],
     label_ids: Sequence[int],
     tables: InjectionTables | None = None,
-    task_index: Sequence[int] | None = None,
+    task_row: Sequence[int] | None = None,
     batch_size: int = 16,
 ) -> np.ndarray:
     """Softmax over the label words' first-token logits: [N, C] float64.
 
-    ``task_index[i]`` picks row i's task in ``tables`` (0 = plain model).
+    ``task_row[i]`` picks prompt i's row in ``tables`` (0 = plain model).
     """
     out = []
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, start + batch_size)
-        index = None if tables is None else torch.as_tensor(list(task_index[rows]), dtype=torch.long)
-        _, label_logit = label_logits(ctx, tokenizer, prompts[rows], label_ids, tables, index)
+        batch_rows = None if tables is None else torch.as_tensor(list(task_row[rows]), dtype=torch.long)  # [b]
+        _, label_logit = label_logits(ctx, tokenizer, prompts[rows], label_ids, tables, batch_rows)
         out.append(torch.softmax(label_logit.double(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(label_ids)))

@@ -12,7 +12,9 @@ Terminology (METHOD.md):
 Injection for block b of layer l:  out <- β[l, b] * out + λ[l, b] * v[l, b].
 
 Several tasks share one batch through *tables*: row 0 is "no task" (β = 1,
-shift = 0), row t >= 1 is task t. Each token carries a task index into the table.
+shift = 0), row t >= 1 is task t. Each token carries its ``task_row`` into the
+table, the one name this integer has from the serving API down to here (the
+engine's "slots" are these rows). A row outside the table is served as row 0.
 """
 
 from __future__ import annotations
@@ -31,12 +33,17 @@ INIT_BETA = 1.0
 
 def inject(
     out: torch.Tensor,  # [..., d] block output, before the residual add
-    task_index: torch.Tensor,  # [...] long, per token; 0 = no injection
-    beta: torch.Tensor,  # [T+1] per-task scale; row 0 = 1
-    shift: torch.Tensor,  # [T+1, d] per-task λ·v; row 0 = 0
+    task_row: torch.Tensor,  # [...] long, per token; 0 = no injection
+    beta: torch.Tensor,  # [R] per-row scale; row 0 = 1
+    shift: torch.Tensor,  # [R, d] per-row λ·v; row 0 = 0
     noise_scale: float = 0.0,
 ) -> torch.Tensor:
-    """Return ``beta[t] * out + shift[t]`` per token, t = ``task_index``.
+    """Return ``beta[t] * out + shift[t]`` per token, t = ``task_row``.
+
+    A row outside ``[0, R)`` reads row 0 (the plain model): a negative index would
+    otherwise wrap around to another task's row (the vLLM probe row, β = 0, is the
+    last one) and one past the end would raise inside the engine's forward. The
+    check is elementwise tensor math, so it needs no host sync and compiles.
 
     ``noise_scale`` > 0 adds I2CL's training-only noise first:
     ``out += randn * ||out||_2 (per token) * noise_scale``. Inference passes 0.
@@ -44,8 +51,11 @@ def inject(
     if noise_scale:
         norm = out.norm(dim=-1, keepdim=True)  # [..., 1]
         out = out + torch.randn_like(out) * norm * noise_scale
-    scale = beta[task_index].unsqueeze(-1).to(out.dtype)  # [..., 1]
-    return out * scale + shift[task_index].to(out.dtype)  # [..., d]
+    num_rows = beta.shape[0]
+    in_table = (task_row >= 0) & (task_row < num_rows)  # [...]
+    task_row = torch.where(in_table, task_row, torch.zeros_like(task_row))  # [...]
+    scale = beta[task_row].unsqueeze(-1).to(out.dtype)  # [..., 1]
+    return out * scale + shift[task_row].to(out.dtype)  # [..., d]
 
 
 def initial_coefficients(num_layers: int) -> torch.Tensor:

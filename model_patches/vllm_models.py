@@ -12,14 +12,15 @@ Tables:
     ifedicl_beta  [2, R]      block (attn, mlp) x table row
     ifedicl_shift [2, R, d]   λ·v per block and row
 
-with R = max_slots + 2 rows: row 0 = no task (β = 1, shift = 0), rows 1..max_slots
-hold (task, version) tables written by the server, and the last row is the
-start-up probe (β = 0, shift = 0: it zeroes every block output, so a request sent
-under it must score differently from the plain model if the seam is live).
+with R = max_slots + 2 task rows ("slots" = task rows): row 0 = no task (β = 1,
+shift = 0), rows 1..max_slots hold (task, version) tables written by the server,
+and the last row is the start-up probe (β = 0, shift = 0: it zeroes every block
+output, so a request sent under it must score differently from the plain model if
+the seam is live).
 
-Which row a token uses comes from one shared ``token_task[max_tokens]`` buffer that
+Which row a token uses comes from one shared ``token_task_row[max_tokens]`` buffer that
 :mod:`ifedicl.model_patches.vllm_runner` fills before every forward from each scheduled
-request's ``sampling_params.extra_args["task_id"]``. Everything the layer does is
+request's ``sampling_params.extra_args["task_row"]``. Everything the layer does is
 tensor math on fixed buffers, so it runs unchanged under torch.compile.
 
 Subclasses only add buffers and override ``forward``: parameter names stay the
@@ -44,25 +45,25 @@ from ifedicl.model_patches.vllm_runner import install_runner_seam
 class InjectionState:
     """Worker-side handle on one model's injection buffers (not an ``nn.Module``).
 
-    ``token_task`` is shared by all layers; the runner seam writes it every step.
+    ``token_task_row`` is shared by all layers; the runner seam writes it every step.
     """
 
-    def __init__(self, layers: list[nn.Module], token_task: torch.Tensor, max_slots: int):
+    def __init__(self, layers: list[nn.Module], token_task_row: torch.Tensor, max_slots: int):
         self.layers = layers
-        self.token_task = token_task  # [max_tokens] long
-        self.max_slots = max_slots
-        self.probe_slot = max_slots + 1
-        self.steps_filled = 0  # forward steps whose token_task came from the seam
+        self.token_task_row = token_task_row  # [max_tokens] long
+        self.max_slots = max_slots  # task rows 1..max_slots hold (task, version) tables
+        self.probe_row = max_slots + 1
+        self.steps_filled = 0  # forward steps whose token_task_row came from the seam
         self.tokens_injected = 0  # tokens that carried a non-zero row, over all steps
-        self.invalid_task_ids = 0  # requests whose task_id was out of range (served plain)
+        self.invalid_task_rows = 0  # requests whose task_row was out of range (served plain)
 
     @property
     def num_rows(self) -> int:
         return self.max_slots + 2
 
-    def write_rows(self, rows: list[int], beta: torch.Tensor, shift: torch.Tensor) -> None:
-        """Copy tables in place: ``beta`` [L, 2, k], ``shift`` [L, 2, k, d] into ``rows`` (k of them)."""
-        index = torch.as_tensor(rows, dtype=torch.long)
+    def write_rows(self, task_rows: list[int], beta: torch.Tensor, shift: torch.Tensor) -> None:
+        """Copy tables in place: ``beta`` [L, 2, k], ``shift`` [L, 2, k, d] into ``task_rows`` (k of them)."""
+        index = torch.as_tensor(task_rows, dtype=torch.long)  # [k]
         for layer, module in enumerate(self.layers):
             target_beta: torch.Tensor = module.ifedicl_beta  # [2, R]
             target_shift: torch.Tensor = module.ifedicl_shift  # [2, R, d]
@@ -79,21 +80,21 @@ class InjectingDecoderLayer(nn.Module):
 
     ifedicl_beta: torch.Tensor  # [2, R]
     ifedicl_shift: torch.Tensor  # [2, R, d]
-    ifedicl_token_task: torch.Tensor  # [max_tokens] long, shared by every layer
+    ifedicl_token_task_row: torch.Tensor  # [max_tokens] long, shared by every layer
 
-    def init_injection(self, token_task: torch.Tensor, num_rows: int, dtype: torch.dtype) -> None:
-        device = token_task.device
+    def init_injection(self, token_task_row: torch.Tensor, num_rows: int, dtype: torch.dtype) -> None:
+        device = token_task_row.device
         beta = torch.ones(2, num_rows, dtype=dtype, device=device)
         beta[:, num_rows - 1] = 0.0  # probe row: zero every block output
         self.register_buffer("ifedicl_beta", beta, persistent=False)
         self.register_buffer(
             "ifedicl_shift", torch.zeros(2, num_rows, self.hidden_size, dtype=dtype, device=device), persistent=False
         )
-        self.register_buffer("ifedicl_token_task", token_task, persistent=False)
+        self.register_buffer("ifedicl_token_task_row", token_task_row, persistent=False)
 
     def injected(self, block: int, out: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, d]
-        task = self.ifedicl_token_task[: out.shape[0]]  # [n]
-        return inject(out, task, self.ifedicl_beta[block], self.ifedicl_shift[block])
+        task_row = self.ifedicl_token_task_row[: out.shape[0]]  # [n]
+        return inject(out, task_row, self.ifedicl_beta[block], self.ifedicl_shift[block])
 
 
 class LlamaLayoutInjection(InjectingDecoderLayer):
@@ -156,7 +157,7 @@ class IfediclQwen2DecoderLayer(LlamaLayoutInjection, Qwen2DecoderLayer):
 
 
 def _attach_injection(model: nn.Module, vllm_config: VllmConfig, layer_cls: type[InjectingDecoderLayer]) -> None:
-    """Give every local decoder layer its tables, share one token_task buffer, install the seam.
+    """Give every local decoder layer its tables, share one token_task_row buffer, install the seam.
 
     Layers are converted in place (``__class__`` swap to the injecting subclass):
     Qwen2ForCausalLM and Gemma3ForCausalLM build their layers without a layer-type
@@ -169,16 +170,16 @@ def _attach_injection(model: nn.Module, vllm_config: VllmConfig, layer_cls: type
     # Sized for the largest step the runner can schedule (padded batches included).
     scheduler = vllm_config.scheduler_config
     max_tokens = 2 * max(scheduler.max_num_batched_tokens, scheduler.max_num_seqs) + 1024
-    token_task = torch.zeros(max_tokens, dtype=torch.long, device=device)
+    token_task_row = torch.zeros(max_tokens, dtype=torch.long, device=device)  # [max_tokens]
     layers = []
     for layer in model.model.layers:
         if isinstance(layer, PPMissingLayer):
             continue
         if not isinstance(layer, layer_cls):
             layer.__class__ = layer_cls
-        layer.init_injection(token_task, max_slots + 2, dtype)
+        layer.init_injection(token_task_row, max_slots + 2, dtype)
         layers.append(layer)
-    model.ifedicl = InjectionState(layers, token_task, max_slots)
+    model.ifedicl = InjectionState(layers, token_task_row, max_slots)
     install_runner_seam()
 
 

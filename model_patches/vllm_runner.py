@@ -1,4 +1,4 @@
-"""The one internal seam: fill the per-token task index before every forward.
+"""The one internal seam: fill the per-token task row before every forward.
 
 vLLM's ``GPUModelRunner._prepare_inputs`` (inherited by the CPU runner) turns the
 scheduler's output into flat token inputs; right after it, the persistent batch
@@ -8,9 +8,9 @@ whole prompt, a prefill chunk, or one decode token). Repeating each request's
 table row by that count gives the per-token row for exactly the tokens in this
 forward, whatever the mix of tasks, chunks and decodes.
 
-The request's row is ``sampling_params.extra_args["task_id"]`` (0 or absent =
-no injection). An out-of-range id is served plain and counted, never allowed to
-crash the engine: the server only sends ids it has written.
+The request's row is ``sampling_params.extra_args["task_row"]`` (0 or absent =
+no injection). An out-of-range row is served plain and counted, never allowed to
+crash the engine: the server only sends rows it has written.
 """
 
 from __future__ import annotations
@@ -23,38 +23,38 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-TASK_ID_KEY = "task_id"
+TASK_ROW_KEY = "task_row"  # extra_args key: the request's row in the injection tables
 
 
-def request_row(sampling_params, num_rows: int) -> int:
-    """The table row a request asks for: ``extra_args["task_id"]``, or -1 if invalid."""
+def request_task_row(sampling_params, num_rows: int) -> int:
+    """The table row a request asks for: ``extra_args["task_row"]``, or -1 if invalid."""
     extra = getattr(sampling_params, "extra_args", None)
     if not extra:
         return 0
-    value = extra.get(TASK_ID_KEY, 0)
+    value = extra.get(TASK_ROW_KEY, 0)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_rows:
         return -1
     return value
 
 
-def fill_token_task(runner, num_scheduled_tokens: np.ndarray) -> None:
-    """Write this step's per-token rows into the model's ``token_task`` buffer."""
+def fill_token_task_rows(runner, num_scheduled_tokens: np.ndarray) -> None:
+    """Write this step's per-token rows into the model's ``token_task_row`` buffer."""
     state = getattr(runner.get_model(), "ifedicl", None)
     if state is None:
         return
     num_reqs = runner.input_batch.num_reqs
-    rows = np.zeros(num_reqs, dtype=np.int64)
+    task_rows = np.zeros(num_reqs, dtype=np.int64)  # [num_reqs]
     for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
         request = runner.requests.get(req_id)
-        row = request_row(request.sampling_params, state.num_rows) if request is not None else 0
-        if row < 0:
-            state.invalid_task_ids += 1
-            logger.error("request %s: task_id out of range [0, %d); served without injection", req_id, state.num_rows)
-            row = 0
-        rows[i] = row
-    per_token = np.repeat(rows, num_scheduled_tokens[:num_reqs])  # [num_tokens]
+        task_row = request_task_row(request.sampling_params, state.num_rows) if request is not None else 0
+        if task_row < 0:
+            state.invalid_task_rows += 1
+            logger.error("request %s: task_row out of range [0, %d); served without injection", req_id, state.num_rows)
+            task_row = 0
+        task_rows[i] = task_row
+    per_token = np.repeat(task_rows, num_scheduled_tokens[:num_reqs])  # [num_tokens]
     count = per_token.shape[0]
-    buffer: torch.Tensor = state.token_task
+    buffer: torch.Tensor = state.token_task_row  # [max_tokens]
     if buffer.device.type == "cpu":
         view = buffer.numpy()
         view[:count] = per_token
@@ -78,7 +78,7 @@ def install_runner_seam() -> None:
     @functools.wraps(original)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray, *args, **kwargs):
         result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        fill_token_task(self, num_scheduled_tokens)
+        fill_token_task_rows(self, num_scheduled_tokens)
         return result
 
     _prepare_inputs._ifedicl_seam = True

@@ -37,17 +37,17 @@ class IfediclWorkerExtension:
         return {
             "seam_installed": seam_installed(),
             "max_slots": state.max_slots,
-            "probe_slot": state.probe_slot,
+            "probe_row": state.probe_row,
             "num_layers": len(state.layers),
             "hidden_size": int(first.ifedicl_shift.shape[-1]),
             "dtype": str(first.ifedicl_shift.dtype).removeprefix("torch."),
             "steps_filled": state.steps_filled,
             "tokens_injected": state.tokens_injected,
-            "invalid_task_ids": state.invalid_task_ids,
+            "invalid_task_rows": state.invalid_task_rows,
         }
 
-    def ifedicl_write_slots(self, slots: list[int], beta: bytes, shift: bytes) -> int:
-        """Write tables for ``slots``: float32 ``beta`` [L, 2, k], ``shift`` [L, 2, k, d] (row i -> slot i).
+    def ifedicl_write_rows(self, task_rows: list[int], beta: bytes, shift: bytes) -> int:
+        """Write tables into ``task_rows``: float32 ``beta`` [L, 2, k], ``shift`` [L, 2, k, d] (i -> task_rows[i]).
 
         Arrays travel as raw float32 bytes (see :func:`pack_tables`): the RPC path
         between engine core and workers pickles arguments, and decoded arrays
@@ -55,32 +55,32 @@ class IfediclWorkerExtension:
         """
         state = self._ifedicl_state()
         num_layers, hidden = len(state.layers), state.layers[0].ifedicl_shift.shape[-1]
-        k = len(slots)
+        k = len(task_rows)
         beta_t = torch.from_numpy(np.frombuffer(bytes(beta), dtype=np.float32).copy())
         shift_t = torch.from_numpy(np.frombuffer(bytes(shift), dtype=np.float32).copy())
         if beta_t.numel() != num_layers * 2 * k or shift_t.numel() != num_layers * 2 * k * hidden:
             raise ValueError(
-                f"tables of {beta_t.numel()}/{shift_t.numel()} values do not fit L={num_layers}, d={hidden}, {k} slots"
+                f"tables of {beta_t.numel()}/{shift_t.numel()} values do not fit L={num_layers}, d={hidden}, {k} rows"
             )
         beta_t, shift_t = beta_t.view(num_layers, 2, k), shift_t.view(num_layers, 2, k, hidden)
-        for slot in slots:
-            if not 1 <= slot <= state.max_slots:
-                raise ValueError(f"slot {slot} outside 1..{state.max_slots}")
+        for task_row in task_rows:
+            if not 1 <= task_row <= state.max_slots:
+                raise ValueError(f"task_row {task_row} outside 1..{state.max_slots} (the task rows, --max-slots)")
         if not (torch.isfinite(beta_t).all() and torch.isfinite(shift_t).all()):
             raise ValueError("tables contain NaN or inf")
-        state.write_rows(list(slots), beta_t, shift_t)
+        state.write_rows(list(task_rows), beta_t, shift_t)
         return k
 
-    def ifedicl_clear_slots(self, slots: list[int]) -> int:
-        """Reset ``slots`` to the plain model (β = 1, shift = 0)."""
+    def ifedicl_clear_rows(self, task_rows: list[int]) -> int:
+        """Reset ``task_rows`` to the plain model (β = 1, shift = 0)."""
         state = self._ifedicl_state()
         num_layers, hidden = len(state.layers), state.layers[0].ifedicl_shift.shape[-1]
-        k = len(slots)
-        state.write_rows(list(slots), torch.ones(num_layers, 2, k), torch.zeros(num_layers, 2, k, hidden))
+        k = len(task_rows)
+        state.write_rows(list(task_rows), torch.ones(num_layers, 2, k), torch.zeros(num_layers, 2, k, hidden))
         return k
 
 
 def pack_tables(beta: np.ndarray | torch.Tensor, shift: np.ndarray | torch.Tensor) -> tuple[bytes, bytes]:
-    """``(beta, shift)`` as float32 bytes for :meth:`IfediclWorkerExtension.ifedicl_write_slots`."""
+    """``(beta, shift)`` as float32 bytes for :meth:`IfediclWorkerExtension.ifedicl_write_rows`."""
     as_np = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in (beta, shift)]
     return tuple(np.ascontiguousarray(a, dtype=np.float32).tobytes() for a in as_np)

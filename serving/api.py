@@ -41,7 +41,9 @@ async def read_json(raw: Request) -> dict:
     body = await raw.body()
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:  # JSON is Unicode: a Latin-1 or binary body says so, not "invalid JSON"
+        raise bad_request(f"The request body is not UTF-8 encoded JSON: {err}") from None
+    except json.JSONDecodeError as err:
         raise bad_request(f"Invalid JSON body: {err}") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object")

@@ -32,7 +32,7 @@ from ifedicl.model_patches.vllm_plugin import (
 )
 from ifedicl.serving.guards import DEFAULT_MAX_BODY_BYTES
 from ifedicl.serving.quality import default_serving_dtype
-from ifedicl.serving.service import DEFAULT_MAX_INPUTS
+from ifedicl.serving.service import DEFAULT_MAX_INPUTS, DEFAULT_SLOT_WAIT_SECONDS
 from ifedicl.storage.store import Store
 
 logger = logging.getLogger("ifedicl.serving")
@@ -40,16 +40,20 @@ logger = logging.getLogger("ifedicl.serving")
 
 @dataclass(frozen=True)
 class ServingLimits:
-    """What one request may ask of the server (``--max-inputs-per-request``, ``--max-body-bytes``)."""
+    """What one request may ask of the server (``--max-inputs-per-request``, ``--max-body-bytes``)
+    and how long it may wait for a task row when all are in use (``--slot-wait-seconds``)."""
 
     max_inputs: int = DEFAULT_MAX_INPUTS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    slot_wait_seconds: float = DEFAULT_SLOT_WAIT_SECONDS
 
     def validate(self) -> None:
         if self.max_inputs < 1:
             raise IfediclError(f"--max-inputs-per-request must be >= 1, got {self.max_inputs}")
         if self.max_body_bytes < 1024:
             raise IfediclError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+        if not self.slot_wait_seconds > 0:
+            raise IfediclError(f"--slot-wait-seconds must be > 0, got {self.slot_wait_seconds}")
 
 
 def api_keys(args) -> list[str]:
@@ -153,6 +157,7 @@ async def serve_async(
             max_slots=args.hf_overrides[MAX_SLOTS_KEY],
             registry=get_prometheus_registry(),
             max_inputs=limits.max_inputs,
+            slot_wait_seconds=limits.slot_wait_seconds,
         )
         if routing_index is not None:
             from ifedicl.serving.router import TaskRouter

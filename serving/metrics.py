@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -122,6 +122,11 @@ class ServingMetrics:
         )
         self.reload_failures = Counter(
             "ifedicl_reload_failures", "Runs refused at reload (bad, mismatched or unloadable)", registry=registry
+        )
+        # Same name and meaning as the store-metrics exporter's gauge (deploy/: IfediclStoreUnreadable),
+        # seen from where it matters: a server that cannot read the store keeps serving what it has.
+        self.store_up = Gauge(
+            "ifedicl_store_up", "1 if the store could be read at the server's last reload", registry=registry
         )
         self.routing_latency = Histogram(
             "ifedicl_routing_latency_seconds",

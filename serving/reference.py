@@ -47,13 +47,13 @@ class ReferenceClassifier:
         for text in texts:
             if not isinstance(text, str) or not text.strip():
                 raise DataError("empty text cannot be classified")
-        tables, index = None, None
+        tables, task_rows = None, None
         if run is not None:
             tables = InjectionTables.build([torch.from_numpy(run.vectors)], [torch.from_numpy(run.coefficients)])
-            index = [1] * len(texts)
+            task_rows = [1] * len(texts)  # row 1 of the one-task tables
         label_ids = label_token_ids(task, self.tokenizer)
         prompts = [task.prompt(text) for text in texts]
-        probs = predict_proba(self.ctx, self.tokenizer, prompts, label_ids, tables, index, batch_size)
+        probs = predict_proba(self.ctx, self.tokenizer, prompts, label_ids, tables, task_rows, batch_size)
         return [_prediction(text, task.labels, p) for text, p in zip(texts, probs)]
 
 

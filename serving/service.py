@@ -3,7 +3,7 @@
 :class:`ClassificationService` owns what the HTTP layer needs and nothing HTTP:
 the published task versions (a catalog read from the store at each reload),
 the engine's injection tables as a bounded cache of them (a task's tables are
-read from the store and written into a row on its first request, evicting the
+read from the store and written into a task row on its first request, evicting the
 least recently used version no request holds), label scoring, hot reload,
 metrics and the start-up check that injection is really live. It talks to any vLLM ``EngineClient`` (the API
 server's AsyncLLM, or one built in a test), so the equivalence tests exercise
@@ -12,7 +12,7 @@ exactly the code the server runs.
 Scoring one text: prompt ``task.prompt(text)``, tokenized with the model's HF
 tokenizer exactly as the reference path does; one engine request with
 ``max_tokens=1``, ``logprob_token_ids`` = the label words' first tokens,
-``extra_args={"task_id": row}`` and ``cache_salt`` per (task, version); then a
+``extra_args={"task_row": task_row}`` and ``cache_salt`` per (task, version); then a
 softmax over those label logprobs (= softmax over the label logits).
 """
 
@@ -35,12 +35,12 @@ from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config
 from ifedicl.kernel.task import TaskSpec, label_token_ids
 from ifedicl.model_patches.injection import InjectionTables
 from ifedicl.model_patches.vllm_plugin import DEFAULT_MAX_SLOTS
-from ifedicl.model_patches.vllm_runner import TASK_ID_KEY
+from ifedicl.model_patches.vllm_runner import TASK_ROW_KEY
 from ifedicl.model_patches.vllm_worker import pack_tables
 from ifedicl.serving.api_errors import ApiError, bad_request, not_found
 from ifedicl.serving.metrics import ServingMetrics
 from ifedicl.serving.quality import accuracy, held_out_split, run_dtype
-from ifedicl.serving.task_cache import ActiveTask, NoFreeSlotError, TaskQuality, TaskTable
+from ifedicl.serving.task_cache import ActiveTask, NoFreeRowError, TaskQuality, TaskTable
 from ifedicl.storage.store import RunInfo, Store, StoredRun, StoreError, check_fingerprint
 
 logger = logging.getLogger("ifedicl.serving")
@@ -49,8 +49,9 @@ logger = logging.getLogger("ifedicl.serving")
 # unbounded list would let one client queue arbitrary work ahead of everyone else.
 DEFAULT_MAX_INPUTS = 256
 
-# How long a cache miss waits for a row when every row is leased by in-flight requests (then 503).
-SLOT_WAIT_SECONDS = 60.0
+# How long a cache miss waits for a task row when every row is leased by in-flight requests (then 503).
+# Long enough to ride out a burst of in-flight requests; ``--slot-wait-seconds`` changes it.
+DEFAULT_SLOT_WAIT_SECONDS = 60.0
 
 
 class InjectionInactiveError(RuntimeError):
@@ -110,9 +111,11 @@ class ClassificationService:
         max_slots: int = DEFAULT_MAX_SLOTS,
         registry: CollectorRegistry | None = None,
         max_inputs: int = DEFAULT_MAX_INPUTS,
+        slot_wait_seconds: float = DEFAULT_SLOT_WAIT_SECONDS,
     ):
         self.engine = engine
         self.max_inputs = max_inputs
+        self.slot_wait_seconds = slot_wait_seconds
         self.model_id = canonical_model_id(model)
         self.fingerprint = fingerprint(self.model_id, load_config(model))
         self.tokenizer = load_tokenizer(model)
@@ -121,7 +124,7 @@ class ClassificationService:
         self.store = Store(store)  # raises StoreError when the store does not exist
         self.table = TaskTable(max_slots, on_change=self._rows_may_be_free)
         self._rows_changed = asyncio.Event()
-        self.probe_slot = max_slots + 1
+        self.probe_row = max_slots + 1  # the engine's last task row: β = 0 (see check_injection_live)
         self.catalog: dict[str, RunInfo] = {}  # task -> the published run it serves (tables resident or not)
         self._loading: dict[tuple[str, str], asyncio.Future[ActiveTask]] = {}  # (task, run) -> its load
         self._waiters: dict[tuple[str, str], int] = {}  # (task, run) -> requests waiting for that load
@@ -162,16 +165,16 @@ class ClassificationService:
         for info in infos:
             if not info["seam_installed"]:
                 raise InjectionInactiveError("the runner seam is not installed in a worker")
-            if info["probe_slot"] != self.probe_slot:
+            if info["probe_row"] != self.probe_row:
                 raise InjectionInactiveError(
-                    f"engine has {info['max_slots']} slots, the service expects {self.probe_slot - 1}"
+                    f"engine has {info['max_slots']} slots, the service expects {self.probe_row - 1}"
                 )
         before = sum(info["tokens_injected"] for info in infos)
         ids = self.tokenizer("ifedicl liveness probe")["input_ids"] or [self.tokenizer.eos_token_id]
         probe_ids = list(range(min(8, len(self.tokenizer))))
         plain, probed = await asyncio.gather(
             self._label_logprobs(ids, 0, "ifedicl/probe/plain", probe_ids),
-            self._label_logprobs(ids, self.probe_slot, "ifedicl/probe/zero", probe_ids),
+            self._label_logprobs(ids, self.probe_row, "ifedicl/probe/zero", probe_ids),
         )
         after = sum(info["tokens_injected"] for info in await self._engine_info())
         if after - before < len(ids):
@@ -180,7 +183,7 @@ class ClassificationService:
                 "this vLLM model runner does not call the wrapped _prepare_inputs"
             )
         if np.max(np.abs(plain - probed)) < 1e-6:
-            raise InjectionInactiveError("the probe row did not change the model's output: layers ignore token_task")
+            raise InjectionInactiveError("the probe row did not change the output: layers ignore token_task_row")
         logger.info("ifedicl: injection is live (probe changed label logprobs by %.3g)", np.max(np.abs(plain - probed)))
 
     # ------------------------------------------------------------------ reload
@@ -204,13 +207,15 @@ class ClassificationService:
         async with self._reload_lock:
             report = ReloadReport()
             try:
-                published = await asyncio.to_thread(self.store.published_runs)
+                published = await asyncio.to_thread(self._published_runs)
             except Exception as err:  # the store is unreachable: keep serving what is live
                 logger.error("ifedicl: cannot read the store %s: %s", self.store.uri, err)
+                self.metrics.store_up.set(0)
                 self.metrics.reload_failures.inc()
                 report.failed["_store"] = str(err)
                 report.live = {t: info.run_id for t, info in self.catalog.items()}
                 return report
+            self.metrics.store_up.set(1)
             for task, info in published.items():
                 current = self.catalog.get(task)
                 if current is not None and current.run_id == info.run_id:
@@ -220,7 +225,7 @@ class ClassificationService:
                     continue
                 try:
                     self._check(info)
-                    if task in self.table.resident or self.table.free_slots() > 0:
+                    if task in self.table.resident or self.table.free_rows() > 0:
                         loaded = await self._load_once(info, reason="reload")
                         self.table.release(loaded)
                         if loaded.measuring is not None:
@@ -229,7 +234,7 @@ class ClassificationService:
                     logger.error("ifedicl: refused run %s of task %s: %s", info.run_id, task, err)
                     self.metrics.reload_failures.inc()
                     report.failed[task] = f"run {info.run_id}: {type(err).__name__}: {err}"
-                    if not isinstance(err, NoFreeSlotError | StoreError):  # the refusals that may pass later
+                    if not isinstance(err, NoFreeRowError | StoreError):  # the refusals that may pass later
                         self._refused[(task, info.run_id)] = report.failed[task]
                     continue
                 self.catalog[task] = info
@@ -245,6 +250,15 @@ class ClassificationService:
             if self.router is not None and (initial or report.activated or report.removed):
                 await asyncio.to_thread(self._rebuild_router)
             return report
+
+    def _published_runs(self) -> dict[str, RunInfo]:
+        """The store's published runs; :class:`StoreError` if the store itself is gone.
+
+        The store is opened afresh (a cheap connect) because LanceDB lists a local store
+        whose directory vanished as an empty database: read through the old connection,
+        that would mean "nothing is published" and the reload would unload every task.
+        """
+        return Store(self.store.uri).published_runs()
 
     def _rebuild_router(self) -> None:
         """model="auto": route over every published task's signature, read from the store in one query."""
@@ -276,8 +290,8 @@ class ClassificationService:
             return task
         try:
             return await self._load_once(info, reason="request")
-        except NoFreeSlotError as err:
-            raise ApiError(503, str(err)) from None
+        except NoFreeRowError as err:
+            raise ApiError(503, f"task {name}: {err} (waited {self.slot_wait_seconds:g} s for a free one)") from None
         except Exception as err:
             reason = f"run {info.run_id}: {type(err).__name__}: {err}"
             if not isinstance(err, StoreError):  # the store may come back; bad tables will not
@@ -307,15 +321,19 @@ class ClassificationService:
                 self._waiters[key] -= 1
             raise
 
-    async def _reserve_slot(self) -> int:
-        """A row for a new version: free, or the least recently used one no request holds; else wait."""
+    async def _reserve_row(self) -> int:
+        """A task row for a new version: free, or the least recently used one no request holds.
+
+        When every row is leased, waits up to ``slot_wait_seconds`` for a lease to end, then
+        raises :class:`NoFreeRowError` (503): a request never waits unboundedly on others.
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + SLOT_WAIT_SECONDS
+        deadline = loop.time() + self.slot_wait_seconds
         while True:
             changed = self._rows_changed
             try:
-                slot, evicted = self.table.reserve_slot()
-            except NoFreeSlotError:
+                task_row, evicted = self.table.reserve_row()
+            except NoFreeRowError:
                 if loop.time() >= deadline:
                     raise
                 with contextlib.suppress(TimeoutError):
@@ -323,8 +341,8 @@ class ClassificationService:
                 continue
             if evicted is not None:
                 self.metrics.evictions.inc()
-                logger.debug("ifedicl: evicted task %s run %s from slot %d", evicted.name, evicted.run_id, slot)
-            return slot
+                logger.debug("ifedicl: evicted task %s run %s from row %d", evicted.name, evicted.run_id, task_row)
+            return task_row
 
     def _rows_may_be_free(self) -> None:
         """Wake loads waiting for a row (a lease ended, a load failed, a version became resident)."""
@@ -332,7 +350,7 @@ class ClassificationService:
         self._rows_changed = asyncio.Event()
 
     async def _load(self, info: RunInfo, reason: str) -> ActiveTask:
-        """Read ``info``'s tables from the store, write them into a row, make that version resident.
+        """Read ``info``'s tables from the store, write them into a task row, make that version resident.
 
         Returns in the step that activates it, with one lease per waiter (see
         :meth:`_load_once`); a missing accuracy is measured in the background
@@ -347,11 +365,11 @@ class ClassificationService:
             label_ids = label_token_ids(run.task, self.tokenizer)
             tables = InjectionTables.build([torch.from_numpy(run.vectors)], [torch.from_numpy(run.coefficients)])
             beta, shift = pack_tables(tables.beta[:, :, 1:], tables.shift[:, :, 1:])  # row 1 = this run
-            slot = await self._reserve_slot()
+            task_row = await self._reserve_row()
             try:
-                await self.engine.collective_rpc("ifedicl_write_slots", args=([slot], beta, shift))
+                await self.engine.collective_rpc("ifedicl_write_rows", args=([task_row], beta, shift))
             except BaseException:
-                self.table.release_slot(slot)
+                self.table.release_row(task_row)
                 raise
         except BaseException:
             self._loading.pop(key, None)
@@ -359,7 +377,7 @@ class ClassificationService:
             raise
         # From here to the return nothing awaits: the row, the catalog and the waiters' leases change together.
         self._loading.pop(key, None)
-        active = ActiveTask(run.task, run.run_id, slot, label_ids, run.created_at, run.round)
+        active = ActiveTask(run.task, run.run_id, task_row, label_ids, run.created_at, run.round)
         active.leases = self._waiters.pop(key, 0)
         current = self.catalog.get(run.task.name)
         if reason == "request" and (current is None or current.run_id != run.run_id):
@@ -409,7 +427,7 @@ class ClassificationService:
             return TaskQuality(made_in, self.dtype, recorded, None, None, note)
         limit = self.max_model_len - 1
         encoded = [self.tokenizer(run.task.prompt(text))["input_ids"][-limit:] for text in test.texts]
-        scores = await self._score_all(run.task, task.label_ids, test.texts, encoded, task.slot, task.cache_salt)
+        scores = await self._score_all(run.task, task.label_ids, test.texts, encoded, task.task_row, task.cache_salt)
         served = accuracy([s.label for s in scores], test.labels, run.task.labels)
         note = f"held-out split re-scored in {self.dtype} at load (run made in {made_in})"
         logger.info(
@@ -509,7 +527,7 @@ class ClassificationService:
             if task.spec != spec:  # a reload changed the template while this request waited
                 encoded = self.encode(task.spec, texts, param, truncate)
             scores = await self._score_all(
-                task.spec, task.label_ids, texts, encoded, task.slot, task.cache_salt, priority
+                task.spec, task.label_ids, texts, encoded, task.task_row, task.cache_salt, priority
             )
         finally:
             self.table.release(task)
@@ -544,12 +562,12 @@ class ClassificationService:
         for i, route in enumerate(routes):
             groups.setdefault(route.task, []).append(i)
         results = await asyncio.gather(*(
-            self.classify(task, [texts[i] for i in rows], param, priority=priority, truncate=truncate)
-            for task, rows in groups.items()
+            self.classify(task, [texts[i] for i in positions], param, priority=priority, truncate=truncate)
+            for task, positions in groups.items()
         ))  # fmt: skip
         scores: list[Score | None] = [None] * len(texts)
-        for rows, result in zip(groups.values(), results):
-            for i, score in zip(rows, result.scores):
+        for positions, result in zip(groups.values(), results):
+            for i, score in zip(positions, result.scores):
                 score.similarity = routes[i].similarity
                 scores[i] = score
                 self.metrics.routed.labels(score.task).inc()
@@ -569,31 +587,31 @@ class ClassificationService:
         label_ids: list[int],
         texts: Sequence[str],
         encoded: list[list[int]],
-        slot: int,
+        task_row: int,
         salt: str | None,
         priority: int = 0,
     ) -> list[Score]:
         logprobs = await asyncio.gather(
-            *(self._label_logprobs(ids, slot, salt, label_ids, priority) for ids in encoded)
+            *(self._label_logprobs(ids, task_row, salt, label_ids, priority) for ids in encoded)
         )
         scores = []
-        for text, ids, row in zip(texts, encoded, logprobs):
-            probs = _softmax(row)
+        for text, ids, label_logprobs in zip(texts, encoded, logprobs):
+            probs = _softmax(label_logprobs)
             scores.append(
                 Score(
                     text=text,
                     label=spec.labels[int(np.argmax(probs))],
                     probabilities={w: float(p) for w, p in zip(spec.labels, probs)},
-                    logprobs={w: float(v) for w, v in zip(spec.labels, row - _logsumexp(row))},
+                    logprobs={w: float(v) for w, v in zip(spec.labels, label_logprobs - _logsumexp(label_logprobs))},
                     prompt_tokens=len(ids),
                 )
             )
         return scores
 
     async def _label_logprobs(
-        self, ids: list[int], slot: int, salt: str | None, label_ids: list[int], priority: int = 0
+        self, ids: list[int], task_row: int, salt: str | None, label_ids: list[int], priority: int = 0
     ) -> np.ndarray:
-        """One engine request: the logprobs of ``label_ids`` as the next token after ``ids``. [C] float64."""
+        """One engine request under ``task_row``: the logprobs of ``label_ids`` after ``ids``. [C] float64."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -604,7 +622,7 @@ class ClassificationService:
             max_tokens=1,
             temperature=0.0,
             logprob_token_ids=list(label_ids),
-            extra_args={TASK_ID_KEY: int(slot)},
+            extra_args={TASK_ROW_KEY: int(task_row)},
             detokenize=False,
         )
         final = None
@@ -617,10 +635,10 @@ class ClassificationService:
         return np.array([step[i].logprob for i in label_ids], dtype=np.float64)
 
 
-def _logsumexp(row: np.ndarray) -> float:
-    top = float(np.max(row))
-    return top + float(np.log(np.sum(np.exp(row - top))))
+def _logsumexp(values: np.ndarray) -> float:
+    top = float(np.max(values))
+    return top + float(np.log(np.sum(np.exp(values - top))))
 
 
-def _softmax(row: np.ndarray) -> np.ndarray:
-    return np.exp(row - _logsumexp(row))
+def _softmax(values: np.ndarray) -> np.ndarray:
+    return np.exp(values - _logsumexp(values))

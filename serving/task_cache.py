@@ -1,6 +1,7 @@
 """Which (task, version) each engine table row holds: a bounded cache over the published runs.
 
-The engine holds ``max_slots`` table rows; the store may publish many more tasks.
+The engine holds ``max_slots`` task rows ("slots" = task rows, ``--max-slots``); the
+store may publish many more tasks.
 A version is written into a free row (or the row of the least recently used
 version no request holds) and only then made resident, so requests already
 running keep the row (and the version) they started with: a request is leased
@@ -49,17 +50,17 @@ class TaskQuality:
         }
 
 
-class NoFreeSlotError(RuntimeError):
-    """Every engine table row holds a version that in-flight requests are using."""
+class NoFreeRowError(RuntimeError):
+    """Every engine task row holds a version that in-flight requests are using."""
 
 
 @dataclass
 class ActiveTask:
-    """One resident version of a task: its spec, run, table row and label token ids."""
+    """One resident version of a task: its spec, run, task row and label token ids."""
 
     spec: TaskSpec
     run_id: str
-    slot: int
+    task_row: int  # its row in the engine's injection tables, 1..max_slots
     label_ids: list[int]
     created_at: datetime
     round: int
@@ -85,7 +86,7 @@ class TaskTable:
     ``resident`` maps a task name to the version new requests get, ordered from
     least to most recently used. A row is handed out free if one is, else taken
     from the least recently used resident version that no request holds
-    (:meth:`reserve_slot` says which, so the caller can count the eviction). A
+    (:meth:`reserve_row` says which, so the caller can count the eviction). A
     replaced version is *retired*: it keeps its row until its last lease ends.
     """
 
@@ -106,10 +107,10 @@ class TaskTable:
     def names(self) -> list[str]:
         return sorted(self.resident)
 
-    def reserve_slot(self) -> tuple[int, ActiveTask | None]:
-        """A row for a new version, and the version evicted to free it (None: the row was free).
+    def reserve_row(self) -> tuple[int, ActiveTask | None]:
+        """A task row for a new version, and the version evicted to free it (None: the row was free).
 
-        Raises :class:`NoFreeSlotError` when every row is leased by in-flight requests.
+        Raises :class:`NoFreeRowError` when every row is leased by in-flight requests.
         """
         self._collect()
         if self._free:
@@ -118,20 +119,20 @@ class TaskTable:
             if task.leases == 0:
                 del self.resident[name]
                 task.retired = task.released = True
-                return task.slot, task
-        raise NoFreeSlotError(
-            f"all {self.max_slots} injection slots are held by in-flight requests "
+                return task.task_row, task
+        raise NoFreeRowError(
+            f"all {self.max_slots} injection slots (task rows) are held by in-flight requests "
             f"({len(self.resident)} resident tasks, {len(self._retired)} retired versions); raise --max-slots"
         )
 
-    def free_slots(self) -> int:
+    def free_rows(self) -> int:
         """Rows a new version can take without evicting anything."""
         self._collect()
         return len(self._free)
 
-    def release_slot(self, slot: int) -> None:
+    def release_row(self, task_row: int) -> None:
         """Give back a reserved row that was never activated (a failed load)."""
-        self._free.append(slot)
+        self._free.append(task_row)
         self._on_change()
 
     def activate(self, task: ActiveTask) -> ActiveTask | None:
@@ -161,7 +162,7 @@ class TaskTable:
         for task in self._retired:
             if task.leases == 0:
                 task.released = True
-                self._free.append(task.slot)
+                self._free.append(task.task_row)
             else:
                 still.append(task)
         self._retired = still
@@ -169,7 +170,7 @@ class TaskTable:
     def hold(self, task: ActiveTask) -> None:
         """Lease ``task``'s row to one request: it is neither evicted nor freed until :meth:`release`."""
         if task.released:
-            raise RuntimeError(f"task {task.name} run {task.run_id}: its row {task.slot} was already given back")
+            raise RuntimeError(f"task {task.name} run {task.run_id}: its row {task.task_row} was already given back")
         task.leases += 1
 
     def release(self, task: ActiveTask) -> None:

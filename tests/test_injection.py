@@ -1,4 +1,4 @@
-"""The injection math: identity, a hand-computed case, several tasks in one batch."""
+"""The injection math: identity, a hand-computed case, several tasks in one batch, rows outside the table."""
 
 import pytest
 import torch
@@ -15,6 +15,18 @@ def test_inject_hand_computed():
     shift = torch.tensor([[0.0, 0.0], [10.0, 20.0], [-1.0, 1.0]])
     got = inject(out, torch.tensor([0, 1, 2]), beta, shift)
     assert torch.equal(got, torch.tensor([[1.0, 2.0], [16.0, 28.0], [1.5, 4.0]]))
+
+
+def test_rows_outside_the_table_read_the_plain_row():
+    """One past the end must not raise and a negative row must not wrap to the last row (vLLM's probe, β = 0)."""
+    out = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0]])  # 5 tokens, d=2
+    beta = torch.tensor([1.0, 2.0, 0.0])  # R = 3: plain, a task, a zeroing row last
+    shift = torch.tensor([[0.0, 0.0], [10.0, 20.0], [0.0, 0.0]])
+    task_row = torch.tensor([3, -1, 1, -3, 2**40])  # past the end, wraps to the last, valid, wraps to 0, huge
+    got = inject(out, task_row, beta, shift)
+    expected = out.clone()
+    expected[2] = 2.0 * out[2] + shift[1]
+    assert torch.equal(got, expected)
 
 
 def test_tables_prepend_identity_row_and_premultiply_lambda():
@@ -64,6 +76,21 @@ def test_several_tasks_in_one_batch_each_get_their_own(llama_dir):
                 alone = ctx.forward(ids[:1], mask[:1])
         assert torch.allclose(mixed[row], alone[0], atol=1e-5)
     assert not torch.allclose(mixed[1], mixed[2])
+
+
+def test_hf_rows_outside_the_tables_are_served_plain(llama_dir):
+    """Through the HF hooks: rows 2 and -1 of one-task tables (R = 2) give the plain model's logits."""
+    ctx, tok = _model(llama_dir)
+    torch.manual_seed(0)
+    vectors = torch.randn(ctx.num_layers, 2, ctx.hidden_size)
+    tables = InjectionTables.build([vectors], [initial_coefficients(ctx.num_layers)])
+    ids, mask = encode(tok, ["the plot was dull ."] * 4)
+    plain = ctx.forward(ids, mask)  # [4, V]
+    with ctx.injecting(tables, torch.tensor([1, 2, -1, 0]), ids.shape[1]):
+        injected = ctx.forward(ids, mask)  # [4, V]
+    assert not torch.allclose(injected[0], plain[0], atol=1e-4)  # row 1 really injects
+    for row in (1, 2, 3):
+        assert torch.equal(injected[row], plain[row]), f"batch row {row}"
 
 
 def test_unsupported_architecture_is_a_clear_error():

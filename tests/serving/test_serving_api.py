@@ -179,6 +179,16 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(client, server):
     assert client.completions.create(model="sst2", prompt=TEXTS[0]).choices[0].text in TASKS["sst2"].labels
 
 
+def test_non_ascii_texts_are_classified_like_predict(client, reference_classifiers, server_store):
+    texts = ["naïve café — 日本語", "Ünïcödé ☃ review: a gripping film 🎬"]
+    run_id, expected = reference(reference_classifiers, server_store, "sst2", texts)
+    body = client.post("/classify", cast_to=object, body={"model": "sst2", "input": texts})
+    assert body["run_id"] == run_id and body["usage"]["prompt_tokens"] > 0
+    assert [d["label"] for d in body["data"]] == [p.label for p in expected]
+    for row, pred in zip(body["data"], expected):
+        assert max(abs(row["probabilities"][w] - pred.probabilities[w]) for w in TASKS["sst2"].labels) < TOL
+
+
 def test_metrics_move(client, server):
     before = metrics(server)
     client.completions.create(model="subj", prompt=TEXTS[:3])

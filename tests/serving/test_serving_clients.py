@@ -197,6 +197,11 @@ def test_limits(api_server, client):
         assert_openai_error(too_many, 400, f"at most {MAX_INPUTS}")
         at_limit = post(api_server, path, json={"model": "sst2", field: ["fine"] * MAX_INPUTS})
         assert at_limit.status_code == 200
+        # 10,000 texts in a body under --max-body-bytes: refused by count, naming the flag, before any work.
+        flood = post(api_server, path, json={"model": "sst2", field: ["x"] * 10_000})
+        assert_openai_error(flood, 400, "10000 inputs", f"at most {MAX_INPUTS}", "--max-inputs-per-request")
+    wide = post(api_server, "/v1/classify", json={"model": "sst2", "input": [SHORT_TEXTS[0]] * 10_000})
+    assert_openai_error(wide, 413, "--max-body-bytes")  # 10,000 real texts pass the byte limit first
     big = b'{"model": "sst2", "input": "' + b"a" * MAX_BODY_BYTES + b'"}'
     assert_openai_error(post(api_server, "/v1/classify", content=big), 413, str(MAX_BODY_BYTES))
 
@@ -208,16 +213,16 @@ def test_limits(api_server, client):
     assert client.completions.create(model="sst2", prompt="still serving").choices[0].text in TASKS["sst2"].labels
 
 
-BAD_INPUT = [  # (what, request kwargs, status); each sent to every route below
-    ("unknown task", {"json": {"model": "no-such-task", "X": "fine"}}, 404),
-    ("empty input", {"json": {"model": "sst2", "X": []}}, 400),
-    ("blank text", {"json": {"model": "sst2", "X": ["  "]}}, 400),
-    ("non-string inputs", {"json": {"model": "sst2", "X": [1, 2]}}, 400),
-    ("not UTF-8", {"content": b'{"model": "sst2", "X": "\xff\xfe bad"}'}, 400),
-    ("over-long prompt", {"json": {"model": "sst2", "X": "word " * 2000}}, 400),
-    ("too many inputs", {"json": {"model": "sst2", "X": ["fine"] * (MAX_INPUTS + 1)}}, 400),
-    ("bad priority", {"json": {"model": "sst2", "X": "fine", "priority": "high"}}, 400),
-    ("bad truncation", {"json": {"model": "sst2", "X": "fine", "truncate_prompt_tokens": -5}}, 400),
+BAD_INPUT = [  # (what, request kwargs, status, what the message must say); each sent to every route below
+    ("unknown task", {"json": {"model": "no-such-task", "X": "fine"}}, 404, "does not exist"),
+    ("empty input", {"json": {"model": "sst2", "X": []}}, 400, "non-empty"),
+    ("blank text", {"json": {"model": "sst2", "X": ["  "]}}, 400, "is empty"),
+    ("non-string inputs", {"json": {"model": "sst2", "X": [1, 2]}}, 400, "must be a string"),
+    ("not UTF-8", {"content": b'{"model": "sst2", "X": "caf\xe9 \xff\xfe bad"}'}, 400, "not UTF-8"),
+    ("over-long prompt", {"json": {"model": "sst2", "X": "word " * 2000}}, 400, "maximum context length"),
+    ("too many inputs", {"json": {"model": "sst2", "X": ["fine"] * (MAX_INPUTS + 1)}}, 400, "--max-inputs-per-request"),
+    ("bad priority", {"json": {"model": "sst2", "X": "fine", "priority": "high"}}, 400, "'priority'"),
+    ("bad truncation", {"json": {"model": "sst2", "X": "fine", "truncate_prompt_tokens": -5}}, 400, "truncate_prompt"),
 ]
 NEW_ROUTES = [("/classify", "input", "classify"), ("/v1/classify", "input", "classify"),
               ("/v1/completions", "prompt", "completions")]
@@ -249,9 +254,9 @@ def test_bad_input_on_new_routes_counted_while_valid_traffic_is_served(api_serve
     try:
         for path, field, endpoint in NEW_ROUTES:
             for stream in (False, True) if endpoint == "completions" else (False,):
-                for what, kwargs, status in BAD_INPUT:
+                for what, kwargs, status, says in BAD_INPUT:
                     response = post(api_server, path, **_with_field(kwargs, field, stream))
-                    assert_openai_error(response, status), (path, what, stream)
+                    assert_openai_error(response, status, says), (path, what, stream)
                     task = "_unknown" if status == 404 or "content" in kwargs else "sst2"
                     key = (task, endpoint, str(status))
                     expected[key] = expected.get(key, 0) + 1

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, engine_args, publish_run, start_engine
 
+from ifedicl.kernel.task import label_token_ids
 from ifedicl.serving.reference import ReferenceClassifier
 from ifedicl.serving.service import ClassificationService
 from ifedicl.storage.store import Store
@@ -127,3 +128,35 @@ def test_same_prompt_two_tasks_in_one_batch(service, loop_thread):
             _scores_matrix(mixed, TASKS[name]), _scores_matrix(single, TASKS[name]), atol=tol, rtol=0
         )
     assert np.max(np.abs(_scores_matrix(both[0], TASKS["sst2"]) - _scores_matrix(both[1], TASKS["mr"]))) > 1e-3
+
+
+def test_out_of_range_task_row_is_served_plain(service, loop_thread):
+    """A request whose ``task_row`` is outside the engine's tables is scored on the plain model, and counted.
+
+    Through the real runner seam and decoder layers: past the end, negative (which would wrap to the
+    probe row, β = 0) and huge. Every request has its own cache salt, so none reuses another's KV.
+    """
+    _, tol, _, svc = service
+    spec = TASKS["sst2"]
+    ids = svc.encode(spec, TEXTS[:1])[0]
+    label_ids = label_token_ids(spec, svc.tokenizer)
+    num_rows = svc.probe_row + 1  # row 0, rows 1..max_slots, the probe row
+    bad_rows = [num_rows, -1, -num_rows, 2**40]
+    injected_row = svc.table.get("sst2").task_row
+
+    async def invalid_count() -> int:
+        return sum(info["invalid_task_rows"] for info in await svc._engine_info())
+
+    async def score_all():
+        before = await invalid_count()
+        rows = [0, injected_row, *bad_rows]
+        scored = await asyncio.gather(
+            *(svc._label_logprobs(ids, row, f"out-of-range/{i}", label_ids) for i, row in enumerate(rows))
+        )
+        return scored, await invalid_count() - before
+
+    (plain, injected, *bad), counted = loop_thread.run(score_all())
+    assert np.max(np.abs(injected - plain)) > 1e-3  # the comparison below is not plain vs plain
+    for row, logprobs in zip(bad_rows, bad):
+        np.testing.assert_allclose(logprobs, plain, atol=tol, rtol=0, err_msg=f"task_row {row}")
+    assert counted >= len(bad_rows)  # once per request and engine step it was scheduled in
