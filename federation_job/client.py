@@ -159,8 +159,8 @@ class Client:
         prompts = [self.task.prompt(self.data.texts[i]) for i in indices]
         classes = torch.as_tensor([self.data.labels[i] for i in indices])
         tables = InjectionTables.build([vectors], [coefficients])
-        task_index = torch.ones(len(indices), dtype=torch.long)
-        logits, _ = label_logits(self.ctx, self.tokenizer, prompts, self.label_ids, tables, task_index, noise_scale)
+        task_row = torch.ones(len(indices), dtype=torch.long)  # [B]: every prompt on row 1, this client's tables
+        logits, _ = label_logits(self.ctx, self.tokenizer, prompts, self.label_ids, tables, task_row, noise_scale)
         return label_word_loss(logits, classes, self.label_ids, objective)
 
     def calibrate(
