@@ -65,14 +65,17 @@ COEFFICIENTS = pa.schema(
 )
 
 # The publication log: one row per publish or rollback, ``seq`` counting 1, 2, 3, ... per task.
-# ``key`` ("<task>#<seq>") is the table's unenforced primary key: Lance then records the keys a
-# merge_insert inserts and fails (and retries) a commit that races another inserting the same key,
-# which is what makes "append entry seq N+1 unless someone already did" atomic across processes.
+# ``key`` ("<task>#<seq>") is the table's unenforced primary key, declared in the schema so the
+# table never exists without it: Lance then records the keys a merge_insert inserts and fails (and
+# retries) a commit that races another inserting the same key, which is what makes "append entry
+# seq N+1 unless someone already did" atomic across processes. (The metadata is what
+# ``Table.set_unenforced_primary_key`` writes; compound keys are not supported, hence one column.)
 PUBLICATION_LOG = "publication_log"
 PUBLICATION_KEY = "key"
+PRIMARY_KEY_METADATA = {"lance-schema:unenforced-primary-key:position": "1"}
 PUBLICATIONS = pa.schema(
     [
-        pa.field(PUBLICATION_KEY, pa.string(), nullable=False),
+        pa.field(PUBLICATION_KEY, pa.string(), nullable=False, metadata=PRIMARY_KEY_METADATA),
         pa.field("task", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("action", pa.string(), nullable=False),  # publish | rollback

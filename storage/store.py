@@ -254,27 +254,18 @@ class Store:
         return self._publication_stacks(task).get(task, [])
 
     def _publication_log_for_write(self):
-        """The log table, keyed on ``key`` (created, keyed and filled from a legacy store as needed).
+        """The log table, created keyed (see ``schema.PUBLICATIONS``) and filled from a legacy store as needed.
 
-        Each step is safe to race: ``create_table(exist_ok=True)``, setting the same key
-        twice, and the legacy import, which is itself an insert-if-not-exists by key.
+        Both steps are safe to race: ``create_table(exist_ok=True)`` with one schema, and the
+        legacy import, which is itself an insert-if-not-exists by key.
         """
-        names = self._table_names()
-        if schema.PUBLICATION_LOG in names:
-            table = self.db.open_table(schema.PUBLICATION_LOG)
-        else:
-            try:
-                table = self.db.create_table(schema.PUBLICATION_LOG, schema=schema.PUBLICATIONS, exist_ok=True)
-            except ValueError:  # created and keyed meanwhile: its schema has the key's metadata, ours not
-                table = self.db.open_table(schema.PUBLICATION_LOG)
-        if not _is_primary_key(table.schema, schema.PUBLICATION_KEY):
-            try:
-                table.set_unenforced_primary_key(schema.PUBLICATION_KEY)
-            except Exception:  # a concurrent writer keyed it first: fine if it is keyed now
-                table = self.db.open_table(schema.PUBLICATION_LOG)
-                if not _is_primary_key(table.schema, schema.PUBLICATION_KEY):
-                    raise
-        if schema.LEGACY_PUBLICATIONS in names and table.count_rows() == 0:
+        legacy_exists = schema.LEGACY_PUBLICATIONS in self._table_names()
+        table = self.db.create_table(schema.PUBLICATION_LOG, schema=schema.PUBLICATIONS, exist_ok=True)
+        if not _is_primary_key(table.schema, schema.PUBLICATION_KEY):  # the one guarantee publishing rests on
+            raise StoreError(
+                f"table {schema.PUBLICATION_LOG} in {self.uri} has no primary key {schema.PUBLICATION_KEY!r}"
+            )
+        if legacy_exists and table.count_rows() == 0:
             legacy = self._rows(schema.LEGACY_PUBLICATIONS)
             if legacy:
                 rows = [{**row, "key": schema.publication_key(row["task"], row["seq"])} for row in legacy]
