@@ -314,7 +314,10 @@ class Store:
         return task
 
     def rollback(self, task: str, expect_live: str | None | _AnyLive = ANY_LIVE) -> str:
-        """Move ``task``'s tag back to the run published before the current one; return that run."""
+        """Move ``task``'s tag back to the run published before the current one; return that run.
+
+        ``expect_live`` as for :meth:`publish`: roll back only if that run is still the live one.
+        """
 
         def decide(stack: list[str]) -> tuple[str, str]:
             _check_live(task, stack, expect_live)
