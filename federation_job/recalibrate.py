@@ -7,13 +7,15 @@ held-out split, and publishes the candidate only if
 Every attempt (published, kept_live, failed, busy) is a row in the store's
 ``recalibrations`` table.
 
-Concurrency: one attempt per (store, task) at a time, by a file lock beside a
-local store; the second attempt waits up to ``lock_timeout_s`` and then gives up
-(``busy``). Publishing is also compare-and-set: if the live run changed while the
-candidate ran (a manual publish or rollback), nothing is published. For object-store
-URIs a file lock only guards one host: give ``lock_path`` on a shared filesystem,
-or rely on the scheduler (the CronJob's ``concurrencyPolicy: Forbid``) as
-deploy/README.md describes.
+Concurrency: the guarantee is the store's. Publishing is a compare-and-set committed
+by LanceDB (``Store.publish(run, expect_live=...)``): if the live run is no longer the
+one the candidate was compared with (a manual publish or rollback, or a concurrent
+recalibration that published first), nothing is published and the attempt is
+``failed`` with that reason. This holds across processes and hosts, on a local
+directory or an object store alike. The file lock beside a local store is a courtesy
+on top: it spares a second attempt the work of a candidate that would lose the race
+(it waits up to ``lock_timeout_s`` and then gives up, ``busy``); for an object-store
+URI it only spans one host unless ``lock_path`` is on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ from ifedicl.kernel.modeling import DTYPES, load_model
 from ifedicl.kernel.sources import DataSource
 from ifedicl.model_patches.hf import HFContextModel
 from ifedicl.storage.recalibrations import Attempt, attempts, now, record_attempt
-from ifedicl.storage.store import ModelMismatchError, RoundRecord, Store, StoreError, check_fingerprint
+from ifedicl.storage.store import (
+    ModelMismatchError,
+    PublicationConflict,
+    RoundRecord,
+    Store,
+    StoreError,
+    check_fingerprint,
+)
 
 log = logging.getLogger("ifedicl.recalibrate")
 
@@ -81,9 +90,9 @@ def default_lock_path(store_uri: str, task: str) -> Path:
     if is_local(store_uri):
         store = Path(store_uri.removeprefix("file://")).resolve()
         return store.parent / f".{store.name}.recalibrate.{safe_task}.lock"
-    log.warning(
-        "store %s is an object store: the recalibration lock only guards this host; pass --lock-file on a "
-        "shared filesystem or keep one scheduled job per task (CronJob concurrencyPolicy: Forbid)",
+    log.info(
+        "store %s is an object store: the recalibration lock only spans this host (publishing stays a "
+        "compare-and-set in the store); pass --lock-file on a shared filesystem to also spare duplicate work",
         store_uri,
     )
     safe_uri = "".join(c if c.isalnum() else "_" for c in store_uri)[-80:]
@@ -271,11 +280,12 @@ def _run_attempt(
         reason = (
             f"candidate accuracy {attempt.candidate_accuracy:.4f} >= live {attempt.live_accuracy} - margin {margin:g}"
         )
-    # Compare-and-set: a publish or rollback made meanwhile by someone else wins.
-    current = store.published_run_id(attempt.task)
-    if current != live_run_id:
-        raise StoreError(f"the live run changed from {live_run_id} to {current} during the recalibration")
-    store.publish(result.run_id)
+    # Compare-and-set, committed by the store: a publish or rollback made meanwhile by anyone wins.
+    try:
+        store.publish(result.run_id, expect_live=live_run_id)
+    except PublicationConflict:
+        current = store.published_run_id(attempt.task)
+        raise StoreError(f"the live run changed from {live_run_id} to {current} during the recalibration") from None
     attempt.decision = "published"
     attempt.reason = f"published {result.run_id}: {reason}"
 
@@ -314,9 +324,7 @@ class RecalibrationCollector:
             store = Store(self.store_uri)
             rows = attempts(store)
             published = store.published()
-            pub_rows = []
-            if "publications" in set(store.db.list_tables().tables):
-                pub_rows = store.db.open_table("publications").search().limit(None).to_arrow().to_pylist()
+            pub_rows = store.publication_log()
         except Exception as err:
             log.warning("recalibration metrics: cannot read store %s: %s", self.store_uri, err)
             up.add_metric([], 0.0)

@@ -64,13 +64,52 @@ COEFFICIENTS = pa.schema(
     ]
 )
 
+# The publication log: one row per publish or rollback, ``seq`` counting 1, 2, 3, ... per task.
+# ``key`` ("<task>#<seq>") is the table's unenforced primary key, declared in the schema so the
+# table never exists without it: Lance then records the keys a merge_insert inserts and fails (and
+# retries) a commit that races another inserting the same key, which is what makes "append entry
+# seq N+1 unless someone already did" atomic across processes. (The metadata is what
+# ``Table.set_unenforced_primary_key`` writes; compound keys are not supported, hence one column.)
+PUBLICATION_LOG = "publication_log"
+PUBLICATION_KEY = "key"
+PRIMARY_KEY_METADATA = {"lance-schema:unenforced-primary-key:position": "1"}
 PUBLICATIONS = pa.schema(
     [
+        pa.field(PUBLICATION_KEY, pa.string(), nullable=False, metadata=PRIMARY_KEY_METADATA),
         pa.field("task", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("action", pa.string(), nullable=False),  # publish | rollback
         pa.field("seq", pa.int64(), nullable=False),
         pa.field("at", TIMESTAMP, nullable=False),
+    ]
+)
+# Stores written before the log had a key keep their entries in this table (global ``seq``,
+# no key); the first write to such a store copies them into the log, idempotently.
+LEGACY_PUBLICATIONS = "publications"
+
+
+def publication_key(task: str, seq: int) -> str:
+    """Unique per (task, seq): ``seq`` has no ``#``, so the last ``#`` separates the two."""
+    return f"{task}#{seq}"
+
+
+RECALIBRATIONS = pa.schema(
+    [
+        pa.field("attempt_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),  # full | stage2
+        pa.field("decision", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("started_at", TIMESTAMP, nullable=False),
+        pa.field("finished_at", TIMESTAMP, nullable=False),
+        pa.field("candidate_run_id", pa.string()),
+        pa.field("live_run_id", pa.string()),  # the live run the candidate was compared with
+        pa.field("candidate_accuracy", pa.float64()),
+        pa.field("live_accuracy", pa.float64()),
+        pa.field("zero_shot_accuracy", pa.float64()),
+        pa.field("eval_examples", pa.int64()),
+        pa.field("margin", pa.float64(), nullable=False),
+        pa.field("metrics", pa.string(), nullable=False),  # JSON: everything else measured
     ]
 )
 

@@ -79,3 +79,13 @@ def test_mismatched_model_is_refused(tmp_path, other):
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="does not exist"):
         Store(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("create", [False, True])
+def test_a_store_path_that_is_a_file_is_a_clear_error(tmp_path, create):
+    path = tmp_path / "store"
+    path.write_bytes(b"not a store")
+    for uri in (path, f"file://{path}"):
+        with pytest.raises(StoreError, match="is a file, not a store directory"):
+            Store(uri, create=create)
+    assert path.read_bytes() == b"not a store"
