@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from ifedicl.federation_job import liveness, wire
 from ifedicl.federation_job.exchange import RoundOutcome, log_event, log_round
-from ifedicl.federation_job.exchange import log_event as _log_event  # noqa: F401  (recalibrate's import)
 from ifedicl.federation_job.federation_settings import FederationSettings, build_strategies
 from ifedicl.federation_job.partition import dirichlet_partition
 from ifedicl.federation_job.privacy import ClientPrivacy

@@ -35,7 +35,8 @@ from filelock import FileLock, Timeout
 
 from ifedicl.federation_job import wire
 from ifedicl.federation_job.client import accuracy
-from ifedicl.federation_job.driver import Federation, FederationSettings, _log_event
+from ifedicl.federation_job.driver import Federation, FederationSettings
+from ifedicl.federation_job.exchange import log_event
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import DTYPES, load_model
 from ifedicl.kernel.sources import DataSource
@@ -215,7 +216,7 @@ def recalibrate(
 def _finish(store: Store, attempt: Attempt) -> RecalibrationOutcome:
     attempt.finished_at = now()
     record_attempt(store, attempt)
-    _log_event(
+    log_event(
         "recalibration",
         task=attempt.task,
         attempt=attempt.attempt_id,
@@ -230,11 +231,38 @@ def _finish(store: Store, attempt: Attempt) -> RecalibrationOutcome:
     return RecalibrationOutcome(attempt)
 
 
+def weakened_protections(live: dict, settings: FederationSettings) -> list[str]:
+    """The flags of the live run's privacy and robustness that ``settings`` would drop or weaken.
+
+    ``live`` is the run row's recorded settings. A recalibration replaces what is served, so
+    publishing one made without the live run's DP, secure aggregation or robust aggregator would
+    quietly undo a decision taken for the data owners; it has to be asked for with the same flags.
+    """
+    weaker = []
+    privacy = live.get("privacy") or {}
+    for field, flag in (("vector_epsilon", "--dp-vector-epsilon"), ("coefficient_epsilon", "--dp-coefficient-epsilon")):
+        was, now = privacy.get(field), getattr(settings.privacy, field)
+        if was is not None and (now is None or now > was):
+            weaker.append(f"{flag} {was:g} (given: {'none' if now is None else f'{now:g}'})")
+    if live.get("secagg") and not settings.secagg:
+        weaker.append("--secagg")
+    if live.get("aggregator", "mean") != "mean" and settings.aggregator != live["aggregator"]:
+        weaker.append(f"--aggregator {live['aggregator']} (given: {settings.aggregator})")
+    return weaker
+
+
 def _run_attempt(
     attempt, model_id, source, store_uri, store, settings, mode, margin, after_dispatch, serving_dtype=None
 ) -> None:
     live_run_id = store.published_run_id(attempt.task)
     attempt.live_run_id = live_run_id
+    if live_run_id is not None:
+        weaker = weakened_protections(json.loads(store.run_row(live_run_id)["settings"] or "{}"), settings)
+        if weaker:
+            raise IfediclError(
+                f"the live run {live_run_id} was made with {', '.join(weaker)}: a recalibration must keep its "
+                "privacy and robustness; pass the same flags"
+            )
     if mode == "stage2":
         if live_run_id is None:
             raise StoreError(f"task {attempt.task!r} has no published run: stage2 needs its vectors (use --mode full)")

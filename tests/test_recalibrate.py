@@ -177,3 +177,28 @@ def test_guardrail_compares_in_the_serving_dtype(live_store, llama_dir, task_dir
     assert a.candidate_accuracy == pytest.approx(expected) and a.live_accuracy == pytest.approx(expected)
     with pytest.raises(Exception, match="--serving-dtype must be one of"):
         recalibrate(str(llama_dir), _source(task_dir), str(store_dir), _settings(0), mode="stage2", serving_dtype="fp8")
+
+
+def test_a_recalibration_may_not_drop_the_live_runs_privacy_or_robustness():
+    """Recalibrating a DP / secure / robust run without the same flags is refused, naming them (it used to
+    drop DP silently); the same or stronger settings pass."""
+    from ifedicl.federation_job.options import FederationOptions
+    from ifedicl.federation_job.recalibrate import weakened_protections
+
+    protected = FederationOptions(clients=4, min_clients=3, dp_vector_epsilon=2.0, dp_coefficient_epsilon=4.0,
+                                  secagg=True)  # fmt: skip
+    live = {"method": "ifedicl", **protected.settings(0.5, 0).to_dict()}  # as the run row records it
+    plain = FederationOptions(clients=4, min_clients=3).settings(0.5, 0)
+    assert weakened_protections(live, plain) == [
+        "--dp-vector-epsilon 2 (given: none)", "--dp-coefficient-epsilon 4 (given: none)", "--secagg",
+    ]  # fmt: skip
+    looser = FederationOptions(clients=4, min_clients=3, dp_vector_epsilon=8.0, dp_coefficient_epsilon=4.0,
+                               secagg=True).settings(0.5, 0)  # fmt: skip
+    assert weakened_protections(live, looser) == ["--dp-vector-epsilon 2 (given: 8)"]
+    assert weakened_protections(live, protected.settings(0.5, 1)) == []
+    stronger = FederationOptions(clients=4, min_clients=3, dp_vector_epsilon=1.0, dp_coefficient_epsilon=4.0,
+                                 secagg=True).settings(0.5, 0)  # fmt: skip
+    assert weakened_protections(live, stronger) == []
+    robust = {**FederationOptions(aggregator="median").settings(0.5, 0).to_dict()}
+    assert weakened_protections(robust, FederationOptions().settings(0.5, 0)) == ["--aggregator median (given: mean)"]
+    assert weakened_protections({}, plain) == []  # a run recorded before these settings existed
