@@ -55,7 +55,7 @@ class EvalSettings:
     lora_alpha: int = 16
     lora_lr: float = 5e-4
     weighted: bool = False  # paper: unweighted FedAvg of vectors, Λ (and, for parity, LoRA weights)
-    # Training loss of every trainable method: "full-vocab" | "label-only" (federation_job.objective);
+    # Training loss of every trainable method: "full-vocab" | "label-only" (ifedicl.federation_job.objective);
     # None keeps each method's own: full-vocab for I2CL, local-only and IFed-ICL (I2CL's), label-only for LoRA.
     objective: str | None = None
     batch_size: int = 16

@@ -33,7 +33,7 @@ class CalibrationConfig:
     min_lr: float = 1e-5
     noise_scale: float = 1e-3
     epochs: int = 1
-    objective: str = "full-vocab"  # or "label-only" (federation_job.objective)
+    objective: str = "full-vocab"  # or "label-only" (ifedicl.federation_job.objective)
     # "per-round": warm-up and cosine decay restart in every round (I2CL's schedule, per local run);
     # "global": one warm-up/cosine schedule across all rounds, each round continuing where the last stopped.
     schedule: str = "per-round"

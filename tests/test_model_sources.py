@@ -39,7 +39,7 @@ def private_cache(tmp_path, monkeypatch) -> Path:
 
 
 def _convert_in_subprocess(gguf: Path, cache: Path) -> subprocess.Popen:
-    code = "import sys; from federation_job.gguf_cache import converted_dir; print(converted_dir(sys.argv[1]))"
+    code = "import sys; from ifedicl.kernel.gguf_cache import converted_dir; print(converted_dir(sys.argv[1]))"
     env = {**os.environ, "IFEDICL_HOME": str(cache)}
     return subprocess.Popen([sys.executable, "-c", code, str(gguf)], env=env, stdout=subprocess.PIPE, text=True)
 
