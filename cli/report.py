@@ -58,8 +58,19 @@ class GridSizes:
             batch_size=self.batch_size,
         )
 
-    def task_dirs(self, tasks: str) -> list[str]:
-        return [str(self.data_dir / t) for t in _csv(tasks)]
+    def spec(self, models: str, tasks: str, seeds: int, objectives: str, methods: str, **extra):
+        """The grid of cells: comma-separated models, task names under ``data_dir``, objectives and methods."""
+        from ifedicl.evaluation.grid import GridSpec
+
+        return GridSpec(
+            models=_csv(models),
+            tasks=[str(self.data_dir / t) for t in _csv(tasks)],
+            seeds=list(range(seeds)),
+            objectives=_csv(objectives),
+            methods=_csv(methods),
+            base=self.base(),
+            **extra,
+        )
 
 
 grid_options = option_set(
@@ -123,17 +134,7 @@ def report_command(
     ),
 ) -> None:
     """Run (or resume) the report; finished cells are never recomputed."""
-    from ifedicl.evaluation.grid import GridSpec
-
-    spec = GridSpec(
-        models=_csv(models),
-        tasks=grid.task_dirs(tasks),
-        seeds=list(range(seeds)),
-        objectives=_csv(objectives),
-        methods=_csv(methods),
-        base=grid.base(),
-    )
-    _run(spec, out, grid)
+    _run(grid.spec(models, tasks, seeds, objectives, methods), out, grid)
 
 
 @grid_options
@@ -148,20 +149,12 @@ def ablate_command(
     methods: str = typer.Option("ifedicl", help="methods run under every variant (e.g. ifedicl,local_calibration)"),
 ) -> None:
     """IFed-ICL's recipe ablation at a fixed client budget: one resumable cell per (model, task, seed, variant)."""
-    from ifedicl.evaluation.grid import ABLATION_VARIANTS, GridSpec
+    from ifedicl.evaluation.grid import ABLATION_VARIANTS
 
     chosen = _csv(variants.replace(";", ",")) or list(ABLATION_VARIANTS)
     unknown = [v for v in chosen if v not in ABLATION_VARIANTS]
     if unknown:
         raise typer.BadParameter(f"unknown variant(s) {unknown}; choose from {list(ABLATION_VARIANTS)}")
-    spec = GridSpec(
-        models=_csv(models),
-        tasks=grid.task_dirs(tasks),
-        seeds=list(range(seeds)),
-        objectives=_csv(objectives),
-        methods=_csv(methods),
-        base=grid.base(),
-        variants={v: ABLATION_VARIANTS[v] for v in chosen},
-    )
     # every objective runs the variants' methods (the report's "prompt-only methods once" does not apply here)
+    spec = grid.spec(models, tasks, seeds, objectives, methods, variants={v: ABLATION_VARIANTS[v] for v in chosen})
     _run(spec, out, grid)

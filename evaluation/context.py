@@ -66,6 +66,23 @@ def federated_compute(summary: dict) -> dict:
     }
 
 
+def federated_cell(result, per_round: list[dict], objective: str) -> dict:
+    """What a federated method's cell records (IFed-ICL and FedAvg-LoRA alike, so they compare): the final and
+    per-round accuracy, the run, client compute, the driver's stage seconds, drops and bytes."""
+    final = per_round[-1]
+    return {
+        "accuracy": final["accuracy"],
+        "macro_f1": final["macro_f1"],
+        "per_round": per_round,
+        "run_id": result.run_id,
+        "objective": objective,
+        **federated_compute(result.summary),
+        "stage_seconds": float(sum(r.seconds for r in result.rounds)),  # the driver's wall time of the Ray stages
+        "dropped": {r.round: r.dropped for r in result.rounds if r.dropped},
+        "comm": federated_comm(result.rounds),
+    }
+
+
 def no_communication() -> dict:
     """Centralized / local methods exchange nothing."""
     return {

@@ -17,8 +17,7 @@ import numpy as np
 
 from ifedicl.evaluation.context import (
     MethodContext,
-    federated_comm,
-    federated_compute,
+    federated_cell,
     federation_settings,
     no_communication,
 )
@@ -107,16 +106,4 @@ def ifedicl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     for r in sorted(by_round):
         scored = score(mc.ctx, mc.tokenizer, task.spec, task.test, None, result.vectors, by_round[r], s.batch_size)
         per_round.append({"round": int(r), **scored})
-    final = per_round[-1]
-    return {
-        "accuracy": final["accuracy"],
-        "macro_f1": final["macro_f1"],
-        "per_round": per_round,
-        "run_id": result.run_id,
-        "objective": objective,
-        **federated_compute(result.summary),
-        "stage_seconds": float(sum(r.seconds for r in result.rounds)),  # the driver's wall time of the Ray stages
-        "dropped": {r.round: r.dropped for r in result.rounds if r.dropped},
-        "coefficients": result.coefficients.tolist(),
-        "comm": federated_comm(result.rounds),
-    }
+    return {**federated_cell(result, per_round, objective), "coefficients": result.coefficients.tolist()}

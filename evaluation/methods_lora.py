@@ -17,7 +17,7 @@ measured (:func:`.context.federated_compute`), as for IFed-ICL.
 
 from __future__ import annotations
 
-from ifedicl.evaluation.context import MethodContext, federated_comm, federated_compute, federation_settings
+from ifedicl.evaluation.context import MethodContext, federated_cell, federation_settings
 from ifedicl.evaluation.scoring import score
 from ifedicl.evaluation.settings import Cell
 from ifedicl.evaluation.tasks import PreparedTask
@@ -51,16 +51,8 @@ def fedavg_lora(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     finally:
         ctx.remove_hooks()
     uploads = [b for rec in result.rounds[1:] for b in rec.bytes_up]
-    final = per_round[-1]
     return {
-        "accuracy": final["accuracy"],
-        "macro_f1": final["macro_f1"],
-        "per_round": per_round,
-        "run_id": result.run_id,
-        "objective": objective,
-        **federated_compute(result.summary),
-        "stage_seconds": float(sum(r.seconds for r in result.rounds)),
-        "dropped": {r.round: r.dropped for r in result.rounds if r.dropped},
+        **federated_cell(result, per_round, objective),
         "lora": {
             "rank": s.lora_rank,
             "alpha": s.lora_alpha,
@@ -70,5 +62,4 @@ def fedavg_lora(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
             # the JSON header varies by a few bytes with the metadata's numbers (loss, compute seconds)
             "upload_framing_bytes": [min(uploads) - param_bytes, max(uploads) - param_bytes],
         },
-        "comm": federated_comm(result.rounds),
     }

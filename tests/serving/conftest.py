@@ -30,6 +30,7 @@ from serving_helpers import (  # noqa: E402
     corpus,
     ifedicl,
     publish_run,
+    published_store,
     running_server,
 )
 
@@ -78,9 +79,7 @@ def reference_classifiers(serving_models) -> dict:
 def api_store(tmp_path_factory, serving_models, task_dir) -> str:
     """sst2, subj and agnews written through the Store API, demo-sentiment by a real ``ifedicl federate``."""
     uri = tmp_path_factory.mktemp("server-store") / "store"
-    store = Store(uri, create=True)
-    for i, name in enumerate(("sst2", "subj", "agnews")):
-        publish_run(store, serving_models["llama"], TASKS[name], seed=500 + i)
+    published_store(uri, serving_models["llama"], ("sst2", "subj", "agnews"), first_seed=500)
     ifedicl(
         "federate", "--task-dir", task_dir, "--model", serving_models["llama"], "--store", uri,
         "--clients", 2, "--rounds", 1, "--max-test", 5, "--publish",

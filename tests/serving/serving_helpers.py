@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -89,6 +90,14 @@ def publish_run(
     if publish:
         store.publish(run_id)
     return run_id
+
+
+def published_store(uri: Path | str, model_path: Path, names: Sequence[str], first_seed: int) -> Store:
+    """A new store with one random published run per task of ``names`` (seeds ``first_seed``, +1, ...)."""
+    store = Store(uri, create=True)
+    for i, name in enumerate(names):
+        publish_run(store, model_path, TASKS[name], seed=first_seed + i)
+    return store
 
 
 class LoopThread:

@@ -21,11 +21,10 @@ import openai
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, start_http_server
-from serving_helpers import SHORT_TEXTS, TASKS, free_port, publish_run, running_server
+from serving_helpers import SHORT_TEXTS, free_port, published_store, running_server
 
 from ifedicl.federation_job.recalibrate import RecalibrationCollector
 from ifedicl.storage.recalibrations import Attempt, record_attempt
-from ifedicl.storage.store import Store
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -53,9 +52,7 @@ def _rule_exprs() -> list[str]:
 def served_store(tmp_path_factory, serving_models) -> str:
     """Two published tasks and recalibration history in one store."""
     uri = str(tmp_path_factory.mktemp("prom-store") / "store")
-    store = Store(uri, create=True)
-    for i, name in enumerate(("sst2", "agnews")):
-        publish_run(store, serving_models["llama"], TASKS[name], seed=50 + i)
+    store = published_store(uri, serving_models["llama"], ("sst2", "agnews"), first_seed=50)
     record_attempt(store, Attempt("a1", "sst2", "stage2", 0.01, decision="failed", reason="boom"))
     record_attempt(
         store,

@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, publish_run, running_server
+from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, publish_run, published_store, running_server
 
 from ifedicl.storage.store import Store
 
@@ -28,9 +28,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def load_store(tmp_path_factory, serving_models) -> str:
     uri = tmp_path_factory.mktemp("load-store") / "store"
-    store = Store(uri, create=True)
-    for i, name in enumerate(SERVED):
-        publish_run(store, serving_models["llama"], TASKS[name], seed=700 + i)
+    published_store(uri, serving_models["llama"], SERVED, first_seed=700)
     return str(uri)
 
 

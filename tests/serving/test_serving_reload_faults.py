@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, metric_values, publish_run, running_server
+from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, metric_values, publish_run, published_store, running_server
 
 from ifedicl.storage.store import Store
 
@@ -37,9 +37,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def fault_store(tmp_path_factory, serving_models) -> str:
     uri = tmp_path_factory.mktemp("fault-store") / "store"
-    store = Store(uri, create=True)
-    for i, name in enumerate(NAMES):
-        publish_run(store, serving_models["llama"], TASKS[name], seed=700 + i)
+    published_store(uri, serving_models["llama"], NAMES, first_seed=700)
     return str(uri)
 
 
