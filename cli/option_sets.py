@@ -21,7 +21,7 @@ from ifedicl.federation_job.options import FederationOptions
 HELP = {
     "clients": "number of federated clients (Ray actors)",
     "rounds": "federated rounds of stage 2 (Λ); FedAvg-LoRA's rounds in eval",
-    "local_epochs": "local epochs per round",
+    "local_epochs": "local epochs per round; a fraction f < 1 trains on the next f of each shard per round",
     "fraction": "fraction of clients sampled per round",
     "min_clients": "a round with fewer answering clients fails the run",
     "round_timeout": "seconds a round waits for clients; one still silent is dropped and recorded",
@@ -33,6 +33,8 @@ HELP = {
     "calib_batch_size": "calibration batch size (I2CL: 2)",
     "objective": "training loss: full-vocab (I2CL) or label-only cross-entropy of the label word "
     "(default: full-vocab for the Λ methods, label-only for FedAvg-LoRA)",
+    "prior_correction": "add each client's label log-prior to the label logits in the training loss "
+    "(logit adjustment: under label skew a client then learns the balanced classifier, not its own label mix)",
     "extract_dtype": "stage-1 autocast dtype: float32 | bfloat16 | float16",
     "aggregator": "mean | trimmed-mean | median (coordinate-wise, vectors and Λ)",
     "trim_fraction": "trimmed-mean: fraction cut from each end",

@@ -33,7 +33,7 @@ class GridSizes:
     clients: int = 10
     alpha: float = 0.5
     rounds: int = 3
-    local_epochs: int = 1
+    local_epochs: float = 1
     test_size: int = 200
     max_train: int = 600
     shots: int = 4
@@ -80,7 +80,7 @@ grid_options = option_set(
         "clients": "federated clients",
         "alpha": "Dirichlet label-skew α",
         "rounds": "federated rounds",
-        "local_epochs": "local epochs per round",
+        "local_epochs": "local epochs per round (a fraction f < 1: the next f of each shard per round)",
         "test_size": "class-balanced test examples",
         "max_train": "training examples used (0: all)",
         "shots": "demonstrations in few-shot and local ICL prompts",

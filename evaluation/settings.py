@@ -48,7 +48,7 @@ class EvalSettings:
     test_size: int = 500
     shots: int = 4
     max_train: int | None = 5000
-    local_epochs: int = 1
+    local_epochs: float = 1  # a fraction f < 1: each round trains on the next f of every shard
     min_shard: int = 2
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     lora_rank: int = 8
@@ -74,6 +74,10 @@ class EvalSettings:
     threads: int | None = None
     test_seed: int = 0  # the test sample is the same for every seed: spread over seeds is the split's and training's
 
+    def __post_init__(self) -> None:
+        if float(self.local_epochs).is_integer():  # 1.0 from a float flag: the same cell (hash) as 1
+            self.local_epochs = int(self.local_epochs)
+
     def objective_for(self, method: str) -> str:
         """The loss ``method`` trains with under these settings."""
         if self.objective is not None:
@@ -85,8 +89,9 @@ class EvalSettings:
         from ifedicl.federation_job.client import CalibrationConfig
 
         recipe = {k: v for k, v in self.recipe.items() if k not in ("stage1_examples", "rounds_total")}
-        if "calib_batch_size" in self.federation:  # ``eval --calib-batch-size``, as ``federate`` takes it
-            recipe.setdefault("batch_size", self.federation["calib_batch_size"])
+        for flag, name in (("calib_batch_size", "batch_size"), ("prior_correction", "prior_correction")):
+            if flag in self.federation:  # ``eval --calib-batch-size`` / ``--prior-correction``, as ``federate``
+                recipe.setdefault(name, self.federation[flag])
         return CalibrationConfig(**{**recipe, "objective": self.objective_for(method), **fields})
 
     def validate(self) -> None:
@@ -94,7 +99,7 @@ class EvalSettings:
 
         if self.objective is not None and self.objective not in OBJECTIVES:
             raise ValueError(f"--objective must be one of {list(OBJECTIVES)} (got {self.objective!r})")
-        from ifedicl.federation_job.client import CalibrationConfig
+        from ifedicl.federation_job.client import CalibrationConfig, valid_epochs
 
         allowed = {f.name for f in dataclasses.fields(CalibrationConfig)} - {"epochs", "objective", "round_index"}
         wrong = sorted(set(self.recipe) - allowed - {"rounds_total", "stage1_examples"})
@@ -119,7 +124,14 @@ class EvalSettings:
             (self.seeds, "--seeds must be >= 1"),
             (self.test_size >= 1, "--test-size must be >= 1"),
             (self.shots >= 1, "--shots must be >= 1"),
-            (self.local_epochs >= 1, "--local-epochs must be >= 1"),
+            (
+                valid_epochs(self.local_epochs),
+                "--local-epochs must be a whole number >= 1 or a fraction in (0, 1)",
+            ),
+            (
+                float(self.rounds * self.local_epochs).is_integer(),
+                "--rounds × --local-epochs must be whole passes (I2CL central and local-only train that many epochs)",
+            ),
         ):
             if not ok:
                 raise ValueError(message)

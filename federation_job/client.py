@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ifedicl.federation_job.objective import label_word_loss
+from ifedicl.federation_job.objective import label_log_prior, label_word_loss
 from ifedicl.kernel.data import Split
 from ifedicl.kernel.task import TaskSpec, label_token_ids
 from ifedicl.model_patches.hf import HFContextModel
@@ -32,8 +32,11 @@ class CalibrationConfig:
     warmup_fraction: float = 0.05
     min_lr: float = 1e-5
     noise_scale: float = 1e-3
-    epochs: int = 1
+    # Passes over the local data per round. A fraction f < 1 trains on the next ⌈f·n⌉ examples of one fixed
+    # order of the shard each round, so 1/f rounds make one pass: more, cheaper rounds at the same compute.
+    epochs: float = 1
     objective: str = "full-vocab"  # or "label-only" (ifedicl.federation_job.objective)
+    prior_correction: bool = False  # add the local label log-prior to the label logits in the loss (objective.py)
     # "per-round": warm-up and cosine decay restart in every round (I2CL's schedule, per local run);
     # "global": one warm-up/cosine schedule across all rounds, each round continuing where the last stopped.
     schedule: str = "per-round"
@@ -60,19 +63,49 @@ def warmup_cosine(total_steps: int, warmup_fraction: float, lr: float, min_lr: f
     return factor
 
 
+def valid_epochs(epochs: float) -> bool:
+    """A whole number of passes, or a fraction of one (a window per round); nothing in between."""
+    return epochs > 0 and (epochs < 1 or float(epochs).is_integer())
+
+
+def round_passes(num_examples: int, config: CalibrationConfig, order_rng: random.Random) -> list[list[int]]:
+    """The example indices of each pass this round, in training order.
+
+    Whole epochs: each pass is a fresh shuffle of the shard. A fraction: one pass over this round's window
+    of a fixed order of the shard (the same order every round, seeded by the shard's size, so consecutive
+    rounds take consecutive windows and every example is used once per 1/f rounds).
+    """
+    if not valid_epochs(config.epochs):
+        raise ValueError(f"local epochs must be a whole number >= 1 or a fraction in (0, 1) (got {config.epochs})")
+    if config.epochs >= 1:
+        passes = []
+        for _ in range(int(config.epochs)):
+            order = list(range(num_examples))
+            order_rng.shuffle(order)
+            passes.append(order)
+        return passes
+    fixed = list(range(num_examples))
+    random.Random(num_examples).shuffle(fixed)
+    window = max(1, math.ceil(config.epochs * num_examples))
+    start = (max(1, config.round_index) - 1) * window
+    chosen = [fixed[(start + j) % num_examples] for j in range(min(window, num_examples))]
+    order_rng.shuffle(chosen)
+    return [chosen]
+
+
 def local_epochs(
     params: list[torch.Tensor], num_examples: int, config: CalibrationConfig, seed: int, batch_loss
 ) -> list[float]:
     """The local optimisation every trainable method shares (Λ, LoRA): AdamW, warm-up then cosine,
-    ``config.epochs`` shuffled passes in batches of ``config.batch_size``. -> the loss of every step.
+    this round's passes (:func:`round_passes`) in batches of ``config.batch_size``. -> the loss of every step.
 
     ``batch_loss(rows)`` is the mean loss of those example indices; the caller seeds torch.
     """
     if config.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES} (got {config.schedule!r})")
-    order_rng = random.Random(seed)
+    passes = round_passes(num_examples, config, random.Random(seed))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    total = math.ceil(num_examples / config.batch_size) * config.epochs
+    total = sum(math.ceil(len(rows) / config.batch_size) for rows in passes)
     offset = 0
     if config.schedule == "global":  # this round's steps are a slice of one schedule over every round
         offset = total * (max(1, config.round_index) - 1)
@@ -81,10 +114,8 @@ def local_epochs(
         factor = warmup_cosine(total, config.warmup_fraction, config.lr, config.min_lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step + offset))
     losses = []
-    for _ in range(config.epochs):
-        order = list(range(num_examples))
-        order_rng.shuffle(order)
-        for start in range(0, num_examples, config.batch_size):
+    for order in passes:
+        for start in range(0, len(order), config.batch_size):
             loss = batch_loss(order[start : start + config.batch_size])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -127,6 +158,7 @@ class Client:
         self.task = task
         self.data = data
         self.label_ids = label_token_ids(task, tokenizer)
+        self.log_prior = label_log_prior(data.labels, len(task.labels))  # [C] never leaves the client
         self.device = next(ctx.model.parameters()).device
 
     def extract_vectors(
@@ -154,14 +186,22 @@ class Client:
         indices: list[int],
         noise_scale: float,
         objective: str = "full-vocab",
+        prior_correction: bool = False,
     ) -> torch.Tensor:
-        """Mean cross-entropy of the label word's first token at the prompt's last position (``objective``)."""
+        """Mean cross-entropy of the label word's first token at the prompt's last position (``objective``,
+        with this client's label prior added to the logits if ``prior_correction``)."""
         prompts = [self.task.prompt(self.data.texts[i]) for i in indices]
         classes = torch.as_tensor([self.data.labels[i] for i in indices])
         tables = InjectionTables.build([vectors], [coefficients])
         task_row = torch.ones(len(indices), dtype=torch.long)  # [B]: every prompt on row 1, this client's tables
         logits, _ = label_logits(self.ctx, self.tokenizer, prompts, self.label_ids, tables, task_row, noise_scale)
-        return label_word_loss(logits, classes, self.label_ids, objective)
+        return self.label_loss(logits, classes, objective, prior_correction)
+
+    def label_loss(
+        self, logits: torch.Tensor, classes: torch.Tensor, objective: str, prior_correction: bool
+    ) -> torch.Tensor:
+        """The training loss of any trainable method on this client (Λ here, LoRA in ``lora.py``). [B, V] -> []"""
+        return label_word_loss(logits, classes, self.label_ids, objective, self.log_prior if prior_correction else None)
 
     def calibrate(
         self, vectors: np.ndarray, coefficients: np.ndarray, config: CalibrationConfig, seed: int = 0
@@ -173,7 +213,9 @@ class Client:
         effective = module_mask(config.modules, coeffs)
 
         def batch_loss(rows: list[int]) -> torch.Tensor:
-            return self.calibration_loss(vec, effective(coeffs), rows, config.noise_scale, config.objective)
+            return self.calibration_loss(
+                vec, effective(coeffs), rows, config.noise_scale, config.objective, config.prior_correction
+            )
 
         losses = local_epochs([coeffs], len(self.data), config, seed, batch_loss)
         final = effective(coeffs).detach().cpu().numpy()

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ifedicl.federation_job.client import CalibrationConfig, Client, local_epochs
-from ifedicl.federation_job.objective import label_word_loss
 from ifedicl.model_patches.inference import label_logits
 
 
@@ -100,11 +99,12 @@ class LoraClient:
         self.client = client
         self.model = attach_lora(client.ctx.model, settings)  # client.ctx now runs with the adapters
 
-    def batch_loss(self, rows: list[int], objective: str) -> torch.Tensor:
+    def batch_loss(self, rows: list[int], config: CalibrationConfig) -> torch.Tensor:
         c = self.client
         prompts = [c.task.prompt(c.data.texts[i]) for i in rows]
         logits, _ = label_logits(c.ctx, c.tokenizer, prompts, c.label_ids)
-        return label_word_loss(logits, torch.as_tensor([c.data.labels[i] for i in rows]), c.label_ids, objective)
+        classes = torch.as_tensor([c.data.labels[i] for i in rows])
+        return c.label_loss(logits, classes, config.objective, config.prior_correction)
 
     def train(self, state: dict[str, np.ndarray], config: CalibrationConfig, seed: int) -> LoraResult:
         """Start from the global adapters, train them on the local shard, return the new ones."""
@@ -114,7 +114,7 @@ class LoraClient:
         self.model.train()
         try:
             losses = local_epochs(
-                params, len(self.client.data), config, seed, lambda rows: self.batch_loss(rows, config.objective)
+                params, len(self.client.data), config, seed, lambda rows: self.batch_loss(rows, config)
             )
         finally:
             self.model.eval()

@@ -30,7 +30,7 @@ class FederationOptions:
 
     clients: int = 10
     rounds: int = 5
-    local_epochs: int = 1
+    local_epochs: float = 1  # a fraction f < 1: each round trains on the next f of the shard
     fraction: float = 1.0  # of alive clients sampled per round
     min_clients: int = 1  # a round with fewer answers fails the run
     round_timeout: float = 1800.0  # seconds a round waits; a client still silent then is dropped
@@ -41,6 +41,7 @@ class FederationOptions:
     gpus_per_client: float = 0.0
     calib_batch_size: int = 2  # I2CL's
     objective: str | None = None  # None: full-vocab for the Λ methods (I2CL's), label-only for FedAvg-LoRA
+    prior_correction: bool = False  # logit adjustment by each client's label prior in the training loss
     extract_dtype: str = "float32"
     aggregator: str = "mean"
     trim_fraction: float = 0.1
@@ -69,7 +70,11 @@ class FederationOptions:
         from ifedicl.federation_job.client import CalibrationConfig
         from ifedicl.federation_job.federation_settings import FederationSettings
 
-        calibration = CalibrationConfig(batch_size=self.calib_batch_size, objective=self.objective or "full-vocab")
+        calibration = CalibrationConfig(
+            batch_size=self.calib_batch_size,
+            objective=self.objective or "full-vocab",
+            prior_correction=self.prior_correction,
+        )
         return FederationSettings(
             **{
                 "clients": self.clients,

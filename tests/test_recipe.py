@@ -4,13 +4,17 @@ few-shot scoring on a shared prefix cache. Tiny random models; no accuracy asser
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
 
-from ifedicl.federation_job.client import CalibrationConfig, Client, local_epochs, warmup_cosine
+from ifedicl.evaluation.settings import EvalSettings
+from ifedicl.federation_job.client import CalibrationConfig, Client, local_epochs, round_passes, warmup_cosine
+from ifedicl.federation_job.federation_settings import FederationSettings
 from ifedicl.kernel.data import load_task_dir
+from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import load_model, load_tokenizer
 from ifedicl.kernel.task import label_token_ids
 from ifedicl.model_patches.hf import HFContextModel
@@ -43,6 +47,37 @@ def test_one_schedule_across_rounds_continues_where_the_last_round_stopped():
     per_round = [_lr_sum(CalibrationConfig(round_index=r, **base), examples) for r in (1, 2, 3)]
     assert per_round == pytest.approx([sum(1e-2 * restart(i) for i in range(steps))] * 3, rel=1e-4)
     assert not math.isclose(per_round[2], _lr_sum(CalibrationConfig(schedule="global", round_index=3, **base), 10))
+
+
+def test_a_fraction_of_an_epoch_takes_consecutive_windows_of_one_fixed_order():
+    def window(r: int, seed: int) -> list[int]:
+        [rows] = round_passes(10, CalibrationConfig(epochs=0.25, round_index=r), random.Random(seed))
+        return rows
+
+    assert [len(window(r, 0)) for r in (1, 2, 3, 4)] == [3, 3, 3, 3]  # ⌈0.25 × 10⌉
+    assert set().union(*(window(r, 0) for r in (1, 2, 3, 4))) == set(range(10))  # 1/f rounds: every example
+    assert not set(window(1, 0)) & set(window(2, 0)) and set(window(1, 0)) != set(window(2, 0))
+    assert set(window(2, 0)) == set(window(2, 7))  # the run seed shuffles within the window, not the windows
+    p = torch.nn.Parameter(torch.zeros(()))
+    steps = local_epochs([p], 10, CalibrationConfig(epochs=0.25, batch_size=2), 0, lambda rows: p * len(rows))
+    assert len(steps) == 2  # 3 examples in batches of 2
+
+
+def test_whole_epochs_are_fresh_shuffles_as_before():
+    rng, expected = random.Random(5), []
+    for _ in range(2):
+        order = list(range(7))
+        rng.shuffle(order)
+        expected.append(order)
+    assert round_passes(7, CalibrationConfig(epochs=2), random.Random(5)) == expected
+
+
+def test_local_epochs_between_whole_numbers_are_refused():
+    with pytest.raises(IfediclError, match="whole number >= 1 or a fraction"):
+        FederationSettings(local_epochs=1.5).validate()
+    with pytest.raises(ValueError, match="whole passes"):
+        EvalSettings(model="m", tasks=["t"], rounds=5, local_epochs=0.25).validate()
+    assert EvalSettings(model="m", tasks=["t"], local_epochs=1.0).cell_hash() == EvalSettings("m", ["t"]).cell_hash()
 
 
 @pytest.mark.parametrize("modules, off", [("attn", 1), ("mlp", 0)])
