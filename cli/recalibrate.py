@@ -39,6 +39,9 @@ def recalibrate_command(
     serving_dtype: str | None = typer.Option(
         None, help="dtype `ifedicl serve` computes in, if not the run's: both runs are compared in it"
     ),
+    warm_start: bool = typer.Option(
+        True, "--warm-start/--cold-start", help="stage 2 starts from the live run's Λ (default) or the initial Λ"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the attempt record as JSON"),
     kept_live_ok: bool = typer.Option(
         False, help="exit 0, not 1, when the live run is kept (a guardrail decision, recorded either way)"
@@ -57,7 +60,16 @@ def recalibrate_command(
     source = DataSource.from_options(task_dir, dataset, max_train=max_train, max_test=max_test or None)
     settings = federation.settings(alpha, seed)
     outcome = recalibrate(
-        model, source, store, settings, mode, margin, lock_timeout, lock_file, serving_dtype=serving_dtype
+        model,
+        source,
+        store,
+        settings,
+        mode,
+        margin,
+        lock_timeout,
+        lock_file,
+        serving_dtype=serving_dtype,
+        warm_start=warm_start,
     )
     a = outcome.attempt
     if as_json:
@@ -90,4 +102,3 @@ def recalibration_exporter_command(
     typer.echo(f"serving recalibration metrics for {store} on http://{host}:{port}/metrics")
     while True:
         time.sleep(3600)
-

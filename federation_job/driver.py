@@ -33,6 +33,7 @@ from ifedicl.federation_job.privacy import ClientPrivacy
 from ifedicl.federation_job.ray_pool import ClientPool, DispatchHook, GatherHook, ensure_ray, put_shared_weights
 from ifedicl.federation_job.run_summary import held_out_accuracy, summarize
 from ifedicl.federation_job.strategies import RoundId
+from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config, load_model, load_tokenizer
 from ifedicl.kernel.sources import DataSource
 from ifedicl.kernel.task import label_token_ids
@@ -67,7 +68,10 @@ class Federation:
         settings: FederationSettings,
         after_dispatch: DispatchHook | None = None,
         after_gather: GatherHook | None = None,
+        start_coefficients: np.ndarray | None = None,
     ):
+        """``start_coefficients`` [L, 2, 2]: the Λ stage 2 starts from (a recalibration warm-starts from the live
+        run's); None: the initial Λ (λ=0.1, β=1)."""
         settings.validate()
         self.model_id = canonical_model_id(model_id)
         self.source = source
@@ -79,6 +83,7 @@ class Federation:
         self.tokenizer = load_tokenizer(model_id)
         label_token_ids(self.data.task, self.tokenizer)  # fail early on labels sharing a first token
         self.fingerprint = fingerprint(self.model_id, load_config(model_id))
+        self.start_coefficients = self._checked_start(start_coefficients)
         self.shards = dirichlet_partition(
             self.data.train.labels, settings.clients, settings.alpha, settings.seed, settings.min_shard
         )
@@ -88,6 +93,17 @@ class Federation:
         self.load_dropped: dict[int, str] = {}  # recorded with round 0
         self._driver_model = None
         self.shared_weights: ray.ObjectRef | None = None  # --weights shared: the object each node keeps one copy of
+
+    def _checked_start(self, start: np.ndarray | None) -> np.ndarray:
+        initial = initial_coefficients(self.fingerprint.num_layers).numpy()  # [L, 2, 2]
+        if start is None:
+            return initial
+        start = np.asarray(start, dtype=np.float32)
+        if start.shape != initial.shape or not np.all(np.isfinite(start)):
+            raise IfediclError(
+                f"the starting Λ must be finite with shape {initial.shape} for this model (got {start.shape})"
+            )
+        return start
 
     @property
     def alive(self) -> set[int]:
@@ -137,7 +153,7 @@ class Federation:
         vectors, record = self.stage_one()
         self._record(record)
         self.store.write_vectors(self.run_id, self.data.task.name, vectors)
-        coefficients = initial_coefficients(self.fingerprint.num_layers).numpy()
+        coefficients = self.start_coefficients
         self.store.write_coefficients(self.run_id, self.data.task.name, 0, coefficients)
         rng = np.random.default_rng(self.settings.seed)
         for r in tqdm(range(1, self.settings.rounds + 1), desc="rounds", unit="round"):

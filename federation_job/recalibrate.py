@@ -38,7 +38,7 @@ from ifedicl.federation_job.client import accuracy
 from ifedicl.federation_job.driver import Federation, FederationSettings
 from ifedicl.federation_job.exchange import log_event
 from ifedicl.kernel.errors import IfediclError
-from ifedicl.kernel.modeling import DTYPES, load_model
+from ifedicl.kernel.modeling import DTYPES, canonical_model_id, fingerprint, load_config, load_model
 from ifedicl.kernel.sources import DataSource
 from ifedicl.model_patches.hf import HFContextModel
 from ifedicl.storage.recalibrations import Attempt, attempts, now, record_attempt
@@ -169,8 +169,12 @@ def recalibrate(
     lock_path: str | Path | None = None,
     after_dispatch=None,
     serving_dtype: str | None = None,
+    warm_start: bool = True,
 ) -> RecalibrationOutcome:
     """One attempt; always recorded. Raises only for bad arguments (nothing recorded then).
+
+    ``warm_start``: stage 2 starts from the live run's Λ (when the live run was made with this model),
+    not from the initial Λ, so a recalibration refines what is served instead of starting over.
 
     ``serving_dtype`` (what ``ifedicl serve --dtype`` computes in, when it differs from the
     run's ``settings.dtype``): candidate and live are both scored in it, so the guardrail
@@ -201,8 +205,9 @@ def recalibrate(
     try:
         attempt.metrics["lock_acquired_at"] = now().isoformat()
         _run_attempt(
-            attempt, model_id, source, store_uri, store, settings, mode, margin, after_dispatch, serving_dtype
-        )
+            attempt, model_id, source, store_uri, store, settings, mode, margin, after_dispatch, serving_dtype,
+            warm_start,
+        )  # fmt: skip
     except Exception as err:  # recorded, then reported by the caller
         attempt.decision = "failed"
         attempt.reason = f"{type(err).__name__}: {err}".splitlines()[0]
@@ -251,8 +256,33 @@ def weakened_protections(live: dict, settings: FederationSettings) -> list[str]:
     return weaker
 
 
+def _warm_start(attempt: Attempt, model_id: str, live_run_id: str | None, live) -> np.ndarray | None:
+    """The live run's Λ to start stage 2 from, or None (no live run, or one made with another model: recorded)."""
+    attempt.metrics["warm_start_from"] = None
+    if live is None:
+        return None
+    try:
+        in_use = fingerprint(canonical_model_id(model_id), load_config(model_id))
+        check_fingerprint(live_run_id, live.fingerprint, in_use)
+    except ModelMismatchError as err:
+        attempt.metrics["cold_start_reason"] = str(err)
+        return None
+    attempt.metrics["warm_start_from"] = live_run_id
+    return live.coefficients
+
+
 def _run_attempt(
-    attempt, model_id, source, store_uri, store, settings, mode, margin, after_dispatch, serving_dtype=None
+    attempt,
+    model_id,
+    source,
+    store_uri,
+    store,
+    settings,
+    mode,
+    margin,
+    after_dispatch,
+    serving_dtype=None,
+    warm_start=True,
 ) -> None:
     live_run_id = store.published_run_id(attempt.task)
     attempt.live_run_id = live_run_id
@@ -263,14 +293,17 @@ def _run_attempt(
                 f"the live run {live_run_id} was made with {', '.join(weaker)}: a recalibration must keep its "
                 "privacy and robustness; pass the same flags"
             )
+    if mode == "stage2" and live_run_id is None:
+        raise StoreError(f"task {attempt.task!r} has no published run: stage2 needs its vectors (use --mode full)")
+    live = store.load_run(attempt.task, live_run_id) if live_run_id is not None else None
+    start = _warm_start(attempt, model_id, live_run_id, live) if warm_start else None
     if mode == "stage2":
-        if live_run_id is None:
-            raise StoreError(f"task {attempt.task!r} has no published run: stage2 needs its vectors (use --mode full)")
-        live = store.load_run(attempt.task, live_run_id)
-        fed = Stage2Federation(model_id, source, store_uri, settings, after_dispatch, vectors=live.vectors)
+        fed = Stage2Federation(
+            model_id, source, store_uri, settings, after_dispatch, start_coefficients=start, vectors=live.vectors
+        )
         check_fingerprint(live_run_id, live.fingerprint, fed.fingerprint)
     else:
-        fed = Federation(model_id, source, store_uri, settings, after_dispatch)
+        fed = Federation(model_id, source, store_uri, settings, after_dispatch, start_coefficients=start)
     if not len(fed.data.test):
         raise IfediclError("the data has no held-out test split to compare candidate and live run on")
     result = fed.run(publish=False)

@@ -202,3 +202,41 @@ def test_a_recalibration_may_not_drop_the_live_runs_privacy_or_robustness():
     robust = {**FederationOptions(aggregator="median").settings(0.5, 0).to_dict()}
     assert weakened_protections(robust, FederationOptions().settings(0.5, 0)) == ["--aggregator median (given: mean)"]
     assert weakened_protections({}, plain) == []  # a run recorded before these settings existed
+
+
+def test_stage2_warm_starts_from_the_live_runs_coefficients_unless_cold(ray_session, llama_dir, task_dir, tmp_path):
+    import dataclasses
+
+    from ifedicl.federation_job.recalibrate import _warm_start
+    from ifedicl.model_patches.injection import initial_coefficients
+    from ifedicl.storage.recalibrations import Attempt
+
+    store_dir = tmp_path / "store"
+    live = Federation(str(llama_dir), _source(task_dir), str(store_dir), _settings(1)).run(publish=True)
+    initial = initial_coefficients(live.coefficients.shape[0]).numpy()
+    assert not np.allclose(live.coefficients, initial)  # one round moved Λ
+    store = Store(store_dir)
+    for warm, expected in ((True, live.coefficients), (False, initial)):
+        outcome = recalibrate(
+            str(llama_dir), _source(task_dir), str(store_dir), _settings(0), mode="stage2", margin=1.0, warm_start=warm
+        )
+        a = outcome.attempt
+        assert a.decision == "published", a.reason
+        assert a.metrics.get("warm_start_from") == (live.run_id if warm else None)
+        start = store.coefficients_by_round(a.candidate_run_id)[0]  # round 0: the Λ stage 2 started from
+        np.testing.assert_allclose(start, expected, rtol=0, atol=0)
+    # a live run made with another model is never a starting point: cold start, with the reason recorded
+    stored = store.load_run(TASK, live.run_id)
+    deeper = dataclasses.replace(stored.fingerprint, num_layers=stored.fingerprint.num_layers + 1)
+    attempt = Attempt(attempt_id="x", task=TASK, mode="full", margin=0.0)
+    assert _warm_start(attempt, str(llama_dir), live.run_id, dataclasses.replace(stored, fingerprint=deeper)) is None
+    assert attempt.metrics["warm_start_from"] is None and "another model" in attempt.metrics["cold_start_reason"]
+
+
+def test_a_starting_coefficient_tensor_of_the_wrong_shape_is_refused(llama_dir, task_dir, tmp_path):
+    from ifedicl.kernel.errors import IfediclError
+
+    with pytest.raises(IfediclError, match="starting Λ must be finite with shape"):
+        Federation(
+            str(llama_dir), _source(task_dir), str(tmp_path), _settings(1), start_coefficients=np.ones((1, 2, 2))
+        )
