@@ -103,11 +103,16 @@ class ClientActor:
         return coefficients, result.mean_loss
 
     def _answer(self, key: str, value: np.ndarray, meta: dict, **extra) -> bytes:
-        """The plain upload, or (secure aggregation) only the count, keeping the value for masking."""
+        """The plain upload, or (secure aggregation) only the count, keeping the value for masking.
+
+        In the clear, Λ travels as a fixed binary frame (:func:`~ifedicl.federation_job.wire.encode_coefficients`).
+        """
         num_examples = len(self.client.data)
         if meta.get("secagg"):
             self.pending = value.astype(np.float64) * (num_examples if meta.get("weighted") else 1)
             return wire.encode({}, num_examples=num_examples, **extra)
+        if key == "coefficients":
+            return wire.encode_coefficients(value, num_examples, **extra)
         return wire.encode({key: value}, num_examples=num_examples, **extra)
 
     def _require_method(self, lora: bool) -> None:

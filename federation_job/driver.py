@@ -206,7 +206,9 @@ class Federation:
             config=dataclasses.asdict(config), **plan.instructions,
         )  # fmt: skip
         asked = self.pool.call(at.stage, at.index, "calibrate", plan.requests(request))
-        updates, rejected = strategy.decode(asked.answers, "coefficients", coefficients.shape)
+        updates, rejected = strategy.decode(
+            asked.answers, "coefficients", coefficients.shape, wire.decode_coefficients
+        )  # in the clear, Λ comes as a fixed binary frame
         result = strategy.aggregate(at, updates, reference=coefficients)
         outcome = RoundOutcome.collect(
             round_index, plan.clients, result.used, started,
