@@ -1,18 +1,131 @@
-"""What crosses the wire, compactly: Λ as a fixed binary frame.
+"""What crosses the wire, compactly: stage-1 vectors coded (float32 | float16 | int8), Λ as a fixed frame.
 
-Real encoders and decoders, the real strategy decode.
+Real encoders and decoders, the real strategy decode, a real client actor in process (tiny model).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pytest
 
 from ifedicl.federation_job import wire
+from ifedicl.federation_job.federation_settings import FederationSettings
 from ifedicl.federation_job.strategies import FedAvg
-from ifedicl.kernel.errors import FederationError
+from ifedicl.federation_job.vector_coding import CODINGS, decode_vectors, encode_vectors, upload_reader
+from ifedicl.kernel.errors import FederationError, IfediclError
+from ifedicl.kernel.sources import DataSource
 
-L = 30  # SmolLM2-135M's layers
+L, D = 30, 576  # SmolLM2-135M's shape
+
+
+def _vectors(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(L, 2, D)) * rng.uniform(0.01, 50, size=(L, 2, 1))).astype(np.float32)  # [L, 2, d]
+
+
+# ------------------------------------------------------------------------------------------ vector coding
+def test_each_coding_round_trips_within_its_error_bound():
+    v = _vectors()
+    sizes = {}
+    for coding in CODINGS:
+        arrays = encode_vectors(v, coding)
+        back = decode_vectors(wire.decode(wire.encode(arrays, num_examples=3))[0], coding)
+        assert back.dtype == np.float32 and back.shape == v.shape
+        sizes[coding] = sum(a.nbytes for a in arrays.values())
+        if coding == "float32":
+            assert np.array_equal(back, v)
+        elif coding == "float16":
+            assert np.all(np.abs(back - v) <= 1e-3 * np.abs(v) + 1e-7)  # 11-bit mantissa: rel err <= 2^-11
+        else:
+            scale = arrays["scale"]
+            assert arrays["vectors"].dtype == np.int8 and scale.shape == (L, 2) and scale.dtype == np.float32
+            assert np.all(np.abs(back - v) <= scale[..., None] / 2 * (1 + 1e-5))
+            assert np.all(np.abs(arrays["vectors"]).max(axis=-1) == 127)  # each row's largest value uses the range
+    assert sizes == {"float32": 4 * L * 2 * D, "float16": 2 * L * 2 * D, "int8": L * 2 * D + 4 * L * 2}
+
+
+def test_zero_rows_decode_to_zeros_without_division_by_zero():
+    v = _vectors()
+    v[3, 1] = 0.0
+    v[0] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no divide-by-zero / invalid-cast warnings
+        arrays = encode_vectors(v, "int8")
+        back = decode_vectors(arrays, "int8")
+    assert arrays["scale"][3, 1] == 0 and arrays["scale"][0].tolist() == [0, 0]
+    assert np.all(back[3, 1] == 0) and np.all(back[0] == 0) and np.all(np.isfinite(back))
+    assert np.all(decode_vectors(encode_vectors(np.zeros((2, 2, 8), np.float32), "int8"), "int8") == 0)
+
+
+def test_float16_overflow_is_a_clear_client_error():
+    v = _vectors()
+    v[5, 0, 7] = 1e6
+    with pytest.raises(FederationError, match=r"vector value 1e\+06 overflows float16; use --vector-coding float32"):
+        encode_vectors(v, "float16")
+    v[5, 0, 7] = 65504.0  # float16's largest finite value still fits
+    assert np.isfinite(decode_vectors(encode_vectors(v, "float16"), "float16")).all()
+
+
+def _int8(**replace) -> dict[str, np.ndarray]:
+    arrays = encode_vectors(_vectors(), "int8")
+    arrays.update(replace)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("coding", "arrays", "match"),
+    [
+        ("int8", {"vectors": encode_vectors(_vectors(), "float32")["vectors"]}, r"carries \['scale', 'vectors'\]"),
+        ("int8", _int8(vectors=np.zeros((L, 2, D), np.int16)), "arrived as int16, expected int8"),
+        ("int8", _int8(scale=None), "carries"),  # missing scale
+        ("int8", _int8(scale=np.ones((L, 1), np.float32)), r"scale has shape \(30, 1\), expected \(30, 2\)"),
+        ("int8", _int8(scale=np.ones((L, 2), np.float64)), "scale arrived as float64"),
+        ("int8", _int8(scale=np.full((L, 2), np.nan, np.float32)), "not finite"),
+        ("int8", _int8(scale=np.full((L, 2), -1.0, np.float32)), "non-negative"),
+        ("int8", _int8(vectors=np.full((L, 2, D), -128, np.int8)), r"outside \[-127, 127\]"),
+        ("float16", encode_vectors(_vectors(), "float32"), "arrived as float32, expected float16"),
+        ("float32", encode_vectors(_vectors(), "float16"), "arrived as float16, expected float32"),
+        ("float32", {**encode_vectors(_vectors(), "float32"), "scale": np.ones((L, 2), np.float32)}, "carries"),
+        ("bfloat8", encode_vectors(_vectors(), "float32"), "unknown vector coding 'bfloat8'"),
+    ],
+)
+def test_malformed_coded_uploads_are_rejected(coding, arrays, match):
+    with pytest.raises(FederationError, match=match):
+        decode_vectors(arrays, coding)
+
+
+def test_the_server_records_a_malformed_coded_upload_as_a_rejection_naming_the_client():
+    good = wire.encode(encode_vectors(_vectors(), "int8"), num_examples=4)
+    no_scale = wire.encode({"vectors": encode_vectors(_vectors(), "int8")["vectors"]}, num_examples=4)
+    nan_scale = wire.encode(_int8(scale=np.full((L, 2), np.inf, np.float32)), num_examples=4)
+    answers = {0: good, 1: no_scale, 2: nan_scale}
+    updates, rejected = FedAvg().decode(answers, "vectors", (L, 2, D), upload_reader("int8"))
+    assert [u.client_id for u in updates] == [0] and updates[0].values.dtype == np.float32
+    assert rejected[1].startswith("rejected update: client 1:") and "scale" in rejected[1]
+    assert "client 2" in rejected[2] and "not finite" in rejected[2]
+
+
+def test_settings_validate_the_coding_and_refuse_it_under_secure_aggregation():
+    FederationSettings(vector_coding="int8").validate()
+    with pytest.raises(IfediclError, match="--vector-coding must be one of float32, float16, int8"):
+        FederationSettings(vector_coding="int4").validate()
+    with pytest.raises(IfediclError, match="--vector-coding only applies without --secagg"):
+        FederationSettings(clients=4, min_clients=3, secagg=True, vector_coding="float16").validate()
+    FederationSettings(clients=4, min_clients=3, secagg=True).validate()  # float32 (the default) goes with secagg
+
+
+def test_the_coding_is_part_of_an_evaluation_cell():
+    from ifedicl.evaluation.settings import EvalSettings
+    from ifedicl.federation_job.options import FederationOptions
+
+    changed = FederationOptions(vector_coding="int8").changed()
+    assert changed == {"vector_coding": "int8"}
+    assert FederationOptions(vector_coding="int8").settings(0.5, 0).vector_coding == "int8"
+    base = EvalSettings("m", ["t"])
+    assert EvalSettings("m", ["t"], federation=changed).cell_hash() != base.cell_hash()
+    assert EvalSettings("m", ["t"], federation=FederationOptions().changed()).cell_hash() == base.cell_hash()
 
 
 # ------------------------------------------------------------------------------------------ the Λ frame
@@ -72,3 +185,35 @@ def test_the_server_reads_frames_and_rejects_anything_else_for_lambda():
     assert [(u.client_id, u.num_examples, u.loss) for u in updates] == [(0, 3, 0.5)]
     assert "client 1 sent no Λ frame" in rejected[1] and "non-finite" in rejected[2]
     assert "shape (3, 2, 2)" in rejected[3] and "client 4 sent no Λ frame" in rejected[4]
+
+
+# ------------------------------------------------------------------------------------------ a real client
+def test_a_client_actor_codes_its_vector_upload_and_frames_its_lambda(llama_dir, task_dir):
+    from ifedicl.federation_job.actors import ClientActor
+
+    actor = ClientActor(0, str(llama_dir), str(llama_dir), DataSource(str(task_dir)), list(range(12)))
+    plain = actor.extract(wire.encode({}, batch_size=8))
+    coded = actor.extract(wire.encode({}, batch_size=8, vector_coding="int8"))
+    v = upload_reader("float32")(plain, 0)[0]
+    arrays, meta = wire.decode(coded)
+    back, same = upload_reader("int8")(coded, 0)
+    assert (
+        arrays["vectors"].dtype == np.int8
+        and same["num_examples"] == 12
+        and set(same["compute"])
+        == {
+            "cpu_s",
+            "wall_s",
+        }
+    )
+    assert np.all(np.abs(back - v) <= arrays["scale"][..., None] / 2 * (1 + 1e-5))
+    layers = v.shape[0]
+    assert len(plain) - len(coded) > 3 * v.size - 4 * 2 * layers - 64  # 4 bytes -> 1 per value, plus the scales
+    actor.set_global_vectors(wire.encode({"vectors": back}))
+    start = np.ones((layers, 2, 2), np.float32)
+    answer = actor.calibrate(wire.encode({"coefficients": start}, config={"epochs": 1, "batch_size": 4}, seed=1))
+    assert len(answer) == wire.frame_size(layers) == 16 * layers + 24
+    coefficients, facts = wire.decode_coefficients(answer, 0)
+    assert coefficients.shape == (layers, 2, 2) and np.isfinite(facts["loss"]) and facts["num_examples"] == 12
+    with pytest.raises(FederationError, match="overflows float16"):
+        actor._answer("vectors", np.full((layers, 2, 4), 1e9, np.float32), {"vector_coding": "float16"})
