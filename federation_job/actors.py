@@ -31,6 +31,7 @@ from ifedicl.federation_job.client import CalibrationConfig, Client
 from ifedicl.federation_job.compute import measured
 from ifedicl.federation_job.privacy import ClientPrivacy
 from ifedicl.federation_job.secagg import MaskingClient
+from ifedicl.federation_job.vector_coding import encode_vectors
 from ifedicl.kernel.errors import FederationError
 from ifedicl.kernel.modeling import DTYPES, SharedWeights, load_model, load_tokenizer, model_from_weights
 from ifedicl.kernel.sources import DataSource
@@ -103,12 +104,19 @@ class ClientActor:
         return coefficients, result.mean_loss
 
     def _answer(self, key: str, value: np.ndarray, meta: dict, **extra) -> bytes:
-        """The plain upload, or (secure aggregation) only the count, keeping the value for masking."""
+        """The plain upload, or (secure aggregation) only the count, keeping the value for masking.
+
+        In the clear, vectors travel in the coding the request names (``vector_coding``, after any
+        DP noise) and Λ as a fixed binary frame (:func:`~ifedicl.federation_job.wire.encode_coefficients`).
+        """
         num_examples = len(self.client.data)
         if meta.get("secagg"):
             self.pending = value.astype(np.float64) * (num_examples if meta.get("weighted") else 1)
             return wire.encode({}, num_examples=num_examples, **extra)
-        return wire.encode({key: value}, num_examples=num_examples, **extra)
+        if key == "coefficients":
+            return wire.encode_coefficients(value, num_examples, **extra)
+        arrays = encode_vectors(value, str(meta.get("vector_coding", "float32")))
+        return wire.encode(arrays, num_examples=num_examples, **extra)
 
     def _require_method(self, lora: bool) -> None:
         if (self.lora is not None) != lora:

@@ -33,6 +33,7 @@ from ifedicl.federation_job.privacy import ClientPrivacy
 from ifedicl.federation_job.ray_pool import ClientPool, DispatchHook, GatherHook, ensure_ray, put_shared_weights
 from ifedicl.federation_job.run_summary import held_out_accuracy, summarize
 from ifedicl.federation_job.strategies import RoundId
+from ifedicl.federation_job.vector_coding import upload_reader
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config, load_model, load_tokenizer
 from ifedicl.kernel.sources import DataSource
@@ -187,13 +188,14 @@ class Federation:
         strategy = self.strategies.vectors
         at = RoundId("extract", 0, "stage 1 (context vectors)")
         plan = strategy.configure(self.alive, np.random.default_rng(s.seed))  # all alive: stage 2's rng stays untouched
+        coding = {} if s.vector_coding == "float32" else {"vector_coding": s.vector_coding}  # float32: as before
         request = wire.encode(
             {}, batch_size=s.capture_batch_size, extract_dtype=s.extract_dtype, max_examples=s.stage1_examples,
-            **plan.instructions,
+            **coding, **plan.instructions,
         )  # fmt: skip
         asked = self.pool.call(at.stage, at.index, "extract", plan.requests(request))
         shape = (self.fingerprint.num_layers, 2, self.fingerprint.hidden_size)
-        updates, rejected = strategy.decode(asked.answers, "vectors", shape)
+        updates, rejected = strategy.decode(asked.answers, "vectors", shape, upload_reader(s.vector_coding))
         result = strategy.aggregate(at, updates)
         broadcast = wire.encode({"vectors": result.value})
         # every client that computed vectors gets the global ones (a rejected client may still calibrate)
@@ -222,7 +224,9 @@ class Federation:
             config=dataclasses.asdict(config), **plan.instructions,
         )  # fmt: skip
         asked = self.pool.call(at.stage, at.index, "calibrate", plan.requests(request))
-        updates, rejected = strategy.decode(asked.answers, "coefficients", coefficients.shape)
+        updates, rejected = strategy.decode(
+            asked.answers, "coefficients", coefficients.shape, wire.decode_coefficients
+        )  # in the clear, Λ comes as a fixed binary frame
         result = strategy.aggregate(at, updates, reference=coefficients)
         outcome = RoundOutcome.collect(
             round_index, plan.clients, result.used, started,

@@ -16,6 +16,7 @@ from ifedicl.federation_job.privacy import PrivacySettings
 from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
 from ifedicl.federation_job.secagg import MIN_COHORT, SecureFedAvg, Transport
 from ifedicl.federation_job.strategies import ClientSelection, FedAvg, Strategy
+from ifedicl.federation_job.vector_coding import CODINGS
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import DTYPES
 
@@ -42,6 +43,7 @@ class FederationSettings:
     gpus_per_client: float = 0.0
     dtype: str = "float32"  # weights; calibration needs float32 (I2CL)
     extract_dtype: str = "float32"  # stage-1 forwards under autocast, e.g. bfloat16 on GPUs
+    vector_coding: str = "float32"  # stage-1 upload of v_k on the wire: float32 | float16 | int8 (vector_coding)
     aggregator: str = "mean"  # mean (FedAvg) | trimmed-mean | median, coordinate-wise, vectors and Λ
     trim_fraction: float = 0.1  # trimmed-mean: cut from each end
     reject_norm_factor: float = 10.0  # reject ||update - reference|| > factor * round median (0: off)
@@ -68,6 +70,15 @@ class FederationSettings:
             (
                 self.calibration.objective in OBJECTIVES,
                 f"--objective must be one of {OBJECTIVES} (got {self.calibration.objective})",
+            ),
+            (
+                self.vector_coding in CODINGS,
+                f"--vector-coding must be one of {', '.join(CODINGS)} (got {self.vector_coding!r})",
+            ),
+            (
+                not (self.secagg and self.vector_coding != "float32"),
+                "--vector-coding only applies without --secagg (masked sums are fixed point: "
+                f"got --vector-coding {self.vector_coding})",
             ),
             (self.capture_batch_size >= 1, "--batch-size must be >= 1"),
             (self.stage1_examples is None or self.stage1_examples >= 1, "--stage1-examples must be >= 1"),

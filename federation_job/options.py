@@ -43,6 +43,7 @@ class FederationOptions:
     objective: str | None = None  # None: full-vocab for the Λ methods (I2CL's), label-only for FedAvg-LoRA
     prior_correction: bool = False  # logit adjustment by each client's label prior in the training loss
     extract_dtype: str = "float32"
+    vector_coding: str = "float32"  # stage-1 upload of v_k: float32 | float16 | int8
     aggregator: str = "mean"
     trim_fraction: float = 0.1
     reject_norm_factor: float = 10.0
@@ -93,6 +94,7 @@ class FederationOptions:
                 "cpus_per_client": self.cpus_per_client,
                 "gpus_per_client": self.gpus_per_client,
                 "extract_dtype": self.extract_dtype,
+                "vector_coding": self.vector_coding,
                 "aggregator": self.aggregator,
                 "trim_fraction": self.trim_fraction,
                 "reject_norm_factor": self.reject_norm_factor,

@@ -15,6 +15,7 @@ screen wrapped around any rule, and secure aggregation
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,10 @@ class ClientUpdate:
     values: np.ndarray  # [L, 2, d] vectors or [L, 2, 2] coefficients
     num_examples: int
     loss: float | None = None
+
+
+# How a strategy reads one upload in the clear: (payload, client id) -> (values, wire metadata).
+Reader = Callable[[bytes, int], tuple[np.ndarray, dict]]
 
 
 def sample_clients(available: list[int], fraction: float, min_clients: int, rng: np.random.Generator) -> list[int]:
@@ -117,14 +122,23 @@ class Strategy(ABC):
         return RoundPlan(self.selection.select(available, rng), {"secagg": self.masked, "weighted": self.weighted})
 
     def decode(
-        self, answers: dict[int, object], key: str, shape: tuple[int, ...]
+        self, answers: dict[int, object], key: str, shape: tuple[int, ...], read: Reader | None = None
     ) -> tuple[list[ClientUpdate], dict[int, str]]:
-        """Uploads -> checked updates, and {client: reason} for the undecodable, wrong-shape or non-finite ones."""
+        """Uploads -> checked updates, and {client: reason} for the undecodable, wrong-shape or non-finite ones.
+
+        ``read`` parses an upload in the clear (a coded vector upload, a Λ frame); by default it is
+        the safetensors array named ``key``. Masked answers carry only their count, read as safetensors.
+        """
         updates, rejected = [], {}
         for cid, payload in sorted(answers.items()):
             try:
-                arrays, meta = wire.decode(payload)
-                values = np.zeros(shape, np.float32) if self.masked else arrays[key]  # masked: it comes later
+                if self.masked:  # the value comes later, masked
+                    values, meta = np.zeros(shape, np.float32), wire.decode(payload)[1]
+                elif read is not None:
+                    values, meta = read(payload, cid)
+                else:
+                    arrays, meta = wire.decode(payload)
+                    values = arrays[key]
                 update = ClientUpdate(cid, values, int(meta["num_examples"]), meta.get("loss"))
                 check_update(update, shape)
                 updates.append(update)

@@ -126,3 +126,37 @@ def test_shared_and_per_actor_weights_give_the_same_run(ray_session, llama_dir, 
     shared, own = results["shared"], results["per-actor"]
     assert np.allclose(shared.vectors, own.vectors, atol=1e-6)
     assert np.allclose(shared.coefficients, own.coefficients, atol=1e-5)
+
+
+def test_int8_vector_coding_quarters_stage_one_and_lambda_travels_as_a_frame(
+    ray_session, llama_dir, task_dir, tmp_path
+):
+    """Through Ray: clients upload int8 v_k (+ scales), the server decodes before aggregating; Λ is a frame."""
+    from ifedicl.federation_job import wire
+    from ifedicl.federation_job.vector_coding import upload_reader
+
+    uploads = {}
+
+    def keep_uploads(stage, round_index, results, actors):
+        if stage == "extract":
+            uploads.update(results)
+
+    settings = _settings(clients=2, rounds=1, min_clients=2, vector_coding="int8")
+    fed = Federation(
+        str(llama_dir), DataSource(str(task_dir), max_test=0), str(tmp_path / "store"), settings, None, keep_uploads
+    )
+    result = fed.run()
+    L, d = fed.fingerprint.num_layers, fed.fingerprint.hidden_size
+    assert result.rounds[0].bytes_up == [len(uploads[c]) for c in result.rounds[0].clients_answered]
+    decoded = []
+    for payload in uploads.values():
+        arrays, meta = wire.decode(payload)
+        assert arrays["vectors"].dtype == np.int8 and arrays["scale"].shape == (L, 2)
+        as_float32 = wire.encode({"vectors": arrays["vectors"].astype(np.float32)}, **meta)  # the same upload uncoded
+        saved = len(as_float32) - len(payload)  # 4 bytes -> 1 per value, less the scales and their header entry
+        assert 3 * L * 2 * d - 8 * L - 128 < saved < 3 * L * 2 * d
+        decoded.append(upload_reader("int8")(payload, 0)[0])
+    assert np.allclose(result.vectors, np.mean(decoded, axis=0), atol=1e-6)  # aggregated after decoding
+    assert [b for r in result.rounds[1:] for b in r.bytes_up] == [wire.frame_size(L)] * 2
+    assert len(result.summary["rounds"][1]["client_seconds"]["calibrate"]) == 2  # the frame carries compute
+    assert result.rounds[1].mean_loss is not None and np.isfinite(result.rounds[1].mean_loss)  # and the loss
