@@ -470,6 +470,8 @@ ABLATION_VARIANTS: dict[str, dict] = {
     "MLP only": {"recipe": {"modules": "mlp"}},
     "stage 1: 5 examples per client": {"recipe": {"stage1_examples": 5}},
     "stage 1: 20 examples per client": {"recipe": {"stage1_examples": 20}},
+    "stage 1 coded float16": {"federation": {"vector_coding": "float16"}},
+    "stage 1 coded int8": {"federation": {"vector_coding": "int8"}},
     "12 rounds × ¼ epoch": {"rounds": 12, "local_epochs": 0.25},
     "label-prior correction": {"recipe": {"prior_correction": True}},
     "prior correction + weighted + 12 × ¼": {
