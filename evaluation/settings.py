@@ -99,7 +99,7 @@ class EvalSettings:
 
         if self.objective is not None and self.objective not in OBJECTIVES:
             raise ValueError(f"--objective must be one of {list(OBJECTIVES)} (got {self.objective!r})")
-        from ifedicl.federation_job.client import CalibrationConfig, valid_epochs
+        from ifedicl.federation_job.client import EPOCHS_RULE, CalibrationConfig, valid_epochs
 
         allowed = {f.name for f in dataclasses.fields(CalibrationConfig)} - {"epochs", "objective", "round_index"}
         wrong = sorted(set(self.recipe) - allowed - {"rounds_total", "stage1_examples"})
@@ -124,10 +124,7 @@ class EvalSettings:
             (self.seeds, "--seeds must be >= 1"),
             (self.test_size >= 1, "--test-size must be >= 1"),
             (self.shots >= 1, "--shots must be >= 1"),
-            (
-                valid_epochs(self.local_epochs),
-                "--local-epochs must be a whole number >= 1 or a fraction in (0, 1)",
-            ),
+            (valid_epochs(self.local_epochs), f"--local-epochs must be {EPOCHS_RULE}"),
             (
                 float(self.rounds * self.local_epochs).is_integer(),
                 "--rounds × --local-epochs must be whole passes (I2CL central and local-only train that many epochs)",

@@ -63,6 +63,9 @@ def warmup_cosine(total_steps: int, warmup_fraction: float, lr: float, min_lr: f
     return factor
 
 
+EPOCHS_RULE = "a whole number >= 1 or a fraction in (0, 1)"  # what valid_epochs accepts, for error messages
+
+
 def valid_epochs(epochs: float) -> bool:
     """A whole number of passes, or a fraction of one (a window per round); nothing in between."""
     return epochs > 0 and (epochs < 1 or float(epochs).is_integer())
@@ -76,7 +79,7 @@ def round_passes(num_examples: int, config: CalibrationConfig, order_rng: random
     rounds take consecutive windows and every example is used once per 1/f rounds).
     """
     if not valid_epochs(config.epochs):
-        raise ValueError(f"local epochs must be a whole number >= 1 or a fraction in (0, 1) (got {config.epochs})")
+        raise ValueError(f"local epochs must be {EPOCHS_RULE} (got {config.epochs})")
     if config.epochs >= 1:
         passes = []
         for _ in range(int(config.epochs)):

@@ -69,10 +69,7 @@ class Federation:
         settings: FederationSettings,
         after_dispatch: DispatchHook | None = None,
         after_gather: GatherHook | None = None,
-        start_coefficients: np.ndarray | None = None,
     ):
-        """``start_coefficients`` [L, 2, 2]: the Λ stage 2 starts from (a recalibration warm-starts from the live
-        run's); None: the initial Λ (λ=0.1, β=1)."""
         settings.validate()
         self.model_id = canonical_model_id(model_id)
         self.source = source
@@ -84,7 +81,7 @@ class Federation:
         self.tokenizer = load_tokenizer(model_id)
         label_token_ids(self.data.task, self.tokenizer)  # fail early on labels sharing a first token
         self.fingerprint = fingerprint(self.model_id, load_config(model_id))
-        self.start_coefficients = self._checked_start(start_coefficients)
+        self.start_coefficients = initial_coefficients(self.fingerprint.num_layers).numpy()  # [L, 2, 2]
         self.shards = dirichlet_partition(
             self.data.train.labels, settings.clients, settings.alpha, settings.seed, settings.min_shard
         )
@@ -95,16 +92,16 @@ class Federation:
         self._driver_model = None
         self.shared_weights: ray.ObjectRef | None = None  # --weights shared: the object each node keeps one copy of
 
-    def _checked_start(self, start: np.ndarray | None) -> np.ndarray:
-        initial = initial_coefficients(self.fingerprint.num_layers).numpy()  # [L, 2, 2]
-        if start is None:
-            return initial
-        start = np.asarray(start, dtype=np.float32)
-        if start.shape != initial.shape or not np.all(np.isfinite(start)):
+    def start_from(self, coefficients: np.ndarray) -> None:
+        """Stage 2 starts from ``coefficients`` [L, 2, 2] instead of the initial Λ (λ=0.1, β=1): a recalibration
+        warm-starts from the live run's."""
+        start = np.asarray(coefficients, dtype=np.float32)
+        expected = self.start_coefficients.shape
+        if start.shape != expected or not np.all(np.isfinite(start)):
             raise IfediclError(
-                f"the starting Λ must be finite with shape {initial.shape} for this model (got {start.shape})"
+                f"the starting Λ must be finite with shape {expected} for this model (got {start.shape})"
             )
-        return start
+        self.start_coefficients = start
 
     @property
     def alive(self) -> set[int]:

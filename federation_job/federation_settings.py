@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ifedicl.federation_job.client import CalibrationConfig, valid_epochs
+from ifedicl.federation_job.client import EPOCHS_RULE, CalibrationConfig, valid_epochs
 from ifedicl.federation_job.objective import OBJECTIVES
 from ifedicl.federation_job.privacy import PrivacySettings
 from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
@@ -56,10 +56,7 @@ class FederationSettings:
             (self.clients >= 1, f"--clients must be >= 1 (got {self.clients})"),
             (self.alpha > 0, f"--alpha must be > 0 (got {self.alpha})"),
             (self.rounds >= 0, f"--rounds must be >= 0 (got {self.rounds})"),
-            (
-                valid_epochs(self.local_epochs),
-                f"--local-epochs must be a whole number >= 1 or a fraction in (0, 1) (got {self.local_epochs})",
-            ),
+            (valid_epochs(self.local_epochs), f"--local-epochs must be {EPOCHS_RULE} (got {self.local_epochs})"),
             (0 < self.fraction <= 1, f"--fraction must be in (0, 1] (got {self.fraction})"),
             (1 <= self.min_clients <= self.clients, f"--min-clients must be in 1..{self.clients}"),
             (self.round_timeout_s > 0, "--round-timeout must be > 0"),

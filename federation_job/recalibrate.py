@@ -38,7 +38,7 @@ from ifedicl.federation_job.client import accuracy
 from ifedicl.federation_job.driver import Federation, FederationSettings
 from ifedicl.federation_job.exchange import log_event
 from ifedicl.kernel.errors import IfediclError
-from ifedicl.kernel.modeling import DTYPES, canonical_model_id, fingerprint, load_config, load_model
+from ifedicl.kernel.modeling import DTYPES, ModelFingerprint, load_model
 from ifedicl.kernel.sources import DataSource
 from ifedicl.model_patches.hf import HFContextModel
 from ifedicl.storage.recalibrations import Attempt, attempts, now, record_attempt
@@ -256,13 +256,12 @@ def weakened_protections(live: dict, settings: FederationSettings) -> list[str]:
     return weaker
 
 
-def _warm_start(attempt: Attempt, model_id: str, live_run_id: str | None, live) -> np.ndarray | None:
+def _warm_start(attempt: Attempt, live_run_id: str | None, live, in_use: ModelFingerprint) -> np.ndarray | None:
     """The live run's Λ to start stage 2 from, or None (no live run, or one made with another model: recorded)."""
     attempt.metrics["warm_start_from"] = None
     if live is None:
         return None
     try:
-        in_use = fingerprint(canonical_model_id(model_id), load_config(model_id))
         check_fingerprint(live_run_id, live.fingerprint, in_use)
     except ModelMismatchError as err:
         attempt.metrics["cold_start_reason"] = str(err)
@@ -295,15 +294,16 @@ def _run_attempt(
             )
     if mode == "stage2" and live_run_id is None:
         raise StoreError(f"task {attempt.task!r} has no published run: stage2 needs its vectors (use --mode full)")
-    live = store.load_run(attempt.task, live_run_id) if live_run_id is not None else None
-    start = _warm_start(attempt, model_id, live_run_id, live) if warm_start else None
+    needs_live = live_run_id is not None and (mode == "stage2" or warm_start)
+    live = store.load_run(attempt.task, live_run_id) if needs_live else None
     if mode == "stage2":
-        fed = Stage2Federation(
-            model_id, source, store_uri, settings, after_dispatch, start_coefficients=start, vectors=live.vectors
-        )
+        fed = Stage2Federation(model_id, source, store_uri, settings, after_dispatch, vectors=live.vectors)
         check_fingerprint(live_run_id, live.fingerprint, fed.fingerprint)
     else:
-        fed = Federation(model_id, source, store_uri, settings, after_dispatch, start_coefficients=start)
+        fed = Federation(model_id, source, store_uri, settings, after_dispatch)
+    start = _warm_start(attempt, live_run_id, live, fed.fingerprint) if warm_start else None
+    if start is not None:
+        fed.start_from(start)
     if not len(fed.data.test):
         raise IfediclError("the data has no held-out test split to compare candidate and live run on")
     result = fed.run(publish=False)

@@ -229,7 +229,8 @@ def test_stage2_warm_starts_from_the_live_runs_coefficients_unless_cold(ray_sess
     stored = store.load_run(TASK, live.run_id)
     deeper = dataclasses.replace(stored.fingerprint, num_layers=stored.fingerprint.num_layers + 1)
     attempt = Attempt(attempt_id="x", task=TASK, mode="full", margin=0.0)
-    assert _warm_start(attempt, str(llama_dir), live.run_id, dataclasses.replace(stored, fingerprint=deeper)) is None
+    other_model = dataclasses.replace(stored, fingerprint=deeper)
+    assert _warm_start(attempt, live.run_id, other_model, stored.fingerprint) is None
     assert attempt.metrics["warm_start_from"] is None and "another model" in attempt.metrics["cold_start_reason"]
 
 
@@ -237,6 +238,4 @@ def test_a_starting_coefficient_tensor_of_the_wrong_shape_is_refused(llama_dir, 
     from ifedicl.kernel.errors import IfediclError
 
     with pytest.raises(IfediclError, match="starting Λ must be finite with shape"):
-        Federation(
-            str(llama_dir), _source(task_dir), str(tmp_path), _settings(1), start_coefficients=np.ones((1, 2, 2))
-        )
+        Federation(str(llama_dir), _source(task_dir), str(tmp_path), _settings(1)).start_from(np.ones((1, 2, 2)))
