@@ -39,6 +39,7 @@ class GridSizes:
     shots: int = 4
     batch_size: int = 16
     threads: int = 1
+    dtype: str = "float32"
     inference_dtype: str = ""
     max_cells: int | None = None
     render_only: bool = False
@@ -47,6 +48,7 @@ class GridSizes:
         """The EvalSettings fields of every cell."""
         return dict(
             threads=self.threads or None,
+            dtype=self.dtype,
             inference_dtype=self.inference_dtype or None,
             clients=self.clients,
             alphas=[self.alpha],
@@ -86,7 +88,8 @@ grid_options = option_set(
         "shots": "demonstrations in few-shot and local ICL prompts",
         "batch_size": "inference batch size",
         "threads": "torch threads in the driver (0: torch's default); 1 is fastest when shared",
-        "inference_dtype": "dtype of the prompt-only methods (default: float32, as the rest)",
+        "dtype": "model dtype of every cell: float32 | bfloat16 (~2.4x faster training on AVX512-bf16 CPUs)",
+        "inference_dtype": "dtype of the prompt-only methods (default: --dtype, as the rest)",
         "max_cells": "compute at most this many cells, then stop (resume later)",
         "render_only": "only rewrite results.json/md and the plots from the cells",
     },
