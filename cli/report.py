@@ -41,6 +41,7 @@ class GridSizes:
     threads: int = 1
     dtype: str = "float32"
     inference_dtype: str = ""
+    workers: int = 1
     max_cells: int | None = None
     render_only: bool = False
 
@@ -90,6 +91,7 @@ grid_options = option_set(
         "threads": "torch threads in the driver (0: torch's default); 1 is fastest when shared",
         "dtype": "model dtype of every cell: float32 | bfloat16 (~2.4x faster training on AVX512-bf16 CPUs)",
         "inference_dtype": "dtype of the prompt-only methods (default: --dtype, as the rest)",
+        "workers": "cells computed at once, each in its own process (federated cells one at a time)",
         "max_cells": "compute at most this many cells, then stop (resume later)",
         "render_only": "only rewrite results.json/md and the plots from the cells",
     },
@@ -99,14 +101,15 @@ grid_options = option_set(
 
 
 def _reproducing(args: list[str]) -> list[str]:
-    """The command line minus what only shapes one session (--max-cells N, --render-only)."""
+    """The command line minus what only shapes one session (--max-cells N, --workers N, --render-only)."""
+    session = ("--max-cells", "--workers")
     out, skip = [], False
     for arg in args:
         if skip:
             skip = False
-        elif arg == "--max-cells":
+        elif arg in session:
             skip = True
-        elif arg != "--render-only" and not arg.startswith("--max-cells="):
+        elif arg != "--render-only" and not arg.startswith(tuple(f"{s}=" for s in session)):
             out.append(arg)
     return out
 
@@ -118,8 +121,10 @@ def _run(spec, out: Path, grid: GridSizes) -> None:
         spec.groups(out)  # validates every group's settings before any work
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    if grid.workers < 1:
+        raise typer.BadParameter(f"--workers must be >= 1 (got {grid.workers})")
     command = shlex.join(["ifedicl", *_reproducing(sys.argv[1:])])
-    run = write_report if grid.render_only else lambda *a: run_grid(*a, max_cells=grid.max_cells)
+    run = write_report if grid.render_only else lambda *a: run_grid(*a, max_cells=grid.max_cells, workers=grid.workers)
     results = run(spec, out, command)
     typer.echo(f"{results['finished']}/{results['total']} cells finished; wrote {out / 'results.md'}")
 

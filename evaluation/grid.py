@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ifedicl.evaluation.cells import CellStore, write_atomic
-from ifedicl.evaluation.settings import METHOD_LABELS, METHODS, Cell, EvalSettings, plan_cells
+from ifedicl.evaluation.settings import FEDERATED, METHOD_LABELS, METHODS, Cell, EvalSettings, plan_cells
 
 TRAINABLE = ("i2cl_central", "local_calibration", "fedavg_lora", "ifedicl")
 PROMPT_ONLY = tuple(m for m in METHODS if m not in TRAINABLE)
@@ -196,49 +196,142 @@ def finished_cells(groups: list[Group]) -> tuple[list[dict], list[tuple[Group, C
     return finished, todo, total
 
 
-def run_grid(spec: GridSpec, out: str | Path, command: str, max_cells: int | None = None, stream=None) -> dict:
-    """Compute the grid's unfinished cells (at most ``max_cells``), seed-major; rewrite the report as blocks finish."""
-    from ifedicl.evaluation.runner import run_cells
+def run_grid(
+    spec: GridSpec,
+    out: str | Path,
+    command: str,
+    max_cells: int | None = None,
+    stream=None,
+    workers: int = 1,
+) -> dict:
+    """Compute the grid's unfinished cells (at most ``max_cells``), seed-major; rewrite the report as blocks finish.
 
+    ``workers`` > 1 computes that many cells at once, each in its own process (see :func:`_run_in_workers`).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1 (got {workers})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     groups = spec.groups(out)
     finished, todo, total = finished_cells(groups)
     progress = Progress(finished, todo, total, stream)
-    budget = max_cells
+    chosen = todo if max_cells is None else todo[: max(0, max_cells)]
+    run = _run_in_workers if workers > 1 and len(chosen) > 1 else _run_in_process
+    computed = run(chosen, progress, lambda: write_report(spec, out, command), workers)
+    results = write_report(spec, out, command)
+    results["run"] = {"cells": total, "computed": computed, "resumed": total - len(todo)}
+    return results
+
+
+def _block(group: Group, cell: Cell) -> tuple:
+    """The unit after which the report files are rewritten: (seed, model, task)."""
+    return cell.seed, group.model, cell.task
+
+
+def _run_in_process(chosen: list[tuple[Group, Cell]], progress: Progress, rewrite, workers: int = 1) -> int:
+    """Compute ``chosen`` here, one (model, task, seed) block at a time, with one Ray for every federated cell."""
+    from ifedicl.evaluation.runner import run_cells
+
     started_ray = False
-    if any(c.method in ("ifedicl", "fedavg_lora") for _, c in todo) and (budget is None or budget > 0):
+    if any(c.method in FEDERATED for _, c in chosen):
         from ifedicl.federation_job.driver import ensure_ray
 
         started_ray = ensure_ray()  # one Ray for the whole report (run_cells reuses it)
     computed = 0
     try:
-        blocks = list(dict.fromkeys((c.seed, g.model, c.task) for g, c in todo))
-        for seed, model, task in blocks:
-            for g in (g for g in groups if g.model == model):
-                if budget is not None and budget <= 0:
-                    break
+        for block in dict.fromkeys(_block(g, c) for g, c in chosen):
+            in_block = [(g, c) for g, c in chosen if _block(g, c) == block]
+            for g in {id(g): g for g, _ in in_block}.values():  # each group once, in order
+                cells = [c for gg, c in in_block if gg is g]
                 _, _, stats = run_cells(
-                    _seed_major(g, seed, task),
+                    _seed_major(g, block[0], block[2]),
                     g.out_dir,
                     before_cell=lambda cell, name, g=g: progress.before(g, cell, name),
                     after_cell=lambda cell, name, record, g=g: progress.after(g, cell, record),
-                    max_cells=budget,
+                    max_cells=len(cells),
                 )
                 computed += stats["computed"]
-                if budget is not None:
-                    budget -= stats["computed"]
-            write_report(spec, out, command)
-            if budget is not None and budget <= 0:
-                break
+            rewrite()
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    results = write_report(spec, out, command)
-    results["run"] = {"cells": total, "computed": computed, "resumed": total - len(todo)}
-    return results
+    return computed
+
+
+def compute_cell(settings: EvalSettings, out_dir: Path, cell: Cell) -> dict:
+    """Compute one cell of a group in this process (a report worker) and return its record.
+
+    The group's settings narrowed to the cell keep its settings hash, so the cell file is the
+    one the serial report would write. A federated cell starts and stops its own Ray.
+    """
+    from ifedicl.evaluation.runner import run_cells
+
+    alphas = settings.alphas if cell.alpha is None else [cell.alpha]
+    narrowed = dataclasses.replace(settings, tasks=[cell.task], seeds=[cell.seed], methods=[cell.method], alphas=alphas)
+    records, _, stats = run_cells(narrowed, out_dir)
+    if stats["cells"] != 1 or not records:
+        raise RuntimeError(f"cell {cell.key} did not finish ({stats})")
+    return records[0]
+
+
+def _quiet_worker() -> None:
+    """Workers share one terminal: their progress bars would interleave, so only the parent reports."""
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"
+
+
+def next_startable(pending: list[tuple[Group, Cell]], running: list[Cell]) -> int | None:
+    """Index of the first pending cell that may start now: a federated cell only while no other runs
+    (each starts its own Ray and ten client actors; two at once would double the peak memory)."""
+    federation_running = any(c.method in FEDERATED for c in running)
+    for i, (_, cell) in enumerate(pending):
+        if cell.method not in FEDERATED or not federation_running:
+            return i
+    return None
+
+
+def _run_in_workers(chosen: list[tuple[Group, Cell]], progress: Progress, rewrite, workers: int) -> int:
+    """Compute ``chosen`` in ``workers`` processes, in seed-major order as far as the federated-cell rule allows.
+
+    Every cell is independent (its own file, written atomically by the worker), so the order only
+    decides which table fills first; the report files are rewritten here, in this process alone,
+    whenever a block's last cell has finished. A cell that fails stops the report after the cells
+    already running have finished and been saved.
+    """
+    import multiprocessing
+    from collections import Counter
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pending = list(chosen)
+    left_in_block = Counter(_block(g, c) for g, c in pending)
+    running: dict = {}  # future -> (group, cell)
+    computed = 0
+    context = multiprocessing.get_context("spawn")  # torch and Ray threads do not survive fork
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_quiet_worker)
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                index = next_startable(pending, [c for _, c in running.values()])
+                if index is None:
+                    break
+                group, cell = pending.pop(index)
+                progress.before(group, cell, Path(cell.task).name)
+                running[pool.submit(compute_cell, group.settings, group.out_dir, cell)] = (group, cell)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                group, cell = running.pop(future)
+                record = future.result()
+                computed += 1
+                progress.after(group, cell, record)
+                left_in_block[_block(group, cell)] -= 1
+                if left_in_block[_block(group, cell)] == 0:
+                    rewrite()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return computed
 
 
 # ---------------------------------------------------------------------------------------------- the report files

@@ -185,3 +185,36 @@ def test_ablation_variants_are_cells_of_their_own(llama_dir, task_dir, tmp_path,
         row = next(x for x in md.splitlines() if x.startswith(f"| {variant} |"))
         assert re.search(r"\d+\.\d ± \d+\.\d / \d+ s", row), row
     assert run_grid(spec, out, "ifedicl ablate --tiny")["run"]["computed"] == 0 and len(calls) == 3
+
+
+def test_workers_write_the_cells_one_process_would(llama_dir, task_dir, tmp_path):
+    """Two worker processes: the deterministic cells equal the serial report's, the federated cell runs its
+    own Ray in its worker, the report files are rewritten by the parent, and a rerun computes nothing."""
+    methods = ["zero_shot", "i2cl_central", "ifedicl"]
+    spec = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=methods)
+    serial_out, parallel_out = tmp_path / "serial", tmp_path / "parallel"
+    run_grid(_spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=methods[:2]), serial_out, COMMAND)
+    parallel = run_grid(spec, parallel_out, COMMAND, workers=2)
+    assert parallel["run"] == {"cells": 3, "computed": 3, "resumed": 0} and parallel["finished"] == 3
+
+    cells = parallel_out / llama_dir.name / "label-only" / "cells"
+    for serial_path in (serial_out / llama_dir.name / "label-only" / "cells").glob("*.json"):
+        serial, twin = json.loads(serial_path.read_text()), json.loads((cells / serial_path.name).read_text())
+        for field in ("settings_hash", "accuracy", "macro_f1", "coefficients"):
+            assert serial.get(field) == twin.get(field), (serial_path.name, field)
+    (federated,) = cells.glob("ifedicl__*.json")
+    assert json.loads(federated.read_text())["cost"]["actors_cpu_s"] > 0
+    assert "IFed-ICL" in (parallel_out / "results.md").read_text()
+    assert run_grid(spec, parallel_out, COMMAND, workers=2)["run"]["computed"] == 0
+    with pytest.raises(ValueError, match="workers"):
+        run_grid(spec, parallel_out, COMMAND, workers=0)
+
+
+def test_workers_run_one_federated_cell_at_a_time():
+    from ifedicl.evaluation.grid import next_startable
+
+    fed, lora, zero = (Cell(m, "/d/subj", 0.5, 0) for m in ("ifedicl", "fedavg_lora", "zero_shot"))
+    assert next_startable([(None, fed), (None, zero)], running=[]) == 0
+    assert next_startable([(None, fed), (None, zero)], running=[lora]) == 1  # skips ahead to a local cell
+    assert next_startable([(None, fed)], running=[zero]) == 0
+    assert next_startable([(None, fed), (None, lora)], running=[fed]) is None
