@@ -569,6 +569,10 @@ ABLATION_VARIANTS: dict[str, dict] = {
     # Not a recipe change but the report's cost: the same cell with the frozen model in bfloat16 (Λ, the
     # vectors' mean and the optimizer stay float32); ~2.4x faster forward+backward on AVX512-bf16 CPUs.
     "bfloat16 model": {"dtype": "bfloat16"},
+    # Item 6: the recalibration after the default federation, on a new split of the clients' data, from the
+    # live Λ or from scratch (same rounds, same client compute; the cell's client CPU is the recalibration's).
+    "recalibration, warm start": {"recipe": {"recalibrate": "warm"}},
+    "recalibration, cold start": {"recipe": {"recalibrate": "cold"}},
     "label-prior correction": {"recipe": {"prior_correction": True}},
     "prior correction + weighted + 12 × ¼": {
         "rounds": 12,

@@ -92,18 +92,56 @@ def local_calibration(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict
     }
 
 
+# A recalibration trains on a new split of the clients' data: the federation's seed plus this.
+RESPLIT_SEED_OFFSET = 1000
+
+
 def ifedicl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
-    """The real Ray federation, then accuracy of the global Λ after every round (round 0 = initial Λ)."""
+    """The real Ray federation, then accuracy of the global Λ after every round (round 0 = initial Λ).
+
+    With ``recipe["recalibrate"]`` the cell is the scheduled recalibration that follows: see :func:`_recalibrated`.
+    """
     from ifedicl.federation_job.driver import Federation
+
+    objective = mc.settings.objective_for(cell.method)
+    result = Federation(mc.model_id, task.source, mc.store_uri, federation_settings(mc, cell)).run(publish=False)
+    per_round = _per_round(mc, task, result)
+    cell_record = {**federated_cell(result, per_round, objective), "coefficients": result.coefficients.tolist()}
+    start = mc.settings.recipe.get("recalibrate")
+    return _recalibrated(mc, task, cell, result, cell_record, start) if start else cell_record
+
+
+def _per_round(mc: MethodContext, task: PreparedTask, result) -> list[dict]:
+    """Test accuracy of the run's Λ after every round, read back from the store (round 0 = its starting Λ)."""
     from ifedicl.storage.store import Store
 
-    s = mc.settings
-    objective = s.objective_for(cell.method)
-    settings = federation_settings(mc, cell)
-    result = Federation(mc.model_id, task.source, mc.store_uri, settings).run(publish=False)
     by_round = Store(mc.store_uri).coefficients_by_round(result.run_id)
-    per_round = []
-    for r in sorted(by_round):
-        scored = score(mc.ctx, mc.tokenizer, task.spec, task.test, None, result.vectors, by_round[r], s.batch_size)
-        per_round.append({"round": int(r), **scored})
-    return {**federated_cell(result, per_round, objective), "coefficients": result.coefficients.tolist()}
+    s = mc.settings
+    return [
+        {
+            "round": int(r),
+            **score(mc.ctx, mc.tokenizer, task.spec, task.test, None, result.vectors, by_round[r], s.batch_size),
+        }
+        for r in sorted(by_round)
+    ]
+
+
+def _recalibrated(mc: MethodContext, task: PreparedTask, cell: Cell, live, live_record: dict, start: str) -> dict:
+    """The recalibration ``ifedicl recalibrate --mode stage2`` runs after the clients' data changed: Λ alone,
+    on the live run's vectors, over a new split of the data (seed + RESPLIT_SEED_OFFSET), starting from the
+    live Λ (``warm``) or from the initial Λ (``cold``). Both spend the same client compute; the cell records
+    the recalibration (its accuracy, rounds, bytes and client seconds) and the live run it followed."""
+    from ifedicl.federation_job.recalibrate import Stage2Federation
+
+    settings = replace(federation_settings(mc, cell), seed=cell.seed + RESPLIT_SEED_OFFSET)
+    fed = Stage2Federation(mc.model_id, task.source, mc.store_uri, settings, vectors=live.vectors)
+    if start == "warm":
+        fed.start_from(live.coefficients)
+    result = fed.run(publish=False)
+    record = federated_cell(result, _per_round(mc, task, result), live_record["objective"])
+    live_summary = {k: live_record[k] for k in ("accuracy", "run_id", "per_round", "client_cpu_seconds", "comm")}
+    return {
+        **record,
+        "coefficients": result.coefficients.tolist(),
+        "recalibration": {"start": start, "live": live_summary},
+    }

@@ -31,6 +31,10 @@ METHOD_LABELS: dict[str, str] = {
     "fedavg_lora": "FedAvg-LoRA",
     "ifedicl": "IFed-ICL",
 }
+# Recipe keys the harness itself reads (not CalibrationConfig fields): stage-1 examples per client, and a
+# scheduled recalibration after IFed-ICL's federation ("warm": from its Λ, "cold": from the initial Λ).
+HARNESS_RECIPE_KEYS = ("stage1_examples", "rounds_total", "recalibrate")
+RECALIBRATION_STARTS = ("warm", "cold")
 SPLIT_FREE = frozenset({"zero_shot", "few_shot_icl", "i2cl_central"})  # do not depend on α
 FEDERATED = frozenset({"fedavg_lora", "ifedicl"})
 
@@ -88,7 +92,7 @@ class EvalSettings:
         """The CalibrationConfig a Λ method trains with: the recipe's fields over I2CL's defaults."""
         from ifedicl.federation_job.client import CalibrationConfig
 
-        recipe = {k: v for k, v in self.recipe.items() if k not in ("stage1_examples", "rounds_total")}
+        recipe = {k: v for k, v in self.recipe.items() if k not in HARNESS_RECIPE_KEYS}
         for flag, name in (("calib_batch_size", "batch_size"), ("prior_correction", "prior_correction")):
             if flag in self.federation:  # ``eval --calib-batch-size`` / ``--prior-correction``, as ``federate``
                 recipe.setdefault(name, self.federation[flag])
@@ -102,9 +106,13 @@ class EvalSettings:
         from ifedicl.federation_job.client import EPOCHS_RULE, CalibrationConfig, valid_epochs
 
         allowed = {f.name for f in dataclasses.fields(CalibrationConfig)} - {"epochs", "objective", "round_index"}
-        wrong = sorted(set(self.recipe) - allowed - {"rounds_total", "stage1_examples"})
+        wrong = sorted(set(self.recipe) - allowed - set(HARNESS_RECIPE_KEYS))
         if wrong:
-            raise ValueError(f"unknown recipe field(s) {wrong}; choose from {sorted(allowed | {'stage1_examples'})}")
+            raise ValueError(
+                f"unknown recipe field(s) {wrong}; choose from {sorted(allowed | set(HARNESS_RECIPE_KEYS))}"
+            )
+        if self.recipe.get("recalibrate", "warm") not in RECALIBRATION_STARTS:
+            raise ValueError(f"recipe 'recalibrate' must be one of {list(RECALIBRATION_STARTS)}")
         from ifedicl.kernel.modeling import DTYPES
 
         if self.inference_dtype is not None and self.inference_dtype not in DTYPES:

@@ -1,7 +1,7 @@
 """The report grid (``ifedicl report``): atomic cells, resume without recomputation, files rebuilt from cells.
 
-Tiny random Llama, the real harness (real methods, real cell files); one small Ray
-federation for the per-cell cost of a federated method. No accuracy is asserted.
+Tiny random Llama, the real harness (real methods, real cell files); small Ray
+federations for the recalibration cells and the worker processes. No accuracy is asserted.
 """
 
 from __future__ import annotations
@@ -153,19 +153,6 @@ def test_results_are_rebuilt_from_the_cells(llama_dir, task_dir, tmp_path):
     assert (out / llama_dir.name / "label-only" / "results.md").exists()
 
 
-def test_federated_cell_cost_counts_the_client_actors(ray_session, llama_dir, task_dir, tmp_path):
-    spec = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=["ifedicl"])
-    out = tmp_path / "report"
-    run_grid(spec, out, COMMAND)
-    (cell_path,) = (out / llama_dir.name / "label-only" / "cells").glob("ifedicl__*.json")
-    record = json.loads(cell_path.read_text())
-    cost = record["cost"]
-    assert cost["actors_cpu_s"] == pytest.approx(record["client_compute"]["client_cpu_seconds"], abs=1e-3)
-    assert cost["actors_cpu_s"] > 0  # each field is rounded to the millisecond on its own
-    assert cost["cpu_s"] == pytest.approx(cost["process_cpu_s"] + cost["actors_cpu_s"], abs=2e-3)
-    assert record["objective"] == "label-only"
-
-
 def test_ablation_variants_are_cells_of_their_own(llama_dir, task_dir, tmp_path, counted):
     from ifedicl.evaluation.grid import ABLATION_VARIANTS
 
@@ -218,3 +205,35 @@ def test_workers_run_one_federated_cell_at_a_time():
     assert next_startable([(None, fed), (None, zero)], running=[lora]) == 1  # skips ahead to a local cell
     assert next_startable([(None, fed)], running=[zero]) == 0
     assert next_startable([(None, fed), (None, lora)], running=[fed]) is None
+
+
+def test_recalibration_cells_start_from_the_live_or_the_initial_coefficients(
+    ray_session, llama_dir, task_dir, tmp_path
+):
+    """Item 6's ablation: the recalibration that follows the federation, warm (from the live Λ) or cold."""
+    from ifedicl.evaluation.grid import ABLATION_VARIANTS
+
+    variants = {v: ABLATION_VARIANTS[v] for v in ("recalibration, warm start", "recalibration, cold start")}
+    spec = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=["ifedicl"], variants=variants)
+    out = tmp_path / "ablation"
+    assert run_grid(spec, out, "ifedicl ablate --tiny")["finished"] == 2
+    warm, cold = (
+        json.loads(next(out.glob(f"*/label-only/recalibration__{start}_start/cells/*.json")).read_text())
+        for start in ("warm", "cold")
+    )
+    for record, start in ((warm, "warm"), (cold, "cold")):
+        live = record["recalibration"]["live"]
+        assert record["recalibration"]["start"] == start and record["run_id"] != live["run_id"]
+        assert record["comm"]["stage1_up_per_client"] == 0  # stage 2 only: the live run's vectors
+        assert [r["round"] for r in record["per_round"]] == [0, 1] and record["objective"] == "label-only"
+        # A federated cell's cost counts the CPU seconds the client actors measured for themselves.
+        cost = record["cost"]
+        assert cost["actors_cpu_s"] == pytest.approx(record["client_compute"]["client_cpu_seconds"], abs=1e-3)
+        assert cost["actors_cpu_s"] > 0  # each field is rounded to the millisecond on its own
+        assert cost["cpu_s"] == pytest.approx(cost["process_cpu_s"] + cost["actors_cpu_s"], abs=2e-3)
+    # Round 0 of the recalibration scores its starting Λ: the live run's last (warm) or first (cold) one.
+    assert warm["per_round"][0]["accuracy"] == warm["recalibration"]["live"]["per_round"][-1]["accuracy"]
+    assert warm["per_round"][0]["macro_f1"] == warm["recalibration"]["live"]["per_round"][-1]["macro_f1"]
+    assert cold["per_round"][0]["macro_f1"] == cold["recalibration"]["live"]["per_round"][0]["macro_f1"]
+    with pytest.raises(ValueError, match="recalibrate"):
+        _spec(llama_dir, task_dir, base={**BASE, "recipe": {"recalibrate": "tepid"}}).groups(out)
