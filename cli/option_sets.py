@@ -37,7 +37,8 @@ HELP = {
     "(logit adjustment: under label skew a client then learns the balanced classifier, not its own label mix)",
     "extract_dtype": "stage-1 autocast dtype: float32 | bfloat16 | float16",
     "vector_coding": "stage-1 upload of the context vectors on the wire: float32 | float16 (half the bytes) | "
-    "int8 (a quarter: one scale per layer and block); the server decodes to float32. Not with --secagg",
+    "int8 (a quarter: one scale per layer and block; the default); the server decodes to float32. "
+    "With --secagg only float32 (its default there)",
     "aggregator": "mean | trimmed-mean | median (coordinate-wise, vectors and Λ)",
     "trim_fraction": "trimmed-mean: fraction cut from each end",
     "reject_norm_factor": "reject updates with norm > FACTOR x the round's median (vectors; Λ deltas); 0: off",

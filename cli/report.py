@@ -157,7 +157,7 @@ def ablate_command(
     methods: str = typer.Option("ifedicl", help="methods run under every variant (e.g. ifedicl,local_calibration)"),
 ) -> None:
     """IFed-ICL's recipe ablation at a fixed client budget: one resumable cell per (model, task, seed, variant)."""
-    from ifedicl.evaluation.grid import ABLATION_VARIANTS
+    from ifedicl.evaluation.grid import ABLATION_BASE, ABLATION_VARIANTS
 
     chosen = _csv(variants.replace(";", ",")) or list(ABLATION_VARIANTS)
     unknown = [v for v in chosen if v not in ABLATION_VARIANTS]
@@ -165,4 +165,5 @@ def ablate_command(
         raise typer.BadParameter(f"unknown variant(s) {unknown}; choose from {list(ABLATION_VARIANTS)}")
     # every objective runs the variants' methods (the report's "prompt-only methods once" does not apply here)
     spec = grid.spec(models, tasks, seeds, objectives, methods, variants={v: ABLATION_VARIANTS[v] for v in chosen})
+    spec.base.update(ABLATION_BASE)
     _run(spec, out, grid)

@@ -144,14 +144,31 @@ class EvalSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def federation_for_hash(self) -> dict:
+        """The federation flags by their effective values, less those equal to :data:`FEDERATION_HASH_BASELINE`."""
+        from ifedicl.federation_job.vector_coding import default_coding
+
+        effective = {**self.federation}
+        if effective.get("vector_coding") is None:
+            effective["vector_coding"] = default_coding(bool(effective.get("secagg")))
+        return {
+            k: v for k, v in effective.items() if k not in FEDERATION_HASH_BASELINE or FEDERATION_HASH_BASELINE[k] != v
+        }
+
     def cell_hash(self) -> str:
         """Hash of the settings a cell's numbers depend on (not which tasks/α/seeds/methods were asked for)."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("tasks", "alphas", "seeds", "methods")}
         data.pop("threads")
+        data["federation"] = self.federation_for_hash()
         for optional in ("recipe", "inference_dtype", "federation"):
             if not data[optional]:
                 del data[optional]  # the defaults: the same hash as before these settings existed
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# What the federation computed with when the cell hash first covered it. A default changed since enters the
+# hash as its effective value (a new default makes older cells stale); naming this value keeps them current.
+FEDERATION_HASH_BASELINE = {"vector_coding": "float32"}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from ifedicl.federation_job.privacy import PrivacySettings
 from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
 from ifedicl.federation_job.secagg import MIN_COHORT, SecureFedAvg, Transport
 from ifedicl.federation_job.strategies import ClientSelection, FedAvg, Strategy
-from ifedicl.federation_job.vector_coding import CODINGS
+from ifedicl.federation_job.vector_coding import CODINGS, default_coding
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import DTYPES
 
@@ -43,13 +43,18 @@ class FederationSettings:
     gpus_per_client: float = 0.0
     dtype: str = "float32"  # weights; calibration needs float32 (I2CL)
     extract_dtype: str = "float32"  # stage-1 forwards under autocast, e.g. bfloat16 on GPUs
-    vector_coding: str = "float32"  # stage-1 upload of v_k on the wire: float32 | float16 | int8 (vector_coding)
+    # stage-1 upload of v_k on the wire: float32 | float16 | int8; None: int8, float32 under secagg (vector_coding)
+    vector_coding: str | None = None
     aggregator: str = "mean"  # mean (FedAvg) | trimmed-mean | median, coordinate-wise, vectors and Λ
     trim_fraction: float = 0.1  # trimmed-mean: cut from each end
     reject_norm_factor: float = 10.0  # reject ||update - reference|| > factor * round median (0: off)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secagg: bool = False  # pairwise-masked sums: the server sees no single client's vectors or Λ
     adversaries: dict[int, str] = field(default_factory=dict)  # drills/tests: {client: "scale:50,flip"}
+
+    def __post_init__(self) -> None:
+        if self.vector_coding is None:  # resolved here, so the run's recorded settings name the coding it used
+            self.vector_coding = default_coding(self.secagg)
 
     def validate(self) -> None:
         checks = [

@@ -43,7 +43,7 @@ class FederationOptions:
     objective: str | None = None  # None: full-vocab for the Λ methods (I2CL's), label-only for FedAvg-LoRA
     prior_correction: bool = False  # logit adjustment by each client's label prior in the training loss
     extract_dtype: str = "float32"
-    vector_coding: str = "float32"  # stage-1 upload of v_k: float32 | float16 | int8
+    vector_coding: str | None = None  # stage-1 upload of v_k: float32 | float16 | int8 (None: int8; secagg: float32)
     aggregator: str = "mean"
     trim_fraction: float = 0.1
     reject_norm_factor: float = 10.0

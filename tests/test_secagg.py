@@ -102,12 +102,13 @@ def test_secagg_federation_matches_plain_and_survives_a_drop_after_keys(ray_sess
         assert np.abs(masked - secure.vectors).mean() > 1e6
     assert secure.summary["round_bytes_up_per_client"] > 16 * fed.fingerprint.num_layers
 
-    # the same run in the clear, client 2 lost in round 1 too: same vectors and Λ up to fixed-point rounding
+    # the same run in the clear (float32 vectors, as secagg sums them), client 2 lost in round 1 too:
+    # same vectors and Λ up to fixed-point rounding
     def kill_2(stage, round_index, actors):
         if stage == "calibrate" and round_index == 1 and 2 in actors:
             ray.kill(actors[2])
 
-    plain = Federation(str(llama_dir), source, str(tmp_path / "p"), _settings(), kill_2).run()
+    plain = Federation(str(llama_dir), source, str(tmp_path / "p"), _settings(vector_coding="float32"), kill_2).run()
     np.testing.assert_allclose(secure.vectors, plain.vectors, atol=1e-5)
     np.testing.assert_allclose(secure.coefficients, plain.coefficients, atol=1e-5)
 

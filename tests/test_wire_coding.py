@@ -113,18 +113,25 @@ def test_settings_validate_the_coding_and_refuse_it_under_secure_aggregation():
         FederationSettings(vector_coding="int4").validate()
     with pytest.raises(IfediclError, match="--vector-coding only applies without --secagg"):
         FederationSettings(clients=4, min_clients=3, secagg=True, vector_coding="float16").validate()
-    FederationSettings(clients=4, min_clients=3, secagg=True).validate()  # float32 (the default) goes with secagg
+    assert FederationSettings().vector_coding == "int8"  # the default
+    under_secagg = FederationSettings(clients=4, min_clients=3, secagg=True)
+    under_secagg.validate()
+    assert under_secagg.vector_coding == "float32"  # the default under secure aggregation
 
 
 def test_the_coding_is_part_of_an_evaluation_cell():
     from ifedicl.evaluation.settings import EvalSettings
     from ifedicl.federation_job.options import FederationOptions
 
-    changed = FederationOptions(vector_coding="int8").changed()
-    assert changed == {"vector_coding": "int8"}
-    assert FederationOptions(vector_coding="int8").settings(0.5, 0).vector_coding == "int8"
-    base = EvalSettings("m", ["t"])
-    assert EvalSettings("m", ["t"], federation=changed).cell_hash() != base.cell_hash()
+    changed = FederationOptions(vector_coding="float32").changed()
+    assert changed == {"vector_coding": "float32"}
+    assert FederationOptions().settings(0.5, 0).vector_coding == "int8"
+    base = EvalSettings("m", ["t"])  # the default coding, int8
+    assert EvalSettings("m", ["t"], federation={"vector_coding": "int8"}).cell_hash() == base.cell_hash()
+    as_before = EvalSettings("m", ["t"], federation=changed)
+    assert as_before.cell_hash() != base.cell_hash()  # a float32 cell is not an int8 one...
+    assert as_before.federation_for_hash() == {}  # ...and hashes as the cells made before int8 was the default
+    assert EvalSettings("m", ["t"], federation={"secagg": True}).federation_for_hash() == {"secagg": True}
     assert EvalSettings("m", ["t"], federation=FederationOptions().changed()).cell_hash() == base.cell_hash()
 
 
