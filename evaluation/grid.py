@@ -370,6 +370,12 @@ def columns_of(spec: GridSpec) -> list[str]:
     return out
 
 
+BFLOAT16_NOTE = (
+    "Precision: the frozen model computes in bfloat16 (Λ, the LoRA adapters, the vector sums and the optimizers "
+    "stay float32), about half the CPU seconds of float32; in `docs/ablation` the `bfloat16 model` cells scored "
+    "what the float32 cells scored (SmolLM2 × Subj, every seed measured)."
+)
+
 DIFFERENCES = [
     "Models: SmolLM2-135M-Instruct and Gemma-3-270M (4-bit GGUF weights dequantized to float32), not Llama-3-8B / "
     "Qwen2.5-7B: the 8B models do not fit this project's CPU budget; absolute accuracies are therefore lower and "
@@ -421,13 +427,14 @@ def render_report(results: dict) -> str:
         "",
         "## Settings",
         "",
-        f"Models {', '.join(f'`{m}`' for m in spec['models'])}; tasks {', '.join(results['task_names'])}; "
+        f"Models {', '.join(f'`{m}`' for m in spec['models'])}; tasks {', '.join(_safe(t) for t in spec['tasks'])}; "
         f"seeds {spec['seeds']}; objectives {spec['objectives']}.  ",
         ", ".join(f"{k}={v}" for k, v in sorted(base.items())) + ".",
         "",
         "What differs from the paper, and why:",
         "",
         *[f"- {d}" for d in DIFFERENCES],
+        *([f"- {BFLOAT16_NOTE}"] if base.get("dtype") == "bfloat16" else []),
         "",
         "## Accuracy (%), mean ± std over seeds",
         "",

@@ -237,3 +237,25 @@ def test_recalibration_cells_start_from_the_live_or_the_initial_coefficients(
     assert cold["per_round"][0]["macro_f1"] == cold["recalibration"]["live"]["per_round"][0]["macro_f1"]
     with pytest.raises(ValueError, match="recalibrate"):
         _spec(llama_dir, task_dir, base={**BASE, "recipe": {"recalibrate": "tepid"}}).groups(out)
+
+
+def test_the_report_computes_in_bfloat16_and_the_ablation_keeps_its_float32_base(tmp_path):
+    """What ``ifedicl report`` and ``ifedicl ablate`` compute with unless told otherwise (render-only: no cell)."""
+    from typer.testing import CliRunner
+
+    from ifedicl.cli.main import app
+
+    data = tmp_path / "data"
+    for command, expected in (
+        (["report"], {"dtype": "bfloat16", "federation": {}}),
+        (["ablate"], {"dtype": "float32", "federation": {"vector_coding": "float32"}}),
+        (["ablate", "--dtype", "bfloat16"], {"dtype": "bfloat16", "federation": {"vector_coding": "float32"}}),
+    ):
+        out = tmp_path / "_".join(command)
+        args = [*command, "--out", str(out), "--data-dir", str(data), "--render-only"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        base = json.loads((out / "results.json").read_text())["spec"]["base"]
+        assert {k: base.get(k, {}) for k in expected} == expected, command
+    bad = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "x"), "--workers", "0", "--render-only"])
+    assert bad.exit_code == 2 and "--workers must be >= 1" in bad.output
