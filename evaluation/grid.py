@@ -584,8 +584,8 @@ ABLATION_VARIANTS: dict[str, dict] = {
     "bfloat16 model": {"dtype": "bfloat16"},
     # Item 6: the recalibration after the default federation, on a new split of the clients' data, from the
     # live Λ or from scratch (same rounds, same client compute; the cell's client CPU is the recalibration's).
-    "recalibration, warm start": {"recipe": {"recalibrate": "warm"}},
-    "recalibration, cold start": {"recipe": {"recalibrate": "cold"}},
+    "recalibration: warm start": {"recipe": {"recalibrate": "warm"}},
+    "recalibration: cold start": {"recipe": {"recalibrate": "cold"}},
     "label-prior correction": {"recipe": {"prior_correction": True}},
     "prior correction + weighted + 12 × ¼": {
         "rounds": 12,

@@ -157,6 +157,7 @@ def test_ablation_variants_are_cells_of_their_own(llama_dir, task_dir, tmp_path,
     from ifedicl.evaluation.grid import ABLATION_VARIANTS
 
     calls, _ = counted
+    assert not [v for v in ABLATION_VARIANTS if "," in v or ";" in v]  # --variants is a comma-separated list
     variants = {v: ABLATION_VARIANTS[v] for v in ("default", "attention only", "lr 3e-2")}
     spec = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=["i2cl_central"], variants=variants)
     out = tmp_path / "ablation"
@@ -213,7 +214,7 @@ def test_recalibration_cells_start_from_the_live_or_the_initial_coefficients(
     """Item 6's ablation: the recalibration that follows the federation, warm (from the live Λ) or cold."""
     from ifedicl.evaluation.grid import ABLATION_VARIANTS
 
-    variants = {v: ABLATION_VARIANTS[v] for v in ("recalibration, warm start", "recalibration, cold start")}
+    variants = {v: ABLATION_VARIANTS[v] for v in ("recalibration: warm start", "recalibration: cold start")}
     spec = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=["ifedicl"], variants=variants)
     out = tmp_path / "ablation"
     assert run_grid(spec, out, "ifedicl ablate --tiny")["finished"] == 2
