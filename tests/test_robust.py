@@ -96,9 +96,13 @@ def _settings(**kw) -> FederationSettings:
     return FederationSettings(**{**base, **kw})
 
 
-def _honest_mean(uploads: dict[int, bytes], key: str) -> np.ndarray:
+def _honest_mean(uploads: dict[int, bytes], key: str, coding: str = "float32") -> np.ndarray:
+    """The mean the server would take without client 4, of the uploads as the server decodes them."""
     from ifedicl.federation_job import wire
+    from ifedicl.federation_job.vector_coding import upload_reader
 
+    if key == "vectors":  # in the run's stage-1 coding (int8 by default)
+        return np.mean([upload_reader(coding)(p, cid)[0] for cid, p in uploads.items() if cid != 4], axis=0)
     return np.mean([wire.decode(p)[0][key] for cid, p in uploads.items() if cid != 4], axis=0)
 
 
@@ -108,11 +112,12 @@ def _run(llama_dir, task_dir, store, **kw):
     def record(stage, round_index, results, actors):
         seen[(stage, round_index)] = results
 
+    settings = _settings(**kw)
     fed = Federation(
-        str(llama_dir), DataSource(str(task_dir), max_train=50, max_test=0), str(store), _settings(**kw), None, record
+        str(llama_dir), DataSource(str(task_dir), max_train=50, max_test=0), str(store), settings, None, record
     )
     result = fed.run()
-    honest_vectors = _honest_mean(seen[("extract", 0)], "vectors")
+    honest_vectors = _honest_mean(seen[("extract", 0)], "vectors", settings.vector_coding)
     honest_coefficients = _honest_mean(seen[("calibrate", 1)], "coefficients")
     return result, honest_vectors, honest_coefficients
 
