@@ -48,11 +48,11 @@ class GridSizes:
     max_cells: int | None = None
     render_only: bool = False
 
-    def base(self) -> dict:
-        """The EvalSettings fields of every cell."""
+    def base(self, dtype_default: str) -> dict:
+        """The EvalSettings fields of every cell (``dtype_default``: the command's dtype when --dtype is not given)."""
         return dict(
             threads=self.threads or None,
-            dtype=self.dtype or REPORT_DTYPE,
+            dtype=self.dtype or dtype_default,
             inference_dtype=self.inference_dtype or None,
             clients=self.clients,
             alphas=[self.alpha],
@@ -64,7 +64,9 @@ class GridSizes:
             batch_size=self.batch_size,
         )
 
-    def spec(self, models: str, tasks: str, seeds: int, objectives: str, methods: str, **extra):
+    def spec(
+        self, models: str, tasks: str, seeds: int, objectives: str, methods: str, dtype_default=REPORT_DTYPE, **extra
+    ):
         """The grid of cells: comma-separated models, task names under ``data_dir``, objectives and methods."""
         from ifedicl.evaluation.grid import GridSpec
 
@@ -74,7 +76,7 @@ class GridSizes:
             seeds=list(range(seeds)),
             objectives=_csv(objectives),
             methods=_csv(methods),
-            base=self.base(),
+            base=self.base(dtype_default),
             **extra,
         )
 
@@ -161,13 +163,14 @@ def ablate_command(
     methods: str = typer.Option("ifedicl", help="methods run under every variant (e.g. ifedicl,local_calibration)"),
 ) -> None:
     """IFed-ICL's recipe ablation at a fixed client budget: one resumable cell per (model, task, seed, variant)."""
-    from ifedicl.evaluation.grid import ABLATION_BASE, ABLATION_VARIANTS
+    from ifedicl.evaluation.grid import ABLATION_BASE, ABLATION_DTYPE, ABLATION_VARIANTS
 
     chosen = _csv(variants.replace(";", ",")) or list(ABLATION_VARIANTS)
     unknown = [v for v in chosen if v not in ABLATION_VARIANTS]
     if unknown:
         raise typer.BadParameter(f"unknown variant(s) {unknown}; choose from {list(ABLATION_VARIANTS)}")
     # every objective runs the variants' methods (the report's "prompt-only methods once" does not apply here)
-    spec = grid.spec(models, tasks, seeds, objectives, methods, variants={v: ABLATION_VARIANTS[v] for v in chosen})
-    spec.base.update(ABLATION_BASE if grid.dtype else {**ABLATION_BASE, "dtype": "float32"})
+    variant_settings = {v: ABLATION_VARIANTS[v] for v in chosen}
+    spec = grid.spec(models, tasks, seeds, objectives, methods, dtype_default=ABLATION_DTYPE, variants=variant_settings)
+    spec.base.update(ABLATION_BASE)
     _run(spec, out, grid)

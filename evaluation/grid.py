@@ -217,8 +217,11 @@ def run_grid(
     finished, todo, total = finished_cells(groups)
     progress = Progress(finished, todo, total, stream)
     chosen = todo if max_cells is None else todo[: max(0, max_cells)]
-    run = _run_in_workers if workers > 1 and len(chosen) > 1 else _run_in_process
-    computed = run(chosen, progress, lambda: write_report(spec, out, command), workers)
+    rewrite = lambda: write_report(spec, out, command)  # noqa: E731
+    if workers > 1 and len(chosen) > 1:
+        computed = _run_in_workers(chosen, progress, rewrite, workers)
+    else:
+        computed = _run_in_process(chosen, progress, rewrite)
     results = write_report(spec, out, command)
     results["run"] = {"cells": total, "computed": computed, "resumed": total - len(todo)}
     return results
@@ -229,7 +232,7 @@ def _block(group: Group, cell: Cell) -> tuple:
     return cell.seed, group.model, cell.task
 
 
-def _run_in_process(chosen: list[tuple[Group, Cell]], progress: Progress, rewrite, workers: int = 1) -> int:
+def _run_in_process(chosen: list[tuple[Group, Cell]], progress: Progress, rewrite) -> int:
     """Compute ``chosen`` here, one (model, task, seed) block at a time, with one Ray for every federated cell."""
     from ifedicl.evaluation.runner import run_cells
 
@@ -243,13 +246,12 @@ def _run_in_process(chosen: list[tuple[Group, Cell]], progress: Progress, rewrit
         for block in dict.fromkeys(_block(g, c) for g, c in chosen):
             in_block = [(g, c) for g, c in chosen if _block(g, c) == block]
             for g in {id(g): g for g, _ in in_block}.values():  # each group once, in order
-                cells = [c for gg, c in in_block if gg is g]
                 _, _, stats = run_cells(
                     _seed_major(g, block[0], block[2]),
                     g.out_dir,
                     before_cell=lambda cell, name, g=g: progress.before(g, cell, name),
                     after_cell=lambda cell, name, record, g=g: progress.after(g, cell, record),
-                    max_cells=len(cells),
+                    max_cells=sum(gg is g for gg, _ in in_block),
                 )
                 computed += stats["computed"]
             rewrite()
@@ -561,6 +563,7 @@ def render_report(results: dict) -> str:
 # int8: its base keeps float32, so each variant differs from "default" by its one change ("stage 1 coded int8"
 # is the int8 row) and the cells computed before the switch stay current.
 ABLATION_BASE: dict = {"federation": {"vector_coding": "float32"}}
+ABLATION_DTYPE = "float32"  # the model dtype of its cells unless --dtype says otherwise (the report's: bfloat16)
 
 ABLATION_VARIANTS: dict[str, dict] = {
     # The client compute budget is fixed at the base's rounds × local epochs passes over each client's data;
