@@ -11,7 +11,9 @@ round 1's answers are in (every client alive) it records, for each client: the n
 actor, the shared-memory mapping its model's tensors live in, and its data shard as the actor itself
 read it from disk; for each node: its object store's use; for the shared weights object: its size
 and the nodes holding a copy. With ``--kill-node-pid`` (the `ray start --block` pid of a node) it
-then SIGKILLs every process of that node right after round 2's requests were sent.
+then SIGKILLs every process of that node, before round 2's requests go out: the node is dead when
+round 2 asks its clients. (Killing it after the requests were sent raced them: a tiny model's client
+could answer round 2 first.)
 """
 
 from __future__ import annotations
@@ -124,12 +126,6 @@ def main() -> None:
         cpus_per_client=args.cpus_per_client,
     )
 
-    def after_dispatch(stage, round_index, actors):
-        if stage == "calibrate" and round_index == 2 and args.kill_node_pid:
-            pids = node_processes(args.kill_node_pid)
-            kill_all(pids)  # SIGKILL, all at once: the node dies as a machine would
-            report["killed"] = sorted(pids)
-
     def after_gather(stage, round_index, results, actors):
         if stage == "calibrate" and round_index == 1:
             probes = ray.get([a.__ray_call__.remote(probe_client) for a in actors.values()])
@@ -143,9 +139,13 @@ def main() -> None:
             }
             report["nodes"] = node_report()
             report["probed"] = True
+            if args.kill_node_pid:
+                pids = node_processes(args.kill_node_pid)
+                kill_all(pids)  # SIGKILL, all at once: the node dies as a machine would
+                report["killed"] = sorted(pids)
 
     source = DataSource(args.task_dir, max_test=8)
-    fed = Federation(args.model, source, args.store, settings, after_dispatch, after_gather)
+    fed = Federation(args.model, source, args.store, settings, after_gather=after_gather)
     report["nodes_before"] = node_report() if args.address else {}
     result = fed.run(publish=True)
     data = source.load()

@@ -131,7 +131,7 @@ def test_federate_then_recalibrate_submitted_with_ray_job_submit(cluster, llama_
 
 def test_two_nodes_hold_one_weight_copy_each_and_survive_a_killed_node(cluster, llama_dir, task_dir, tmp_path):
     """Four clients, two per node (two CPUs each, one CPU per client). Round 1 with every client equals
-    the single-node run's round 1; then the worker node is SIGKILLed while round 2 is under way."""
+    the single-node run's round 1; then the worker node is SIGKILLed before round 2 asks its clients."""
     started = time.monotonic()
     reference = tmp_path / "single-node.json"
     # The single-node reference (a local Ray of its own) runs while the two nodes start.
@@ -197,7 +197,7 @@ def test_two_nodes_hold_one_weight_copy_each_and_survive_a_killed_node(cluster, 
     )
     assert single["shards"] == report["shards"]
 
-    # The worker node killed in round 2: its clients dropped and recorded, the round done with the rest.
+    # The worker node killed before round 2: its clients dropped and recorded, the round done with the rest.
     rounds = {r["round"]: r for r in report["rounds"]}
     assert rounds[1]["answered"] == [0, 1, 2, 3]
     assert rounds[2]["answered"] == on_head and len(on_head) >= 2  # --min-clients 2
