@@ -74,8 +74,10 @@ class ClientActor:
     # ------------------------------------------------------------------ local computation
     def _vectors(self, meta: dict) -> np.ndarray:
         """v_k [L, 2, d], clipped per example and noised if this client's policy says so."""
-        autocast = meta.get("extract_dtype")
-        autocast = DTYPES[autocast] if autocast and autocast != self.dtype else None
+        # Autocast only lowers precision: a bfloat16 model asked for float32 forwards runs as it is
+        # (CPU autocast refuses float32 and warned on every batch).
+        extract = meta.get("extract_dtype")
+        autocast = DTYPES[extract] if extract and self.dtype == "float32" and extract != "float32" else None
         clip = self.privacy.vector_clip if self.privacy.vectors_on else None
         limit = meta.get("max_examples")
         vectors = self.client.extract_vectors(
