@@ -156,8 +156,8 @@ class Progress:
             eta_text = f"ETA {_fmt_duration(eta)}"
         guess = self.expected(group, cell)
         self.stream.write(
-            f"[report {self.done + 1}/{self.total}] {group.model} {task_name} seed {cell.seed} "
-            f"{column_label(group.column(cell.method))}: ~{_fmt_duration(guess)}; {eta_text}\n"
+            f"[report {self.done + 1}/{self.total}] {_cell_label(group, cell, task_name)}: "
+            f"~{_fmt_duration(guess)}; {eta_text}\n"
         )
         self.stream.flush()
 
@@ -165,11 +165,17 @@ class Progress:
         self._add(group.model, cell.method, group.column(cell.method), record["cost"]["wall_s"])
         self.todo = [(g, c) for g, c in self.todo if not (g is group and c == cell)]
         self.done += 1
+        # Named: with --workers, the line before this one may be another cell's start.
         self.stream.write(
-            f"[report {self.done}/{self.total}] done in {_fmt_duration(record['cost']['wall_s'])} "
+            f"[report {self.done}/{self.total}] {_cell_label(group, cell, Path(cell.task).name)} "
+            f"done in {_fmt_duration(record['cost']['wall_s'])} "
             f"(cpu {record['cost']['cpu_s']:.0f} s), accuracy {100 * record['accuracy']:.1f}\n"
         )
         self.stream.flush()
+
+
+def _cell_label(group: Group, cell: Cell, task_name: str) -> str:
+    return f"{group.model} {task_name} seed {cell.seed} {column_label(group.column(cell.method))}"
 
 
 def _seed_major(group: Group, seed: int, task: str) -> EvalSettings:

@@ -6,6 +6,7 @@ federations for the recalibration cells and the worker processes. No accuracy is
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -182,8 +183,14 @@ def test_workers_write_the_cells_one_process_would(llama_dir, task_dir, tmp_path
     spec = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=methods)
     serial_out, parallel_out = tmp_path / "serial", tmp_path / "parallel"
     run_grid(_spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=methods[:2]), serial_out, COMMAND)
-    parallel = run_grid(spec, parallel_out, COMMAND, workers=2)
+    progress = io.StringIO()
+    parallel = run_grid(spec, parallel_out, COMMAND, stream=progress, workers=2)
     assert parallel["run"] == {"cells": 3, "computed": 3, "resumed": 0} and parallel["finished"] == 3
+    # Two cells in flight: each "done" line names its own cell, not whichever started last.
+    done = sorted(line.split("] ", 1)[1].split(" done in")[0] for line in progress.getvalue().splitlines()
+                  if " done in " in line)  # fmt: skip
+    labels = ("zero-shot", "I2CL (central) [label-only]", "IFed-ICL [label-only]")
+    assert done == sorted(f"{llama_dir} {task_dir.name} seed 0 {label}" for label in labels), done
 
     cells = parallel_out / llama_dir.name / "label-only" / "cells"
     for serial_path in (serial_out / llama_dir.name / "label-only" / "cells").glob("*.json"):
