@@ -18,9 +18,10 @@ from ifedicl.cli.option_sets import option_set
 
 REPORT_TASKS = "subj,emotion,agnews,sst2,trec"
 REPORT_MODELS = "smollm2-135m,gemma3-270m"
+# What each command computes with unless told otherwise (--dtype, --rounds, --local-epochs).
 # The report computes every cell in bfloat16: in docs/ablation the "bfloat16 model" cells scored what float32
 # scored on Subj (both seeds) and 1.5 points less on Emotion, at about half the client CPU seconds.
-REPORT_DTYPE = "bfloat16"
+REPORT_DEFAULTS = {"dtype": "bfloat16", "rounds": 3, "local_epochs": 1.0}
 
 
 def _csv(value: str) -> list[str]:
@@ -35,8 +36,8 @@ class GridSizes:
     data_dir: Path = Path("../shared/data")
     clients: int = 10
     alpha: float = 0.5
-    rounds: int = 3
-    local_epochs: float = 1
+    rounds: int | None = None
+    local_epochs: float | None = None
     test_size: int = 200
     max_train: int = 600
     shots: int = 4
@@ -48,16 +49,17 @@ class GridSizes:
     max_cells: int | None = None
     render_only: bool = False
 
-    def base(self, dtype_default: str) -> dict:
-        """The EvalSettings fields of every cell (``dtype_default``: the command's dtype when --dtype is not given)."""
+    def base(self, defaults: dict) -> dict:
+        """The EvalSettings fields of every cell (``defaults``: the command's dtype, rounds and local epochs,
+        where the options do not say)."""
         return dict(
             threads=self.threads or None,
-            dtype=self.dtype or dtype_default,
+            dtype=self.dtype or defaults["dtype"],
             inference_dtype=self.inference_dtype or None,
             clients=self.clients,
             alphas=[self.alpha],
-            rounds=self.rounds,
-            local_epochs=self.local_epochs,
+            rounds=defaults["rounds"] if self.rounds is None else self.rounds,
+            local_epochs=defaults["local_epochs"] if self.local_epochs is None else self.local_epochs,
             test_size=self.test_size,
             max_train=self.max_train or None,
             shots=self.shots,
@@ -65,7 +67,7 @@ class GridSizes:
         )
 
     def spec(
-        self, models: str, tasks: str, seeds: int, objectives: str, methods: str, dtype_default=REPORT_DTYPE, **extra
+        self, models: str, tasks: str, seeds: int, objectives: str, methods: str, defaults=REPORT_DEFAULTS, **extra
     ):
         """The grid of cells: comma-separated models, task names under ``data_dir``, objectives and methods."""
         from ifedicl.evaluation.grid import GridSpec
@@ -76,7 +78,7 @@ class GridSizes:
             seeds=list(range(seeds)),
             objectives=_csv(objectives),
             methods=_csv(methods),
-            base=self.base(dtype_default),
+            base=self.base(defaults),
             **extra,
         )
 
@@ -87,8 +89,9 @@ grid_options = option_set(
         "data_dir": "one task directory per task",
         "clients": "federated clients",
         "alpha": "Dirichlet label-skew α",
-        "rounds": "federated rounds",
-        "local_epochs": "local epochs per round (a fraction f < 1: the next f of each shard per round)",
+        "rounds": "federated rounds (default: the report's recipe, 3 for the ablation)",
+        "local_epochs": "local epochs per round, a fraction f < 1: the next f of each shard per round (default: the "
+        "report's recipe, 1 for the ablation)",
         "test_size": "class-balanced test examples",
         "max_train": "training examples used (0: all)",
         "shots": "demonstrations in few-shot and local ICL prompts",
@@ -163,7 +166,7 @@ def ablate_command(
     methods: str = typer.Option("ifedicl", help="methods run under every variant (e.g. ifedicl,local_calibration)"),
 ) -> None:
     """IFed-ICL's recipe ablation at a fixed client budget: one resumable cell per (model, task, seed, variant)."""
-    from ifedicl.evaluation.grid import ABLATION_BASE, ABLATION_DTYPE, ABLATION_VARIANTS
+    from ifedicl.evaluation.grid import ABLATION_BASE, ABLATION_DEFAULTS, ABLATION_VARIANTS
 
     chosen = _csv(variants.replace(";", ",")) or list(ABLATION_VARIANTS)
     unknown = [v for v in chosen if v not in ABLATION_VARIANTS]
@@ -171,6 +174,6 @@ def ablate_command(
         raise typer.BadParameter(f"unknown variant(s) {unknown}; choose from {list(ABLATION_VARIANTS)}")
     # every objective runs the variants' methods (the report's "prompt-only methods once" does not apply here)
     variant_settings = {v: ABLATION_VARIANTS[v] for v in chosen}
-    spec = grid.spec(models, tasks, seeds, objectives, methods, dtype_default=ABLATION_DTYPE, variants=variant_settings)
+    spec = grid.spec(models, tasks, seeds, objectives, methods, defaults=ABLATION_DEFAULTS, variants=variant_settings)
     spec.base.update(ABLATION_BASE)
     _run(spec, out, grid)

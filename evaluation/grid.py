@@ -569,7 +569,9 @@ def render_report(results: dict) -> str:
 # int8: its base keeps float32, so each variant differs from "default" by its one change ("stage 1 coded int8"
 # is the int8 row) and the cells computed before the switch stay current.
 ABLATION_BASE: dict = {"federation": {"vector_coding": "float32"}}
-ABLATION_DTYPE = "float32"  # the model dtype of its cells unless --dtype says otherwise (the report's: bfloat16)
+# Its cells' model dtype and budget unless --dtype/--rounds/--local-epochs say otherwise: the recipe every
+# variant was first measured against (the report's own defaults are in cli/report.py).
+ABLATION_DEFAULTS = {"dtype": "float32", "rounds": 3, "local_epochs": 1.0}
 
 ABLATION_VARIANTS: dict[str, dict] = {
     # The client compute budget is fixed at the base's rounds × local epochs passes over each client's data;

@@ -248,16 +248,20 @@ def test_recalibration_cells_start_from_the_live_or_the_initial_coefficients(
 
 
 def test_the_report_computes_in_bfloat16_and_the_ablation_keeps_its_float32_base(tmp_path):
-    """What ``ifedicl report`` and ``ifedicl ablate`` compute with unless told otherwise (render-only: no cell)."""
+    """What ``ifedicl report`` and ``ifedicl ablate`` compute with (dtype, budget) unless told otherwise
+    (render-only: no cell)."""
     from typer.testing import CliRunner
 
     from ifedicl.cli.main import app
+    from ifedicl.cli.report import REPORT_DEFAULTS
 
     data = tmp_path / "data"
+    report_recipe = {k: REPORT_DEFAULTS[k] for k in ("rounds", "local_epochs")}
     for command, expected in (
-        (["report"], {"dtype": "bfloat16", "federation": {}}),
-        (["ablate"], {"dtype": "float32", "federation": {"vector_coding": "float32"}}),
+        (["report"], {"dtype": "bfloat16", "federation": {}, **report_recipe}),
+        (["ablate"], {"dtype": "float32", "federation": {"vector_coding": "float32"}, "rounds": 3, "local_epochs": 1}),
         (["ablate", "--dtype", "bfloat16"], {"dtype": "bfloat16", "federation": {"vector_coding": "float32"}}),
+        (["report", "--rounds", "6", "--local-epochs", "0.5"], {"rounds": 6, "local_epochs": 0.5}),
     ):
         out = tmp_path / "_".join(command)
         args = [*command, "--out", str(out), "--data-dir", str(data), "--render-only"]
