@@ -4,7 +4,8 @@ A cell is written atomically (a temp file in the same directory, flushed to disk
 renamed over the final name) only when it has finished, so an interrupted run leaves no
 half cell: a reader sees the whole previous file or the whole new one. A file that does
 not parse, lacks the fields every finished cell has, or was computed under different
-settings (its ``settings_hash`` differs) does not count as finished and is recomputed.
+settings (its ``settings_hash``, :meth:`EvalSettings.cell_hash` for its method, differs) does not
+count as finished and is recomputed.
 Each cell records the code version it was computed with and what it cost.
 """
 
@@ -16,16 +17,16 @@ import os
 import tempfile
 from pathlib import Path
 
-from ifedicl.evaluation.settings import Cell
+from ifedicl.evaluation.settings import Cell, EvalSettings
 
 REQUIRED = ("method", "settings_hash", "accuracy", "macro_f1", "cost")
 
 
 class CellStore:
-    def __init__(self, out_dir: Path, settings_hash: str, code_version: str | None = None):
+    def __init__(self, out_dir: Path, settings: EvalSettings, code_version: str | None = None):
         self.dir = Path(out_dir) / "cells"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.settings_hash = settings_hash
+        self.settings = settings
         self.code_version = code_version
 
     def path(self, cell: Cell) -> Path:
@@ -42,7 +43,7 @@ class CellStore:
             return None
         if not isinstance(record, dict) or any(k not in record for k in REQUIRED):
             return None
-        return record if record.get("settings_hash") == self.settings_hash else None
+        return record if record.get("settings_hash") == self.settings.cell_hash(cell.method) else None
 
     def put(self, cell: Cell, task_name: str, result: dict) -> dict:
         record = {
@@ -51,7 +52,7 @@ class CellStore:
             "location": cell.task,
             "alpha": cell.alpha,
             "seed": cell.seed,
-            "settings_hash": self.settings_hash,
+            "settings_hash": self.settings.cell_hash(cell.method),
             "code_version": self.code_version,
             "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             **result,

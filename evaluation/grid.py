@@ -186,7 +186,7 @@ def finished_cells(groups: list[Group]) -> tuple[list[dict], list[tuple[Group, C
     """(finished records tagged with their group, unfinished (group, cell) in run order, total cells)."""
     from ifedicl.evaluation.report import code_version
 
-    stores = {g.name: CellStore(g.out_dir, g.settings.cell_hash(), code_version()) for g in groups}
+    stores = {g.name: CellStore(g.out_dir, g.settings, code_version()) for g in groups}
     finished, todo, total = [], [], 0
     for seed in groups[0].settings.seeds if groups else []:
         for model in dict.fromkeys(g.model for g in groups):

@@ -83,7 +83,7 @@ def run_cells(
     settings.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    store = CellStore(out_dir, settings.cell_hash(), code_version())
+    store = CellStore(out_dir, settings, code_version())
     cells = plan_cells(settings)
     tasks = {
         loc: prepare_task(loc, settings.max_train, settings.test_size, settings.test_seed) for loc in settings.tasks

@@ -37,6 +37,11 @@ HARNESS_RECIPE_KEYS = ("stage1_examples", "rounds_total", "recalibrate")
 RECALIBRATION_STARTS = ("warm", "cold")
 SPLIT_FREE = frozenset({"zero_shot", "few_shot_icl", "i2cl_central"})  # do not depend on α
 FEDERATED = frozenset({"fedavg_lora", "ifedicl"})
+PROMPT_ONLY = frozenset({"zero_shot", "few_shot_icl", "local_icl"})  # no training: no recipe, no federation
+# The settings only training reads: a prompt-only cell's hash leaves them out, so a new recipe or budget
+# leaves the zero-shot and ICL cells current.
+TRAINING_ONLY = ("rounds", "local_epochs", "lora_rank", "lora_alpha", "lora_lr", "weighted", "objective", "recipe",
+                 "federation")  # fmt: skip
 
 
 @dataclass
@@ -155,14 +160,17 @@ class EvalSettings:
             k: v for k, v in effective.items() if k not in FEDERATION_HASH_BASELINE or FEDERATION_HASH_BASELINE[k] != v
         }
 
-    def cell_hash(self) -> str:
-        """Hash of the settings a cell's numbers depend on (not which tasks/α/seeds/methods were asked for)."""
+    def cell_hash(self, method: str | None = None) -> str:
+        """Hash of the settings ``method``'s cells depend on (not which tasks/α/seeds/methods were asked for);
+        a prompt-only method's leaves out :data:`TRAINING_ONLY`."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("tasks", "alphas", "seeds", "methods")}
         data.pop("threads")
         data["federation"] = self.federation_for_hash()
         for optional in ("recipe", "inference_dtype", "federation"):
             if not data[optional]:
                 del data[optional]  # the defaults: the same hash as before these settings existed
+        if method in PROMPT_ONLY:
+            data = {k: v for k, v in data.items() if k not in TRAINING_ONLY}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -6,6 +6,7 @@ federations for the recalibration cells and the worker processes. No accuracy is
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 from ifedicl.evaluation import runner
 from ifedicl.evaluation.cells import CellStore, write_atomic
 from ifedicl.evaluation.grid import GridSpec, finished_cells, run_grid, write_report
-from ifedicl.evaluation.settings import Cell
+from ifedicl.evaluation.settings import Cell, EvalSettings
 
 BASE = dict(clients=3, alphas=[1.0], rounds=1, test_size=8, shots=2, max_train=24, min_shard=4, batch_size=8)
 COMMAND = "ifedicl report --tiny"
@@ -56,7 +57,8 @@ def counted(monkeypatch):
 
 
 def test_cell_writes_are_atomic_and_half_cells_are_not_finished(tmp_path, monkeypatch):
-    store = CellStore(tmp_path, "hash", "v1")
+    settings = EvalSettings("m", ["/data/subj"])
+    store = CellStore(tmp_path, settings, "v1")
     cell = Cell("zero_shot", "/data/subj", None, 0)
     record = store.put(cell, "subj", {"accuracy": 0.5, "macro_f1": 0.5, "cost": {"wall_s": 1.0}})
     assert store.get(cell) == record and record["code_version"] == "v1"
@@ -83,7 +85,27 @@ def test_cell_writes_are_atomic_and_half_cells_are_not_finished(tmp_path, monkey
     assert store.get(cell) is None
     write_atomic(path, json.dumps(record))
     assert store.get(cell) == record
-    assert CellStore(tmp_path, "other-hash").get(cell) is None
+    assert CellStore(tmp_path, dataclasses.replace(settings, shots=8)).get(cell) is None
+
+
+def test_a_new_training_recipe_leaves_the_prompt_only_cells_finished(tmp_path):
+    """Zero-shot and ICL cells do not depend on rounds, epochs, the recipe or the federation: a change there
+    recomputes only the trainable cells."""
+    settings = EvalSettings("m", ["/data/subj"], rounds=3, local_epochs=1)
+    store = CellStore(tmp_path, settings)
+    done = {"accuracy": 0.5, "macro_f1": 0.5, "cost": {"wall_s": 1.0}}
+    cells = {m: Cell(m, "/data/subj", 0.5, 0) for m in ("zero_shot", "few_shot_icl", "local_icl", "ifedicl")}
+    for cell in cells.values():
+        store.put(cell, "subj", done)
+    changes = {"rounds": 12, "local_epochs": 0.25, "recipe": {"lr": 3e-2}, "weighted": True,
+               "objective": "label-only", "federation": {"vector_coding": "float16"}}  # fmt: skip
+    for name, value in changes.items():
+        changed = CellStore(tmp_path, dataclasses.replace(settings, **{name: value}))
+        for method, cell in cells.items():
+            assert (changed.get(cell) is None) == (method == "ifedicl"), (name, method)
+    for name, value in {"shots": 8, "test_size": 100, "dtype": "bfloat16", "clients": 5}.items():
+        changed = CellStore(tmp_path, dataclasses.replace(settings, **{name: value}))
+        assert all(changed.get(cell) is None for cell in cells.values()), name
 
 
 def test_interrupted_report_resumes_without_recomputing(llama_dir, task_dir, tmp_path, counted):
