@@ -58,7 +58,8 @@ def _print_summary(run_id: str, published: bool, summary: dict) -> None:
     agg = summary.get("aggregation")
     if agg:
         secure = ", secure aggregation" if agg["secagg"] else ""
-        typer.echo(f"  aggregation: {agg['aggregator']}, norm screen x{agg['reject_norm_factor']:g}{secure}")
+        step = f", server lr {agg['server_lr']:g}" if agg.get("server_lr", 1.0) != 1.0 else ""
+        typer.echo(f"  aggregation: {agg['aggregator']}, norm screen x{agg['reject_norm_factor']:g}{secure}{step}")
     for round_index, rejected in summary.get("rejected", {}).items():
         typer.echo(f"  round {round_index} rejected: {rejected}")
     privacy = summary.get("privacy") or {}

@@ -42,6 +42,8 @@ HELP = {
     "aggregator": "mean | trimmed-mean | median (coordinate-wise, vectors and Λ)",
     "trim_fraction": "trimmed-mean: fraction cut from each end",
     "reject_norm_factor": "reject updates with norm > FACTOR x the round's median (vectors; Λ deltas); 0: off",
+    "server_lr": "server learning rate on Λ: each round Λ moves by this times the aggregate's change "
+    "(1: plain FedAvg; > 1 goes further along the clients' consensus)",
     "secagg": "secure aggregation: the server sees only masked sums",
     "dp_vector_epsilon": "DP on the uploaded vectors: ε (one release)",
     "dp_vector_clip": "DP: per-example L2 bound of the [L,2,d] contribution",

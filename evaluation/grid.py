@@ -601,6 +601,8 @@ ABLATION_VARIANTS: dict[str, dict] = {
     "stage 1 coded int8": {"federation": {"vector_coding": "int8"}},
     "12 rounds × ¼ epoch": {"rounds": 12, "local_epochs": 0.25},
     "24 rounds × ⅛ epoch": {"rounds": 24, "local_epochs": 0.125},
+    # FedAvgM's server learning rate (no momentum): each round Λ moves 3× the clients' mean move, at no client cost.
+    "server lr 3": {"federation": {"server_lr": 3.0}},
     # Not a recipe change but the report's cost: the same cell with the frozen model in bfloat16 (Λ, the
     # vectors' mean and the optimizer stay float32); ~2.4x faster forward+backward on AVX512-bf16 CPUs.
     "bfloat16 model": {"dtype": "bfloat16"},

@@ -15,7 +15,7 @@ from ifedicl.federation_job.objective import OBJECTIVES
 from ifedicl.federation_job.privacy import PrivacySettings
 from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
 from ifedicl.federation_job.secagg import MIN_COHORT, SecureFedAvg, Transport
-from ifedicl.federation_job.strategies import ClientSelection, FedAvg, Strategy
+from ifedicl.federation_job.strategies import ClientSelection, FedAvg, ServerStep, Strategy
 from ifedicl.federation_job.vector_coding import CODINGS, default_coding
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import DTYPES
@@ -48,6 +48,7 @@ class FederationSettings:
     aggregator: str = "mean"  # mean (FedAvg) | trimmed-mean | median, coordinate-wise, vectors and Λ
     trim_fraction: float = 0.1  # trimmed-mean: cut from each end
     reject_norm_factor: float = 10.0  # reject ||update - reference|| > factor * round median (0: off)
+    server_lr: float = 1.0  # Λ ← Λ + server_lr·(aggregate − Λ) each round (strategies.ServerStep); 1: plain rule
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secagg: bool = False  # pairwise-masked sums: the server sees no single client's vectors or Λ
     adversaries: dict[int, str] = field(default_factory=dict)  # drills/tests: {client: "scale:50,flip"}
@@ -87,6 +88,7 @@ class FederationSettings:
             (self.aggregator in AGGREGATORS, f"--aggregator must be one of {AGGREGATORS} (got {self.aggregator})"),
             (0 <= self.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
             (self.reject_norm_factor >= 0, "--reject-norm-factor must be >= 0 (0: off)"),
+            (self.server_lr > 0, f"--server-lr must be > 0 (got {self.server_lr})"),
             (
                 not (self.aggregator != "mean" and (self.weighted_vectors or self.weighted_coefficients)),
                 "--weighted only goes with --aggregator mean (robust aggregators are unweighted)",
@@ -139,5 +141,11 @@ def build_strategies(settings: FederationSettings, transport: Transport) -> Roun
 
     return RoundStrategies(
         vectors=build(1.0, settings.weighted_vectors),  # stage 1 asks every client that loaded
-        coefficients=build(settings.fraction, settings.weighted_coefficients),
+        coefficients=server_step(build(settings.fraction, settings.weighted_coefficients), settings.server_lr),
     )
+
+
+def server_step(rule: Strategy, lr: float) -> Strategy:
+    """``rule`` as it is at a server learning rate of 1, else behind a :class:`ServerStep`. Each round's rule
+    only (Λ, and FedAvg-LoRA's adapters, which share it): stage 1's vectors are one mean, not a step."""
+    return rule if lr == 1 else ServerStep(rule, lr)

@@ -47,6 +47,7 @@ class FederationOptions:
     aggregator: str = "mean"
     trim_fraction: float = 0.1
     reject_norm_factor: float = 10.0
+    server_lr: float = 1.0  # Λ ← Λ + server_lr·(aggregate − Λ): FedAvgM's server learning rate, no momentum
     secagg: bool = False
     dp_vector_epsilon: float | None = None
     dp_vector_clip: float = 1.0
@@ -98,6 +99,7 @@ class FederationOptions:
                 "aggregator": self.aggregator,
                 "trim_fraction": self.trim_fraction,
                 "reject_norm_factor": self.reject_norm_factor,
+                "server_lr": self.server_lr,
                 "secagg": self.secagg,
                 "privacy": self.privacy(),
                 **fields,

@@ -61,6 +61,7 @@ def summarize(
             "trim_fraction": settings.trim_fraction,
             "reject_norm_factor": 0.0 if settings.secagg else settings.reject_norm_factor,
             "secagg": settings.secagg,
+            "server_lr": settings.server_lr,
         },
         "rejected": {
             str(r.round): {str(c): why for c, why in r.dropped.items() if why.startswith("rejected")}
