@@ -18,12 +18,6 @@ from ifedicl.cli.option_sets import option_set
 
 REPORT_TASKS = "subj,emotion,agnews,sst2,trec"
 REPORT_MODELS = "smollm2-135m,gemma3-270m"
-# What each command computes with unless told otherwise (--dtype, --rounds, --local-epochs).
-# The report computes every cell in bfloat16: in docs/ablation the "bfloat16 model" cells scored what float32
-# scored on Subj (both seeds) and 1.5 points less on Emotion, at about half the client CPU seconds.
-# Its budget is 3 passes over each client's data as 12 rounds × ¼ epoch, not 3 × 1: in docs/ablation-bfloat16
-# that scored higher at the same client CPU on SmolLM2 × Subj, Emotion, AG News × 3 seeds (RECIPE_NOTE).
-REPORT_DEFAULTS = {"dtype": "bfloat16", "rounds": 12, "local_epochs": 0.25}
 
 
 def _csv(value: str) -> list[str]:
@@ -70,10 +64,11 @@ class GridSizes:
         )
 
     def spec(
-        self, models: str, tasks: str, seeds: int, objectives: str, methods: str, defaults=REPORT_DEFAULTS, **extra
+        self, models: str, tasks: str, seeds: int, objectives: str, methods: str, defaults=None, **extra
     ):
-        """The grid of cells: comma-separated models, task names under ``data_dir``, objectives and methods."""
-        from ifedicl.evaluation.grid import GridSpec
+        """The grid of cells: comma-separated models, task names under ``data_dir``, objectives and methods;
+        ``defaults``: the command's dtype and budget (the report's, :data:`REPORT_DEFAULTS`, unless given)."""
+        from ifedicl.evaluation.grid import REPORT_DEFAULTS, GridSpec
 
         return GridSpec(
             models=_csv(models),
@@ -81,7 +76,7 @@ class GridSizes:
             seeds=list(range(seeds)),
             objectives=_csv(objectives),
             methods=_csv(methods),
-            base=self.base(defaults),
+            base=self.base(defaults or REPORT_DEFAULTS),
             **extra,
         )
 

@@ -275,7 +275,7 @@ def test_the_report_computes_in_bfloat16_and_the_ablation_keeps_its_float32_base
     from typer.testing import CliRunner
 
     from ifedicl.cli.main import app
-    from ifedicl.cli.report import REPORT_DEFAULTS
+    from ifedicl.evaluation.grid import REPORT_DEFAULTS
 
     data = tmp_path / "data"
     report_recipe = {k: REPORT_DEFAULTS[k] for k in ("rounds", "local_epochs")}
