@@ -42,6 +42,9 @@ PROMPT_ONLY = frozenset({"zero_shot", "few_shot_icl", "local_icl"})  # no traini
 # leaves the zero-shot and ICL cells current.
 TRAINING_ONLY = ("rounds", "local_epochs", "lora_rank", "lora_alpha", "lora_lr", "weighted", "objective", "recipe",
                  "federation")  # fmt: skip
+# The methods that train alone, under one schedule over rounds × local epochs (the federation's passes):
+# their hash names the passes, so a new split of the same passes (3 × 1 -> 12 × ¼) leaves their cells current.
+TRAINS_ALONE = frozenset({"i2cl_central", "local_calibration"})
 
 
 @dataclass
@@ -162,7 +165,7 @@ class EvalSettings:
 
     def cell_hash(self, method: str | None = None) -> str:
         """Hash of the settings ``method``'s cells depend on (not which tasks/α/seeds/methods were asked for);
-        a prompt-only method's leaves out :data:`TRAINING_ONLY`."""
+        a prompt-only method's leaves out :data:`TRAINING_ONLY`, one that trains alone names its passes."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("tasks", "alphas", "seeds", "methods")}
         data.pop("threads")
         data["federation"] = self.federation_for_hash()
@@ -171,6 +174,9 @@ class EvalSettings:
                 del data[optional]  # the defaults: the same hash as before these settings existed
         if method in PROMPT_ONLY:
             data = {k: v for k, v in data.items() if k not in TRAINING_ONLY}
+        if method in TRAINS_ALONE:
+            passes = data.pop("rounds") * data.pop("local_epochs")
+            data["passes"] = int(passes) if float(passes).is_integer() else passes
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

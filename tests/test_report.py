@@ -108,6 +108,23 @@ def test_a_new_training_recipe_leaves_the_prompt_only_cells_finished(tmp_path):
         assert all(changed.get(cell) is None for cell in cells.values()), name
 
 
+def test_a_new_split_of_the_same_passes_leaves_the_cells_that_train_alone_finished(tmp_path):
+    """I2CL central and local-only train rounds × local epochs under one schedule: 3 × 1 and 12 × ¼ are the same
+    cell for them (not for IFed-ICL); other passes, or anything else they read, are not."""
+    settings = EvalSettings("m", ["/data/subj"], rounds=3, local_epochs=1)
+    store = CellStore(tmp_path, settings)
+    done = {"accuracy": 0.5, "macro_f1": 0.5, "cost": {"wall_s": 1.0}}
+    cells = {m: Cell(m, "/data/subj", 0.5, 0) for m in ("i2cl_central", "local_calibration", "ifedicl")}
+    for cell in cells.values():
+        store.put(cell, "subj", done)
+    same_passes = CellStore(tmp_path, dataclasses.replace(settings, rounds=12, local_epochs=0.25))
+    for method, cell in cells.items():
+        assert (same_passes.get(cell) is None) == (method == "ifedicl"), method
+    for changes in ({"rounds": 6}, {"local_epochs": 0.5}, {"recipe": {"lr": 3e-2}}, {"objective": "label-only"}):
+        changed = CellStore(tmp_path, dataclasses.replace(settings, **changes))
+        assert all(changed.get(cell) is None for cell in cells.values()), changes
+
+
 def test_interrupted_report_resumes_without_recomputing(llama_dir, task_dir, tmp_path, counted):
     calls, state = counted
     spec = _spec(llama_dir, task_dir)
