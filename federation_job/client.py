@@ -31,7 +31,7 @@ class CalibrationConfig:
     batch_size: int = 2
     warmup_fraction: float = 0.05
     min_lr: float = 1e-5
-    noise_scale: float = 1e-3
+    noise_scale: float | None = None  # training-only noise; None: the model family's (hf.BlockLayout.training_noise)
     # Passes over the local data per round. A fraction f < 1 trains on the next ⌈f·n⌉ examples of one fixed
     # order of the shard each round, so 1/f rounds make one pass: more, cheaper rounds at the same compute.
     epochs: float = 1
@@ -214,11 +214,10 @@ class Client:
         vec = torch.as_tensor(vectors, dtype=torch.float32, device=self.device)
         coeffs = torch.nn.Parameter(torch.as_tensor(coefficients, dtype=torch.float32, device=self.device).clone())
         effective = module_mask(config.modules, coeffs)
+        noise = self.ctx.layout.training_noise if config.noise_scale is None else config.noise_scale
 
         def batch_loss(rows: list[int]) -> torch.Tensor:
-            return self.calibration_loss(
-                vec, effective(coeffs), rows, config.noise_scale, config.objective, config.prior_correction
-            )
+            return self.calibration_loss(vec, effective(coeffs), rows, noise, config.objective, config.prior_correction)
 
         losses = local_epochs([coeffs], len(self.data), config, seed, batch_loss)
         final = effective(coeffs).detach().cpu().numpy()

@@ -33,7 +33,8 @@ def tiny_models(tmp_path_factory, task_dir) -> dict[str, Path]:
     data = load_task_dir(task_dir)
     texts = corpus(data.task, data.train.texts)
     root = tmp_path_factory.mktemp("models")
-    return {family: build_tiny_model(root / family, texts, family, seed=1) for family in ("llama", "qwen2", "gpt2")}
+    families = ("llama", "qwen2", "gemma3", "gpt2")
+    return {family: build_tiny_model(root / family, texts, family, seed=1) for family in families}
 
 
 @pytest.fixture(scope="session")

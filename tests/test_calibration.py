@@ -1,6 +1,7 @@
 """Local calibration trains only Λ and lowers the training loss; batching does not change the math."""
 
 import numpy as np
+import pytest
 import torch
 
 from ifedicl.federation_job.client import CalibrationConfig, Client, warmup_cosine
@@ -27,6 +28,21 @@ def test_calibration_lowers_training_loss_and_keeps_llm_frozen(llama_dir, task_d
     assert result.coefficients.shape == (client.ctx.num_layers, 2, 2)
     assert loss_after < loss_before
     assert all(torch.equal(a, b) for a, b in zip(before_params, client.ctx.model.parameters()))
+
+
+@pytest.mark.parametrize(("family", "family_noise"), [("llama", 1e-3), ("gemma3", 1e-4)])
+def test_training_noise_is_the_model_familys_unless_the_recipe_sets_it(tiny_models, task_dir, family, family_noise):
+    """Gemma 3 calibrates with 1e-4 (1e-3, I2CL's, sank it below zero-shot), Llama with I2CL's 1e-3."""
+    client = _client(tiny_models[family], task_dir, n=8)
+    vectors = client.extract_vectors(batch_size=8)
+    start = initial_coefficients(client.ctx.num_layers).numpy()
+
+    def calibrated(noise_scale):
+        return client.calibrate(vectors, start, CalibrationConfig(noise_scale=noise_scale), seed=0).coefficients
+
+    assert client.ctx.layout.training_noise == family_noise
+    assert np.array_equal(calibrated(None), calibrated(family_noise))
+    assert not np.allclose(calibrated(None), calibrated(0.05))
 
 
 def test_batched_loss_and_gradient_equal_one_at_a_time(llama_dir, task_dir):
