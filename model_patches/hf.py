@@ -32,8 +32,9 @@ class BlockLayout:
     mlp_name: str  # the module whose output is the MLP block's residual update
     # I2CL's training-only noise on the block outputs while Λ is calibrated (``inject``'s ``noise_scale``).
     # 1e-3 is I2CL's (METHOD.md). Gemma 3's normalized residual updates do not tolerate it: on Gemma-3-270M ×
-    # Subj (label-only, 600 examples, 3 passes) centralized I2CL scored 66.5% with 1e-3, below zero-shot (68.0),
-    # and 84.0% with 1e-4 (85.0% with none); SmolLM2's training loss barely moves between 1e-3 and none.
+    # Subj centralized I2CL scored 66.5% (label-only) and 50.0% (full-vocab) with 1e-3, below zero-shot (68.0),
+    # and 85.0% / 81.0% with 1e-4 (85.0 / 80.5 with none; docs/ablation-gemma). SmolLM2's training loss barely
+    # moves between 1e-3 and none, so it keeps I2CL's.
     training_noise: float = 1e-3
 
 
