@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,16 +20,37 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
 STARTED = "Ray runtime started."
+# What a node's log says when a port it was given is already bound.
+_PORT_TAKEN = ("Address already in use", "Failed to start the grpc server")
+
+
+# Fixed ports come from below Linux's ephemeral range (32768-60999 by default): a port the kernel
+# hands out for bind(0) is free only until the next outgoing connection or OS-assigned worker
+# port takes it, which is how a head's GCS once lost its port between the pick and the bind.
+_PORT_RANGE = range(20000, 32000)
+_handed_out: set[int] = set()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now, outside the ephemeral range, never handed out twice by this process."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.choice(_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
 def _stats() -> dict[int, list[str]]:
@@ -154,25 +176,42 @@ class LocalRayCluster:
             args += ["--resources", json.dumps(resources)]
         return args
 
+    def _start(self, name: str, node_args: Callable[[], list[str]], attempts: int = 3) -> RayNode:
+        """Start a node; a port taken between :func:`free_port`'s pick and the bind means fresh ports, not a failure."""
+        for attempt in range(1, attempts + 1):
+            try:
+                node = RayNode(name, node_args(), self.env, self.root / f"{name}.log")
+            except RuntimeError as error:
+                if attempt == attempts or not any(sign in str(error) for sign in _PORT_TAKEN):
+                    raise
+                continue
+            self.nodes.append(node)
+            return node
+        raise AssertionError("unreachable")
+
     def start_head(self, num_cpus: int = 2, resources: dict | None = None, object_store_bytes: int = 200 << 20):
-        port, dashboard = free_port(), free_port()
-        args = [
-            "--head", "--port", str(port),
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-            "--ray-client-server-port", str(free_port()),
-            "--temp-dir", str(self.root / "ray"),
-            *self._node_args(num_cpus, resources, object_store_bytes),
-        ]  # fmt: skip
-        self.nodes.append(RayNode("head", args, self.env, self.root / "head.log"))
-        self.gcs_address = f"127.0.0.1:{port}"
-        self.dashboard_url = f"http://127.0.0.1:{dashboard}"
-        return self.nodes[-1]
+        ports: dict[str, int] = {}
+
+        def head_args() -> list[str]:
+            ports.update(gcs=free_port(), dashboard=free_port())
+            return [
+                "--head", "--port", str(ports["gcs"]),
+                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
+                "--ray-client-server-port", str(free_port()),
+                "--temp-dir", str(self.root / "ray"),
+                *self._node_args(num_cpus, resources, object_store_bytes),
+            ]  # fmt: skip
+
+        node = self._start("head", head_args)
+        self.gcs_address = f"127.0.0.1:{ports['gcs']}"
+        self.dashboard_url = f"http://127.0.0.1:{ports['dashboard']}"
+        return node
 
     def add_worker(self, num_cpus: int = 2, resources: dict | None = None, object_store_bytes: int = 200 << 20):
-        name = f"worker{len(self.nodes)}"
-        args = ["--address", self.gcs_address, *self._node_args(num_cpus, resources, object_store_bytes)]
-        self.nodes.append(RayNode(name, args, self.env, self.root / f"{name}.log"))
-        return self.nodes[-1]
+        return self._start(
+            f"worker{len(self.nodes)}",
+            lambda: ["--address", self.gcs_address, *self._node_args(num_cpus, resources, object_store_bytes)],
+        )
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
