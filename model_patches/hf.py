@@ -31,10 +31,9 @@ class BlockLayout:
     attn_name: str  # the module whose output is the attention block's residual update
     mlp_name: str  # the module whose output is the MLP block's residual update
     # I2CL's training-only noise on the block outputs while Λ is calibrated (``inject``'s ``noise_scale``).
-    # 1e-3 is I2CL's (METHOD.md). Gemma 3's normalized residual updates do not tolerate it: on Gemma-3-270M ×
-    # Subj centralized I2CL scored 66.5% (label-only) and 50.0% (full-vocab) with 1e-3, below zero-shot (68.0),
-    # and 85.0% / 81.0% with 1e-4 (85.0 / 80.5 with none; docs/ablation-gemma). SmolLM2's training loss barely
-    # moves between 1e-3 and none, so it keeps I2CL's.
+    # 1e-3 is I2CL's (METHOD.md). Gemma 3's normalized residual updates do not tolerate it: with 1e-3 its Λ
+    # never trains and centralized I2CL lands below zero-shot; 1e-4 trains as well as none (docs/ablation-gemma
+    # has the numbers). SmolLM2's training loss barely moves between 1e-3 and none, so it keeps I2CL's.
     training_noise: float = 1e-3
 
 
