@@ -121,6 +121,17 @@ def _reproducing(args: list[str]) -> list[str]:
     return out
 
 
+def _warn_slow_dtypes(spec) -> None:
+    """Say before hours of work if a dtype the cells compute in is one this CPU has no fast kernels for."""
+    from ifedicl.kernel.modeling import slow_dtype_reason
+
+    dtypes = {spec.base.get(key) for key in ("dtype", "inference_dtype")}
+    dtypes |= {overrides.get("dtype") for overrides in spec.variants.values()}
+    for dtype in sorted(d for d in dtypes if d):
+        if reason := slow_dtype_reason(dtype):
+            typer.echo(f"warning: {dtype}: {reason}", err=True)
+
+
 def _run(spec, out: Path, grid: GridSizes) -> None:
     from ifedicl.evaluation.grid import run_grid, write_report
 
@@ -130,6 +141,8 @@ def _run(spec, out: Path, grid: GridSizes) -> None:
         raise typer.BadParameter(str(err)) from None
     if grid.workers < 1:
         raise typer.BadParameter(f"--workers must be >= 1 (got {grid.workers})")
+    if not grid.render_only:
+        _warn_slow_dtypes(spec)
     command = shlex.join(["ifedicl", *_reproducing(sys.argv[1:])])
     run = write_report if grid.render_only else lambda *a: run_grid(*a, max_cells=grid.max_cells, workers=grid.workers)
     results = run(spec, out, command)

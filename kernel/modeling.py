@@ -89,6 +89,22 @@ def load_model(model_id: str, dtype: str = "float32", device: str = "cpu") -> nn
     return freeze(model.to(device))
 
 
+def slow_dtype_reason(dtype: str, device: str = "cpu") -> str | None:
+    """Why ``dtype`` computes far slower than float32 on this machine, or None.
+
+    PyTorch's CPU matmuls in bfloat16 are fast only where oneDNN has bfloat16 kernels (AVX512-BF16 or
+    AMX); elsewhere (AVX2-only CPUs) they fall back to scalar code, measured ~100x slower than float32
+    here, which turns a report of hours into weeks. Results are the same, so this is a warning, not an error.
+    """
+    if device != "cpu" or dtype != "bfloat16" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (
+        f"this CPU ({capability}) has no bfloat16 matmul kernels: a bfloat16 model computes roughly 100x slower "
+        "than float32 here (--dtype float32 is the fast choice on this machine; its cells are not the bfloat16 ones)"
+    )
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for param in model.parameters():

@@ -310,3 +310,25 @@ def test_the_report_computes_in_bfloat16_and_the_ablation_keeps_its_float32_base
         assert {k: base.get(k, {}) for k in expected} == expected, command
     bad = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "x"), "--workers", "0", "--render-only"])
     assert bad.exit_code == 2 and "--workers must be >= 1" in bad.output
+
+
+def test_the_report_warns_before_computing_in_a_dtype_this_cpu_is_slow_in(tmp_path):
+    """bfloat16 on a CPU without bfloat16 kernels is ~100x slower than float32: said before any cell runs,
+    and only then (``--max-cells 0``: the command starts, computes nothing; float32 never warns)."""
+    from typer.testing import CliRunner
+
+    from ifedicl.cli.main import app
+    from ifedicl.kernel.modeling import slow_dtype_reason
+
+    def stderr_of(*dtype_args: str) -> str:
+        args = ["report", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path), "--max-cells", "0"]
+        result = CliRunner().invoke(app, [*args, *dtype_args])
+        assert result.exit_code == 0, result.output
+        return result.stderr
+
+    slow = slow_dtype_reason("bfloat16")
+    assert slow is None or "float32" in slow
+    assert ("warning: bfloat16" in stderr_of()) == (slow is not None)  # the report's default dtype
+    assert ("warning: bfloat16" in stderr_of("--dtype", "bfloat16")) == (slow is not None)
+    assert "warning" not in stderr_of("--dtype", "float32")
+    assert slow_dtype_reason("float32") is None and slow_dtype_reason("bfloat16", device="cuda") is None
