@@ -6,6 +6,7 @@ serving tests): the server is exactly what an operator runs, on a loopback port.
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
@@ -15,11 +16,31 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+# Ports come from below Linux's ephemeral range (32768-60999 by default): a port the kernel hands
+# out for bind(0) is free only until the next outgoing connection or OS-assigned port takes it,
+# which is how a Ray head's GCS once lost its port between the pick and the bind.
+PORT_RANGE = range(20000, 32000)
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nobody listens on now, outside the ephemeral range, never handed out twice by this process.
+
+    Someone may still bind it before the caller does: callers that start a server on it retry on
+    "address in use" (``tests/ray_nodes.py``) or fail with the server's own message.
+    """
+    for _ in range(1000):
+        port = random.randrange(PORT_RANGE.start, PORT_RANGE.stop)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
 
 
 class ServeProcess:

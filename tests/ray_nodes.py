@@ -12,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,34 +21,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ifedicl.serving.process import free_port
+
 RAY = str(Path(sys.executable).with_name("ray"))
 STARTED = "Ray runtime started."
 # What a node's log says when a port it was given is already bound.
 _PORT_TAKEN = ("Address already in use", "Failed to start the grpc server")
-
-
-# Fixed ports come from below Linux's ephemeral range (32768-60999 by default): a port the kernel
-# hands out for bind(0) is free only until the next outgoing connection or OS-assigned worker
-# port takes it, which is how a head's GCS once lost its port between the pick and the bind.
-_PORT_RANGE = range(20000, 32000)
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nobody listens on now, outside the ephemeral range, never handed out twice by this process."""
-    rng = random.Random()
-    for _ in range(1000):
-        port = rng.choice(_PORT_RANGE)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
 def _stats() -> dict[int, list[str]]:
@@ -178,16 +154,17 @@ class LocalRayCluster:
 
     def _start(self, name: str, node_args: Callable[[], list[str]], attempts: int = 3) -> RayNode:
         """Start a node; a port taken between :func:`free_port`'s pick and the bind means fresh ports, not a failure."""
-        for attempt in range(1, attempts + 1):
+        for _ in range(attempts - 1):
             try:
                 node = RayNode(name, node_args(), self.env, self.root / f"{name}.log")
+                break
             except RuntimeError as error:
-                if attempt == attempts or not any(sign in str(error) for sign in _PORT_TAKEN):
+                if not any(sign in str(error) for sign in _PORT_TAKEN):
                     raise
-                continue
-            self.nodes.append(node)
-            return node
-        raise AssertionError("unreachable")
+        else:
+            node = RayNode(name, node_args(), self.env, self.root / f"{name}.log")  # the last try: its error is final
+        self.nodes.append(node)
+        return node
 
     def start_head(self, num_cpus: int = 2, resources: dict | None = None, object_store_bytes: int = 200 << 20):
         ports: dict[str, int] = {}
