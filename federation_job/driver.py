@@ -39,7 +39,8 @@ from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config
 from ifedicl.kernel.sources import DataSource
 from ifedicl.kernel.task import label_token_ids
 from ifedicl.model_patches.injection import initial_coefficients
-from ifedicl.storage.store import RoundRecord, Store
+from ifedicl.storage.records import RoundRecord
+from ifedicl.storage.store import Store
 
 __all__ = ["Federation", "FederationResult", "FederationSettings", "ensure_ray"]
 

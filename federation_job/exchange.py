@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ifedicl.storage.store import RoundRecord
+from ifedicl.storage.records import RoundRecord
 
 log = logging.getLogger("ifedicl.federation")
 

@@ -29,7 +29,7 @@ from ifedicl.federation_job.lora import LoraSettings, attach_lora, flatten, load
 from ifedicl.federation_job.strategies import ClientUpdate, RoundId, check_update
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import load_model, model_from_weights
-from ifedicl.storage.store import RoundRecord
+from ifedicl.storage.records import RoundRecord
 
 
 class LoraFederation(Federation):

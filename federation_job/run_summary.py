@@ -17,7 +17,7 @@ from ifedicl.federation_job.privacy import ClientPrivacy, privacy_report
 from ifedicl.federation_job.ray_pool import ClientCompute
 from ifedicl.kernel.data import TaskData
 from ifedicl.model_patches.hf import HFContextModel
-from ifedicl.storage.store import RoundRecord
+from ifedicl.storage.records import RoundRecord
 
 
 def summarize(

@@ -33,6 +33,7 @@ from ifedicl.kernel.modeling import ModelFingerprint
 from ifedicl.kernel.task import TaskSpec
 from ifedicl.model_patches.injection import BLOCKS
 from ifedicl.storage import schema
+from ifedicl.storage.records import RoundRecord
 
 
 class StoreError(IfediclError):
@@ -69,18 +70,6 @@ def _now() -> datetime:
 
 def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    clients_sampled: list[int]
-    clients_answered: list[int]
-    dropped: dict[int, str]
-    mean_loss: float | None
-    bytes_up: list[int]
-    bytes_down: list[int]
-    seconds: float
 
 
 @dataclass
