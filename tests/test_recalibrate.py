@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from datetime import datetime
@@ -30,11 +31,21 @@ def _source(task_dir) -> DataSource:
     return DataSource(str(task_dir), max_train=32, max_test=12)
 
 
-@pytest.fixture()
-def live_store(ray_session, llama_dir, task_dir, tmp_path):
-    """A store whose live run is stage 1 + zero rounds (Λ = identity), published."""
-    store_dir = tmp_path / "store"
+@pytest.fixture(scope="module")
+def published_live_run(ray_session, llama_dir, task_dir, tmp_path_factory):
+    """A store whose live run is stage 1 + zero rounds (Λ = identity), published: federated once per module."""
+    store_dir = tmp_path_factory.mktemp("live") / "store"
     result = Federation(str(llama_dir), _source(task_dir), str(store_dir), _settings(0)).run(publish=True)
+    return store_dir, result
+
+
+@pytest.fixture()
+def live_store(published_live_run, tmp_path):
+    """Each test's own copy of that store (a LanceDB directory copies as files): what one test publishes,
+    the next never sees."""
+    original, result = published_live_run
+    store_dir = tmp_path / "store"
+    shutil.copytree(original, store_dir)
     return store_dir, result
 
 
