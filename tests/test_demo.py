@@ -1,7 +1,7 @@
 """`ifedicl demo` end to end on the real SmolLM2-135M: the run beats zero-shot, and serving agrees.
 
 The one slow real-model federation of the suite (fixed seed, the Subj slice shipped with
-the package, 4 client actors, 3 rounds): it is the README's first command, so it is also
+the package, 200 train texts over 4 client actors, 3 rounds): it is the README's first command, so it is also
 the test that the product does what the README promises. Accuracy is asserted because the
 weights are real and the seed fixed; the margin was measured first (see MEASURED_GAIN).
 """
@@ -18,7 +18,7 @@ from ifedicl.storage.store import Store
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.vllm]
 
-MEASURED_GAIN = 0.13  # IFed-ICL minus zero-shot accuracy measured on this machine; asserted with slack below
+MEASURED_GAIN = 0.165  # IFed-ICL minus zero-shot measured (49.5% -> 66.0%, AVX2 machine); asserted with slack below
 SLACK = 0.05
 
 
