@@ -129,7 +129,9 @@ def test_every_shipped_promql_expression_evaluates_against_a_real_server(tmp_pat
     store_registry.register(RecalibrationCollector(served_store, ttl_s=0))
     store_port = free_port()
     start_http_server(store_port, addr="127.0.0.1", registry=store_registry)
-    with running_server(served_store, serving_models["llama"], tmp_path / "serve.log") as server:
+    # eager: what is scraped does not depend on compilation (~30 s here; test_serving_equivalence covers it)
+    eager = ["--enforce-eager"]
+    with running_server(served_store, serving_models["llama"], tmp_path / "serve.log", extra=eager) as server:
         targets = {"ifedicl-serving": server.port, "ifedicl-store": store_port}
         with running_prometheus(tmp_path, targets) as base:
             _send_traffic(server)
