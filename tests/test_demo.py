@@ -1,8 +1,9 @@
 """`ifedicl demo` end to end on the real SmolLM2-135M: the run beats zero-shot, and serving agrees.
 
 The one slow real-model federation of the suite (fixed seed, the Subj slice shipped with
-the package, 200 train texts over 4 client actors, 3 rounds): it is the README's first command, so it is also
-the test that the product does what the README promises. Accuracy is asserted because the
+the package, 200 train texts over 4 client actors, 3 rounds of label-only calibration on half
+of each shard): it is the README's first command, so it is also the test that the product
+does what the README promises. Accuracy is asserted because the
 weights are real and the seed fixed; the margin was measured first (see MEASURED_GAIN).
 """
 
@@ -21,7 +22,7 @@ from ifedicl.storage.store import Store
 DEMO_TIMEOUT_S = 1500
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(DEMO_TIMEOUT_S + 60)]
 
-MEASURED_GAIN = 0.165  # IFed-ICL minus zero-shot measured (49.5% -> 66.0%, AVX2 machine); asserted with slack below
+MEASURED_GAIN = 0.24  # IFed-ICL minus zero-shot measured (49.5% -> 73.5%, AVX2 machine); asserted with slack below
 SLACK = 0.05
 
 
