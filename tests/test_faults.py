@@ -88,6 +88,7 @@ def test_clients_killed_at_every_stage(ray_session, llama_dir, task_dir, tmp_pat
     assert store.published_run_id(fed.data.task.name) == result.run_id
 
 
+@pytest.mark.exclusive  # the honest clients must answer within the few-second round timeout
 def test_a_stuck_client_is_dropped_at_the_round_timeout_and_the_run_completes(
     ray_session, llama_dir, task_dir, tmp_path
 ):

@@ -21,7 +21,7 @@ from serving_helpers import LONG_TEXT, SHORT_TEXTS, TASKS, metric_values, publis
 
 from ifedicl.storage.store import Store
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.exclusive]  # reloads are timed against the poll interval
 
 POLL_S = 1.0
 SLOT_WAIT_S = 1.0
