@@ -17,8 +17,8 @@ import pytest
 
 from ifedicl.storage.store import Store
 
-# The whole product in one subprocess: 626 s inside a full suite on a 2-core AVX2-only CPU, too close to the
-# suite-wide 900 s (the 400-text demo hit it there); a hung demo still fails at its own limit.
+# The whole product in one subprocess: 804 s beside the other pytest-xdist worker on a 2-core AVX2-only CPU,
+# too close to the suite-wide 900 s; a hung demo still fails at its own limit.
 DEMO_TIMEOUT_S = 1500
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(DEMO_TIMEOUT_S + 60)]
 
