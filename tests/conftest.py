@@ -99,6 +99,13 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    exclusive_units: dict[str, set[bool]] = {}
+    for item in items:
+        exclusive_units.setdefault(work_unit(item.nodeid), set()).add(item.get_closest_marker("exclusive") is not None)
+    if mixed := sorted(unit for unit, flags in exclusive_units.items() if len(flags) > 1):
+        # Else the unit would be scheduled mid-run and its exclusive test would idle both workers.
+        raise pytest.UsageError(f"`exclusive` marks whole modules (pytestmark), not single tests: {mixed}")
+
     def order(item: pytest.Item) -> int:
         if work_unit(item.nodeid) in FIRST:
             return 0

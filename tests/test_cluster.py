@@ -27,7 +27,7 @@ from ifedicl.storage.store import Store
 sys.path.insert(0, str(Path(__file__).parent))
 from ray_nodes import RAY, LocalRayCluster  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive]  # under FAST_HEALTH_CHECKS a node missing 1 s checks is dead
 
 DRIVER = Path(__file__).with_name("cluster_federation.py")
 # Node death is noticed by the GCS health checks (Ray's defaults take ~30 s); a killed node's clients
@@ -129,7 +129,6 @@ def test_federate_then_recalibrate_submitted_with_ray_job_submit(cluster, llama_
     print(f"\njob-submit test: {time.monotonic() - started:.1f}s wall (head start, refused submit, 2 jobs)")
 
 
-@pytest.mark.exclusive  # under FAST_HEALTH_CHECKS a node that misses 1 s health checks is declared dead
 def test_two_nodes_hold_one_weight_copy_each_and_survive_a_killed_node(cluster, llama_dir, task_dir, tmp_path):
     """Four clients, two per node (two CPUs each, one CPU per client). Round 1 with every client equals
     the single-node run's round 1; then the worker node is SIGKILLed before round 2 asks its clients."""
