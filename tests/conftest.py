@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,10 @@ def work_unit(nodeid: str) -> str:
     return SHARED_SERVER.get(module, module)
 
 
+def _exclusive(node: pytest.Item | pytest.Module) -> bool:
+    return node.get_closest_marker("exclusive") is not None
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Whole units to each worker, in collection order (xdist's ``--dist loadgroup`` relies on rewriting node
     ids, which pytest 9 no longer allows, so the grouping lives here)."""
@@ -101,7 +106,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     exclusive_units: dict[str, set[bool]] = {}
     for item in items:
-        exclusive_units.setdefault(work_unit(item.nodeid), set()).add(item.get_closest_marker("exclusive") is not None)
+        exclusive_units.setdefault(work_unit(item.nodeid), set()).add(_exclusive(item))
     if mixed := sorted(unit for unit, flags in exclusive_units.items() if len(flags) > 1):
         # Else the unit would be scheduled mid-run and its exclusive test would idle both workers.
         raise pytest.UsageError(f"`exclusive` marks whole modules (pytestmark), not single tests: {mixed}")
@@ -109,14 +114,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     def order(item: pytest.Item) -> int:
         if work_unit(item.nodeid) in FIRST:
             return 0
-        return 2 if item.get_closest_marker("exclusive") else 1
+        return 2 if _exclusive(item) else 1
 
     items.sort(key=order)  # stable: collection order within each class
 
 
-@pytest.fixture(autouse=True)
-def _exclusive_or_shared(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[None]:
-    """Under xdist, an ``exclusive`` test holds a write lock that every other test holds for reading.
+@contextmanager
+def _test_lock(tmp_path_factory, mode: int) -> Iterator[None]:
+    """Under xdist, the lock every test holds for reading and an ``exclusive`` module holds for writing.
 
     A turnstile keeps a waiting writer from starving: a worker waiting for the write lock holds it,
     so no new reader starts until the writer has had its turn.
@@ -125,7 +130,6 @@ def _exclusive_or_shared(request: pytest.FixtureRequest, tmp_path_factory) -> It
         yield
         return
     shared_dir = tmp_path_factory.getbasetemp().parent  # one directory above every worker's own
-    mode = fcntl.LOCK_EX if request.node.get_closest_marker("exclusive") else fcntl.LOCK_SH
     with open(shared_dir / "turnstile.lock", "a") as turnstile, open(shared_dir / "tests.lock", "a") as lock:
         fcntl.flock(turnstile, fcntl.LOCK_EX)
         fcntl.flock(lock, mode)
@@ -134,3 +138,24 @@ def _exclusive_or_shared(request: pytest.FixtureRequest, tmp_path_factory) -> It
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _exclusive_module(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[None]:
+    """An exclusive module (its unit of work) writes the lock once for all its tests, its servers included,
+    so the other worker never slips a test in between two of them."""
+    if not _exclusive(request.node):
+        yield
+        return
+    with _test_lock(tmp_path_factory, fcntl.LOCK_EX):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _shared(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[None]:
+    """Every other test reads the lock while it runs."""
+    if _exclusive(request.node):  # its module already holds the write lock
+        yield
+        return
+    with _test_lock(tmp_path_factory, fcntl.LOCK_SH):
+        yield
