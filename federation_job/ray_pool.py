@@ -8,6 +8,7 @@ from the request with its reason and never asked again in the run.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -85,12 +86,13 @@ def gather(calls: dict[int, ray.ObjectRef], timeout_s: float, desc: str) -> tupl
 def put_shared_weights(model_id: str, dtype: str) -> tuple[ray.ObjectRef, object]:
     """The weights as one object-store copy per node -> (its ref, a driver-side model aliasing it).
 
-    Loaded in a one-shot worker (max_calls=1): its private copy of the weights dies with the
-    process, and only the object-store copy remains. The driver's own model (for the final
-    evaluation) aliases that copy too, so the node holds one copy of the weights in all.
+    The driver loads them itself and puts them into its node's object store; its private copy dies
+    with that call (the exported buffers were its only references). The model returned for the final
+    evaluation aliases the object-store copy, so the node holds one copy of the weights in all. A loader
+    task would cost a fresh worker process importing torch and transformers (~8 s a run on 2 cores).
     """
-    loader = ray.remote(max_calls=1)(load_shared_weights)
-    ref = loader.remote(model_id, dtype)
+    ref = ray.put(load_shared_weights(model_id, dtype))
+    gc.collect()  # the loaded module's reference cycles, which still hold the private copy's tensors
     return ref, model_from_weights(ray.get(ref))
 
 

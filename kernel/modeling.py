@@ -145,7 +145,7 @@ def export_weights(model: nn.Module) -> SharedWeights:
 
 
 def load_shared_weights(model_id: str, dtype: str = "float32") -> SharedWeights:
-    """Load a model and export it for the object store (run in a short-lived worker)."""
+    """Load a model and export it for the object store (the driver puts it there: ``ray_pool.put_shared_weights``)."""
     return export_weights(load_model(model_id, dtype))
 
 
