@@ -35,13 +35,7 @@ def score(
     if vectors is not None:
         tables = InjectionTables.build([torch.from_numpy(vectors)], [torch.from_numpy(np.asarray(coefficients))])
         index = [1] * len(prompts)
-    # Batches of similar length (padding is wasted compute); predictions are put back in test order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    sorted_probs = predict_proba(
-        ctx, tokenizer, [prompts[i] for i in order], label_token_ids(task, tokenizer), tables, index, batch_size
-    )
-    probs = np.zeros_like(sorted_probs)
-    probs[order] = sorted_probs
+    probs = predict_proba(ctx, tokenizer, prompts, label_token_ids(task, tokenizer), tables, index, batch_size)
     return _metrics(probs, test, task)
 
 
