@@ -96,30 +96,17 @@ def _settings(**kw) -> FederationSettings:
     return FederationSettings(**{**base, **kw})
 
 
-def _honest_mean(uploads: dict[int, bytes], key: str, coding: str = "float32") -> np.ndarray:
-    """The mean the server would take without client 4, of the uploads as the server decodes them."""
+def _uploads(payloads: dict[int, bytes], key: str, coding: str = "float32") -> list[ClientUpdate]:
+    """Every client's upload as the server decodes it, the adversary's (client 4) included."""
     from ifedicl.federation_job import wire
     from ifedicl.federation_job.vector_coding import upload_reader
 
-    if key == "vectors":  # in the run's stage-1 coding (int8 by default)
-        return np.mean([upload_reader(coding)(p, cid)[0] for cid, p in uploads.items() if cid != 4], axis=0)
-    return np.mean([wire.decode(p)[0][key] for cid, p in uploads.items() if cid != 4], axis=0)
+    def value(cid: int, payload: bytes) -> np.ndarray:
+        if key == "vectors":  # in the run's stage-1 coding (int8 by default)
+            return upload_reader(coding)(payload, cid)[0]
+        return wire.decode(payload)[0][key]
 
-
-def _run(llama_dir, task_dir, store, **kw):
-    seen = {}
-
-    def record(stage, round_index, results, actors):
-        seen[(stage, round_index)] = results
-
-    settings = _settings(**kw)
-    fed = Federation(
-        str(llama_dir), DataSource(str(task_dir), max_train=50, max_test=0), str(store), settings, None, record
-    )
-    result = fed.run()
-    honest_vectors = _honest_mean(seen[("extract", 0)], "vectors", settings.vector_coding)
-    honest_coefficients = _honest_mean(seen[("calibrate", 1)], "coefficients")
-    return result, honest_vectors, honest_coefficients
+    return [ClientUpdate(cid, value(cid, p), 10) for cid, p in sorted(payloads.items())]
 
 
 def _gap(a, b) -> float:
@@ -129,13 +116,27 @@ def _gap(a, b) -> float:
 def test_one_adversary_moves_the_mean_but_not_the_median_and_the_screen_rejects_it(
     ray_session, llama_dir, task_dir, tmp_path
 ):
-    plain, hv, hc = _run(llama_dir, task_dir, tmp_path / "mean", aggregator="mean", reject_norm_factor=0.0)
-    assert _gap(plain.vectors, hv) > 5 and _gap(plain.coefficients, hc) > 0.3  # scaled x50, flipped Λ win
+    """One real federation, screened; the mean and the median are taken of the same uploads the server got."""
+    seen = {}
 
-    robust, hv, hc = _run(llama_dir, task_dir, tmp_path / "median", aggregator="median", reject_norm_factor=0.0)
-    assert _gap(robust.vectors, hv) < 0.25 and _gap(robust.coefficients, hc) < 0.05
+    def record(stage, round_index, results, actors):
+        seen[(stage, round_index)] = results
 
-    screened, hv, hc = _run(llama_dir, task_dir, tmp_path / "screen", aggregator="trimmed-mean", trim_fraction=0.0)
+    settings = _settings(aggregator="trimmed-mean", trim_fraction=0.0)
+    source = DataSource(str(task_dir), max_train=50, max_test=0)
+    screened = Federation(str(llama_dir), source, str(tmp_path / "screen"), settings, None, record).run()
+    vectors = _uploads(seen[("extract", 0)], "vectors", settings.vector_coding)
+    coefficients = _uploads(seen[("calibrate", 1)], "coefficients")
+    assert [u.client_id for u in vectors] == [u.client_id for u in coefficients] == [0, 1, 2, 3, 4]
+    hv, hc = (np.mean([u.values for u in ups if u.client_id != 4], axis=0) for ups in (vectors, coefficients))
+
+    mean_vectors, mean_coefficients = (FedAvg().aggregate(ROUND, ups).value for ups in (vectors, coefficients))
+    assert _gap(mean_vectors, hv) > 5 and _gap(mean_coefficients, hc) > 0.3  # scaled x50, flipped Λ win
+    median_vectors, median_coefficients = (
+        CoordinateMedian().aggregate(ROUND, ups).value for ups in (vectors, coefficients)
+    )
+    assert _gap(median_vectors, hv) < 0.25 and _gap(median_coefficients, hc) < 0.05
+
     for record in screened.rounds:
         assert record.clients_answered == [0, 1, 2, 3]
         assert "x round median" in record.dropped[4]
