@@ -30,8 +30,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from ifedicl.kernel.errors import IfediclError
+from ifedicl.kernel.gguf_header import GgufHeaderError, NotGguf, read_header
 
-GGUF_MAGIC = b"GGUF"
 # The identity written into every converted directory; its presence marks the conversion complete.
 SOURCE_FILE = "ifedicl_source.json"
 # general.architecture values whose HF and vLLM layouts the injection supports.
@@ -90,27 +90,31 @@ def file_sha256(path: Path) -> str:
 
 def read_architecture(path: Path) -> str:
     """``general.architecture`` of a GGUF file; a one-line error for a corrupt or truncated one."""
-    from gguf import GGUFReader
-
-    with open(path, "rb") as file:
-        if file.read(4) != GGUF_MAGIC:
-            raise GgufError(f"{path} is not a GGUF file (no GGUF magic); check the path or download it again")
     try:
-        reader = GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        return str(field.contents())
-    except Exception as err:  # truncated tensor data or metadata raise assorted errors
-        raise GgufError(
-            f"{path} is truncated or corrupt ({type(err).__name__}: {err}); download it again "
-            "(for a named model: ifedicl models pull NAME --force)"
-        ) from None
+        header = read_header(path)
+    except NotGguf:
+        raise GgufError(f"{path} is not a GGUF file (no GGUF magic); check the path or download it again") from None
+    except GgufHeaderError as err:
+        raise _corrupt(path, str(err)) from None
+    size = path.stat().st_size
+    if size < header.data_end:
+        raise _corrupt(path, f"{size:,} bytes where its tensors need {header.data_end:,}")
+    architecture = header.metadata.get("general.architecture")
+    if not isinstance(architecture, str):
+        raise _corrupt(path, "no general.architecture")
+    return architecture
+
+
+def _corrupt(path: Path, why: str) -> GgufError:
+    return GgufError(
+        f"{path} is truncated or corrupt ({why}); download it again "
+        "(for a named model: ifedicl models pull NAME --force)"
+    )
 
 
 def _read_add_bos(path: Path) -> bool | None:
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
-    return None if field is None else bool(field.contents())
+    add_bos = read_header(path).metadata.get("tokenizer.ggml.add_bos_token")
+    return None if add_bos is None else bool(add_bos)
 
 
 def converted_dir(gguf_path: str | Path) -> Path:
@@ -153,7 +157,7 @@ def _convert(path: Path, out: Path, source: GgufSource) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         config = AutoConfig.from_pretrained(directory, gguf_file=name)
-        quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, config=config, dtype=torch.float32)
     except Exception as err:
         raise GgufError(f"cannot convert {path.name}: {type(err).__name__}: {err}") from None
     # save_pretrained refuses a GGUF-"quantized" model: rebuild a plain one around the dequantized tensors.

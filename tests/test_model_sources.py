@@ -18,6 +18,7 @@ import pytest
 
 from ifedicl.kernel.errors import IfediclError, TaskSpecError
 from ifedicl.kernel.gguf_cache import SOURCE_FILE, GgufError, converted_dir, source_of
+from ifedicl.kernel.gguf_header import GgufHeaderError, read_header
 from ifedicl.kernel.model_catalog import ModelPackageError, pull
 from ifedicl.kernel.model_source import UnknownModelError, model_identity, resolve_model
 from ifedicl.kernel.modeling import fingerprint, load_config
@@ -97,6 +98,19 @@ def test_truncated_gguf_is_a_one_line_error_and_leaves_nothing(smollm2_gguf, pri
         converted_dir(truncated)
     assert "\n" not in str(err.value)
     assert not [p for p in (private_cache / "models").iterdir() if p.is_dir()]
+
+
+def test_the_header_is_read_without_parsing_the_vocabulary(smollm2_gguf, tmp_path):
+    """What conversion reads first (architecture, BOS rule, how long the file must be), from the header alone."""
+    header = read_header(smollm2_gguf)
+    assert header.metadata["general.architecture"] == "llama"
+    assert header.metadata["tokenizer.ggml.add_bos_token"] is False  # SmolLM2 takes no <bos>
+    assert "tokenizer.ggml.tokens" in header.metadata and header.metadata["tokenizer.ggml.tokens"] is None  # skipped
+    assert header.tensor_count == 272 and header.data_end == smollm2_gguf.stat().st_size
+    cut = tmp_path / "cut.gguf"  # inside the vocabulary, before any tensor info
+    cut.write_bytes(smollm2_gguf.read_bytes()[:200_000])
+    with pytest.raises(GgufHeaderError, match="cut short"):
+        read_header(cut)
 
 
 def test_unsupported_architecture_and_non_gguf_files(private_cache, tmp_path):
