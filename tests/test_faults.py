@@ -1,4 +1,4 @@
-"""Faults: clients killed at every stage, the driver SIGKILLed mid-run, a read-only store.
+"""Faults: clients killed at every stage, a stuck client, the driver SIGKILLed mid-run, a read-only store.
 
 Real Ray, real LanceDB, real kills (``ray.kill``, SIGKILL of the driver's process group).
 """
@@ -93,6 +93,36 @@ def _federate_cmd(llama_dir, task_dir, store, *extra):
         sys.executable, "-m", "ifedicl.cli", "federate", "--task-dir", str(task_dir), "--model", str(llama_dir),
         "--store", str(store), "--clients", "2", "--alpha", "1.0", "--max-test", "0", "--publish", *map(str, extra),
     ]  # fmt: skip
+
+
+def test_a_stuck_client_is_dropped_at_the_round_timeout_and_the_run_completes(
+    ray_session, llama_dir, task_dir, tmp_path
+):
+    """Client 2 is alive but stuck: it sits 600 s on every calibration request (adversary mode ``hang``).
+
+    Round 1 drops it when the round timeout runs out, with that reason in the round record and the
+    store; round 2 does not ask it again; the run completes and publishes with the other two. The
+    honest clients answer in about a second on an idle machine: 20 s leaves room for the other pytest
+    worker's load. Loading gets its own, generous timeout: a busy machine loads slowly.
+    """
+    timeout_s = 20.0
+    settings = FederationSettings(
+        clients=3, alpha=100.0, rounds=2, min_clients=2, round_timeout_s=timeout_s, load_timeout_s=120,
+        min_shard=4, adversaries={2: "hang:600"},
+    )  # fmt: skip
+    store_dir = tmp_path / "store"
+    fed = Federation(str(llama_dir), DataSource(str(task_dir), max_train=30, max_test=0), str(store_dir), settings)
+    result = fed.run(publish=True)
+    r0, r1, r2 = result.rounds
+    assert r0.clients_answered == [0, 1, 2] and not r0.dropped
+    assert r1.clients_sampled == [0, 1, 2] and r1.clients_answered == [0, 1]
+    assert r1.dropped == {2: "timed out after 20s"}
+    assert timeout_s <= r1.seconds < timeout_s + 30  # waited for the deadline, not for the stuck client
+    assert r2.clients_sampled == [0, 1] and r2.clients_answered == [0, 1] and not r2.dropped
+    store = Store(store_dir)
+    assert [json.loads(r["dropped"]) for r in store.rounds(result.run_id)] == [{}, {"2": "timed out after 20s"}, {}]
+    assert result.summary["rounds"][1]["answered"] == 2
+    assert store.published_run_id(fed.data.task.name) == result.run_id
 
 
 def test_driver_killed_mid_run_is_marked_failed_and_a_rerun_succeeds(ray_session, llama_dir, task_dir, tmp_path):
