@@ -10,6 +10,7 @@ Every method trains with ``settings.objective_for(method)``.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 
@@ -96,19 +97,36 @@ def local_calibration(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict
 RESPLIT_SEED_OFFSET = 1000
 
 
+# The live federation a recalibration cell follows, kept for the next cell of the same federation: the warm
+# and the cold cell of a seed recalibrate from one live run (an A/B from one start, and computed once, not twice).
+_LIVE_RUN: dict[str, tuple[object, dict]] = {}
+
+
 def ifedicl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     """The real Ray federation, then accuracy of the global Λ after every round (round 0 = initial Λ).
 
     With ``recipe["recalibrate"]`` the cell is the scheduled recalibration that follows: see :func:`_recalibrated`.
     """
+    start = mc.settings.recipe.get("recalibrate")
+    if not start:
+        return _federate(mc, task, cell)[1]
+    settings = federation_settings(mc, cell)
+    key = json.dumps([mc.model_id, str(task.source), settings.to_dict()], sort_keys=True, default=str)
+    if key not in _LIVE_RUN:
+        _LIVE_RUN.clear()
+        _LIVE_RUN[key] = _federate(mc, task, cell)
+    live, live_record = _LIVE_RUN[key]
+    return _recalibrated(mc, task, cell, live, live_record, start)
+
+
+def _federate(mc: MethodContext, task: PreparedTask, cell: Cell) -> tuple[object, dict]:
+    """One IFed-ICL federation -> (its result, its cell record)."""
     from ifedicl.federation_job.driver import Federation
 
     objective = mc.settings.objective_for(cell.method)
     result = Federation(mc.model_id, task.source, mc.store_uri, federation_settings(mc, cell)).run(publish=False)
     per_round = _per_round(mc, task, result)
-    cell_record = {**federated_cell(result, per_round, objective), "coefficients": result.coefficients.tolist()}
-    start = mc.settings.recipe.get("recalibrate")
-    return _recalibrated(mc, task, cell, result, cell_record, start) if start else cell_record
+    return result, {**federated_cell(result, per_round, objective), "coefficients": result.coefficients.tolist()}
 
 
 def _per_round(mc: MethodContext, task: PreparedTask, result) -> list[dict]:

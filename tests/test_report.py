@@ -278,6 +278,8 @@ def test_recalibration_cells_start_from_the_live_or_the_initial_coefficients(
         assert cost["actors_cpu_s"] == pytest.approx(record["client_compute"]["client_cpu_seconds"], abs=1e-3)
         assert cost["actors_cpu_s"] > 0  # each field is rounded to the millisecond on its own
         assert cost["cpu_s"] == pytest.approx(cost["process_cpu_s"] + cost["actors_cpu_s"], abs=2e-3)
+    # Both recalibrate from one live federation (computed once): the A/B differs only in where Λ starts.
+    assert warm["recalibration"]["live"]["run_id"] == cold["recalibration"]["live"]["run_id"]
     # Round 0 of the recalibration scores its starting Λ: the live run's last (warm) or first (cold) one.
     assert warm["per_round"][0]["accuracy"] == warm["recalibration"]["live"]["per_round"][-1]["accuracy"]
     assert warm["per_round"][0]["macro_f1"] == warm["recalibration"]["live"]["per_round"][-1]["macro_f1"]
