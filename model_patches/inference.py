@@ -113,6 +113,8 @@ def predict_proba(
     the tokens and took 1.7x as long.
     """
     probs = np.zeros((len(prompts), len(label_ids)))  # [N, C]
+    if not len(prompts):
+        return probs
     lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     for batch in length_buckets(lengths, batch_size):
         batch_rows = None if tables is None else torch.as_tensor([task_row[i] for i in batch], dtype=torch.long)  # [b]
