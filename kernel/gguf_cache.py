@@ -30,7 +30,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from ifedicl.kernel.errors import IfediclError
-from ifedicl.kernel.gguf_header import GgufHeaderError, NotGguf, read_header
+from ifedicl.kernel.gguf_header import GgufHeader, GgufHeaderError, NotGguf, read_header
 
 # The identity written into every converted directory; its presence marks the conversion complete.
 SOURCE_FILE = "ifedicl_source.json"
@@ -88,8 +88,9 @@ def file_sha256(path: Path) -> str:
     return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def read_architecture(path: Path) -> str:
-    """``general.architecture`` of a GGUF file; a one-line error for a corrupt or truncated one."""
+def read_checked_header(path: Path) -> GgufHeader:
+    """The GGUF's header, checked: its magic, a readable header, the size its tensors need, an architecture.
+    A one-line error for a corrupt or truncated file."""
     try:
         header = read_header(path)
     except NotGguf:
@@ -99,10 +100,9 @@ def read_architecture(path: Path) -> str:
     size = path.stat().st_size
     if size < header.data_end:
         raise _corrupt(path, f"{size:,} bytes where its tensors need {header.data_end:,}")
-    architecture = header.metadata.get("general.architecture")
-    if not isinstance(architecture, str):
+    if not isinstance(header.metadata.get("general.architecture"), str):
         raise _corrupt(path, "no general.architecture")
-    return architecture
+    return header
 
 
 def _corrupt(path: Path, why: str) -> GgufError:
@@ -110,11 +110,6 @@ def _corrupt(path: Path, why: str) -> GgufError:
         f"{path} is truncated or corrupt ({why}); download it again "
         "(for a named model: ifedicl models pull NAME --force)"
     )
-
-
-def _read_add_bos(path: Path) -> bool | None:
-    add_bos = read_header(path).metadata.get("tokenizer.ggml.add_bos_token")
-    return None if add_bos is None else bool(add_bos)
 
 
 def converted_dir(gguf_path: str | Path) -> Path:
@@ -130,7 +125,8 @@ def converted_dir(gguf_path: str | Path) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / SOURCE_FILE).is_file():  # another process converted it while we waited
             return target
-        architecture = read_architecture(path)
+        header = read_checked_header(path)
+        architecture = header.metadata["general.architecture"]
         if architecture not in SUPPORTED_GGUF_ARCHITECTURES:
             raise GgufError(
                 f"{path.name}: GGUF architecture {architecture!r} is not supported; "
@@ -139,7 +135,7 @@ def converted_dir(gguf_path: str | Path) -> Path:
         source = GgufSource(path.name, sha, architecture)
         staging = Path(tempfile.mkdtemp(prefix=f".{sha[:16]}.", dir=target.parent))
         try:
-            _convert(path, staging, source)
+            _convert(path, staging, source, header.metadata.get("tokenizer.ggml.add_bos_token"))
             staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
             shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover without SOURCE_FILE
             os.rename(staging, target)
@@ -148,7 +144,7 @@ def converted_dir(gguf_path: str | Path) -> Path:
     return target
 
 
-def _convert(path: Path, out: Path, source: GgufSource) -> None:
+def _convert(path: Path, out: Path, source: GgufSource, add_bos: bool | None) -> None:
     """Dequantize to float32 and save as a plain HF directory (safetensors + tokenizer)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -172,9 +168,8 @@ def _convert(path: Path, out: Path, source: GgufSource) -> None:
     plain.save_pretrained(out, safe_serialization=True)
     # The BOS rule is the GGUF file's (tokenizer.ggml.add_bos_token): Gemma needs <bos> and the
     # tokenizer rebuilt from GGUF does not add it; SmolLM2 must not get one.
-    add_bos = _read_add_bos(path)
     if add_bos is not None:
-        tokenizer.add_bos_token = add_bos
+        tokenizer.add_bos_token = bool(add_bos)
     tokenizer.save_pretrained(out)
     (out / SOURCE_FILE).write_text(
         json.dumps({"file_name": source.file_name, "sha256": source.sha256, "architecture": source.architecture})

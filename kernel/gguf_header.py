@@ -101,9 +101,9 @@ def read_header(path: Path) -> GgufHeader:
                 tensor_type, offset = cursor.scalar("I"), cursor.scalar("Q")
                 block_size, block_bytes = GGML_QUANT_SIZES[tensor_type]
                 data_end = max(data_end, offset + prod(dims) // block_size * block_bytes)
+        except GgufHeaderError:
+            raise
         except (struct.error, KeyError, ValueError) as err:
-            if isinstance(err, GgufHeaderError):
-                raise
             raise GgufHeaderError(f"the header is cut short or corrupt ({type(err).__name__}: {err})") from None
         alignment = metadata.get("general.alignment") or DEFAULT_ALIGNMENT
         data_start = -(-cursor.offset // alignment) * alignment
