@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -65,6 +66,10 @@ def api_keys(args) -> list[str]:
 # vLLM's CPU backend sizes its KV cache with VLLM_CPU_KVCACHE_SPACE; this default
 # keeps its memory check satisfied on a 24 GB machine (DESIGN.md, "Serving").
 CPU_GPU_MEMORY_UTILIZATION = 0.3
+# vLLM's CPU backend keeps one core away from the model for its scheduler process unless told otherwise:
+# on a small machine that is half of it (2 cores: the demo's 200 Subj texts classify in 48 s on one core,
+# 27 s on both). The CPU image sets the same (deploy/docker/serving-cpu.Dockerfile); an explicit setting wins.
+CPU_RESERVED_CORES = "0"
 # Bytes per value of the engine dtypes vLLM accepts (its aliases included).
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
@@ -97,8 +102,10 @@ def parse_engine_args(
     argv = ["--model", model_dir, "--host", host, "--port", str(port), *engine_args]
     if model_dir != model and not _has_flag(engine_args, "--served-model-name"):
         argv += ["--served-model-name", model]
-    if current_platform.is_cpu() and not _has_flag(engine_args, "--gpu-memory-utilization"):
-        argv += ["--gpu-memory-utilization", str(CPU_GPU_MEMORY_UTILIZATION)]
+    if current_platform.is_cpu():
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", CPU_RESERVED_CORES)  # the engine's processes inherit it
+        if not _has_flag(engine_args, "--gpu-memory-utilization"):
+            argv += ["--gpu-memory-utilization", str(CPU_GPU_MEMORY_UTILIZATION)]
     if not _has_flag(engine_args, "--dtype") and run_dtype is not None:
         argv += ["--dtype", run_dtype]  # vLLM's "auto" would downcast a float32 checkpoint
     args = parser.parse_args(argv)

@@ -149,3 +149,19 @@ def test_engine_dtype_defaults_to_the_runs(api_store, serving_models):
     assert parse_engine_args(model, "127.0.0.1", 1, 8, [], run_dtype="float32").dtype == "float32"
     chosen = parse_engine_args(model, "127.0.0.1", 1, 8, ["--dtype", "bfloat16"], run_dtype="float32")
     assert chosen.dtype == "bfloat16"
+
+
+def test_cpu_engine_computes_on_every_core_unless_told_otherwise(serving_models, monkeypatch):
+    """vLLM's CPU default keeps a core for its scheduler (on 2 cores: the model on one); ifedicl serve gives the
+    model all of them, as the CPU image does, and leaves an explicit VLLM_CPU_NUM_OF_RESERVED_CPU alone."""
+    import os
+
+    from ifedicl.serving.launch import parse_engine_args
+
+    model = str(serving_models["llama"])
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    parse_engine_args(model, "127.0.0.1", 1, 8, [], run_dtype="float32")
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    parse_engine_args(model, "127.0.0.1", 1, 8, [], run_dtype="float32")
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
