@@ -8,7 +8,10 @@ converted once into the model cache, which every test and later run reuses.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,7 +72,7 @@ def real_models() -> dict[str, Path]:
 # fresh process, or a test waiting on a server or a deadline; a second worker fills that time. Each module is
 # one unit of work, so its module-scoped engines and servers start once; modules that share a session-scoped
 # server form one unit. The demo, the longest single test, starts first so the other worker runs the rest
-# beside it. Every deadline in the suite allows for the other worker's load (no test needs the machine alone).
+# beside it; deadline-sensitive tests (`exclusive`) come last and run while no other test does.
 FIRST = ("tests/test_demo.py",)
 SHARED_SERVER = {  # module -> unit: the modules that use tests/serving/conftest.py's api_server
     f"tests/serving/{name}.py": "api-server"
@@ -83,6 +86,10 @@ def work_unit(nodeid: str) -> str:
     return SHARED_SERVER.get(module, module)
 
 
+def _exclusive(node: pytest.Item | pytest.Module) -> bool:
+    return node.get_closest_marker("exclusive") is not None
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Whole units to each worker, in collection order (xdist's ``--dist loadgroup`` relies on rewriting node
     ids, which pytest 9 no longer allows, so the grouping lives here)."""
@@ -92,9 +99,63 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)
 
-    config.option.loadscopereorder = False  # keep the order set below (the demo first), not by test count
+    config.option.loadscopereorder = False  # keep the order below: it is by cost, not by number of tests
     return UnitScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: work_unit(item.nodeid) not in FIRST)  # stable: collection order otherwise
+    exclusive_units: dict[str, set[bool]] = {}
+    for item in items:
+        exclusive_units.setdefault(work_unit(item.nodeid), set()).add(_exclusive(item))
+    if mixed := sorted(unit for unit, flags in exclusive_units.items() if len(flags) > 1):
+        # Else the unit would be scheduled mid-run and its exclusive test would idle both workers.
+        raise pytest.UsageError(f"`exclusive` marks whole modules (pytestmark), not single tests: {mixed}")
+
+    def order(item: pytest.Item) -> int:
+        if work_unit(item.nodeid) in FIRST:
+            return 0
+        return 2 if _exclusive(item) else 1
+
+    items.sort(key=order)  # stable: collection order within each class
+
+
+@contextmanager
+def _test_lock(tmp_path_factory, mode: int) -> Iterator[None]:
+    """Under xdist, the lock every test holds for reading and an ``exclusive`` module holds for writing.
+
+    A turnstile keeps a waiting writer from starving: a worker waiting for the write lock holds it,
+    so no new reader starts until the writer has had its turn.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    shared_dir = tmp_path_factory.getbasetemp().parent  # one directory above every worker's own
+    with open(shared_dir / "turnstile.lock", "a") as turnstile, open(shared_dir / "tests.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, mode)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _exclusive_module(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[None]:
+    """An exclusive module (its unit of work) writes the lock once for all its tests, its servers included,
+    so the other worker never slips a test in between two of them."""
+    if not _exclusive(request.node):
+        yield
+        return
+    with _test_lock(tmp_path_factory, fcntl.LOCK_EX):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _shared(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[None]:
+    """Every other test reads the lock while it runs."""
+    if _exclusive(request.node):  # its module already holds the write lock
+        yield
+        return
+    with _test_lock(tmp_path_factory, fcntl.LOCK_SH):
+        yield
