@@ -61,7 +61,8 @@ while :; do
       exit 1
     fi
   fi
-  if [ $((SECONDS - start)) -ge "$timeout_s" ]; then
+  # SECONDS ticks in whole seconds, so -ge could fire a moment after start; -gt means at least timeout_s passed.
+  if [ $((SECONDS - start)) -gt "$timeout_s" ]; then
     echo "error: rayjob/$name still not finished after ${timeout_s}s; deleting it" >&2
     kubectl delete "rayjob/$name" --wait=false || true
     exit 1
