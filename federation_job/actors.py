@@ -21,6 +21,7 @@ and under secure aggregation its value stays here until it leaves masked.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -39,9 +40,18 @@ from ifedicl.model_patches.hf import HFContextModel
 
 
 class ClientActor:
-    """Made remote by the driver (``ray.remote(ClientActor)``) with its resource options."""
+    """Made remote by the driver (``ray.remote(ClientActor)``) with its resource options.
 
-    def __init__(
+    A driver that federates again in the same Ray may keep an actor between runs
+    (:class:`ifedicl.federation_job.ray_pool.WarmActors`): :meth:`leave` drops everything of
+    the run's client, :meth:`rejoin` builds the next run's client as the constructor would.
+    Only the process and its imports survive a run.
+    """
+
+    def __init__(self, *client_args, **client_kwargs):
+        self._join(*client_args, **client_kwargs)
+
+    def _join(
         self,
         client_id: int,
         model: SharedWeights | str,
@@ -51,7 +61,7 @@ class ClientActor:
         dtype: str = "float32",
         device: str = "cpu",
         privacy: ClientPrivacy | None = None,
-    ):
+    ) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.client_id = client_id
         self.dtype = dtype
@@ -70,6 +80,19 @@ class ClientActor:
     def ready(self) -> int:
         """Number of local examples (the only fact about the data the server learns)."""
         return len(self.client.data)
+
+    def rejoin(self, *client_args, **client_kwargs) -> int:
+        """A kept actor becomes another run's client (the constructor's arguments) -> :meth:`ready`."""
+        self._join(*client_args, **client_kwargs)
+        return self.ready()
+
+    def leave(self) -> bool:
+        """Drop the run's client: its model (and the object-store weights it maps), its data, vectors and
+        secrets. The process stays, with its imports, for :meth:`rejoin`."""
+        for name in ("client", "vectors", "pending", "masker", "lora", "privacy", "noise_rng"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+        return True
 
     # ------------------------------------------------------------------ local computation
     def _vectors(self, meta: dict) -> np.ndarray:

@@ -17,6 +17,7 @@ sum); the round's one record is written here. Clients may clip and noise what th
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,7 +31,14 @@ from ifedicl.federation_job.exchange import RoundOutcome, log_event, log_round
 from ifedicl.federation_job.federation_settings import FederationSettings, build_strategies
 from ifedicl.federation_job.partition import dirichlet_partition
 from ifedicl.federation_job.privacy import ClientPrivacy
-from ifedicl.federation_job.ray_pool import ClientPool, DispatchHook, GatherHook, ensure_ray, put_shared_weights
+from ifedicl.federation_job.ray_pool import (
+    WARM,
+    ClientPool,
+    DispatchHook,
+    GatherHook,
+    ensure_ray,
+    put_shared_weights,
+)
 from ifedicl.federation_job.run_summary import held_out_accuracy, summarize
 from ifedicl.federation_job.strategies import RoundId
 from ifedicl.federation_job.vector_coding import upload_reader
@@ -123,7 +131,7 @@ class Federation:
         try:
             self._start_clients()
             vectors, coefficients = self._stages()
-            self.pool.stop()
+            self.pool.stop(keep_warm=not we_started_ray)  # a Ray that outlives the run: its next run reuses them
             sizes, seconds = [len(s) for s in self.shards], time.monotonic() - started
             summary = summarize(self.rounds, self.pool.compute, self.settings, self.privacy, sizes, seconds)
             summary.update(self._evaluate(vectors, coefficients))
@@ -165,8 +173,9 @@ class Federation:
     def _start_clients(self) -> None:
         s = self.settings
         cpus = s.cpus_per_client
-        if cpus is None:
-            cpus = max(0.01, float(ray.available_resources().get("CPU", 1)) / s.clients)
+        if cpus is None:  # the CPUs free for this run: those available and those its kept actors hold
+            free = float(ray.available_resources().get("CPU", 0.0)) + WARM.held_cpus()  # absent: none free
+            cpus = max(0.01, math.floor(free / s.clients * 1e4) / 1e4)  # Ray counts CPUs in units of 1e-4
         options = dict(num_cpus=cpus, num_gpus=s.gpus_per_client, max_restarts=0, max_task_retries=0)
         device = "cuda" if s.gpus_per_client > 0 else "cpu"
         model = self.model_id

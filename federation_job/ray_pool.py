@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -94,6 +95,86 @@ def put_shared_weights(model_id: str, dtype: str) -> tuple[ray.ObjectRef, object
     return ref, model_from_weights(ray.get(ref))
 
 
+class WarmActors:
+    """Client actors kept between the runs of one driver process, each emptied of its last client.
+
+    Why: on CPUs a fresh client actor costs ~9 core-seconds before it computes anything (a Ray worker
+    process importing torch and transformers; nearly all of a tiny model's client, ~12 s of
+    SmolLM2's on 2 cores), and a driver that federates many times in one Ray (the report, the
+    ablations, a test session) paid it for every client of every run. A kept actor still holds the
+    Ray resources it was created with, so it serves only a run asking for the same options; the
+    others are killed before that run starts new ones. Handles from an earlier Ray are forgotten.
+    """
+
+    LEAVE_TIMEOUT_S = 30.0  # an actor that cannot drop its client in this long is killed, not kept
+    PING_TIMEOUT_S = 10.0  # a kept actor that does not answer in this long (it died idle) is replaced
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[tuple[tuple, ray.actor.ActorHandle]] = []  # (options key, actor)
+        self._ray = ""  # the Ray the handles belong to
+
+    @staticmethod
+    def _key(options: dict) -> tuple:
+        return tuple(sorted(options.items()))
+
+    def _current(self) -> None:
+        """Forget handles from a Ray this process has since left (they died with it)."""
+        context = ray.get_runtime_context()
+        session = f"{context.gcs_address}/{context.get_node_id()}"
+        if session != self._ray:
+            self._idle, self._ray = [], session
+
+    def held_cpus(self) -> float:
+        """CPUs the kept actors that still answer hold (a dead one's are Ray's again)."""
+        with self._lock:
+            self._current()
+            alive = set(
+                _answering({actor.__ray_ready__.remote(): actor for _, actor in self._idle}, self.PING_TIMEOUT_S)
+            )
+            self._idle = [(key, actor) for key, actor in self._idle if actor in alive]
+            return sum(dict(key).get("num_cpus") or 0.0 for key, _ in self._idle)
+
+    def take(self, options: dict, count: int) -> list[ray.actor.ActorHandle]:
+        """Up to ``count`` kept actors created with ``options`` that still answer; every other one is killed."""
+        with self._lock:
+            self._current()
+            key = self._key(options)
+            matching = [actor for k, actor in self._idle if k == key]
+            for k, actor in self._idle:
+                if k != key:
+                    ray.kill(actor)
+            self._idle = []
+        for actor in matching[count:]:
+            ray.kill(actor)
+        return _answering({actor.__ray_ready__.remote(): actor for actor in matching[:count]}, self.PING_TIMEOUT_S)
+
+    def keep(self, options: dict, actors: list[ray.actor.ActorHandle]) -> None:
+        """Keep the actors that drop their client in time; kill the others."""
+        kept = _answering({actor.leave.remote(): actor for actor in actors}, self.LEAVE_TIMEOUT_S)
+        with self._lock:
+            self._current()
+            self._idle += [(self._key(options), actor) for actor in kept]
+
+
+def _answering(calls: dict[ray.ObjectRef, ray.actor.ActorHandle], timeout_s: float) -> list[ray.actor.ActorHandle]:
+    """The actors whose call succeeded within ``timeout_s``; the others are killed."""
+    done, late = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s) if calls else ([], [])
+    answered = []
+    for ref in done:
+        try:
+            ray.get(ref)
+            answered.append(calls[ref])
+        except (RayActorError, RayTaskError):
+            ray.kill(calls[ref])
+    for ref in late:
+        ray.kill(calls[ref])
+    return answered
+
+
+WARM = WarmActors()  # one per driver process
+
+
 class ClientPool:
     """The run's client actors: who is alive, requests with a deadline, and what clients reported spending."""
 
@@ -108,6 +189,8 @@ class ClientPool:
         self.after_gather = after_gather
         self.actors: dict[int, ray.actor.ActorHandle] = {}
         self.alive: set[int] = set()
+        self.honest: set[int] = set()  # clients that may be kept warm (not adversaries)
+        self.options: dict = {}  # the Ray options the actors were created with
         self.compute: ClientCompute = {}
         self.session = ""  # the run id, once the run has one (secure aggregation binds masks to it)
 
@@ -119,7 +202,14 @@ class ClientPool:
         ``client_args``: each client's constructor arguments; ``options``: Ray's resource options;
         ``adversaries``: clients that run :class:`AdversarialClientActor` in that mode (drills, tests).
         """
+        honest = [cid for cid in client_args if cid not in adversaries]
+        warm = dict(zip(honest, WARM.take(options, len(honest))))
+        calls = {}
         for cid, args in client_args.items():
+            if cid in warm:
+                self.actors[cid] = warm[cid]
+                calls[cid] = warm[cid].rejoin.remote(*args)
+                continue
             if cid in adversaries:
                 from ifedicl.federation_job.adversary import AdversarialClientActor
 
@@ -127,7 +217,8 @@ class ClientPool:
                 self.actors[cid] = evil.remote(*args, adversary=adversaries[cid])
             else:
                 self.actors[cid] = ray.remote(ClientActor).options(**options).remote(*args)
-        calls = {cid: a.ready.remote() for cid, a in self.actors.items()}
+            calls[cid] = self.actors[cid].ready.remote()
+        self.options, self.honest = options, set(honest)
         if self.after_dispatch is not None:
             self.after_dispatch("load", 0, dict(self.actors))
         ready, dropped = gather(calls, load_timeout_s, "loading clients")
@@ -160,8 +251,15 @@ class ClientPool:
         if report is not None:
             self.compute.setdefault(round_index, {}).setdefault(stage, {})[cid] = report
 
-    def stop(self) -> None:
-        """Kill every actor (a stuck one included): the run no longer needs them."""
-        for actor in self.actors.values():
-            ray.kill(actor)
+    def stop(self, keep_warm: bool = False) -> None:
+        """The run no longer needs its actors. With ``keep_warm`` (a completed run, in a Ray that outlives
+        it) the honest clients still alive are kept for the next run (:class:`WarmActors`); every other
+        actor (dropped, stuck, an adversary, or all of them after a failed run) is killed."""
+        keep = self.alive & self.honest if keep_warm else set()
+        for cid, actor in self.actors.items():
+            if cid not in keep:
+                ray.kill(actor)
+        if keep:
+            WARM.keep(self.options, [self.actors[cid] for cid in sorted(keep)])
         self.actors.clear()
+        self.alive = set()

@@ -1,11 +1,14 @@
 """The Ray job end to end: real local Ray, real actors, real LanceDB, real kills."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import ray
 from actor_kills import kill_and_wait
 
 from ifedicl.federation_job.driver import Federation, FederationSettings
@@ -161,3 +164,44 @@ def test_int8_vector_coding_quarters_stage_one_and_lambda_travels_as_a_frame(
     assert [b for r in result.rounds[1:] for b in r.bytes_up] == [wire.frame_size(L)] * 2
     assert len(result.summary["rounds"][1]["client_seconds"]["calibrate"]) == 2  # the frame carries compute
     assert result.rounds[1].mean_loss is not None and np.isfinite(result.rounds[1].mean_loss)  # and the loss
+
+
+def test_a_run_in_the_same_ray_reuses_the_last_runs_client_processes_emptied(
+    ray_session, llama_dir, task_dir, tmp_path
+):
+    """Kept actors (ray_pool.WarmActors) carry no client between runs: a run on them equals one on fresh
+    processes, and one that died while kept is replaced without a drop."""
+    seen: dict[str, dict] = {}
+
+    def processes(run: str):
+        def note(stage, round_index, results, actors):
+            if stage == "extract":
+                seen[run] = {cid: a for cid, a in actors.items()}
+
+        return note
+
+    def pids(run: str) -> dict[int, int]:
+        return {cid: ray.get(a.__ray_call__.remote(lambda self: os.getpid())) for cid, a in seen[run].items()}
+
+    def federate(run: str, per_actor: bool = False):
+        settings = _settings(clients=2, rounds=1, min_clients=2, weights="per-actor" if per_actor else "shared")
+        source = DataSource(str(task_dir), max_test=0)
+        return Federation(str(llama_dir), source, str(tmp_path / run), settings, None, processes(run)).run()
+
+    first = federate("first")
+    first_pids = pids("first")
+    kept = list(seen["first"].values())
+    assert not any(ray.get([a.__ray_call__.remote(lambda self: hasattr(self, "client")) for a in kept]))
+    second = federate("second")
+    assert pids("second") == first_pids  # the same processes, each with a new client
+    assert np.array_equal(second.vectors, first.vectors) and np.array_equal(second.coefficients, first.coefficients)
+
+    kill_and_wait(seen["second"][0])  # dies while kept between runs, and Ray takes its CPU back
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    third = federate("third", per_actor=True)  # and the kept one now loads its own weights
+    assert third.rounds[0].clients_answered == [0, 1] and not third.rounds[0].dropped
+    assert first_pids[1] in pids("third").values() and first_pids[0] not in pids("third").values()
+    assert np.allclose(third.vectors, first.vectors, atol=1e-6)
+    assert np.allclose(third.coefficients, first.coefficients, atol=1e-5)
