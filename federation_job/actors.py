@@ -89,8 +89,7 @@ class ClientActor:
     def leave(self) -> bool:
         """Drop the run's client: its model (and the object-store weights it maps), its data, vectors and
         secrets. The process stays, with its imports, for :meth:`rejoin`."""
-        for name in ("client", "vectors", "pending", "masker", "lora", "privacy", "noise_rng"):
-            self.__dict__.pop(name, None)
+        self.__dict__.clear()  # every attribute is the client's (_join sets them all)
         gc.collect()
         return True
 

@@ -176,7 +176,7 @@ def test_a_run_in_the_same_ray_reuses_the_last_runs_client_processes_emptied(
     def processes(run: str):
         def note(stage, round_index, results, actors):
             if stage == "extract":
-                seen[run] = {cid: a for cid, a in actors.items()}
+                seen[run] = dict(actors)
 
         return note
 
