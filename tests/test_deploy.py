@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shlex
 import shutil
@@ -421,3 +422,36 @@ def test_what_each_image_runs_imports_only_what_its_extra_installs():
     assert "recalibration-exporter" in checked["serving-gpu.Dockerfile"][0], checked
     assert "ifedicl.federation_job.secagg" in checked["serving-gpu.Dockerfile"][1]  # -> cryptography
     assert {"federate", "recalibrate"} <= set(checked["federation-job.Dockerfile"][0]), checked
+
+
+def _uv_install_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("uv_install", DEPLOY / "uv_install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_install_hands_uv_the_index_settings_pip_has(tmp_path, monkeypatch):
+    """uv ignores pip.conf: what `pip config list` says (files and PIP_* variables, the more specific winning)
+    must reach uv's command line, or uv would resolve against other indexes than pip does."""
+    uv_install = _uv_install_module()
+    config = tmp_path / "pip.conf"
+    config.write_text(
+        "[global]\nextra-index-url = file:///idx/a\n    file:///idx/b\nfind-links = /global/wheels\n"
+        "trusted-host = mirror.example\n[install]\nfind-links = /install/wheels\n"
+    )
+    for name in [n for n in os.environ if n.startswith("PIP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    monkeypatch.setenv("PIP_CONSTRAINT", "/env/constraints.txt")
+    settings = uv_install.pip_settings(sys.executable)
+    command = uv_install.uv_command(Path("uv"), "venv-python", settings, ["-q", "-e", "."])
+    pairs = list(zip(command, command[1:]))
+    assert ("--extra-index-url", "file:///idx/a") in pairs and ("--extra-index-url", "file:///idx/b") in pairs
+    assert ("--find-links", "/install/wheels") in pairs and ("--find-links", "/global/wheels") not in pairs
+    assert ("--constraint", "/env/constraints.txt") in pairs
+    assert ("--allow-insecure-host", "mirror.example") in pairs
+    assert ("--index-strategy", "unsafe-best-match") in pairs and "--compile-bytecode" in command
+    assert command[-3:] == ["-q", "-e", "."]
