@@ -89,7 +89,7 @@ def test_cli_federate_publishes_a_run_that_predict_reads(llama_dir, task_dir, tm
         "--store",
         store,
         "--clients",
-        4,
+        2,
         "--alpha",
         1.0,
         "--rounds",

@@ -9,14 +9,21 @@ batch of four tasks plus plain requests, with prompts longer than
 injecting forward runs both ways once: eager on the real SmolLM2 (Llama layout)
 and Gemma 3 weights, compiled (the CPU backend's default) on the tiny Llama and
 Gemma 3, so the tight tolerance covers compilation. Qwen2 shares Llama's injecting
-forward and runs tiny and eager. Every engine costs ~40 s on 2 cores (three
+forward and runs tiny and eager. Every engine costs ~25 s on 2 cores (two
 processes each importing vLLM), so no pair of configurations repeats one path.
+
+These engines run their model worker inside the engine-core process (vLLM's uniprocess
+executor): the same model classes, kernels, scheduler and ClassificationService, one process
+and one vLLM import (~20 core-seconds) fewer per engine. ``ifedicl serve``'s own topology
+(front end, engine core, worker process) is what the server tests in this folder run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -54,6 +61,19 @@ def _references(ref: ReferenceClassifier, store_uri: str) -> dict:
         probs[(name, True)] = _matrix(ref.classify(spec, TEXTS, run=ref.load(store, name)), spec)
         probs[(name, False)] = _matrix(ref.classify(spec, TEXTS, run=None), spec)
     return probs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _model_worker_in_the_engine_core() -> Iterator[None]:
+    """vLLM's CPU platform keeps the worker in the engine-core process when V1 multiprocessing is off
+    (AsyncLLM still runs the engine core in a process of its own); restored for the modules after this."""
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    yield
+    if before is None:
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    else:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
