@@ -35,7 +35,9 @@ system-deps:
 	bash .ci/install-system-deps.sh
 
 # Two pytest-xdist workers, one module (or group of modules sharing a server) at a time each: tests/conftest.py.
-test: install lint system-deps models
+# The Debian packages install while the Python ones do (-j): neither needs the other.
+test:
+	$(MAKE) --no-print-directory -j3 lint system-deps models
 	$(BIN)/python -m pytest -q -n 2
 
 # The issue-11 report: SmolLM2-135M and Gemma-3-270M x Subj, Emotion, AG News, SST-2, TREC x every method x
