@@ -4,12 +4,22 @@ Names are fixed (the deploy/ dashboards and alerts rely on them). Labels stay
 low-cardinality: ``task`` is a published task name, or ``_base`` (the plain base
 model), ``_auto`` (model="auto") or ``_unknown`` (a name that is none of these),
 never free text from a request.
+
+Cardinality is bounded: the traffic metrics (requests, errors, predictions, routed texts and the
+per-task classification time) keep the first ``IFEDICL_METRICS_MAX_TASKS`` (default 100) distinct
+task names a replica sees as their own ``task`` value; later task names share ``task="_other"``
+(docs/runbook.md, "Label cardinality"). The latency histogram has no ``task`` label at all (12 buckets
+per replica whatever the number of tasks); per-task latency is the ratio of two counters,
+``ifedicl_classification_seconds_total{task} / ifedicl_classifications_total{task}``.
+The state gauges below (active run, run age, accuracy) have one series per served task.
 The active-run gauge, the run ages and the cache gauges are computed at scrape
 time from the service's tables, so they can never drift from what is actually served.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -23,9 +33,80 @@ from ifedicl.serving.task_cache import TaskQuality
 BASE_TASK_LABEL = "_base"
 UNKNOWN_TASK_LABEL = "_unknown"
 AUTO_TASK_LABEL = "_auto"  # model="auto" before routing (predictions count under the chosen task)
+OTHER_TASK_LABEL = "_other"  # every task name beyond the first max_task_labels a replica saw
+RESERVED_TASK_LABELS = frozenset({BASE_TASK_LABEL, UNKNOWN_TASK_LABEL, AUTO_TASK_LABEL, OTHER_TASK_LABEL})
+MAX_TASKS_ENV = "IFEDICL_METRICS_MAX_TASKS"
+DEFAULT_MAX_TASK_LABELS = 100
 
 # Classification latencies on CPU range from milliseconds (tiny models) to seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class TaskLabels:
+    """The ``task`` label value for a task name: the first ``limit`` distinct names keep their own, later
+    ones get ``_other``; the reserved labels (``_base``, ``_auto``, ``_unknown``, ``_other``) always pass.
+    Kept names stay for the life of the process, so a task's series never switches label."""
+
+    def __init__(self, limit: int):
+        if limit < 0:
+            raise ValueError(f"the task label limit must be >= 0, got {limit}")
+        self.limit = limit
+        self._kept: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, task: str) -> str:
+        if task in RESERVED_TASK_LABELS or task in self._kept:
+            return task
+        with self._lock:
+            if task in self._kept or len(self._kept) < self.limit:
+                self._kept.add(task)
+                return task
+        return OTHER_TASK_LABEL
+
+
+def max_task_labels_from_env() -> int:
+    """``IFEDICL_METRICS_MAX_TASKS`` (default 100): distinct ``task`` label values per replica."""
+    value = os.environ.get(MAX_TASKS_ENV, "").strip()
+    return int(value) if value else DEFAULT_MAX_TASK_LABELS
+
+
+class _CappedTask:
+    """A labelled metric whose first label is ``task``: ``.labels(task, ...)`` goes through TaskLabels."""
+
+    def __init__(self, metric, tasks: TaskLabels):
+        self._metric, self._tasks = metric, tasks
+
+    def labels(self, *values: str, **named: str):
+        if values:
+            values = (self._tasks(values[0]), *values[1:])
+        elif "task" in named:
+            named = {**named, "task": self._tasks(named["task"])}
+        return self._metric.labels(*values, **named)
+
+    def __getattr__(self, name: str):
+        return getattr(self._metric, name)
+
+
+class _TaskLatency:
+    """``.labels(task).observe(seconds)``, as for a histogram with a task label, but bounded: the histogram
+    has no task label, and the task's time and count go to two counters under its capped task label."""
+
+    def __init__(self, histogram: Histogram, seconds: Counter, count: Counter, tasks: TaskLabels):
+        self.histogram, self._seconds, self._count, self._tasks = histogram, seconds, count, tasks
+
+    def labels(self, task: str) -> _TaskObservation:
+        label = self._tasks(task)
+        return _TaskObservation(self.histogram, self._seconds.labels(label), self._count.labels(label))
+
+
+class _TaskObservation:
+    def __init__(self, histogram: Histogram, seconds, count):
+        self._histogram, self._seconds, self._count = histogram, seconds, count
+
+    def observe(self, seconds: float) -> None:
+        self._histogram.observe(seconds)
+        self._seconds.inc(seconds)
+        self._count.inc()
 
 
 class _ActiveRunCollector(Collector):
@@ -99,23 +180,54 @@ class ServingMetrics:
         qualities: Callable[[], Iterable[tuple[str, str, TaskQuality]]] = tuple,
         resident: Callable[[], int] = int,
         slots: int = 0,
+        max_task_labels: int | None = None,
     ):
-        self.requests = Counter(
-            "ifedicl_requests", "Classification API requests", ["task", "endpoint"], registry=registry
+        self.task_labels = TaskLabels(max_task_labels_from_env() if max_task_labels is None else max_task_labels)
+        capped = (
+            f"; task: the first {self.task_labels.limit} task names this replica saw ({MAX_TASKS_ENV}), "
+            f"later ones {OTHER_TASK_LABEL}"
         )
-        self.errors = Counter(
-            "ifedicl_request_errors", "Requests answered with an error, by HTTP status", ["task", "endpoint", "code"],
-            registry=registry,
+        self.requests = _CappedTask(
+            Counter(
+                "ifedicl_requests", "Classification API requests" + capped, ["task", "endpoint"], registry=registry
+            ),
+            self.task_labels,
         )
-        self.predictions = Counter(
-            "ifedicl_predictions", "Predicted labels (one per classified text)", ["task", "label"], registry=registry
+        self.errors = _CappedTask(
+            Counter(
+                "ifedicl_request_errors",
+                "Requests answered with an error, by HTTP status" + capped,
+                ["task", "endpoint", "code"],
+                registry=registry,
+            ),
+            self.task_labels,
         )
-        self.latency = Histogram(
-            "ifedicl_classification_latency_seconds",
-            "Time to classify one request (all its texts), from parsed request to scores",
-            ["task"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        self.predictions = _CappedTask(
+            Counter(
+                "ifedicl_predictions",
+                "Predicted labels (one per classified text)" + capped,
+                ["task", "label"],
+                registry=registry,
+            ),
+            self.task_labels,
+        )
+        self.latency = _TaskLatency(
+            Histogram(
+                "ifedicl_classification_latency_seconds",
+                "Time to classify one request (all its texts), from parsed request to scores, all tasks together "
+                "(no task label: per task, ifedicl_classification_seconds_total / ifedicl_classifications_total)",
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            Counter(
+                "ifedicl_classification_seconds",
+                "Total time spent classifying requests of the task (see ifedicl_classification_latency_seconds)"
+                + capped,
+                ["task"],
+                registry=registry,
+            ),
+            Counter("ifedicl_classifications", "Requests classified" + capped, ["task"], registry=registry),
+            self.task_labels,
         )
         self.reloads = Counter(
             "ifedicl_reloads", "Task versions made live by a reload after start-up", registry=registry
@@ -134,7 +246,10 @@ class ServingMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.routed = Counter("ifedicl_routed", "model=auto: texts routed, by chosen task", ["task"], registry=registry)
+        self.routed = _CappedTask(
+            Counter("ifedicl_routed", "model=auto: texts routed, by chosen task" + capped, ["task"], registry=registry),
+            self.task_labels,
+        )
         self.loads = Counter(
             "ifedicl_task_loads",
             "Task versions written into the engine: reason=request (first request of a non-resident task) "
