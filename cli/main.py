@@ -1,15 +1,20 @@
 """The ``ifedicl`` command line: one app, one module per command, one error handler.
 
-Errors a user can act on (:class:`~ifedicl.kernel.errors.IfediclError`) are printed as one
-line (``error: ...``) with exit code 2; anything else is a bug and keeps its traceback.
-Command modules import the heavy stack (torch, Ray, vLLM) only when their command runs.
+Errors a user can act on are printed as one line (``error: ...``) with exit code 2: the project's
+own (:class:`~ifedicl.kernel.errors.IfediclError`) and every usage error (a missing option, a bad
+value or choice, an unknown option or command: ``error: --clients: 'abc' is not a valid integer``).
+Anything else is a bug and keeps its traceback. Command modules import the heavy stack (torch,
+Ray, vLLM) only when their command runs.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import typer
 
 from ifedicl.cli.build_model import build_model_command
+from ifedicl.cli.console import ClickException, NoArgsIsHelpError, one_line, usage_error_line
 from ifedicl.cli.demo import demo_command
 from ifedicl.cli.evaluate import eval_command
 from ifedicl.cli.federate import federate_command
@@ -38,22 +43,41 @@ app.command("recalibration-exporter")(recalibration_exporter_command)
 app.add_typer(models_app, name="models")
 
 
-def main() -> None:
-    """The one error handler: user errors exit 2 with one line, usage errors as click shows them."""
-    import click
+def _print_version(wanted: bool) -> None:
+    """``--version``: the installed distribution's version, so it names what ``pip`` installed."""
+    if wanted:
+        typer.echo(f"ifedicl {importlib.metadata.version('ifedicl')}")
+        raise typer.Exit()
 
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+    ),
+) -> None:
+    """The options before the command (only ``--version``)."""
+
+
+def _fail(message: str) -> None:
+    """Exit 2 with ``error: <message>`` as the one line on stderr."""
+    typer.echo(f"error: {message}", err=True)
+    raise SystemExit(2)
+
+
+def main() -> None:
+    """The one error handler: user and usage errors exit 2 with one line; ``--help`` and ``typer.Exit`` as asked."""
     try:
-        app(standalone_mode=False)
+        exit_code = app(standalone_mode=False)  # help, --version and typer.Exit(n) return their exit code
     except IfediclError as err:
-        typer.echo(f"error: {err}", err=True)
+        _fail(one_line(str(err)))
+    except NoArgsIsHelpError:  # ``ifedicl`` alone: typer printed the help while raising this
         raise SystemExit(2) from None
-    except click.exceptions.Abort:
+    except ClickException as err:
+        _fail(usage_error_line(err))
+    except typer.Abort:
         raise SystemExit(130) from None
-    except click.exceptions.Exit as done:
-        raise SystemExit(done.exit_code) from None
-    except click.ClickException as err:
-        err.show()
-        raise SystemExit(err.exit_code) from None
+    raise SystemExit(exit_code if isinstance(exit_code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,11 @@ HELP = {
     "(default: full-vocab for the Λ methods, label-only for FedAvg-LoRA)",
     "prior_correction": "add each client's label log-prior to the label logits in the training loss "
     "(logit adjustment: under label skew a client then learns the balanced classifier, not its own label mix)",
-    "extract_dtype": "stage-1 autocast dtype: float32 | bfloat16 | float16",
-    "vector_coding": "stage-1 upload of the context vectors on the wire: float32 | float16 (half the bytes) | "
-    "int8 (a quarter: one scale per layer and block; the default); the server decodes to float32. "
+    "extract_dtype": "stage-1 autocast dtype",
+    "vector_coding": "stage-1 upload of the context vectors on the wire: float16 is half the bytes of float32, "
+    "int8 a quarter (one scale per layer and block; the default); the server decodes to float32. "
     "With --secagg only float32 (its default there)",
-    "aggregator": "mean | trimmed-mean | median (coordinate-wise, vectors and Λ)",
+    "aggregator": "how the server combines vectors and Λ (trimmed-mean and median: coordinate-wise)",
     "trim_fraction": "trimmed-mean: fraction cut from each end",
     "reject_norm_factor": "reject updates with norm > FACTOR x the round's median (vectors; Λ deltas); 0: off",
     "server_lr": "server learning rate on Λ: each round Λ moves by this times the aggregate's change "

@@ -13,11 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # the CLI imports this module to declare its flags: torch and Ray load only when a run starts
     from ifedicl.federation_job.federation_settings import FederationSettings
     from ifedicl.federation_job.privacy import PrivacySettings
+
+# The values of the fixed-value flags, as the code compares them (plain strings): the CLI lists them in
+# --help and refuses any other value before any work starts; tests/test_cli_usage.py checks they are
+# exactly the values the federation accepts (robust.AGGREGATORS, vector_coding.CODINGS, ...).
+Weights = Literal["shared", "per-actor"]
+Objective = Literal["full-vocab", "label-only"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+VectorCoding = Literal["float32", "float16", "int8"]
+Aggregator = Literal["mean", "trimmed-mean", "median"]
 
 
 @dataclass(frozen=True)
@@ -36,15 +45,15 @@ class FederationOptions:
     round_timeout: float = 1800.0  # seconds a round waits; a client still silent then is dropped
     min_shard: int = 2
     weighted: bool = False  # weight vector and Λ means by client example counts (paper: unweighted)
-    weights: str = "shared"  # shared: one object-store copy per node; per-actor: each loads its own
+    weights: Weights = "shared"  # shared: one object-store copy per node; per-actor: each loads its own
     cpus_per_client: float | None = None
     gpus_per_client: float = 0.0
     calib_batch_size: int = 2  # I2CL's
-    objective: str | None = None  # None: full-vocab for the Λ methods (I2CL's), label-only for FedAvg-LoRA
+    objective: Objective | None = None  # None: full-vocab for the Λ methods (I2CL's), label-only for FedAvg-LoRA
     prior_correction: bool = False  # logit adjustment by each client's label prior in the training loss
-    extract_dtype: str = "float32"
-    vector_coding: str | None = None  # stage-1 upload of v_k: float32 | float16 | int8 (None: int8; secagg: float32)
-    aggregator: str = "mean"
+    extract_dtype: Dtype = "float32"
+    vector_coding: VectorCoding | None = None  # stage-1 upload of v_k (None: int8; under secagg float32)
+    aggregator: Aggregator = "mean"
     trim_fraction: float = 0.1
     reject_norm_factor: float = 10.0
     server_lr: float = 1.0  # Λ ← Λ + server_lr·(aggregate − Λ): FedAvgM's server learning rate, no momentum
