@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
 from ifedicl.kernel.errors import IfediclError
 
+# devkit.tiny_model.FAMILIES, spelled here so that --help lists them without importing torch
+Family = Literal["llama", "qwen2", "gemma3", "gpt2"]
+
 
 def build_model_command(
     out: Path = typer.Option(..., help="directory to write the model and tokenizer to"),
     task_dir: list[Path] = typer.Option(..., help="task dirs whose texts train the tokenizer (repeatable)"),
-    family: str = typer.Option("llama", help="llama | qwen2 | gpt2"),
+    family: Family = typer.Option("llama", help="model family (architecture)"),
     layers: int = 2,
     hidden_size: int = 128,
     vocab_size: int = 2048,

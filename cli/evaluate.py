@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from ifedicl.cli.option_sets import federation_options
+from ifedicl.federation_job.options import Dtype
 
 # Federation options EvalSettings holds as its own fields (hashed since before the shared option set).
 EVAL_FIELDS = ("clients", "rounds", "local_epochs", "min_shard", "weighted", "objective")
@@ -21,7 +22,7 @@ METHOD_NAMES = "zero_shot,few_shot_icl,local_icl,i2cl_central,local_calibration,
 def eval_command(
     federation,
     tasks: list[str] = typer.Argument(..., help="task directories (task.json + train/test) or HF dataset names/paths"),
-    model: str = typer.Option(..., help="HF model id or local path"),
+    model: str = typer.Option(..., envvar="IFEDICL_MODEL", help="HF model id or local path"),
     out: Path = typer.Option(..., help="output directory (results.json, results.md, PNGs, resumable cells)"),
     alpha: list[float] = typer.Option([0.5], help="Dirichlet label-skew α; repeat for an accuracy-vs-α sweep"),
     seeds: int = typer.Option(1, help="number of seeds (0..N-1): split, demos, training; mean ± std over them"),
@@ -32,7 +33,7 @@ def eval_command(
     lora_rank: int = typer.Option(8, help="FedAvg-LoRA rank"),
     lora_lr: float = typer.Option(5e-4, help="FedAvg-LoRA learning rate"),
     batch_size: int = typer.Option(16, help="inference batch size"),
-    dtype: str = typer.Option("float32", help="model dtype: float32, bfloat16, float16"),
+    dtype: Dtype = typer.Option("float32", help="model dtype"),
 ) -> None:
     """Run (or resume) the evaluation: the paper's tables and plots for your model and data."""
     from ifedicl.evaluation.runner import evaluate

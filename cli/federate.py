@@ -13,8 +13,8 @@ from ifedicl.cli.option_sets import federation_options
 @federation_options
 def federate_command(
     federation,
-    model: str = typer.Option(..., help="HF model id or local path"),
-    store: str = typer.Option(..., help="LanceDB URI or local directory"),
+    model: str = typer.Option(..., envvar="IFEDICL_MODEL", help="HF model id or local path"),
+    store: str = typer.Option(..., envvar="IFEDICL_STORE", help="LanceDB URI or local directory"),
     task_dir: Path | None = typer.Option(None, help="task.json + train/test .jsonl or .csv"),
     dataset: str | None = typer.Option(None, help="HF dataset name or save_to_disk path"),
     template: str | None = typer.Option(None, help="prompt template with {text} (overrides task.json)"),

@@ -12,8 +12,8 @@ from ifedicl.kernel.errors import IfediclError
 
 def predict_command(
     texts: list[str] = typer.Argument(None, help="texts to classify"),
-    store: str = typer.Option(...),
-    model: str = typer.Option(...),
+    store: str = typer.Option(..., envvar="IFEDICL_STORE", help="LanceDB URI or local directory"),
+    model: str = typer.Option(..., envvar="IFEDICL_MODEL", help="HF model id or local path (the run's)"),
     task: str = typer.Option(...),
     run: str | None = typer.Option(None, help="a run id instead of the published one"),
     file: Path | None = typer.Option(None, help="one text per line"),

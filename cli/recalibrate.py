@@ -13,20 +13,26 @@ failure, while the decision stays in the output and the store.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
 from ifedicl.cli.option_sets import federation_options
+from ifedicl.federation_job.options import Dtype
+
+Mode = Literal["full", "stage2"]  # federation_job.recalibrate.MODES, without importing torch for --help
 
 
 @federation_options
 def recalibrate_command(
     federation,
-    model: str = typer.Option(..., help="HF model id or local path (the one the live run was made with)"),
-    store: str = typer.Option(..., help="LanceDB URI or local directory"),
+    model: str = typer.Option(
+        ..., envvar="IFEDICL_MODEL", help="HF model id or local path (the one the live run was made with)"
+    ),
+    store: str = typer.Option(..., envvar="IFEDICL_STORE", help="LanceDB URI or local directory"),
     task_dir: Path | None = typer.Option(None, help="task.json + train/test .jsonl or .csv"),
     dataset: str | None = typer.Option(None, help="HF dataset name or save_to_disk path"),
-    mode: str = typer.Option("full", help="full: stage 1 + stage 2; stage2: recalibrate Λ on the published vectors"),
+    mode: Mode = typer.Option("full", help="full: stage 1 + stage 2; stage2: recalibrate Λ on the published vectors"),
     margin: float = typer.Option(
         0.0, help="publish if candidate accuracy >= live accuracy - margin (negative: demand a gain)"
     ),
@@ -36,7 +42,7 @@ def recalibrate_command(
     seed: int = 0,
     max_train: int | None = typer.Option(None, help="use only the first N training examples"),
     max_test: int = typer.Option(200, help="held-out examples both runs are scored on"),
-    serving_dtype: str | None = typer.Option(
+    serving_dtype: Dtype | None = typer.Option(
         None, help="dtype `ifedicl serve` computes in, if not the run's: both runs are compared in it"
     ),
     warm_start: bool = typer.Option(
@@ -86,7 +92,7 @@ def recalibrate_command(
 
 
 def recalibration_exporter_command(
-    store: str = typer.Option(..., help="LanceDB URI or local directory"),
+    store: str = typer.Option(..., envvar="IFEDICL_STORE", help="LanceDB URI or local directory"),
     port: int = typer.Option(9464, help="port for /metrics"),
     host: str = typer.Option("0.0.0.0", help="address to bind"),
 ) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from ifedicl.cli.option_sets import option_set
+from ifedicl.federation_job.options import Dtype
 
 REPORT_TASKS = "subj,emotion,agnews,sst2,trec"
 REPORT_MODELS = "smollm2-135m,gemma3-270m"
@@ -40,8 +41,8 @@ class GridSizes:
     shots: int = 4
     batch_size: int = 16
     threads: int = 1
-    dtype: str = ""
-    inference_dtype: str = ""
+    dtype: Dtype | None = None  # None: the command's (the report's or the ablation's recipe)
+    inference_dtype: Dtype | None = None  # None: --dtype
     workers: int = 1
     max_cells: int | None = None
     render_only: bool = False
@@ -95,7 +96,7 @@ grid_options = option_set(
         "shots": "demonstrations in few-shot and local ICL prompts",
         "batch_size": "inference batch size",
         "threads": "torch threads in the driver (0: torch's default); 1 is fastest when shared",
-        "dtype": "model dtype of every cell: bfloat16 | float32 (default: bfloat16 for the report, float32 for the "
+        "dtype": "model dtype of every cell (default: bfloat16 for the report, float32 for the "
         "ablation, whose recipes were measured in it)",
         "inference_dtype": "dtype of the prompt-only methods (default: --dtype, as the rest)",
         "workers": "cells computed at once, each in its own process (federated cells one at a time)",

@@ -8,7 +8,7 @@ import typer
 
 
 def runs_command(
-    store: str = typer.Option(...),
+    store: str = typer.Option(..., envvar="IFEDICL_STORE", help="LanceDB URI or local directory"),
     task: str | None = None,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -32,7 +32,7 @@ def runs_command(
         typer.echo(f"{mark} {row['run_id']}  {row['status']:<8} {row['created_at']:%Y-%m-%d %H:%M:%S}{acc}")
 
 
-def publish_command(run_id: str, store: str = typer.Option(...)) -> None:
+def publish_command(run_id: str, store: str = typer.Option(..., envvar="IFEDICL_STORE")) -> None:
     """Make a complete run the live one for its task."""
     from ifedicl.storage.store import Store
 
@@ -40,7 +40,7 @@ def publish_command(run_id: str, store: str = typer.Option(...)) -> None:
     typer.echo(f"published {run_id} for task {task}")
 
 
-def rollback_command(task: str, store: str = typer.Option(...)) -> None:
+def rollback_command(task: str, store: str = typer.Option(..., envvar="IFEDICL_STORE")) -> None:
     """Move the task's tag back to the run published before the current one."""
     from ifedicl.storage.store import Store
 

@@ -12,8 +12,12 @@ import typer
 
 def serve_command(
     ctx: typer.Context,
-    store: str = typer.Option(..., "--store", help="LanceDB URI or local directory with published runs"),
-    model: str = typer.Option(..., "--model", help="HF model id or local path (the one the runs were made with)"),
+    store: str = typer.Option(
+        ..., "--store", envvar="IFEDICL_STORE", help="LanceDB URI or local directory with published runs"
+    ),
+    model: str = typer.Option(
+        ..., "--model", envvar="IFEDICL_MODEL", help="HF model id or local path (the one the runs were made with)"
+    ),
     host: str = typer.Option("0.0.0.0", "--host", help="address to bind"),
     port: int = typer.Option(8000, "--port", help="port to bind"),
     poll_interval: float = typer.Option(
@@ -48,7 +52,10 @@ def serve_command(
 ) -> None:
     """Serve published tasks over an OpenAI-compatible API (extra options go to vLLM).
 
-    Without ``--dtype`` the engine computes in the dtype the published runs were made in
+    Options not listed below are vLLM's engine and server options and pass through unchanged
+    (vllm serve --help lists them), e.g. --dtype float32 --max-model-len 2048 --enforce-eager.
+
+    Without --dtype the engine computes in the dtype the published runs were made in
     (so served answers are the evaluated ones); with another, each run is re-scored on
     its held-out split at load and both accuracies are reported.
     """
