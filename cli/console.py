@@ -10,24 +10,20 @@ try:  # typer 0.29 bundles its own click: its exceptions are not the click packa
 except ImportError:  # an older typer, built on the click package
     from click.exceptions import BadParameter, ClickException, MissingParameter, NoArgsIsHelpError
 
-__all__ = ["FEDERATION_EVENTS", "ClickException", "NoArgsIsHelpError", "one_line", "setup_logging", "usage_error_line"]
-
-# The logger of the federation's structured lines (a JSON line per round, drop, rejection): the ones
-# ``--no-verbose`` silences. Other ``ifedicl`` INFO lines (progress of a command) stay.
-FEDERATION_EVENTS = "ifedicl.federation"
+__all__ = ["ClickException", "NoArgsIsHelpError", "one_line", "setup_logging", "usage_error_line"]
 
 
 def setup_logging(verbose: bool) -> None:
-    """``ifedicl`` loggers at INFO, the federation's JSON lines only if ``verbose``; chatty libraries at ERROR.
+    """``ifedicl`` loggers at INFO (a structured JSON line per round, drop, rejection) or, not ``verbose``,
+    WARNING; chatty libraries at ERROR.
 
-    The ``ifedicl`` logger's own level decides, not the root's: records of a logger with a level set
-    reach the root's handler whatever the root's level, so quiet must be said on the federation's logger.
+    The ``ifedicl`` logger's own level is what silences it: a logger with a level set hands its records to
+    the root's handler whatever the root's level (``--no-verbose`` printed every round while it stayed INFO).
     """
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr, force=True
     )
-    logging.getLogger("ifedicl").setLevel(logging.INFO)
-    logging.getLogger(FEDERATION_EVENTS).setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("ifedicl").setLevel(logging.INFO if verbose else logging.WARNING)
     for noisy in ("transformers", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
