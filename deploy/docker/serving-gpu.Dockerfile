@@ -1,5 +1,6 @@
 # Serving image, GPU: the official vLLM OpenAI image (same vLLM version as pyproject's `gpu` extra).
-# Build from the repository root:  docker build -f deploy/docker/serving-gpu.Dockerfile -t ifedicl-serving:gpu .
+# Build from the repository root:  docker build -f deploy/docker/serving-gpu.Dockerfile -t ifedicl-serving:0.1.0-gpu .
+# (tag: the package version in pyproject, never a floating tag)
 FROM vllm/vllm-openai:v0.32.0
 WORKDIR /opt/ifedicl
 # Every folder pyproject's [tool.setuptools] packages (the wheel is built from them): tests/test_deploy.py checks.
@@ -13,7 +14,7 @@ COPY devkit ./devkit
 COPY evaluation ./evaluation
 COPY cli ./cli
 # Dependencies come from pyproject only (core + `gpu`): a `--no-deps` hand list here once lacked
-# `cryptography`, which the store-metrics sidecar (`ifedicl recalibration-exporter`) imports. vLLM and its
+# `cryptography`, which `ifedicl recalibration-exporter` imports. vLLM and its
 # CUDA torch are already in the base image at the versions the `gpu` extra pins, so pip keeps them and adds
 # only what is missing.
 RUN pip install --no-cache-dir ".[gpu]"
