@@ -30,6 +30,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from ifedicl.serving.api_errors import ApiError, bad_request, not_found
+from ifedicl.serving.guards import PARSED_JSON_KEY, check_inputs, check_internal_fields, parse_json_body
 from ifedicl.serving.metrics import AUTO_TASK_LABEL, BASE_TASK_LABEL, UNKNOWN_TASK_LABEL
 from ifedicl.serving.service import Classification, ClassificationService, Score
 
@@ -37,14 +38,13 @@ logger = logging.getLogger("ifedicl.serving")
 
 
 async def read_json(raw: Request) -> dict:
-    """The request body as a JSON object, or a 400."""
-    body = await raw.body()
-    try:
-        data = json.loads(body)
-    except UnicodeDecodeError as err:  # JSON is Unicode: a Latin-1 or binary body says so, not "invalid JSON"
-        raise bad_request(f"The request body is not UTF-8 encoded JSON: {err}") from None
-    except json.JSONDecodeError as err:
-        raise bad_request(f"Invalid JSON body: {err}") from None
+    """The request body as a JSON object, or a 400.
+
+    Parsed once, by :class:`~ifedicl.serving.guards.RequestGuard`, with its depth and size
+    limits checked before parsing; without the guard (an app built in a test) it is parsed here
+    under the same limits.
+    """
+    data = raw.scope[PARSED_JSON_KEY] if PARSED_JSON_KEY in raw.scope else parse_json_body(await raw.body())
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object")
     return data
@@ -294,6 +294,8 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
             model = _model_name(body)
             if model in base_names and on_base is not None and on_base[0] is not None:
                 task_label = BASE_TASK_LABEL
+                check_internal_fields(body)  # the engine would drop them anyway (guards.EngineIsolation)
+                check_inputs(body, service.max_inputs)
                 handler, request_cls = on_base
                 try:
                     parsed = request_cls.model_validate(body)
@@ -308,6 +310,7 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
                 served = [*base_names, *sorted(service.catalog), *([AUTO_MODEL] if service.router else [])]
                 raise not_found(f"The model `{model}` does not exist. Available: {served}")
             task_label = AUTO_TASK_LABEL if model == AUTO_MODEL else model
+            check_internal_fields(body)  # a task's salt and row are the server's, never the caller's
             return await on_task(model, body)
         except ApiError as err:
             metrics.errors.labels(task_label, endpoint, str(err.status)).inc()

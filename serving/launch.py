@@ -12,6 +12,8 @@ the task routes (:mod:`ifedicl.serving.api`) and the store poller.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ from ifedicl.model_patches.vllm_plugin import (
     engine_overrides,
     slots_for_memory,
 )
-from ifedicl.serving.guards import DEFAULT_MAX_BODY_BYTES
+from ifedicl.serving.guards import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_REQUESTS_IN_FLIGHT
 from ifedicl.serving.quality import default_serving_dtype
 from ifedicl.serving.service import DEFAULT_MAX_INPUTS, DEFAULT_SLOT_WAIT_SECONDS
 from ifedicl.storage.store import Store
@@ -41,12 +43,14 @@ logger = logging.getLogger("ifedicl.serving")
 
 @dataclass(frozen=True)
 class ServingLimits:
-    """What one request may ask of the server (``--max-inputs-per-request``, ``--max-body-bytes``)
-    and how long it may wait for a task row when all are in use (``--slot-wait-seconds``)."""
+    """What one request may ask of the server (``--max-inputs-per-request``, ``--max-body-bytes``),
+    how many it works on at once (``--max-requests-in-flight``) and how long one may wait for a
+    task row when all are in use (``--slot-wait-seconds``)."""
 
     max_inputs: int = DEFAULT_MAX_INPUTS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     slot_wait_seconds: float = DEFAULT_SLOT_WAIT_SECONDS
+    max_requests_in_flight: int = DEFAULT_MAX_REQUESTS_IN_FLIGHT
 
     def validate(self) -> None:
         if self.max_inputs < 1:
@@ -55,6 +59,60 @@ class ServingLimits:
             raise IfediclError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
         if not self.slot_wait_seconds > 0:
             raise IfediclError(f"--slot-wait-seconds must be > 0, got {self.slot_wait_seconds}")
+        if self.max_requests_in_flight < 1:
+            raise IfediclError(f"--max-requests-in-flight must be >= 1, got {self.max_requests_in_flight}")
+
+
+ADMIN_API_KEY_ENV = "IFEDICL_ADMIN_API_KEY"
+
+
+def add_server_flags(parser) -> None:
+    """``ifedicl serve`` flags read here rather than by vLLM (they reach this parser with vLLM's own)."""
+    group = parser.add_argument_group("ifedicl server")
+    group.add_argument(
+        "--max-requests-in-flight",
+        type=int,
+        default=None,
+        help=f"HTTP requests worked on at once, all routes together; more get 429 with Retry-After "
+        f"(default {DEFAULT_MAX_REQUESTS_IN_FLIGHT}; /health and /metrics never count)",
+    )
+    group.add_argument(
+        "--admin-api-key",
+        default=None,
+        help=f"the only key /admin/reload accepts (default: ${ADMIN_API_KEY_ENV}; neither set: the API key)",
+    )
+
+
+def admin_api_keys(args) -> list[str]:
+    """``--admin-api-key`` wins over ``IFEDICL_ADMIN_API_KEY``; empty: ``/admin/reload`` takes the API key."""
+    key = getattr(args, "admin_api_key", None) or os.environ.get(ADMIN_API_KEY_ENV, "")
+    return [key] if key else []
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (vLLM's ``--host``; None or empty: every interface) only listens on this machine."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def warn_if_exposed(args) -> bool:
+    """Log a WARNING when the server listens beyond this machine without an API key; True if it did."""
+    if getattr(args, "uds", None) or is_loopback(args.host) or api_keys(args):
+        return False
+    admin = "an admin key guards /admin/reload" if admin_api_keys(args) else "/admin/reload is open too"
+    logger.warning(
+        "ifedicl: NO API KEY on a non-loopback address (--host %s): anyone who can reach port %s can classify, "
+        "generate with the base model and fill the engine (%s). Pass --api-key (or VLLM_API_KEY), or "
+        "--host 127.0.0.1 behind an authenticating proxy",
+        args.host or "(all interfaces)", args.port, admin,
+    )  # fmt: skip
+    return True
 
 
 def api_keys(args) -> list[str]:
@@ -97,6 +155,7 @@ def parse_engine_args(
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="ifedicl serve"))
+    add_server_flags(parser)
     # A named model or a GGUF file is served from its converted directory, under the name the user gave.
     model_dir = resolve_model(model)
     argv = ["--model", model_dir, "--host", host, "--port", str(port), *engine_args]
@@ -150,15 +209,18 @@ async def serve_async(
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
     from ifedicl.serving.api import install_routes
-    from ifedicl.serving.guards import RequestGuard
+    from ifedicl.serving.guards import EngineIsolation, RequestGuard
     from ifedicl.serving.metrics import UNKNOWN_TASK_LABEL
     from ifedicl.serving.service import ClassificationService
 
     listen_address, sock = setup_server(args, reuse_port=False)
     poller = None
     async with build_async_engine_client(args) as engine:
+        # Every engine request, whatever route it came by, is salted from a secret; only the service's carry a row.
+        isolation = EngineIsolation()
+        isolation.install(engine)
         service = ClassificationService(
-            engine,
+            isolation.internal(engine),
             args.model,
             store,
             max_slots=args.hf_overrides[MAX_SLOTS_KEY],
@@ -183,7 +245,13 @@ async def serve_async(
         # Outermost: a refused request never reaches vLLM's middleware or a route. build_app
         # already built Starlette's middleware stack, so insert and let it be rebuilt lazily.
         guard = Middleware(
-            RequestGuard, api_keys=api_keys(args), max_body_bytes=limits.max_body_bytes, on_refused=refused
+            RequestGuard,
+            api_keys=api_keys(args),
+            admin_api_keys=admin_api_keys(args),
+            max_body_bytes=limits.max_body_bytes,
+            max_requests_in_flight=limits.max_requests_in_flight,
+            max_inputs=limits.max_inputs,
+            on_refused=refused,
         )
         app.user_middleware.insert(0, guard)
         app.middleware_stack = None
@@ -252,6 +320,10 @@ def run_server(
         table_memory=table_memory,
     )
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if args.max_requests_in_flight is not None:
+        limits = dataclasses.replace(limits, max_requests_in_flight=args.max_requests_in_flight)
+        limits.validate()
+    warn_if_exposed(args)
     if auto_route and routing_index is None:
         routing_index = tempfile.mkdtemp(prefix="ifedicl-routing-")
     logger.info("ifedicl: the engine holds %d task versions at once", args.hf_overrides[MAX_SLOTS_KEY])
