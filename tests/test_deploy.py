@@ -241,10 +241,11 @@ def test_serving_is_closed_by_default():
     admin = env["IFEDICL_ADMIN_API_KEY"]["valueFrom"]["secretKeyRef"]
     assert api["name"] == admin["name"] == "ifedicl-api-keys" and api["key"] != admin["key"], (api, admin)
     assert not any(a.startswith("--api-key") or a.startswith("--admin-api-key") for a in serve["args"])
-    # the server really reads these variables (vLLM's VLLM_API_KEY; the admin key's env var in cli/serve.py)
+    # the server really reads these variables (vLLM's VLLM_API_KEY; the admin key's in serving/launch.py)
     import vllm.envs as envs
 
     assert "VLLM_API_KEY" in envs.environment_variables
+    assert re.search(r'ADMIN_API_KEY_ENV = "IFEDICL_ADMIN_API_KEY"', (ROOT / "serving/launch.py").read_text())
 
 
 def test_store_write_credentials_reach_only_the_federation_pods():
