@@ -35,15 +35,46 @@ def measured() -> Iterator[dict[str, float]]:
         out["wall_s"] = round(time.perf_counter() - wall, 4)
 
 
-def reported(meta: dict) -> dict[str, float] | None:
-    """A client's ``compute`` report from an answer's metadata, or None if absent or malformed."""
-    compute = meta.get("compute")
-    if not isinstance(compute, dict):
+# The most seconds one request may report (~116 days): far beyond any round timeout, and small enough
+# that a run's sums of them stay finite. A report is the client's own word, so it is checked like any upload.
+MAX_SECONDS = 1e7
+KEYS = ("cpu_s", "wall_s")
+
+
+def finite_number(value: object) -> float | None:
+    """``value`` as a finite float if it is a real number (not a bool, not a string), else None.
+
+    JSON from a client can carry ``1e400`` (read as inf), a 400-digit integer (``float()`` of it raises
+    OverflowError), ``"x"`` or ``true``; none of them is a number the server may compute with.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:
-        cpu, wall = float(compute["cpu_s"]), float(compute["wall_s"])
-    except (KeyError, TypeError, ValueError):
+        number = float(value)
+    except OverflowError:
         return None
-    if not (math.isfinite(cpu) and math.isfinite(wall) and cpu >= 0 and wall >= 0):
+    return number if math.isfinite(number) else None
+
+
+def parse(compute: object) -> dict[str, float]:
+    """A ``compute`` report -> {"cpu_s", "wall_s"}; ValueError (saying what is wrong) if malformed."""
+    if not isinstance(compute, dict) or set(compute) != set(KEYS):
+        keys = sorted(compute) if isinstance(compute, dict) else type(compute).__name__
+        raise ValueError(f"compute {keys}; expected exactly {list(KEYS)}")
+    out = {}
+    for key in KEYS:
+        seconds = finite_number(compute[key])
+        if seconds is None or not 0 <= seconds <= MAX_SECONDS:
+            raise ValueError(f"compute {key} {compute[key]!r:.40}; expected finite seconds in [0, {MAX_SECONDS:g}]")
+        out[key] = seconds
+    return out
+
+
+def reported(meta: object) -> dict[str, float] | None:
+    """A client's ``compute`` report from an answer's metadata, or None if absent or malformed."""
+    if not isinstance(meta, dict) or "compute" not in meta:
         return None
-    return {"cpu_s": cpu, "wall_s": wall}
+    try:
+        return parse(meta["compute"])
+    except ValueError:
+        return None

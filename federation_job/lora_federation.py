@@ -72,18 +72,30 @@ class LoraFederation(Federation):
     def _decode_states(
         self, answers: dict[int, object], like: dict[str, np.ndarray]
     ) -> tuple[list[ClientUpdate], dict[int, str]]:
-        """Uploaded adapters -> flattened, checked updates; a wrong name set or shape is a recorded rejection."""
+        """Uploaded adapters -> flattened, checked updates; anything else is a recorded rejection.
+
+        Untrusted like every upload: the size is checked before decoding (float32 adapters of the
+        global state's names and shapes), then the names, shapes and dtypes, the reported
+        count and loss (:func:`wire.upload_facts`) and the values (:func:`check_update`).
+        """
+        size = sum(v.size for v in like.values())
+        limit = wire.upload_limit(size, tensors=len(like))
         updates, rejected = [], {}
         for cid, payload in sorted(answers.items()):
             try:
-                arrays, meta = wire.decode(payload)
+                arrays, meta = wire.decode(wire.check_size(payload, limit, cid))
                 if sorted(arrays) != sorted(like) or any(arrays[n].shape != like[n].shape for n in like):
                     raise IfediclError(f"client {cid} sent tensors that are not the global adapters")
-                update = ClientUpdate(cid, flatten(arrays), int(meta["num_examples"]), meta.get("loss"))
-                check_update(update, (sum(v.size for v in like.values()),))
+                if any(arrays[n].dtype != like[n].dtype for n in like):
+                    raise IfediclError(f"client {cid} sent adapters in another dtype than the global ones")
+                num_examples, loss = wire.upload_facts(meta, cid)
+                update = ClientUpdate(cid, flatten(arrays), num_examples, loss)
+                check_update(update, (size,))
                 updates.append(update)
-            except (IfediclError, KeyError, ValueError, TypeError) as err:
+            except IfediclError as err:
                 rejected[cid] = f"rejected update: {err}"
+            except Exception as err:  # anything else a crafted payload provokes is still that client's fault
+                rejected[cid] = f"rejected update: {type(err).__name__}: {err}"
         return updates, rejected
 
     def lora_round(

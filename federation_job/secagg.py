@@ -17,6 +17,16 @@ uploads of one client and strip a mask.
 Threat model: an honest-but-curious server (it follows the protocol, keys relayed
 unchanged). A server that swaps public keys can unmask; signing the ephemeral keys
 with each organisation's long-term key (a PKI) closes that and is not done here.
+
+Bad uploads: the server cannot check one member's value (it never sees it), only the sum. A
+masked upload of the wrong type or size is rejected like a lost one (masking redone without it).
+A well-formed upload of garbage ring elements leaves the masks uncancelled: the sum decodes to a
+finite but absurd value (uniform in +-5.5e11 per coordinate). Every honest member's value is at
+most ``MAX_ABS_VALUE`` per coordinate (the check every clear-text update gets; times N_k when
+weighted), so a sum beyond the cohort's total of that (:func:`sum_bound`) proves some member
+uploaded garbage: the aggregation fails cleanly and nothing is published. Who it was cannot be
+told, so the run fails rather than going on without them. A member that stays inside the bound
+but shifts the sum is not detected (that needs robust rules, which need updates in the clear).
 """
 
 from __future__ import annotations
@@ -32,7 +42,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ifedicl.federation_job import wire
 from ifedicl.federation_job.exchange import Exchange, Traffic, log_event
-from ifedicl.federation_job.strategies import Aggregate, ClientSelection, ClientUpdate, RoundId, Strategy
+from ifedicl.federation_job.strategies import (
+    MAX_ABS_VALUE,
+    Aggregate,
+    ClientSelection,
+    ClientUpdate,
+    RoundId,
+    Strategy,
+)
 from ifedicl.kernel.errors import FederationError, IfediclError
 
 FRACTION_BITS = 24  # fixed point: x -> round(x * 2^24); resolution 6e-8, range +-5.5e11 per value
@@ -93,6 +110,21 @@ class MaskingClient:
         return out
 
 
+def sum_bound(members: list[ClientUpdate], weighted: bool, value_bound: float = MAX_ABS_VALUE) -> float:
+    """The largest |coordinate| an honest cohort's sum can have: each member uploads values within
+    ``value_bound`` (times its N_k when the mean is weighted)."""
+    weight = sum(u.num_examples for u in members) if weighted else len(members)
+    return float(weight) * value_bound
+
+
+def check_masked(upload: object, size: int) -> np.ndarray:
+    """One member's masked upload: uint64[size] exactly, else FederationError (before it enters the sum)."""
+    if not isinstance(upload, np.ndarray) or upload.dtype != np.uint64 or upload.size != size:
+        kind = f"{upload.dtype}[{upload.size}]" if isinstance(upload, np.ndarray) else type(upload).__name__
+        raise FederationError(f"masked upload of {kind}, expected uint64[{size}]")
+    return upload.reshape(-1)
+
+
 def unmask_sum(uploads: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     """Server side: the ring sum of every cohort member's upload, decoded. Masks cancel only if all are here."""
     total = np.zeros(int(np.prod(shape)), dtype=np.uint64)
@@ -151,9 +183,11 @@ class SecureFedAvg(Strategy):
             masked = self.transport.call(f"{at.stage}-masked", at.index, "secagg_upload", {c: request for c in cohort})
             traffic += masked.traffic
             uploads, lost = {}, dict(masked.dropped)
+            size = int(np.prod(shape))
+            limit = wire.upload_limit(size, itemsize=8)  # uint64 ring elements
             for cid, payload in masked.answers.items():
                 try:
-                    uploads[cid] = wire.decode(payload)[0]["masked"]
+                    uploads[cid] = check_masked(wire.decode(payload, limit)[0]["masked"], size)
                 except (IfediclError, KeyError) as err:
                     lost[cid] = f"rejected masked upload: {err}"
             if not lost:
@@ -180,7 +214,10 @@ class SecureFedAvg(Strategy):
         public = {}
         for cid, payload in keys.answers.items():
             try:
-                public[cid] = np.asarray(wire.decode(payload)[0]["public_key"], np.uint8).reshape(32)
+                key = wire.decode(payload, wire.upload_limit(32, itemsize=1))[0]["public_key"]
+                if key.dtype != np.uint8:
+                    raise FederationError(f"public key of {key.dtype}, expected uint8[32]")
+                public[cid] = key.reshape(32)
             except (IfediclError, KeyError, ValueError) as err:
                 keys.dropped[cid] = f"rejected key: {err}"
         return public, keys
@@ -190,6 +227,14 @@ class SecureFedAvg(Strategy):
     ) -> np.ndarray:
         """The masks cancel in the ring sum: what is left is the cohort's sum, divided into its mean."""
         total = unmask_sum(uploads, shape)
+        bound = sum_bound(members, self.weighted)
+        largest = float(np.max(np.abs(total))) if total.size else 0.0
+        if not largest <= bound:  # NaN-safe: a sum that is not finite fails here too
+            raise FederationError(
+                f"{at.stage} round {at.index}: the securely aggregated sum reaches {largest:.3g}, beyond the "
+                f"{bound:.3g} an honest cohort of {len(members)} can reach (+-{MAX_ABS_VALUE:g} per value); "
+                "a member uploaded garbage. Nothing was aggregated or published"
+            )
         divisor = sum(u.num_examples for u in members) if self.weighted else len(members)
         mean = total / divisor
         if not np.all(np.isfinite(mean)):

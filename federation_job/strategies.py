@@ -47,12 +47,28 @@ def sample_clients(available: list[int], fraction: float, min_clients: int, rng:
     return sorted(int(c) for c in rng.choice(available, size=count, replace=False))
 
 
+# The largest magnitude any value of an upload may have (vectors, Λ, LoRA adapters). Honest values are
+# far below it (LLM activations reach ~1e3-1e4 in their largest channels; Λ starts at 0.1 and 1). Why a
+# bound at all: a finite but absurd value (3e38) passes the finite check, and with two clients there is
+# no norm screen; with it, every mean stays finite in float32 and a cohort of K < 5e5 members stays
+# inside secure aggregation's fixed-point range (+-5.5e11), which is what bounds a masked sum.
+MAX_ABS_VALUE = 1e6
+
+
 def check_update(update: ClientUpdate, expected_shape: tuple[int, ...]) -> None:
-    if update.values.shape != expected_shape:
-        raise FederationError(f"client {update.client_id} sent shape {update.values.shape}, expected {expected_shape}")
-    if not np.all(np.isfinite(update.values)):
+    """Shape, a float dtype, finite values within +-MAX_ABS_VALUE, and a positive example count."""
+    values = update.values
+    if not isinstance(values, np.ndarray) or values.dtype.kind != "f":
+        kind = values.dtype if isinstance(values, np.ndarray) else type(values).__name__
+        raise FederationError(f"client {update.client_id} sent values of type {kind}, expected floats")
+    if values.shape != expected_shape:
+        raise FederationError(f"client {update.client_id} sent shape {values.shape}, expected {expected_shape}")
+    if not np.all(np.isfinite(values)):
         raise FederationError(f"client {update.client_id} sent non-finite values")
-    if update.num_examples < 1:
+    if values.size and float(np.max(np.abs(values))) > MAX_ABS_VALUE:
+        largest = float(np.max(np.abs(values)))
+        raise FederationError(f"client {update.client_id} sent a value of magnitude {largest:.3g} > {MAX_ABS_VALUE:g}")
+    if isinstance(update.num_examples, bool) or not 1 <= update.num_examples <= wire.MAX_EXAMPLES:
         raise FederationError(f"client {update.client_id} reported {update.num_examples} examples")
 
 
@@ -124,14 +140,19 @@ class Strategy(ABC):
     def decode(
         self, answers: dict[int, object], key: str, shape: tuple[int, ...], read: Reader | None = None
     ) -> tuple[list[ClientUpdate], dict[int, str]]:
-        """Uploads -> checked updates, and {client: reason} for the undecodable, wrong-shape or non-finite ones.
+        """Uploads -> checked updates, and {client: reason} for every upload that is not one.
 
         ``read`` parses an upload in the clear (a coded vector upload, a Λ frame); by default it is
         the safetensors array named ``key``. Masked answers carry only their count, read as safetensors.
+        Each payload is untrusted: its size is checked against :meth:`upload_limit` before it is parsed,
+        its reported facts by :func:`wire.upload_facts`, its values by :func:`check_update`; whatever
+        fails, the client's upload is a recorded rejection and the others go on.
         """
+        limit = self.upload_limit(shape)
         updates, rejected = [], {}
         for cid, payload in sorted(answers.items()):
             try:
+                wire.check_size(payload, limit, cid)
                 if self.masked:  # the value comes later, masked
                     values, meta = np.zeros(shape, np.float32), wire.decode(payload)[1]
                 elif read is not None:
@@ -139,12 +160,22 @@ class Strategy(ABC):
                 else:
                     arrays, meta = wire.decode(payload)
                     values = arrays[key]
-                update = ClientUpdate(cid, values, int(meta["num_examples"]), meta.get("loss"))
+                num_examples, loss = wire.upload_facts(meta, cid)
+                update = ClientUpdate(cid, values, num_examples, loss)
                 check_update(update, shape)
                 updates.append(update)
-            except (IfediclError, KeyError, ValueError, TypeError) as err:
+            except IfediclError as err:
                 rejected[cid] = f"rejected update: {err}"
+            except Exception as err:  # anything else a crafted payload can provoke is still that client's fault
+                rejected[cid] = f"rejected update: {type(err).__name__}: {err}"
         return updates, rejected
+
+    def upload_limit(self, shape: tuple[int, ...]) -> int:
+        """The most bytes one upload for a value of ``shape`` may take: float32 values in up to two tensors
+        (int8 vectors and their scales), or under masking only the count (the value follows masked)."""
+        if self.masked:
+            return wire.upload_limit(0, tensors=0)
+        return wire.upload_limit(int(np.prod(shape)), tensors=2)
 
     @abstractmethod
     def aggregate(self, at: RoundId, updates: list[ClientUpdate], reference: np.ndarray | None = None) -> Aggregate:

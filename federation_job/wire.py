@@ -11,6 +11,13 @@ safetensors header and JSON metadata (~216 B) were a third of it; the frame carr
 facts (example count, local loss, the client's CPU and wall seconds) in 24 B. :func:`decode`
 and :func:`meta_of` read both kinds: a frame starts with :data:`FRAME_MAGIC`, which as a
 safetensors header length would be over 1 GB, so the two cannot be confused.
+
+Every upload is untrusted input (issue 31): a client can send any bytes. So a payload's size is
+checked against what the request legitimately needs *before* anything parses it
+(:func:`upload_limit`, the ``limit`` of :func:`decode`), and the facts it reports about itself
+(example count, loss, compute seconds) are checked for type and range (:func:`upload_facts`)
+before the server uses them. Every failure is a :class:`FederationError` naming the client, which
+the strategies record as that client's rejection; the round goes on with the others.
 """
 
 from __future__ import annotations
@@ -22,7 +29,73 @@ import struct
 import numpy as np
 from safetensors.numpy import load, save
 
+from ifedicl.federation_job import compute as client_compute
 from ifedicl.kernel.errors import FederationError
+
+# ------------------------------------------------------------------------------------ upload bounds
+# What an honest upload's header needs: safetensors' 8-byte length, then a JSON header naming each
+# tensor (name, dtype, shape, offsets: ~100 B) and the small metadata (num_examples, loss, compute:
+# ~130 B). Measured ~230 B for a stage-1 upload; the allowance is generous so no honest client is refused.
+HEADER_BYTES = 2048
+TENSOR_HEADER_BYTES = 512  # per named tensor (LoRA state names run to ~80 characters)
+# The largest example count any upload may claim: the Λ frame's u32 field, so the two kinds agree.
+MAX_EXAMPLES = 0xFFFFFFFF
+# A client's mean local loss is a cross-entropy: finite, >= 0, and for any vocabulary far below this.
+MAX_LOSS = 1e6
+# meta_of reads a header without a size from the request at hand: this bounds its JSON parse.
+MAX_META_HEADER_BYTES = 1 << 20
+
+
+def upload_limit(elements: int, tensors: int = 1, itemsize: int = 4) -> int:
+    """The most bytes an honest upload of ``elements`` values (``itemsize`` bytes each, float32 by default)
+    in ``tensors`` named tensors can take, header included. E.g. stage-1 vectors [L, 2, d]: 4·2Ld + header
+    (an int8 upload with its [L, 2] scales is smaller); a masked upload: 8 B per element (uint64)."""
+    return HEADER_BYTES + tensors * TENSOR_HEADER_BYTES + itemsize * int(elements)
+
+
+def check_size(payload: object, limit: int, client_id: int | None = None) -> bytes:
+    """``payload`` if it is ``bytes`` of at most ``limit`` bytes, else FederationError: checked before decoding."""
+    who = "a client" if client_id is None else f"client {client_id}"
+    if not isinstance(payload, bytes):
+        raise FederationError(f"{who} answered {type(payload).__name__}, not a bytes payload")
+    if len(payload) > limit:
+        raise FederationError(f"{who} sent {len(payload)} bytes; this upload is at most {limit} bytes")
+    return payload
+
+
+def upload_facts(meta: object, client_id: int | None = None) -> tuple[int, float | None]:
+    """An upload's reported facts, checked -> (num_examples, loss or None); malformed: FederationError.
+
+    ``num_examples`` must be an integer in [1, MAX_EXAMPLES] (JSON's 1e400 reads as inf, 3.0 as a
+    float, true as a bool: all refused); ``loss``, if present, a finite number in [0, MAX_LOSS]; a
+    ``compute`` report, if present, finite non-negative seconds (:func:`compute.parse`).
+    """
+    who = "a client" if client_id is None else f"client {client_id}"
+    if not isinstance(meta, dict):
+        raise FederationError(f"{who} sent metadata that is not an object ({type(meta).__name__})")
+    if "num_examples" not in meta:
+        raise FederationError(f"{who} reported no num_examples")
+    count = meta["num_examples"]
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_EXAMPLES:
+        raise FederationError(f"{who} reported num_examples {_show(count)}; expected an integer in 1..{MAX_EXAMPLES}")
+    loss = meta.get("loss")
+    if loss is not None:
+        value = client_compute.finite_number(loss)
+        if value is None or not 0 <= value <= MAX_LOSS:
+            raise FederationError(f"{who} reported loss {_show(loss)}; expected a finite number in [0, {MAX_LOSS:g}]")
+        loss = value
+    if "compute" in meta:
+        try:
+            client_compute.parse(meta["compute"])
+        except ValueError as err:
+            raise FederationError(f"{who} reported {err}") from None
+    return count, loss
+
+
+def _show(value: object) -> str:
+    """A reported value for an error message, never longer than a line."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def encode(arrays: dict[str, np.ndarray], **meta: object) -> bytes:
@@ -30,8 +103,16 @@ def encode(arrays: dict[str, np.ndarray], **meta: object) -> bytes:
     return save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata={"meta": json.dumps(meta)})
 
 
-def decode(payload: bytes) -> tuple[dict[str, np.ndarray], dict]:
-    """Any payload -> (named arrays, metadata); a Λ frame reads as ``{"coefficients": Λ}`` and its facts."""
+def decode(payload: bytes, limit: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Any payload -> (named arrays, metadata); a Λ frame reads as ``{"coefficients": Λ}`` and its facts.
+
+    ``limit``: refuse a payload over this many bytes before parsing anything (an upload's
+    :func:`upload_limit`). The metadata is always a JSON object (``{}`` when absent).
+    """
+    if not isinstance(payload, bytes):
+        raise FederationError(f"undecodable update: {type(payload).__name__}, not a bytes payload")
+    if limit is not None:
+        check_size(payload, limit)
     if is_frame(payload):
         coefficients, meta = decode_coefficients(payload)
         return {"coefficients": coefficients}, meta
@@ -42,6 +123,8 @@ def decode(payload: bytes) -> tuple[dict[str, np.ndarray], dict]:
         meta = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
     except Exception as err:
         raise FederationError(f"undecodable update ({len(payload)} bytes): {err}") from None
+    if not isinstance(meta, dict):
+        raise FederationError(f"undecodable update: its metadata is a {type(meta).__name__}, not an object")
     return arrays, meta
 
 
@@ -56,6 +139,8 @@ def meta_of(payload: object) -> dict:
             return {}
     try:
         header_len = int.from_bytes(payload[:8], "little")
+        if header_len > MAX_META_HEADER_BYTES:
+            return {}
         header = json.loads(payload[8 : 8 + header_len])
         meta = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
     except Exception:
