@@ -11,6 +11,10 @@ httpx and raw sockets:
 - requests in flight are capped (429, ``Retry-After``), inputs are capped on the base
   model too, deep or huge JSON is a 400 before it is parsed;
 - ``/admin/reload`` takes only the admin key; a non-loopback server without a key warns.
+
+Beneath the HTTP checks, the engine itself is isolated: one in-process engine with
+:class:`~ifedicl.serving.guards.EngineIsolation` installed, as ``ifedicl serve`` installs it,
+gets the poisoning requests directly (as any route vLLM adds later would pass them on).
 """
 
 from __future__ import annotations
@@ -20,14 +24,26 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import numpy as np
 import openai
 import pytest
 import torch
-from serving_helpers import API_KEY, AUTH, LONG_TEXT, TASKS, metric_values, published_store, running_server
+from serving_helpers import (
+    API_KEY,
+    AUTH,
+    LONG_TEXT,
+    TASKS,
+    engine_args,
+    metric_values,
+    published_store,
+    running_server,
+    start_engine,
+)
 
+from ifedicl.serving.guards import EngineIsolation
 from ifedicl.serving.process import free_port
 from ifedicl.storage.store import Store
 
@@ -241,3 +257,47 @@ def test_non_loopback_without_api_key_warns(server, abuse_store, serving_models)
     warning = [line for line in lines if "NO API KEY" in line]
     assert warning and warning[0].startswith("WARNING") and "0.0.0.0" in warning[0], "".join(lines[-30:])
     assert "NO API KEY" not in server.log_path.read_text(errors="replace")
+
+
+async def _top_logprobs(engine, ids: list[int], extra_args: dict | None = None, salt: str | None = None) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=list(ids))
+    if salt is not None:
+        prompt["cache_salt"] = salt
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5, extra_args=extra_args, detokenize=False)
+    final = None
+    async for output in engine.generate(prompt, params, f"abuse-{uuid.uuid4().hex}"):
+        final = output
+    return {token: lp.logprob for token, lp in final.outputs[0].logprobs[0].items()}
+
+
+def test_engine_isolation_holds_past_the_http_checks(loop_thread, serving_models, reference_classifiers):
+    """Requests that reach the engine with the probe row and a salt of their choice (no HTTP check on the way)
+    plant nothing: the plain answers after them equal the HF reference. The service's own requests, through
+    ``isolation.internal``, still compute under their row."""
+    args = engine_args(serving_models["llama"], enforce_eager=True, max_slots=MAX_SLOTS)
+    engine = loop_thread.run(start_engine(args))
+    try:
+        isolation = EngineIsolation()
+        isolation.install(engine)
+        block = engine.vllm_config.cache_config.block_size
+        rng = np.random.default_rng(32)
+        for salt in (None, "ifedicl/sst2/some-run", "caller-chosen"):
+            ids = [int(i) for i in rng.integers(10, 250, size=3 * block + 5)]
+            loop_thread.run(_top_logprobs(engine, ids, {"task_row": PROBE_ROW}, salt))  # the poisoning request
+            plain = loop_thread.run(_top_logprobs(engine, ids))
+            clean = plain_top_logprobs(reference_classifiers, ids)
+            assert max(abs(plain[t] - lp) for t, lp in clean.items()) < LOGPROB_TOL, salt
+        assert isolation.stripped == 3
+        ids = [int(i) for i in rng.integers(10, 250, size=3 * block + 5)]
+        clean = plain_top_logprobs(reference_classifiers, ids)
+        internal = isolation.internal(engine)  # the service's view: its row applies, under its own secret salt
+        probed = loop_thread.run(_top_logprobs(internal, ids, {"task_row": PROBE_ROW}, "ifedicl/probe/zero"))
+        assert max(abs(probed.get(t, -1e9) - lp) for t, lp in clean.items()) > 1.0
+        plain = loop_thread.run(_top_logprobs(engine, ids))
+        assert max(abs(plain[t] - lp) for t, lp in clean.items()) < LOGPROB_TOL
+        assert isolation.stripped == 3
+    finally:
+        engine.shutdown()
