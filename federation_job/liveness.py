@@ -7,17 +7,24 @@ The next driver on any host reaps such runs: on the same host (same boot) a miss
 process is proof; elsewhere the last write (run start or last round) older than the
 run's own staleness bound is taken as a lost heartbeat. Their rows stay unloadable
 either way (only ``complete`` runs load); reaping makes the status say so.
+
+Reaping is a compare-and-set (:meth:`Store.fail_run` moves only a ``running`` run): a run its
+driver finished meanwhile stays complete, and is not reported as reaped. A run row this reaper
+cannot read (corrupt settings) is logged and left alone, never a reason to refuse a new run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ifedicl.storage.store import Store
+
+log = logging.getLogger("ifedicl.federation")
 
 
 def _boot_id() -> str:
@@ -54,33 +61,45 @@ def driver_alive(identity: dict) -> bool | None:
     return start == identity.get("pid_start")
 
 
-def stale_after_s(settings: dict) -> float:
-    """A run writes a round at least every few round timeouts (stage 1: load, extract, broadcast)."""
-    return 4.0 * float(settings.get("round_timeout_s", 1800.0)) + 60.0
+def stale_after_s(settings: dict, rounds_written: int = 1) -> float:
+    """How long a live run can go without writing: a few round timeouts between two rounds (stage 1:
+    extract, secure aggregation's two requests, broadcast), plus, before its first round is written,
+    the time its clients may take to load beyond one round timeout (``load_timeout_s``: a big model on
+    a slow node may load for longer than a round lasts)."""
+    round_s = float(settings.get("round_timeout_s") or 1800.0)
+    bound = 4.0 * round_s + 60.0
+    if rounds_written == 0:
+        bound += max(0.0, float(settings.get("load_timeout_s") or round_s) - round_s)
+    return bound
 
 
 def reap_dead_runs(store: Store, now: datetime | None = None) -> dict[str, str]:
-    """Mark failed every ``running`` run whose driver is gone. Returns {run_id: reason}."""
+    """Mark failed every ``running`` run whose driver is gone. Returns {run_id: reason} of the runs this call failed."""
     now = now or datetime.now(UTC)
     reaped: dict[str, str] = {}
     for row in store.runs():
         if row["status"] != "running":
             continue
-        settings = json.loads(row["settings"] or "{}")
-        identity = settings.get("driver", {})
-        alive = driver_alive(identity)
-        if alive is False:
-            reason = f"driver died (pid {identity.get('pid')} on {identity.get('host')} is gone); run abandoned"
-        elif alive is None:
-            last = max([row["created_at"], *(r["at"] for r in store.rounds(row["run_id"]))])
-            idle = (now - last).total_seconds()
-            if idle <= stale_after_s(settings):
+        try:
+            settings = json.loads(row["settings"] or "{}")
+            identity = settings.get("driver", {}) if isinstance(settings, dict) else {}
+            alive = driver_alive(identity)
+            if alive is False:
+                reason = f"driver died (pid {identity.get('pid')} on {identity.get('host')} is gone); run abandoned"
+            elif alive is None:
+                rounds = store.rounds(row["run_id"])
+                last = max([row["created_at"], *(r["at"] for r in rounds)])
+                idle = (now - last).total_seconds()
+                if idle <= stale_after_s(settings, len(rounds)):
+                    continue
+                reason = f"no heartbeat for {idle:.0f}s (driver {identity or 'unknown'}); run abandoned"
+            else:
                 continue
-            reason = f"no heartbeat for {idle:.0f}s (driver {identity or 'unknown'}); run abandoned"
-        else:
+        except (ValueError, TypeError, AttributeError) as err:  # a corrupt row: not this reaper's to judge
+            log.error("run %s: its row cannot be read (%s: %s); not reaped", row["run_id"], type(err).__name__, err)
             continue
-        store.fail_run(row["run_id"], reason)
-        reaped[row["run_id"]] = reason
+        if store.fail_run(row["run_id"], reason):  # False: its driver finished it meanwhile
+            reaped[row["run_id"]] = reason
     return reaped
 
 

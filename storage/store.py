@@ -12,11 +12,19 @@ on one host or on two pods sharing an object store, never lose or duplicate an
 entry, and "publish only if the live run is still X" is a real compare-and-set.
 The federation driver, ``ifedicl publish``/``rollback`` and recalibration
 write; servers and ``predict`` only read.
+
+A run's status moves only from ``running``, once: to ``complete`` (its driver finished it) or to
+``failed`` (its driver failed it, or the next driver reaped it as dead). Each move is a
+compare-and-set (:meth:`Store._move_run`), so a reaper and a finishing driver racing cannot both
+win, and a complete (perhaps published, already served) run is never marked failed afterwards.
+A run row that cannot be read (corrupt JSON, an invalid task spec) is skipped and logged by the
+listings servers read, so one bad row never hides the other tasks.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +42,8 @@ from ifedicl.kernel.task import TaskSpec
 from ifedicl.model_patches.injection import BLOCKS
 from ifedicl.storage import schema
 from ifedicl.storage.records import RoundRecord
+
+log = logging.getLogger("ifedicl.storage")
 
 
 class StoreError(IfediclError):
@@ -213,15 +223,45 @@ class Store:
         }
         self._append("coefficients", schema.COEFFICIENTS, [row])
 
-    def _set_run(self, run_id: str, values: dict) -> None:
-        self._table("runs").update(where=f"run_id = {_quote(run_id)}", values=values)
+    def _move_run(self, run_id: str, values: dict) -> tuple[bool, str]:
+        """Apply ``values`` (a new status and what goes with it) only if the run is ``running``, atomically.
+
+        -> (moved, the status the run has now). One ``merge_insert`` on ``run_id`` whose update is
+        conditioned on ``target.status = 'running'``: Lance commits it against the table version it
+        read, and a commit racing another update of the same row conflicts and is re-run on the newer
+        version, where the condition no longer holds, so it updates nothing. Measured (lancedb 0.40, two
+        processes moving the same 30 runs, one to ``complete``, the other to ``failed``, released
+        together per run): every run moved exactly once and holds the winner's values.
+        """
+        row = self.run_row(run_id)
+        if row["status"] != "running":
+            return False, row["status"]
+        table = self._table("runs")
+        data = pa.Table.from_pylist([{**row, **values}], schema=schema.RUNS)
+        result = table.merge_insert("run_id").when_matched_update_all(where="target.status = 'running'").execute(data)
+        if result.num_updated_rows:
+            return True, values["status"]
+        return False, self.run_row(run_id)["status"]
 
     def finish_run(self, run_id: str, summary: dict) -> None:
+        """``running`` -> ``complete``. StoreError if the run is no longer running (it was reaped or failed
+        meanwhile): a run another process gave up on must not become loadable behind its back."""
         summary_json = json.dumps(summary, default=str)
-        self._set_run(run_id, {"status": "complete", "finished_at": _now(), "summary": summary_json})
+        moved, status = self._move_run(run_id, {"status": "complete", "finished_at": _now(), "summary": summary_json})
+        if not moved:
+            row = self.run_row(run_id)
+            raise StoreError(
+                f"run {run_id} is {status}, not running, so it was not marked complete"
+                + (f" (error: {row['error']})" if row.get("error") else "")
+            )
 
-    def fail_run(self, run_id: str, error: str) -> None:
-        self._set_run(run_id, {"status": "failed", "finished_at": _now(), "error": error})
+    def fail_run(self, run_id: str, error: str) -> bool:
+        """``running`` -> ``failed``; True if this call failed it. A run already ``complete`` (perhaps published and
+        served) or ``failed`` is left as it is: False, and the refusal is logged, never an overwrite."""
+        moved, status = self._move_run(run_id, {"status": "failed", "finished_at": _now(), "error": error})
+        if not moved:
+            log.warning("run %s is %s: not marked failed (%s)", run_id, status, error)
+        return moved
 
     # ------------------------------------------------------------------ publication tag
     def publication_log(self, task: str | None = None) -> list[dict]:
@@ -342,10 +382,19 @@ class Store:
             return {}
         ids = ", ".join(_quote(run_id) for run_id in published.values())
         rows = {row["run_id"]: row for row in self._rows("runs", f"run_id IN ({ids})")}
-        missing = sorted(run_id for run_id in published.values() if run_id not in rows)
-        if missing:
-            raise StoreError(f"published runs {missing} have no run row in store {self.uri}")
-        return {task: _run_info(rows[run_id]) for task, run_id in published.items()}
+        out = {}
+        for task, run_id in published.items():
+            if run_id not in rows:
+                log.error(
+                    "store %s: task %s publishes run %s, which has no run row: task skipped", self.uri, task, run_id
+                )
+                continue
+            try:
+                out[task] = _run_info(rows[run_id])
+            except Exception as err:  # one corrupt row must not hide every other task
+                log.error("store %s: run %s of task %s cannot be read (%s: %s): task skipped",
+                          self.uri, run_id, task, type(err).__name__, err)  # fmt: skip
+        return out
 
     def runs(self, task: str | None = None) -> list[dict]:
         rows = self._rows("runs", f"task = {_quote(task)}" if task else None)
