@@ -17,6 +17,13 @@ page cache too; the object store shares in every case: any format, dtype cast or
 device.)
 
     python bench/federation.py --clients 1 2 5 10 --layers 12 --hidden 768
+
+Virtual clients (``--virtual``): N clients hosted on ``--actors`` processes, each round sampling
+the same number of examples (a fraction of the clients), against 10 clients on their own hosts:
+peak and working PSS of the whole job, weight copies, and seconds per round per sampled example
+as a ratio to the 10-client run (the cost of hosting many clients, not of computing more).
+
+    python bench/federation.py --virtual 10 1000 --actors 2 --model smollm2-135m
 """
 
 from __future__ import annotations
@@ -71,8 +78,11 @@ class PeakPSS:
         self._thread.join()
 
 
-def run_once(model: Path, data: Path, store: Path, clients: int, weights: str, per_client: int) -> dict:
-    settings = FederationSettings(clients=clients, alpha=100.0, rounds=1, min_shard=1, weights=weights)
+def run_once(
+    model: Path, data: Path, store: Path, clients: int, weights: str, per_client: int, **settings_fields
+) -> dict:
+    fields = dict(clients=clients, alpha=100.0, rounds=1, min_shard=1, weights=weights) | settings_fields
+    settings = FederationSettings(**fields)
     source = DataSource(str(data), max_train=per_client * clients, max_test=0)
     start = time.perf_counter()
     with PeakPSS() as mem:
@@ -92,7 +102,33 @@ def run_once(model: Path, data: Path, store: Path, clients: int, weights: str, p
         "working_pss": mem.working,
         "extract_per_s": per_client * clients / stage1,
         "round_s": result.rounds[1].seconds,
+        # every client is alive here, so shard_sizes[cid] is client cid's
+        "sampled_examples": sum(result.summary["shard_sizes"][cid] for cid in result.rounds[1].clients_answered),
     }
+
+
+def virtual(args, work: Path, data: Path, big: Path, tiny: Path, weight_bytes: int) -> None:
+    """10 clients on their own hosts, then each of ``--virtual`` counts on ``--actors`` hosts, the same
+    examples sampled per round (``--sampled`` clients' worth)."""
+    print("clients | actors | sampled | wall s | peak PSS MiB | working PSS MiB | weight copies | round s | "
+          "s/sampled ex | vs 10 clients")  # fmt: skip
+    reference = None
+    for k in args.virtual:
+        actors = k if k <= 10 else args.actors
+        fraction = min(1.0, args.sampled / k)
+        extra = dict(actors=actors, fraction=fraction, min_clients=1, stage1_examples=args.stage1_examples)
+        base = run_once(tiny, data, work / f"v-tiny-{k}", k, "shared", args.per_client, **extra)
+        r = run_once(big, data, work / f"v-big-{k}", k, "shared", args.per_client, **extra)
+        per_example = r["round_s"] / max(1, r["sampled_examples"])
+        reference = reference or per_example
+        copies = (r["working_pss"] - base["working_pss"]) / weight_bytes
+        print(
+            f"{k:>7} | {actors:>6} | {r['sampled_examples']:>7} | {r['seconds']:6.1f} | "
+            f"{r['peak_pss'] / 2**20:12.0f} | {r['working_pss'] / 2**20:15.0f} | {copies:13.2f} | "
+            f"{r['round_s']:7.2f} | {per_example:12.4f} | "
+            f"{per_example / reference:12.2f}x",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -102,10 +138,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--per-client", type=int, default=8, help="training examples per client")
     parser.add_argument("--model", help="a named model, .gguf file or HF directory instead of the random bench model")
+    parser.add_argument("--virtual", type=int, nargs="+", help="virtual-client runs: client counts (10 first)")
+    parser.add_argument("--actors", type=int, default=2, help="hosts for the virtual clients beyond 10")
+    parser.add_argument("--sampled", type=int, default=10, help="clients sampled per round in the virtual runs")
+    parser.add_argument("--stage1-examples", type=int, default=None, help="examples each client extracts from")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ifedicl-bench-"))
-    data = make_sentiment_dir(work / "data", n_train=args.per_client * max(args.clients), n_test=4)
+    most = max(args.virtual or args.clients)
+    data = make_sentiment_dir(work / "data", n_train=args.per_client * most, n_test=4)
     texts = corpus(load_task_dir(data).task, load_task_dir(data).train.texts)
     if args.model:
         big = Path(resolve_model(args.model))
@@ -115,6 +156,8 @@ def main() -> None:
         weight_bytes = 2 * sum(p.stat().st_size for p in big.glob("*.safetensors"))  # bf16 file, float32 in memory
     tiny = build_tiny_model(work / "tiny", texts, "llama", 1, 64, vocab_size=2048)
     print(f"bench model: {args.model or f'L={args.layers} d={args.hidden}'}, weights {weight_bytes / 2**20:.0f} MiB")
+    if args.virtual:
+        return virtual(args, work, data, big, tiny, weight_bytes)
     print("clients | mode      | wall s | peak PSS MiB | working PSS MiB | weight copies | extract ex/s | round s")
     for k in args.clients:
         base = run_once(tiny, data, work / f"s-tiny-{k}", k, "shared", args.per_client)

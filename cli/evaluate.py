@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from ifedicl.cli.option_sets import federation_options
+from ifedicl.cli.run_config import ConfigError, RunConfig, config_option
 from ifedicl.federation_job.options import Dtype
 
 # Federation options EvalSettings holds as its own fields (hashed since before the shared option set).
@@ -34,10 +35,17 @@ def eval_command(
     lora_lr: float = typer.Option(5e-4, help="FedAvg-LoRA learning rate"),
     batch_size: int = typer.Option(16, help="inference batch size"),
     dtype: Dtype = typer.Option("float32", help="model dtype"),
+    config: Path | None = config_option(),
 ) -> None:
     """Run (or resume) the evaluation: the paper's tables and plots for your model and data."""
     from ifedicl.evaluation.runner import evaluate
     from ifedicl.evaluation.settings import EvalSettings
+
+    if config and RunConfig.read(config).clients is not None:
+        raise ConfigError(
+            f"--config {config}: eval compares every method on one data set split over simulated clients; "
+            "[[clients]] is for federate and recalibrate"
+        )
 
     settings = EvalSettings(
         model=model,

@@ -8,6 +8,7 @@ import typer
 
 from ifedicl.cli.console import setup_logging
 from ifedicl.cli.option_sets import federation_options
+from ifedicl.cli.run_config import config_option, federation_clients
 
 
 @federation_options
@@ -26,15 +27,15 @@ def federate_command(
     batch_size: int = typer.Option(8, help="extraction batch size (length-sorted buckets)"),
     publish: bool = typer.Option(False, help="publish the run when it completes"),
     verbose: bool = typer.Option(True, help="structured log line per round"),
+    config: Path | None = config_option(),
 ) -> None:
     """Run stage 1 and R rounds of stage 2 on Ray; write the run to the store."""
     from ifedicl.federation_job.driver import Federation
-    from ifedicl.kernel.sources import DataSource
 
     setup_logging(verbose)
     settings = federation.settings(alpha, seed, capture_batch_size=batch_size)
-    source = DataSource.from_options(task_dir, dataset, template, labels, max_train, max_test or None)
-    result = Federation(model, source, store, settings).run(publish=publish)
+    clients = federation_clients(config, task_dir, dataset, template, labels, max_train, max_test or None)
+    result = Federation(model, clients, store, settings).run(publish=publish)
     _print_summary(result.run_id, result.published, result.summary)
 
 

@@ -19,7 +19,9 @@ import typer
 from ifedicl.federation_job.options import FederationOptions
 
 HELP = {
-    "clients": "number of federated clients (Ray actors)",
+    "clients": "number of simulated clients the data set is split over (Dirichlet --alpha)",
+    "actors": "Ray actors hosting the clients, each serving its clients one call after another "
+    "(default: one per free CPU; --actors N --clients 1000 runs a thousand virtual clients on N processes)",
     "rounds": "federated rounds of stage 2 (Λ); FedAvg-LoRA's rounds in eval",
     "local_epochs": "local epochs per round; a fraction f < 1 trains on the next f of each shard per round",
     "fraction": "fraction of clients sampled per round",

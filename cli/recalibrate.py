@@ -18,6 +18,7 @@ from typing import Literal
 import typer
 
 from ifedicl.cli.option_sets import federation_options
+from ifedicl.cli.run_config import config_option, federation_clients
 from ifedicl.federation_job.options import Dtype
 
 Mode = Literal["full", "stage2"]  # federation_job.recalibrate.MODES, without importing torch for --help
@@ -52,6 +53,7 @@ def recalibrate_command(
     kept_live_ok: bool = typer.Option(
         False, help="exit 0, not 1, when the live run is kept (a guardrail decision, recorded either way)"
     ),
+    config: Path | None = config_option(),
 ) -> None:
     """Re-run the federation for a task; publish only if not worse than the live run by more than --margin."""
     import json
@@ -59,11 +61,10 @@ def recalibrate_command(
     import sys
 
     from ifedicl.federation_job.recalibrate import recalibrate
-    from ifedicl.kernel.sources import DataSource
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("ifedicl").setLevel(logging.INFO)
-    source = DataSource.from_options(task_dir, dataset, max_train=max_train, max_test=max_test or None)
+    source = federation_clients(config, task_dir, dataset, max_train=max_train, max_test=max_test or None)
     settings = federation.settings(alpha, seed)
     outcome = recalibrate(
         model,

@@ -1,97 +1,79 @@
-"""Ray actors playing the clients. Thin: a :class:`Client` that speaks bytes.
+"""Ray actors hosting the clients. Thin: each :class:`HostedClient` is a :class:`Client` that speaks bytes.
 
-Each actor loads the frozen model once (from the node's shared object-store copy,
-or its own copy from a path), loads its own shard of data from disk, and returns
-only encoded vectors and Λ. Everything it receives and sends is a ``bytes``
-payload from :mod:`ifedicl.federation_job.wire`, so the driver can count exactly what
-crossed the boundary.
+A :class:`ClientHost` is one Ray actor: it loads the frozen model once (from the node's shared
+object-store copy, or its own copy from a path) and hosts any number of clients, serving their
+calls one after another (Ray's ``max_concurrency=1``). Each hosted client reads its own data
+where it runs (:class:`~ifedicl.kernel.sources.ClientSource`), keeps its own vectors, DP noise,
+secrets and LoRA state, and returns only encoded vectors, Λ and evaluation counts. So a thousand
+clients run on a few processes (Flower's virtual clients), and one client per organisation's node
+is the same code with one client per host. Everything a client receives and sends is a ``bytes``
+payload from :mod:`ifedicl.federation_job.wire`, so the driver can count exactly what crossed.
 
-Each answer carries the CPU and wall seconds the actor spent on the request, measured
-in the actor's own process (:mod:`ifedicl.federation_job.compute`): the run's client compute is
-what the clients report, not the driver's view of the round.
+Each answer carries the CPU and wall seconds the request took, measured in the host process
+(:mod:`ifedicl.federation_job.compute`): a host serves one request at a time, so that is this
+client's compute.
 
-FedAvg-LoRA runs on the same actors: :meth:`ClientActor.train_lora` trains LoRA adapters
-locally (:class:`ifedicl.federation_job.lora.LoraClient`) instead of calibrating Λ; an actor
-serves one method per run.
+FedAvg-LoRA runs on the same hosts: :meth:`HostedClient.train_lora` trains LoRA adapters locally
+(:class:`ifedicl.federation_job.lora.LoraClient`) instead of calibrating Λ; a client serves one
+method per run. The host attaches the adapters to its model once; each client's round loads the
+global adapters into them before training, so hosted clients never see each other's.
 
-Trust options live here, on the client's side of the boundary: its differential
-privacy policy is fixed when it joins (the server cannot switch it off per request),
-and under secure aggregation its value stays here until it leaves masked.
+Trust options live here, on the client's side of the boundary: its differential privacy policy is
+fixed when it joins (the server cannot switch it off per request), and under secure aggregation
+its value stays here until it leaves masked.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from ifedicl.federation_job import wire
-from ifedicl.federation_job.client import CalibrationConfig, Client
+from ifedicl.federation_job.client import CalibrationConfig, Client, class_counts
 from ifedicl.federation_job.compute import measured
 from ifedicl.federation_job.privacy import ClientPrivacy
 from ifedicl.federation_job.secagg import MaskingClient
 from ifedicl.federation_job.vector_coding import encode_vectors
+from ifedicl.kernel.data import Split
 from ifedicl.kernel.errors import FederationError
 from ifedicl.kernel.modeling import DTYPES, SharedWeights, load_model, load_tokenizer, model_from_weights
-from ifedicl.kernel.sources import DataSource
+from ifedicl.kernel.sources import ClientSource
+from ifedicl.kernel.task import TaskSpec
 from ifedicl.model_patches.hf import HFContextModel
 
+# What the server may ask a hosted client to do (ClientHost.call refuses anything else).
+REQUESTS = ("extract", "set_global_vectors", "calibrate", "train_lora", "evaluate", "secagg_keys", "secagg_upload")
 
-class ClientActor:
-    """Made remote by the driver (``ray.remote(ClientActor)``) with its resource options.
 
-    A driver that federates again in the same Ray may keep an actor between runs
-    (:class:`ifedicl.federation_job.ray_pool.WarmActors`): :meth:`leave` drops everything of
-    the run's client, :meth:`rejoin` builds the next run's client as the constructor would.
-    Only the process and its imports survive a run.
-    """
+class HostedClient:
+    """One client on a host: its data, its vectors and secrets, its requests (bytes in, bytes out)."""
 
-    def __init__(self, *client_args, **client_kwargs):
-        self._join(*client_args, **client_kwargs)
-
-    def _join(
+    def __init__(
         self,
         client_id: int,
-        model: SharedWeights | str,
-        tokenizer_id: str,
-        source: DataSource,
-        indices: list[int],
-        dtype: str = "float32",
-        device: str = "cpu",
+        client: Client,
+        test: Split,
         privacy: ClientPrivacy | None = None,
-    ) -> None:
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        lora_model: Callable[[object], object] | None = None,
+    ):
         self.client_id = client_id
-        self.dtype = dtype
-        module = load_model(model, dtype, device) if isinstance(model, str) else model_from_weights(model).to(device)
-        data = source.load()
-        self.client = Client(
-            HFContextModel(module), load_tokenizer(tokenizer_id), data.task, data.train.subset(indices)
-        )
+        self.client = client
+        self.test = test  # its held-out split, scored by :meth:`evaluate` (empty: none)
         self.privacy = privacy or ClientPrivacy()
         self.noise_rng = np.random.default_rng()  # OS entropy: the server knows the run's seeds, not this
         self.vectors: np.ndarray | None = None
         self.pending: np.ndarray | None = None  # secure aggregation: the value awaiting its masked upload
         self.masker: MaskingClient | None = None
-        self.lora = None  # a LoraClient once this actor trains FedAvg-LoRA (its model then carries adapters)
+        self.lora = None  # a LoraClient once this client trains FedAvg-LoRA
+        self._lora_model = lora_model  # the host's model with adapters attached (once per host)
 
-    def ready(self) -> int:
-        """Number of local examples (the only fact about the data the server learns)."""
-        return len(self.client.data)
-
-    def rejoin(self, *client_args, **client_kwargs) -> int:
-        """A kept actor becomes another run's client (the constructor's arguments) -> :meth:`ready`."""
-        self._join(*client_args, **client_kwargs)
-        return self.ready()
-
-    def leave(self) -> bool:
-        """Drop the run's client: its model (and the object-store weights it maps), its data, vectors and
-        secrets. The process stays, with its imports, for :meth:`rejoin`."""
-        self.__dict__.clear()  # every attribute is the client's (_join sets them all)
-        gc.collect()
-        return True
+    @property
+    def dtype(self) -> str:
+        return str(next(self.client.ctx.model.parameters()).dtype).removeprefix("torch.")
 
     # ------------------------------------------------------------------ local computation
     def _vectors(self, meta: dict) -> np.ndarray:
@@ -172,15 +154,36 @@ class ClientActor:
 
         with measured() as compute:
             arrays, meta = wire.decode(payload)
-            if self.lora is None:  # first round: adapters attached in place to this actor's model
+            if self.lora is None:  # first round: the host's model with adapters attached
                 if self.vectors is not None:
                     raise FederationError(f"client {self.client_id} already serves IFed-ICL in this run")
-                self.lora = LoraClient(self.client, LoraSettings(**meta["lora"]))
+                settings = LoraSettings(**meta["lora"])
+                self.lora = LoraClient(self.client, settings, self._lora_model(settings))
             config = CalibrationConfig(**meta["config"])
             seed = int(meta.get("seed", 0)) * 1000 + self.client_id
             result = self.lora.train(arrays, config, seed)
         num_examples = len(self.client.data)
         return wire.encode(result.state, num_examples=num_examples, loss=result.mean_loss, compute=compute)
+
+    def evaluate(self, payload: bytes) -> bytes:
+        """Federated evaluation on this client's held-out split -> per-class counts (never the examples).
+
+        The request names what to score: ``coefficients`` [L, 2, 2] with this client's global vectors
+        (and, for a recalibration's guardrail, ``live_vectors``/``live_coefficients``); zero-shot always.
+        """
+        with measured() as compute:
+            arrays, _ = wire.decode(payload)
+            if self.vectors is None:
+                raise FederationError(f"client {self.client_id} has no global vectors yet")
+            c = self.client
+            counts = {}
+            counts["zero_shot"], counts["total"] = class_counts(c.ctx, c.tokenizer, c.task, self.test)
+            scored = {"injected": (self.vectors, arrays["coefficients"])}
+            if "live_coefficients" in arrays:
+                scored["live"] = (arrays["live_vectors"], arrays["live_coefficients"])
+            for name, (vectors, coefficients) in scored.items():
+                counts[name], _ = class_counts(c.ctx, c.tokenizer, c.task, self.test, vectors, coefficients)
+        return wire.encode({k: v.astype(np.int64) for k, v in counts.items()}, compute=compute)
 
     # ------------------------------------------------------------------ secure aggregation
     def secagg_keys(self, payload: bytes) -> bytes:
@@ -200,3 +203,79 @@ class ClientActor:
         masked = self.masker.mask(self.pending, peers, str(meta["context"]).encode())
         self.masker = None  # one upload per key pair: a retry gets fresh keys
         return wire.encode({"masked": masked})
+
+
+class ClientHost:
+    """Made remote by the pool (``ray.remote(ClientHost)``) with its resource options: one model, many clients.
+
+    A driver that federates again in the same Ray may keep a host between runs
+    (:class:`ifedicl.federation_job.ray_pool.WarmActors`): :meth:`leave` drops the model and every
+    client, :meth:`rejoin` loads the next run's model as the constructor would. Only the process
+    and its imports survive a run.
+    """
+
+    def __init__(self, *host_args, **host_kwargs):
+        self._load(*host_args, **host_kwargs)
+
+    def _load(self, model: SharedWeights | str, tokenizer_id: str, dtype: str = "float32", device: str = "cpu") -> None:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        module = load_model(model, dtype, device) if isinstance(model, str) else model_from_weights(model).to(device)
+        self.ctx = HFContextModel(module)  # one set of hooks, shared by the hosted clients (one request at a time)
+        self.tokenizer = load_tokenizer(tokenizer_id)
+        self.clients: dict[int, HostedClient] = {}
+        self.lora_model = None  # the model with LoRA adapters, attached on a client's first LoRA round
+
+    def rejoin(self, *host_args, **host_kwargs) -> bool:
+        """A kept host loads another run's model (the constructor's arguments)."""
+        self._load(*host_args, **host_kwargs)
+        return True
+
+    def leave(self) -> bool:
+        """Drop the run: its model (and the object-store weights it maps) and every client's data, vectors
+        and secrets. The process stays, with its imports, for :meth:`rejoin`."""
+        self.__dict__.clear()  # every attribute is the run's (_load sets them all)
+        gc.collect()
+        return True
+
+    def join(
+        self,
+        client_id: int,
+        source: ClientSource,
+        task: TaskSpec,
+        privacy: ClientPrivacy | None = None,
+        adversary: str = "",
+    ) -> bytes:
+        """Client ``client_id`` joins: it reads and validates its own data here -> its profile (counts only).
+
+        A data problem raises :class:`~ifedicl.kernel.errors.DataError` naming the client; the pool
+        records it as that client's drop, and the host keeps serving its other clients.
+        """
+        data = source.load(task)
+        client = Client(self.ctx, self.tokenizer, task, data.train)
+        kind = HostedClient
+        if adversary:
+            from ifedicl.federation_job.adversary import AdversarialClient
+
+            kind = AdversarialClient
+        hosted = kind(client_id, client, data.test, privacy, self._lora_model)
+        if adversary:
+            hosted.arm(adversary)
+        self.clients[client_id] = hosted
+        return wire.encode({}, **source.profile(data).to_dict())
+
+    def call(self, method: str, client_id: int, payload: bytes) -> bytes | bool:
+        """Client ``client_id``'s ``method(payload)``: every server request goes through here."""
+        if method not in REQUESTS:
+            raise FederationError(f"unknown client request {method!r}")
+        client = self.clients.get(client_id)
+        if client is None:
+            raise FederationError(f"client {client_id} is not hosted here")
+        return getattr(client, method)(payload)
+
+    def _lora_model(self, settings):
+        """The host's model with LoRA adapters, attached once whichever hosted client trains first."""
+        from ifedicl.federation_job.lora import attach_lora
+
+        if self.lora_model is None:
+            self.lora_model = attach_lora(self.ctx.model, settings)
+        return self.lora_model

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from ifedicl.federation_job.actors import ClientActor
+from ifedicl.federation_job.actors import HostedClient
 from ifedicl.kernel.errors import IfediclError
 
 MODES = ("scale", "flip", "nan", "hang")
@@ -33,9 +33,12 @@ def parse_modes(spec: str) -> dict[str, float]:
     return modes
 
 
-class AdversarialClientActor(ClientActor):
-    def __init__(self, *args, adversary: str = "", **kwargs):
-        super().__init__(*args, **kwargs)
+class AdversarialClient(HostedClient):
+    """A hosted client that tampers with its uploads (its host holds no other client)."""
+
+    modes: dict[str, float]
+
+    def arm(self, adversary: str) -> None:
         self.modes = parse_modes(adversary)
 
     def _vectors(self, meta: dict) -> np.ndarray:

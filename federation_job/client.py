@@ -237,6 +237,35 @@ class Client:
         return sum(losses) / len(self.data)
 
 
+def class_counts(
+    ctx: HFContextModel,
+    tokenizer,
+    task: TaskSpec,
+    data: Split,
+    vectors: np.ndarray | None = None,
+    coefficients: np.ndarray | None = None,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class (correct [C], total [C]) of argmax over label words; with vectors and Λ, injected.
+
+    Counts, not an accuracy: federated evaluation pools them over clients, so the run's accuracy is
+    that of all clients' held-out examples together, whatever each client holds.
+    """
+    classes = len(task.labels)
+    labels = np.asarray(data.labels, dtype=np.int64)  # [N]
+    total = np.bincount(labels, minlength=classes)  # [C]
+    if not len(data):
+        return np.zeros(classes, dtype=np.int64), total
+    tables, index = None, None
+    if vectors is not None:
+        tables = InjectionTables.build([torch.from_numpy(vectors)], [torch.from_numpy(coefficients)])
+        index = [1] * len(data)
+    prompts = [task.prompt(t) for t in data.texts]
+    probs = predict_proba(ctx, tokenizer, prompts, label_token_ids(task, tokenizer), tables, index, batch_size)
+    hits = probs.argmax(axis=1) == labels  # [N]
+    return np.bincount(labels[hits], minlength=classes), total
+
+
 def accuracy(
     ctx: HFContextModel,
     tokenizer,
@@ -249,10 +278,5 @@ def accuracy(
     """Accuracy of argmax over label words; with vectors and Λ, injected."""
     if not len(data):
         return float("nan")
-    tables, index = None, None
-    if vectors is not None:
-        tables = InjectionTables.build([torch.from_numpy(vectors)], [torch.from_numpy(coefficients)])
-        index = [1] * len(data)
-    prompts = [task.prompt(t) for t in data.texts]
-    probs = predict_proba(ctx, tokenizer, prompts, label_token_ids(task, tokenizer), tables, index, batch_size)
-    return float(np.mean(probs.argmax(axis=1) == np.asarray(data.labels)))
+    correct, total = class_counts(ctx, tokenizer, task, data, vectors, coefficients, batch_size)
+    return float(correct.sum() / total.sum())

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ifedicl.federation_job import liveness, wire
 from ifedicl.federation_job.exchange import RoundOutcome, log_event, log_round
 from ifedicl.federation_job.federation_settings import FederationSettings, build_strategies
-from ifedicl.federation_job.partition import dirichlet_partition
+from ifedicl.federation_job.population import Population
 from ifedicl.federation_job.privacy import ClientPrivacy
 from ifedicl.federation_job.ray_pool import (
     WARM,
@@ -37,9 +37,11 @@ from ifedicl.federation_job.ray_pool import (
     DispatchHook,
     GatherHook,
     ensure_ray,
+    placement_exists,
+    plan_hosts,
     put_shared_weights,
 )
-from ifedicl.federation_job.run_summary import held_out_accuracy, summarize
+from ifedicl.federation_job.run_summary import federated_accuracy, held_out_accuracy, summarize
 from ifedicl.federation_job.strategies import RoundId
 from ifedicl.federation_job.vector_coding import upload_reader
 from ifedicl.kernel.errors import IfediclError
@@ -73,27 +75,33 @@ class Federation:
     def __init__(
         self,
         model_id: str,
-        source: DataSource,
+        clients: Population | DataSource,
         store_uri: str,
         settings: FederationSettings,
         after_dispatch: DispatchHook | None = None,
         after_gather: GatherHook | None = None,
     ):
+        """``clients``: a :class:`Population` (clients with their own data), or one data set to split over
+        ``settings.clients`` simulated clients (Dirichlet ``settings.alpha``, :meth:`Population.simulate`)."""
+        if isinstance(clients, DataSource):
+            settings.validate()  # before the split: its errors name the flags
+            clients = Population.simulate(clients, settings.clients, settings.alpha, settings.seed, settings.min_shard)
+        else:
+            settings = dataclasses.replace(settings, clients=len(clients.clients))
         settings.validate()
         self.model_id = canonical_model_id(model_id)
-        self.source = source
+        self.population = clients
+        self.task = clients.task
         self.settings = settings
         self.privacy: ClientPrivacy = settings.privacy.client_policy(settings.rounds)
         self.pool = ClientPool(settings.round_timeout_s, after_dispatch, after_gather)
         self.strategies = build_strategies(settings, self.pool)
-        self.data = source.load()
         self.tokenizer = load_tokenizer(model_id)
-        label_token_ids(self.data.task, self.tokenizer)  # fail early on labels sharing a first token
+        label_token_ids(self.task, self.tokenizer)  # fail early on labels sharing a first token
         self.fingerprint = fingerprint(self.model_id, load_config(model_id))
         self.start_coefficients = initial_coefficients(self.fingerprint.num_layers).numpy()  # [L, 2, 2]
-        self.shards = dirichlet_partition(
-            self.data.train.labels, settings.clients, settings.alpha, settings.seed, settings.min_shard
-        )
+        # scored by the clients beside this run's Λ in federated evaluation (a recalibration's live run)
+        self.reference: tuple[np.ndarray, np.ndarray] | None = None
         self.store_uri = store_uri
         self.store: Store | None = None  # opened in run(), after Ray has forked its processes
         self.rounds: list[RoundRecord] = []
@@ -126,15 +134,26 @@ class Federation:
         for run_id, reason in liveness.reap_dead_runs(self.store).items():
             log_event("run_reaped", run=run_id, reason=reason)
         we_started_ray = ensure_ray()
-        self.run_id = self.pool.session = self.store.start_run(self.data.task, self.fingerprint, settings)
-        log_event("run_started", run=self.run_id, task=self.data.task.name, model=self.model_id)
+        try:
+            self._check_placements()
+        except BaseException:
+            if we_started_ray:
+                ray.shutdown()
+            raise
+        self.run_id = self.pool.session = self.store.start_run(self.task, self.fingerprint, settings)
+        log_event("run_started", run=self.run_id, task=self.task.name, model=self.model_id)
         try:
             self._start_clients()
             vectors, coefficients = self._stages()
+            federated = self._federated_evaluation(vectors, coefficients)
             self.pool.stop(keep_warm=not we_started_ray)  # a Ray that outlives the run: its next run reuses them
-            sizes, seconds = [len(s) for s in self.shards], time.monotonic() - started
-            summary = summarize(self.rounds, self.pool.compute, self.settings, self.privacy, sizes, seconds)
+            sizes = [p.examples for _, p in sorted(self.pool.profiles.items())]
+            summary = summarize(
+                self.rounds, self.pool.compute, self.settings, self.privacy, sizes, time.monotonic() - started
+            )
+            summary["client_names"] = {str(cid): name for cid, name in self.population.names.items()}
             summary.update(self._evaluate(vectors, coefficients))
+            summary.update(federated)
             self.store.finish_run(self.run_id, summary)
             if publish:
                 self.store.publish(self.run_id)
@@ -159,34 +178,47 @@ class Federation:
         """The method's rounds and store writes -> (vectors, final Λ). IFed-ICL: stage 1, then R rounds."""
         vectors, record = self.stage_one()
         self._record(record)
-        self.store.write_vectors(self.run_id, self.data.task.name, vectors)
+        self.store.write_vectors(self.run_id, self.task.name, vectors)
         coefficients = self.start_coefficients
-        self.store.write_coefficients(self.run_id, self.data.task.name, 0, coefficients)
+        self.store.write_coefficients(self.run_id, self.task.name, 0, coefficients)
         rng = np.random.default_rng(self.settings.seed)
         for r in tqdm(range(1, self.settings.rounds + 1), desc="rounds", unit="round"):
             coefficients, record = self.stage_two_round(r, coefficients, rng)
             self._record(record)
-            self.store.write_coefficients(self.run_id, self.data.task.name, r, coefficients)
+            self.store.write_coefficients(self.run_id, self.task.name, r, coefficients)
         return vectors, coefficients
 
     # ------------------------------------------------------------------ the rounds
+    def _check_placements(self) -> None:
+        """A client placed where no alive node offers its placement would wait forever: a one-line error first."""
+        for client in self.population.clients:
+            if client.placement and not placement_exists(client.placement):
+                raise IfediclError(
+                    f"client {client.name!r}: no alive Ray node offers placement {client.placement!r} "
+                    "(a custom resource, or label:KEY=VALUE, given to the node that holds its data)"
+                )
+
     def _start_clients(self) -> None:
+        """Lay the clients out on hosts (``--actors``), start them, and let every client join with its own data."""
         s = self.settings
+        clients = self.population.clients
+        free = float(ray.available_resources().get("CPU", 0.0)) + WARM.held_cpus()  # absent: none free
+        hosts = s.actors if s.actors is not None else max(1, int(free))  # default: one host per free CPU
+        placements = {cid: client.placement for cid, client in enumerate(clients)}
+        plans = plan_hosts(placements, s.adversaries, None if hosts >= len(clients) else hosts)
         cpus = s.cpus_per_client
-        if cpus is None:  # the CPUs free for this run: those available and those its kept actors hold
-            free = float(ray.available_resources().get("CPU", 0.0)) + WARM.held_cpus()  # absent: none free
-            cpus = max(0.01, math.floor(free / s.clients * 1e4) / 1e4)  # Ray counts CPUs in units of 1e-4
+        if cpus is None:  # the CPUs free for this run: those available and those its kept hosts hold
+            cpus = max(0.01, math.floor(free / len(plans) * 1e4) / 1e4)  # Ray counts CPUs in units of 1e-4
         options = dict(num_cpus=cpus, num_gpus=s.gpus_per_client, max_restarts=0, max_task_retries=0)
         device = "cuda" if s.gpus_per_client > 0 else "cpu"
         model = self.model_id
         if s.weights == "shared":
             self.shared_weights, self._driver_model = put_shared_weights(self.model_id, s.dtype)
             model = self.shared_weights
-        client_args = {
-            cid: (cid, model, self.model_id, self.source, indices, s.dtype, device, self.privacy)
-            for cid, indices in enumerate(self.shards)
-        }
-        self.load_dropped = self.pool.start(client_args, options, s.adversaries, s.load_timeout_s or s.round_timeout_s)
+        host_args = (model, self.model_id, s.dtype, device)
+        join_args = {cid: (client, self.task, self.privacy) for cid, client in enumerate(clients)}
+        timeout = s.load_timeout_s or s.round_timeout_s
+        self.load_dropped = self.pool.start(plans, host_args, join_args, options, timeout)
         self.strategies.vectors.selection.require(len(self.alive), "loading")
 
     def stage_one(self) -> tuple[np.ndarray, RoundRecord]:
@@ -253,13 +285,36 @@ class Federation:
         return {
             "method": "ifedicl",
             **self.settings.to_dict(),
-            "source": dataclasses.asdict(self.source),
+            **self.population.origin,
             "driver": liveness.driver_identity(),
             "client_privacy": dataclasses.asdict(self.privacy),
         }
 
     def _evaluate(self, vectors: np.ndarray, coefficients: np.ndarray) -> dict:
+        """Zero-shot and IFed-ICL accuracy on the server's own held-out set, if it has one (the simulation)."""
+
         def model():
             return self._driver_model or load_model(self.model_id, self.settings.dtype)
 
-        return held_out_accuracy(model, self.tokenizer, self.data, self.settings.dtype, vectors, coefficients)
+        return held_out_accuracy(model, self.tokenizer, self.task, self.population.server_test, self.settings.dtype,
+                                 vectors, coefficients)  # fmt: skip
+
+    def _federated_evaluation(self, vectors: np.ndarray | None, coefficients: np.ndarray | None) -> dict:
+        """Each client with a held-out split scores the final Λ (and zero-shot, and :attr:`reference`) on it and
+        returns per-class counts; pooled, they are the run's accuracy when the server holds no test set."""
+        testers = sorted(cid for cid in self.alive if self.pool.profiles[cid].test_examples > 0)
+        if coefficients is None or not testers:
+            return {}
+        arrays = {"coefficients": coefficients}
+        if self.reference is not None:
+            arrays.update(live_vectors=self.reference[0], live_coefficients=self.reference[1])
+        request = wire.encode(arrays)
+        asked = self.pool.call("evaluate", self.settings.rounds, "evaluate", {cid: request for cid in testers})
+        report = federated_accuracy(
+            asked.answers, {cid: self.pool.profiles[cid] for cid in testers}, self.population.names,
+            len(self.task.labels), dict(asked.dropped),
+        )  # fmt: skip
+        evaluation = {"federated_evaluation": report}
+        if not len(self.population.server_test) and report["pooled"]["test_examples"]:
+            evaluation.update(report["pooled"], dtype=self.settings.dtype, evaluated_by="clients")
+        return evaluation

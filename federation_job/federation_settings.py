@@ -24,6 +24,7 @@ from ifedicl.kernel.modeling import DTYPES
 @dataclass
 class FederationSettings:
     clients: int = 10
+    actors: int | None = None  # host actors the clients are spread over (None: one per free CPU, at most one each)
     alpha: float = 0.5
     rounds: int = 5
     local_epochs: float = 1  # whole passes, or a fraction of the shard per round (client.round_passes)
@@ -60,6 +61,7 @@ class FederationSettings:
     def validate(self) -> None:
         checks = [
             (self.clients >= 1, f"--clients must be >= 1 (got {self.clients})"),
+            (self.actors is None or self.actors >= 1, f"--actors must be >= 1 (got {self.actors})"),
             (self.alpha > 0, f"--alpha must be > 0 (got {self.alpha})"),
             (self.rounds >= 0, f"--rounds must be >= 0 (got {self.rounds})"),
             (valid_epochs(self.local_epochs), f"--local-epochs must be {EPOCHS_RULE} (got {self.local_epochs})"),

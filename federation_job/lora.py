@@ -95,9 +95,11 @@ class LoraResult:
 class LoraClient:
     """The FedAvg-LoRA client role on a :class:`~ifedicl.federation_job.client.Client`'s model, data and task."""
 
-    def __init__(self, client: Client, settings: LoraSettings):
+    def __init__(self, client: Client, settings: LoraSettings, model: nn.Module | None = None):
         self.client = client
-        self.model = attach_lora(client.ctx.model, settings)  # client.ctx now runs with the adapters
+        # client.ctx runs with the adapters from now on; ``model``: the adapters already attached (a host's
+        # clients share one model, and each round loads the global adapters before training)
+        self.model = attach_lora(client.ctx.model, settings) if model is None else model
 
     def batch_loss(self, rows: list[int], config: CalibrationConfig) -> torch.Tensor:
         c = self.client

@@ -132,13 +132,13 @@ class LoraFederation(Federation):
         from ifedicl.federation_job.client import accuracy
         from ifedicl.model_patches.hf import HFContextModel
 
-        test = self.data.test
+        test = self.population.server_test
         if not len(test) or not self.states:
             return {}
         model = self._base_model()
         ctx = HFContextModel(model)
         try:
-            task = self.data.task
+            task = self.task
             zero_shot = accuracy(ctx, self.tokenizer, task, test)
             peft_model = attach_lora(model, self.lora)
             load_trainable(peft_model, self.states[-1])

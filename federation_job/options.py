@@ -38,6 +38,7 @@ class FederationOptions:
     """
 
     clients: int = 10
+    actors: int | None = None  # host actors for the clients (None: one per free CPU); a host serves many
     rounds: int = 5
     local_epochs: float = 1  # a fraction f < 1: each round trains on the next f of the shard
     fraction: float = 1.0  # of alive clients sampled per round
@@ -89,6 +90,7 @@ class FederationOptions:
         return FederationSettings(
             **{
                 "clients": self.clients,
+                "actors": self.actors,
                 "alpha": alpha,
                 "rounds": self.rounds,
                 "local_epochs": self.local_epochs,

@@ -2,8 +2,11 @@
 
 ``recalibrate`` runs a candidate (the full federation, or only stage 2 from the
 published run's vectors), scores the candidate and the live run on the same
-held-out split, and publishes the candidate only if
+held-out examples, and publishes the candidate only if
 ``candidate_accuracy >= live_accuracy - margin`` (a negative margin demands a gain).
+The held-out examples are the server's own test split (the simulation) or, for clients
+with their own data, the clients' held-out splits: each client scores both Λ and the
+server pools the per-class counts (federated evaluation), so no example leaves a client.
 Every attempt (published, kept_live, failed, busy) is a row in the store's
 ``recalibrations`` table.
 
@@ -37,6 +40,7 @@ from ifedicl.federation_job import wire
 from ifedicl.federation_job.client import accuracy
 from ifedicl.federation_job.driver import Federation, FederationSettings
 from ifedicl.federation_job.exchange import log_event
+from ifedicl.federation_job.population import Population
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import DTYPES, ModelFingerprint, load_model
 from ifedicl.kernel.sources import DataSource
@@ -139,13 +143,22 @@ def _finite(value) -> float | None:
 def _live_accuracy(
     fed: Federation, store: Store, live_run_id: str, dtype: str | None = None
 ) -> tuple[float | None, str]:
-    """Score the live run on the candidate's held-out split with the model in use (in ``dtype``)."""
-    task = fed.data.task
+    """The live run's accuracy on the candidate's held-out examples with the model in use (in ``dtype``):
+    scored by the clients beside the candidate, or by the server on its test split; else as recorded."""
+    summary = fed_summary(fed)
+    if "live_accuracy" in summary:
+        return _finite(summary["live_accuracy"]), "live run scored by the clients on their held-out splits"
+
+    def recorded(why: str) -> tuple[float | None, str]:
+        accuracy_then = json.loads(store.run_row(live_run_id)["summary"] or "{}").get("accuracy")
+        return _finite(accuracy_then), f"live run scored by its recorded accuracy ({why})"
+
     try:
-        stored = store.load_run(task.name, live_run_id, expect=fed.fingerprint)
+        stored = store.load_run(fed.task.name, live_run_id, expect=fed.fingerprint)
     except ModelMismatchError as err:
-        recorded = _finite(json.loads(store.run_row(live_run_id)["summary"] or "{}").get("accuracy"))
-        return recorded, f"live run scored by its recorded accuracy ({err})"
+        return recorded(str(err))
+    if not len(fed.population.server_test):
+        return recorded("the clients did not score it")
     return _score(fed, stored, dtype or fed.settings.dtype), "live run re-scored on the same held-out split"
 
 
@@ -153,14 +166,19 @@ def _score(fed: Federation, run, dtype: str) -> float:
     """``run``'s accuracy on the held-out split with the model's weights in ``dtype``."""
     ctx = HFContextModel(load_model(fed.model_id, dtype))
     try:
-        return accuracy(ctx, fed.tokenizer, fed.data.task, fed.data.test, run.vectors, run.coefficients)
+        return accuracy(ctx, fed.tokenizer, fed.task, fed.population.server_test, run.vectors, run.coefficients)
     finally:
         ctx.remove_hooks()
 
 
+def fed_summary(fed: Federation) -> dict:
+    """The candidate run's summary, once it has run (its federated evaluation included)."""
+    return getattr(fed, "summary", None) or {}
+
+
 def recalibrate(
     model_id: str,
-    source: DataSource,
+    source: Population | DataSource,
     store_uri: str,
     settings: FederationSettings,
     mode: str = "full",
@@ -186,7 +204,7 @@ def recalibrate(
         raise IfediclError(f"--serving-dtype must be one of {sorted(DTYPES)} (got {serving_dtype!r})")
     if not math.isfinite(margin) or abs(margin) > 1:
         raise IfediclError(f"--margin must be an accuracy difference in [-1, 1] (got {margin})")
-    task_name = source.load().task.name
+    task_name = source.task.name if isinstance(source, Population) else source.load().task.name
     attempt = Attempt(attempt_id=uuid.uuid4().hex, task=task_name, mode=mode, margin=margin)
     attempt.metrics["host"] = socket.gethostname()
     lock = FileLock(str(lock_path or default_lock_path(store_uri, task_name)))
@@ -256,6 +274,14 @@ def weakened_protections(live: dict, settings: FederationSettings) -> list[str]:
     return weaker
 
 
+def _same_model(live_run_id: str, live, in_use: ModelFingerprint) -> bool:
+    try:
+        check_fingerprint(live_run_id, live.fingerprint, in_use)
+    except ModelMismatchError:
+        return False
+    return True
+
+
 def _warm_start(attempt: Attempt, live_run_id: str | None, live, in_use: ModelFingerprint) -> np.ndarray | None:
     """The live run's Λ to start stage 2 from, or None (no live run, or one made with another model: recorded)."""
     attempt.metrics["warm_start_from"] = None
@@ -304,13 +330,19 @@ def _run_attempt(
     start = _warm_start(attempt, live_run_id, live, fed.fingerprint) if warm_start else None
     if start is not None:
         fed.start_from(start)
-    if not len(fed.data.test):
-        raise IfediclError("the data has no held-out test split to compare candidate and live run on")
+    clients_evaluate = not len(fed.population.server_test)
+    if clients_evaluate and not any(client.test is not None for client in fed.population.clients):
+        raise IfediclError("the data has no held-out split to compare candidate and live run on (give clients a test)")
+    if clients_evaluate and live_run_id is not None:
+        live = live or store.load_run(attempt.task, live_run_id)
+    if clients_evaluate and live is not None and _same_model(live_run_id, live, fed.fingerprint):
+        fed.reference = (live.vectors, live.coefficients)  # the clients score the live run beside the candidate
     result = fed.run(publish=False)
+    fed.summary = result.summary
     attempt.candidate_run_id = result.run_id
     attempt.candidate_accuracy = _finite(result.summary.get("accuracy"))
     attempt.zero_shot_accuracy = _finite(result.summary.get("zero_shot_accuracy"))
-    attempt.eval_examples = int(result.summary.get("test_examples", len(fed.data.test)))
+    attempt.eval_examples = int(result.summary.get("test_examples", 0))
     attempt.metrics.update(
         candidate_seconds=result.summary.get("seconds"),
         rounds=len(result.rounds) - 1,
@@ -320,7 +352,7 @@ def _run_attempt(
         raise IfediclError("the candidate has no accuracy on the held-out split")
     compare_dtype = serving_dtype or settings.dtype
     attempt.metrics["compared_in_dtype"] = compare_dtype
-    if compare_dtype != settings.dtype:
+    if compare_dtype != settings.dtype and not clients_evaluate:  # the clients score in the run's dtype
         attempt.metrics[f"candidate_accuracy_{settings.dtype}"] = attempt.candidate_accuracy
         attempt.candidate_accuracy = _score(fed, store.load_run(attempt.task, result.run_id), compare_dtype)
     if live_run_id is None:

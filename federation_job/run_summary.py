@@ -11,11 +11,15 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ifedicl.federation_job import wire
 from ifedicl.federation_job.client import accuracy
 from ifedicl.federation_job.federation_settings import FederationSettings
 from ifedicl.federation_job.privacy import ClientPrivacy, privacy_report
 from ifedicl.federation_job.ray_pool import ClientCompute
-from ifedicl.kernel.data import TaskData
+from ifedicl.kernel.data import Split
+from ifedicl.kernel.errors import IfediclError
+from ifedicl.kernel.sources import ClientProfile
+from ifedicl.kernel.task import TaskSpec
 from ifedicl.model_patches.hf import HFContextModel
 from ifedicl.storage.records import RoundRecord
 
@@ -116,22 +120,87 @@ def compute_summary(client_compute: ClientCompute) -> dict:
 
 
 def held_out_accuracy(
-    model: Callable[[], object], tokenizer, data: TaskData, dtype: str, vectors: np.ndarray, coefficients: np.ndarray
+    model: Callable[[], object],
+    tokenizer,
+    task: TaskSpec,
+    test: Split,
+    dtype: str,
+    vectors: np.ndarray,
+    coefficients: np.ndarray,
 ) -> dict:
-    """Zero-shot and with-context accuracy on the held-out split, scored by the driver.
+    """Zero-shot and with-context accuracy on the server's held-out split, scored by the driver.
 
     ``model`` is called only if there is a test split: without one nothing is loaded and {} comes back.
     """
-    test = data.test
     if not len(test):
         return {}
     ctx = HFContextModel(model())
     try:
         return {
             "dtype": dtype,  # what the accuracies below were scored in
+            "evaluated_by": "server",
             "test_examples": len(test),
-            "zero_shot_accuracy": accuracy(ctx, tokenizer, data.task, test),
-            "accuracy": accuracy(ctx, tokenizer, data.task, test, vectors, coefficients),
+            "zero_shot_accuracy": accuracy(ctx, tokenizer, task, test),
+            "accuracy": accuracy(ctx, tokenizer, task, test, vectors, coefficients),
         }
     finally:
         ctx.remove_hooks()
+
+
+SCORED = ("zero_shot", "injected", "live")  # what a client's evaluation answer may count, besides "total"
+ACCURACY_KEYS = {"zero_shot": "zero_shot_accuracy", "injected": "accuracy", "live": "live_accuracy"}
+
+
+def _client_counts(payload: object, profile: ClientProfile, classes: int) -> dict[str, np.ndarray]:
+    """One client's evaluation answer, checked: [C] non-negative whole counts, correct <= total, the total
+    what it said it holds. Anything else is a rejected answer, recorded, never pooled."""
+    arrays, _ = wire.decode(payload)
+    if "total" not in arrays or not set(arrays) <= {"total", *SCORED}:
+        raise ValueError(f"unexpected fields {sorted(arrays)}")
+    for name, counts in arrays.items():
+        if counts.shape != (classes,) or counts.dtype.kind not in "iu" or (counts < 0).any():
+            raise ValueError(f"{name} must be {classes} non-negative integer counts")
+        if (counts > arrays["total"]).any():
+            raise ValueError(f"{name} counts more correct answers than examples")
+    if int(arrays["total"].sum()) != profile.test_examples:
+        raise ValueError(f"it counted {int(arrays['total'].sum())} examples, not the {profile.test_examples} it holds")
+    return {name: counts.astype(np.int64) for name, counts in arrays.items()}
+
+
+def _accuracies(counts: dict[str, np.ndarray]) -> dict:
+    total = int(counts["total"].sum())
+    report: dict = {"test_examples": total}
+    for name, key in ACCURACY_KEYS.items():
+        if name in counts and total:
+            report[key] = float(counts[name].sum() / total)
+    return report
+
+
+def federated_accuracy(
+    answers: dict[int, object],
+    profiles: dict[int, ClientProfile],
+    names: dict[int, str],
+    classes: int,
+    dropped: dict[int, str],
+) -> dict:
+    """Per-client and pooled accuracies from the clients' per-class counts on their own held-out splits.
+
+    The pooled figure counts every held-out example of every answering client once (a client with
+    more examples weighs more), as a server-side test set of all of them would.
+    """
+    per_client, pooled = {}, {}
+    for cid, payload in sorted(answers.items()):
+        try:
+            counts = _client_counts(payload, profiles[cid], classes)
+        except (IfediclError, ValueError, TypeError, KeyError) as err:
+            dropped[cid] = f"rejected evaluation: {err}"
+            continue
+        per_client[names[cid]] = _accuracies(counts)
+        for name, value in counts.items():
+            pooled[name] = pooled.get(name, np.zeros(classes, dtype=np.int64)) + value
+    return {
+        "clients": per_client,
+        "pooled": _accuracies(pooled) if pooled else {"test_examples": 0},
+        "pooled_per_class": {name: value.tolist() for name, value in pooled.items()},
+        "dropped": {names[cid]: reason for cid, reason in sorted(dropped.items())},
+    }

@@ -128,8 +128,39 @@ def _read_csv(path: Path, task: TaskSpec) -> Split:
     return split
 
 
+def _read_parquet(path: Path, task: TaskSpec) -> Split:
+    import pyarrow.parquet as pq  # a LanceDB dependency, imported only on this path
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow's errors name no file
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    if not {"text", "label"} <= set(table.column_names):
+        raise DataError(f"{path}: Parquet needs 'text' and 'label' columns, got {table.column_names}")
+    split = Split()
+    for row, (text, label) in enumerate(zip(table["text"].to_pylist(), table["label"].to_pylist())):
+        text, label = _check_row(text, label, task, f"{path} row {row}")
+        split.texts.append(text)
+        split.labels.append(label)
+    return split
+
+
+READERS = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def read_data_file(path: str | Path, task: TaskSpec) -> Split:
+    """One file of labelled rows (``.jsonl``, ``.csv`` or ``.parquet``), validated against ``task``."""
+    path = Path(path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unknown data file type (use {', '.join(READERS)})")
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    return reader(path, task)
+
+
 def _read_split(directory: Path, name: str, task: TaskSpec, required: bool) -> Split:
-    for suffix, reader in ((".jsonl", _read_jsonl), (".csv", _read_csv)):
+    for suffix, reader in READERS.items():
         path = directory / f"{name}{suffix}"
         if path.exists():
             split = reader(path, task)
@@ -137,12 +168,27 @@ def _read_split(directory: Path, name: str, task: TaskSpec, required: bool) -> S
                 raise DataError(f"{path}: no examples")
             return split
     if required:
-        raise DataError(f"{directory}: no {name}.jsonl or {name}.csv")
+        raise DataError(f"{directory}: no {name}.jsonl, {name}.csv or {name}.parquet")
     return Split()
 
 
+def read_task_json(directory: str | Path) -> TaskSpec | None:
+    """The task ``directory/task.json`` defines, or None if there is none."""
+    spec_path = Path(directory) / "task.json"
+    if not spec_path.exists():
+        return None
+    try:
+        return TaskSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8-sig")))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{spec_path}: invalid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise _not_utf8(spec_path, err) from None
+    except TaskSpecError as err:  # name the file: the spec's own message cannot know where it came from
+        raise TaskSpecError(f"{spec_path}: {err}") from None
+
+
 def load_task_dir(directory: str | Path, task: TaskSpec | None = None) -> TaskData:
-    """Load ``task.json`` + ``train``/``test`` (``.jsonl`` or ``.csv``) from a directory.
+    """Load ``task.json`` + ``train``/``test`` (``.jsonl``, ``.csv`` or ``.parquet``) from a directory.
 
     ``task`` overrides (or replaces a missing) ``task.json``.
     """
@@ -150,17 +196,9 @@ def load_task_dir(directory: str | Path, task: TaskSpec | None = None) -> TaskDa
     if not directory.is_dir():
         raise DataError(f"task directory {directory} does not exist")
     if task is None:
-        spec_path = directory / "task.json"
-        if not spec_path.exists():
+        task = read_task_json(directory)
+        if task is None:
             raise DataError(f"{directory}: no task.json (or pass --template and --labels)")
-        try:
-            task = TaskSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8-sig")))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{spec_path}: invalid JSON ({err.msg})") from None
-        except UnicodeDecodeError as err:
-            raise _not_utf8(spec_path, err) from None
-        except TaskSpecError as err:  # name the file: the spec's own message cannot know where it came from
-            raise TaskSpecError(f"{spec_path}: {err}") from None
     train = _read_split(directory, "train", task, required=True)
     test = _read_split(directory, "test", task, required=False)
     return TaskData(task, train, test)

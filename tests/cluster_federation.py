@@ -56,13 +56,13 @@ def _mapping_of(address: int) -> dict:
     return {}
 
 
-def probe_client(actor) -> dict:
-    """Runs inside a client actor (``__ray_call__``): where it is, where its weights are, what data it holds."""
-    model = actor.client.ctx.model
+def probe_client(host, client_id: int) -> dict:
+    """Runs inside a client's host actor (``__ray_call__``): where it is, where its weights are, what data it holds."""
+    model = host.ctx.model
     tensors = [p for p in model.parameters()]
     mapping = _mapping_of(tensors[0].data_ptr())
     inside = all(mapping and mapping["start"] <= t.data_ptr() < mapping["end"] for t in tensors)
-    texts = actor.client.data.texts
+    texts = host.clients[client_id].client.data.texts
     return {
         "node_id": ray.get_runtime_context().get_node_id(),
         "pid": os.getpid(),
@@ -124,11 +124,12 @@ def main() -> None:
         seed=0,
         weights="shared",
         cpus_per_client=args.cpus_per_client,
+        actors=args.clients,  # one host per client: the test follows each client to its node
     )
 
     def after_gather(stage, round_index, results, actors):
         if stage == "calibrate" and round_index == 1:
-            probes = ray.get([a.__ray_call__.remote(probe_client) for a in actors.values()])
+            probes = ray.get([a.__ray_call__.remote(probe_client, cid) for cid, a in actors.items()])
             report["clients"] = dict(zip(map(str, actors), probes))
             shared = fed.shared_weights
             location = ray.experimental.get_object_locations([shared])[shared]
@@ -153,7 +154,7 @@ def main() -> None:
         run_id=result.run_id,
         shards={
             str(cid): hashlib.sha256("\n".join(data.train.subset(ix).texts).encode()).hexdigest()
-            for cid, ix in enumerate(fed.shards)
+            for cid, ix in enumerate(client.indices for client in fed.population.clients)
         },
         rounds=[
             {"round": r.round, "answered": r.clients_answered, "dropped": {str(k): v for k, v in r.dropped.items()}}

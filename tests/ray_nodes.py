@@ -134,7 +134,9 @@ class LocalRayCluster:
     def token(self) -> str:
         return (self.home / ".ray" / "auth_token").read_text().strip()
 
-    def _node_args(self, num_cpus: int, resources: dict | None, object_store_bytes: int) -> list[str]:
+    def _node_args(
+        self, num_cpus: int, resources: dict | None, object_store_bytes: int, labels: str | None = None
+    ) -> list[str]:
         args = [
             "--num-cpus", str(num_cpus),
             "--object-store-memory", str(object_store_bytes),
@@ -150,23 +152,32 @@ class LocalRayCluster:
         ]  # fmt: skip
         if resources:
             args += ["--resources", json.dumps(resources)]
+        if labels:
+            args += ["--labels", labels]
         return args
 
-    def _start(self, name: str, node_args: Callable[[], list[str]], attempts: int = 3) -> RayNode:
-        """Start a node; a port taken between :func:`free_port`'s pick and the bind means fresh ports, not a failure."""
+    def _start(
+        self, name: str, node_args: Callable[[], list[str]], env: dict | None = None, attempts: int = 3
+    ) -> RayNode:
+        """Start a node (``env``: variables of this node only, which its workers inherit); a port taken between
+        :func:`free_port`'s pick and the bind means fresh ports, not a failure."""
+        node_env = {**self.env, **(env or {})}
         for _ in range(attempts - 1):
             try:
-                node = RayNode(name, node_args(), self.env, self.root / f"{name}.log")
+                node = RayNode(name, node_args(), node_env, self.root / f"{name}.log")
                 break
             except RuntimeError as error:
                 if not any(sign in str(error) for sign in _PORT_TAKEN):
                     raise
         else:
-            node = RayNode(name, node_args(), self.env, self.root / f"{name}.log")  # the last try: its error is final
+            node = RayNode(name, node_args(), node_env, self.root / f"{name}.log")  # the last try: its error is final
         self.nodes.append(node)
         return node
 
-    def start_head(self, num_cpus: int = 2, resources: dict | None = None, object_store_bytes: int = 200 << 20):
+    def start_head(
+        self, num_cpus: int = 2, resources: dict | None = None, object_store_bytes: int = 200 << 20,
+        env: dict | None = None, labels: str | None = None,
+    ):  # fmt: skip
         ports: dict[str, int] = {}
 
         def head_args() -> list[str]:
@@ -176,18 +187,22 @@ class LocalRayCluster:
                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
                 "--ray-client-server-port", str(free_port()),
                 "--temp-dir", str(self.root / "ray"),
-                *self._node_args(num_cpus, resources, object_store_bytes),
+                *self._node_args(num_cpus, resources, object_store_bytes, labels),
             ]  # fmt: skip
 
-        node = self._start("head", head_args)
+        node = self._start("head", head_args, env)
         self.gcs_address = f"127.0.0.1:{ports['gcs']}"
         self.dashboard_url = f"http://127.0.0.1:{ports['dashboard']}"
         return node
 
-    def add_worker(self, num_cpus: int = 2, resources: dict | None = None, object_store_bytes: int = 200 << 20):
+    def add_worker(
+        self, num_cpus: int = 2, resources: dict | None = None, object_store_bytes: int = 200 << 20,
+        env: dict | None = None, labels: str | None = None,
+    ):  # fmt: skip
         return self._start(
             f"worker{len(self.nodes)}",
-            lambda: ["--address", self.gcs_address, *self._node_args(num_cpus, resources, object_store_bytes)],
+            lambda: ["--address", self.gcs_address, *self._node_args(num_cpus, resources, object_store_bytes, labels)],
+            env,
         )
 
     def stop(self) -> None:

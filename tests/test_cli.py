@@ -42,7 +42,8 @@ def test_every_option_reaches_the_federation_settings():
     """Changing any one option changes the settings: none is declared and then dropped."""
     base = FederationOptions().settings(0.5, 0).to_dict()
     changed = {
-        "clients": 3, "rounds": 2, "local_epochs": 2, "fraction": 0.5, "min_clients": 2, "round_timeout": 5.0,
+        "clients": 3, "actors": 2, "rounds": 2, "local_epochs": 2, "fraction": 0.5, "min_clients": 2,
+        "round_timeout": 5.0,
         "min_shard": 3, "weighted": True, "weights": "per-actor", "cpus_per_client": 1.0, "gpus_per_client": 0.5,
         "calib_batch_size": 4, "objective": "label-only", "prior_correction": True, "extract_dtype": "bfloat16",
         "vector_coding": "float16", "aggregator": "median",

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from ifedicl.federation_job.recalibrate import RecalibrationCollector
+from ifedicl.kernel.data import load_task_dir
 from ifedicl.storage.recalibrations import attempts
 from ifedicl.storage.store import Store
 
@@ -30,6 +31,7 @@ from ray_nodes import RAY, LocalRayCluster  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.exclusive]  # under FAST_HEALTH_CHECKS a node missing 1 s checks is dead
 
 DRIVER = Path(__file__).with_name("cluster_federation.py")
+AUDITED = Path(__file__).with_name("audited_driver.py")
 # Node death is noticed by the GCS health checks (Ray's defaults take ~30 s); a killed node's clients
 # would be dropped anyway, later. Faster checks keep the test short.
 FAST_HEALTH_CHECKS = {
@@ -215,3 +217,47 @@ def test_two_nodes_hold_one_weight_copy_each_and_survive_a_killed_node(cluster, 
             for n in (head_id, worker_id)
         )
     )
+
+
+def test_each_organisations_client_runs_on_the_node_holding_its_data(cluster, llama_dir, task_dir, tmp_path):
+    """Two nodes on one machine, each mounting one organisation's data at its own IFEDICL_DATA_ROOT; org-a's
+    node is found by a custom resource, org-b's by a node label. Each client names its files relative to
+    its node's data root, and each node holds only its own organisation's files: a client placed on the
+    other node would not find its data and be dropped, and --min-clients 2 would fail the run. The run
+    completes, publishes, and is scored by both clients on their own held-out files; the driver (audited,
+    with no data root of its own) opens none of them."""
+    started = time.monotonic()
+    data = load_task_dir(task_dir)
+    roots = {"org-a": tmp_path / "node-a" / "data", "org-b": tmp_path / "node-b" / "data"}
+    for i, (org, root) in enumerate(roots.items()):
+        root.mkdir(parents=True)
+        for split, rows, n in (("train", data.train, 30), ("test", data.test, 10)):
+            lines = [json.dumps({"text": t, "label": y}) for t, y in zip(rows.texts[i * n :], rows.labels[i * n :])]
+            (root / f"{org}-{split}.jsonl").write_text("\n".join(lines[:n]) + "\n")
+    task = data.task
+    config = tmp_path / "orgs.toml"
+    config.write_text(
+        f"rounds = 1\nmin_clients = 2\n\n[task]\nname = {json.dumps(task.name)}\n"
+        f"template = {json.dumps(task.template)}\nlabels = {json.dumps(list(task.labels))}\n\n"
+        '[[clients]]\nname = "org-a"\ndata = "org-a-train.jsonl"\ntest = "org-a-test.jsonl"\nplacement = "org-a"\n\n'
+        '[[clients]]\nname = "org-b"\ndata = "org-b-train.jsonl"\ntest = "org-b-test.jsonl"\n'
+        'placement = "label:org=b"\n'
+    )
+    cluster.start_head(num_cpus=2, resources={"org-a": 1}, env={"IFEDICL_DATA_ROOT": str(roots["org-a"])})
+    cluster.add_worker(num_cpus=2, labels="org=b", env={"IFEDICL_DATA_ROOT": str(roots["org-b"])})
+    store, audit = tmp_path / "store", tmp_path / "audit.json"
+    env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
+    env.pop("IFEDICL_DATA_ROOT", None)
+    fed = _run([sys.executable, AUDITED, audit, ",".join(str(r) for r in roots.values()), "--", "federate",
+                "--config", config, "--model", llama_dir, "--store", store, "--publish"], env)  # fmt: skip
+    assert fed.returncode == 0, fed.stdout[-3000:] + fed.stderr[-3000:]
+    assert json.loads(audit.read_text()) == []  # the driver opened neither organisation's files
+    stored = Store(store)
+    (run,) = stored.runs()
+    assert run["status"] == "complete" and stored.published_run_id(run["task"]) == run["run_id"]
+    summary = json.loads(run["summary"])
+    assert all(not json.loads(r["dropped"]) for r in stored.rounds(run["run_id"]))  # nobody misplaced
+    clients = summary["federated_evaluation"]["clients"]
+    assert {name: c["test_examples"] for name, c in clients.items()} == {"org-a": 10, "org-b": 10}
+    assert summary["evaluated_by"] == "clients" and summary["test_examples"] == 20
+    print(f"\ntwo-organisation test: {time.monotonic() - started:.1f}s wall")

@@ -49,7 +49,7 @@ def test_clients_killed_at_every_stage(ray_session, llama_dir, task_dir, tmp_pat
         if stage == "load":
             ray.kill(actors[0])
             events.append("load")
-            ray.get(actors[1].ready.remote())  # 1 has loaded: its answer to the driver's `ready` is in
+            ray.get(actors[1].__ray_call__.remote(lambda host: len(host.clients)))  # queued after 1's join: it joined
             kill_and_wait(actors[1])
             events.append("extract")
         elif stage == "calibrate" and round_index == 1:
@@ -69,8 +69,8 @@ def test_clients_killed_at_every_stage(ray_session, llama_dir, task_dir, tmp_pat
             events.append("after upload")
 
     settings = FederationSettings(
-        clients=6, alpha=100.0, rounds=2, local_epochs=25, min_clients=2, round_timeout_s=120, min_shard=4
-    )
+        clients=6, actors=6, alpha=100.0, rounds=2, local_epochs=25, min_clients=2, round_timeout_s=120, min_shard=4
+    )  # one host per client (--actors 6): each kill takes one client
     store_dir = tmp_path / "store"
     fed = Federation(
         str(llama_dir), DataSource(str(task_dir), max_test=0), str(store_dir), settings, on_dispatch, on_gather
@@ -85,7 +85,7 @@ def test_clients_killed_at_every_stage(ray_session, llama_dir, task_dir, tmp_pat
     store = Store(store_dir)
     rows = store.rounds(result.run_id)
     assert [sorted(json.loads(r["dropped"])) for r in rows] == [["0", "1"], ["2"], ["3"]]
-    assert store.published_run_id(fed.data.task.name) == result.run_id
+    assert store.published_run_id(fed.task.name) == result.run_id
 
 
 def _federate_cmd(llama_dir, task_dir, store, *extra):
@@ -122,7 +122,7 @@ def test_a_stuck_client_is_dropped_at_the_round_timeout_and_the_run_completes(
     store = Store(store_dir)
     assert [json.loads(r["dropped"]) for r in store.rounds(result.run_id)] == [{}, {"2": "timed out after 20s"}, {}]
     assert result.summary["rounds"][1]["answered"] == 2
-    assert store.published_run_id(fed.data.task.name) == result.run_id
+    assert store.published_run_id(fed.task.name) == result.run_id
 
 
 def test_driver_killed_mid_run_is_marked_failed_and_a_rerun_succeeds(ray_session, llama_dir, task_dir, tmp_path):

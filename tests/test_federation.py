@@ -18,7 +18,8 @@ from ifedicl.storage.store import Store
 
 
 def _settings(**kw) -> FederationSettings:
-    base = dict(clients=3, alpha=1.0, rounds=2, min_clients=2, round_timeout_s=120, min_shard=4)
+    # one host per client (--actors 3): these tests kill a client by killing its process
+    base = dict(clients=3, actors=3, alpha=1.0, rounds=2, min_clients=2, round_timeout_s=120, min_shard=4)
     return FederationSettings(**{**base, **kw})
 
 
@@ -43,7 +44,7 @@ def test_client_killed_between_rounds_is_dropped_and_recorded(ray_session, llama
     stored = Store(store_dir)
     rows = stored.rounds(result.run_id)
     assert json.loads(rows[1]["dropped"]) == {"1": round1.dropped[1]}
-    assert stored.published_run_id(fed.data.task.name) == result.run_id
+    assert stored.published_run_id(fed.task.name) == result.run_id
     # stage-2 uploads are 4L float32 plus a small header; stage-1 uploads carry L*2*d int8 (the default coding)
     # and a float32 scale per (layer, block)
     L, d = fed.fingerprint.num_layers, fed.fingerprint.hidden_size

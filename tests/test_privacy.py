@@ -98,7 +98,7 @@ def test_dp_federation_records_its_privacy_parameters(ray_session, llama_dir, ta
 
 
 # ---------------------------------------------------------------- the noise itself, at the release point
-# What a client uploads comes out of ClientActor.extract / .calibrate (bytes on the wire). These tests call
+# What a client uploads comes out of HostedClient.extract / .calibrate (bytes on the wire). These tests call
 # those methods on a real actor object (no Ray: the driver only wraps the class) and take the noise as the
 # release minus the same client's noise-free value, so deleting or mis-scaling the noise fails them.
 
@@ -119,11 +119,9 @@ def deep_llama(tmp_path_factory, task_dir):
 
 
 def _actor(model, task_dir, policy=POLICY, client_id=0):
-    from ifedicl.federation_job.actors import ClientActor
+    from hosting import hosted_client
 
-    return ClientActor(
-        client_id, str(model), str(model), DataSource(str(task_dir)), list(range(NUM_EXAMPLES)), privacy=policy
-    )
+    return hosted_client(model, DataSource(str(task_dir)), list(range(NUM_EXAMPLES)), client_id, policy)
 
 
 def _uploaded_vectors(actor) -> np.ndarray:

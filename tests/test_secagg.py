@@ -70,7 +70,8 @@ def test_out_of_range_values_are_refused():
 
 
 def _settings(**kw) -> FederationSettings:
-    base = dict(clients=3, alpha=1.0, rounds=1, min_clients=2, round_timeout_s=120, min_shard=4)
+    # one host per client (--actors 3): a kill takes one client
+    base = dict(clients=3, actors=3, alpha=1.0, rounds=1, min_clients=2, round_timeout_s=120, min_shard=4)
     return FederationSettings(**{**base, **kw})
 
 
@@ -116,16 +117,16 @@ def test_secagg_federation_matches_plain_and_survives_a_drop_after_keys(ray_sess
 def test_weighted_secure_mean_equals_weighted_fedavg(llama_dir, task_dir):
     """Client actors (in-process, real model) mask N_k * v_k; the server divides the sum by the public sum of N_k."""
     import torch
+    from hosting import hosted_client
 
-    from ifedicl.federation_job.actors import ClientActor
     from ifedicl.federation_job.strategies import ClientUpdate, FedAvg, RoundId
 
     threads = torch.get_num_threads()  # an actor pins its process to OMP_NUM_THREADS; restore for later tests
     source = DataSource(str(task_dir), max_train=30, max_test=0)
-    actors = {cid: ClientActor(cid, str(llama_dir), str(llama_dir), source, rows) for cid, rows in
+    actors = {cid: hosted_client(llama_dir, source, rows, cid) for cid, rows in
               enumerate([list(range(0, 4)), list(range(4, 13)), list(range(13, 30))])}  # fmt: skip
     plain = {cid: wire.decode(a.extract(wire.encode({}, batch_size=8)))[0]["vectors"] for cid, a in actors.items()}
-    counts = {cid: a.ready() for cid, a in actors.items()}
+    counts = {cid: len(a.client.data) for cid, a in actors.items()}
     torch.set_num_threads(threads)
     for actor in actors.values():
         assert wire.decode(actor.extract(wire.encode({}, batch_size=8, secagg=True, weighted=True)))[0] == {}

@@ -196,9 +196,9 @@ def test_the_server_reads_frames_and_rejects_anything_else_for_lambda():
 
 # ------------------------------------------------------------------------------------------ a real client
 def test_a_client_actor_codes_its_vector_upload_and_frames_its_lambda(llama_dir, task_dir):
-    from ifedicl.federation_job.actors import ClientActor
+    from hosting import hosted_client
 
-    actor = ClientActor(0, str(llama_dir), str(llama_dir), DataSource(str(task_dir)), list(range(12)))
+    actor = hosted_client(llama_dir, DataSource(str(task_dir)), list(range(12)))
     plain = actor.extract(wire.encode({}, batch_size=8))
     coded = actor.extract(wire.encode({}, batch_size=8, vector_coding="int8"))
     v = upload_reader("float32")(plain, 0)[0]
