@@ -869,3 +869,39 @@ def test_make_install_hands_uv_the_index_settings_pip_has(tmp_path, monkeypatch)
     assert ("--allow-insecure-host", "mirror.example") in pairs
     assert ("--index-strategy", "unsafe-best-match") in pairs and "--compile-bytecode" in command
     assert command[-3:] == ["-q", "-e", "."]
+
+
+def test_the_organisations_rayjob_places_each_client_on_its_own_group_with_its_own_volume(tmp_path):
+    """deploy/k8s/rayjob-federate-orgs.yaml: its run config parses as `ifedicl federate --config` reads it, each
+    client's placement is a resource or label that exactly one worker group has, each group mounts its own
+    volume claim at its IFEDICL_DATA_ROOT, and the head (the store writer) mounts no client data."""
+    from ifedicl.cli.run_config import RunConfig
+    from ifedicl.federation_job.ray_pool import placement_options
+
+    docs = dict((f"{w}/{d['kind']}", d) for w, d in _documents())
+    config = tmp_path / "orgs.toml"
+    config.write_text(docs["rayjob-federate-orgs.yaml/ConfigMap"]["data"]["orgs.toml"])
+    population = RunConfig.read(config).population()
+    cluster = docs["rayjob-federate-orgs.yaml/RayJob"]["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert all("persistentVolumeClaim" not in v for v in head.get("volumes", []))
+    groups = {}
+    for group in cluster["workerGroupSpecs"]:
+        params = group["rayStartParams"]
+        resources = set(json.loads(json.loads(params["resources"])))
+        labels = dict(pair.split("=", 1) for pair in params["labels"].split(","))
+        spec = group["template"]["spec"]
+        (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+        (container,) = spec["containers"]
+        root = {e["name"]: e.get("value") for e in container["env"]}["IFEDICL_DATA_ROOT"]
+        assert any(m["mountPath"] == root and m["readOnly"] for m in container["volumeMounts"])
+        groups[group["groupName"]] = (resources, labels, claim)
+    assert len({claim for _, _, claim in groups.values()}) == len(groups)  # each organisation its own volume
+    for client in population.clients:
+        wanted = placement_options(client.placement)
+        holders = [
+            name for name, (resources, labels, _) in groups.items()
+            if set(wanted.get("resources", {})) <= resources
+            and wanted.get("label_selector", {}).items() <= labels.items()
+        ]  # fmt: skip
+        assert holders == [client.name], (client.name, client.placement, holders)
