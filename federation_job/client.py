@@ -24,7 +24,7 @@ from ifedicl.model_patches.injection import InjectionTables
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """I2CL's defaults (METHOD.md)."""
+    """I2CL's defaults (docs/method.md)."""
 
     lr: float = 1e-2
     weight_decay: float = 1e-3

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from ifedicl.kernel.errors import TaskSpecError
 
-# I2CL's templates and label words (METHOD.md), for HF datasets loaded by name.
+# I2CL's templates and label words (docs/method.md), for HF datasets loaded by name.
 KNOWN_TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sst2": ("Review: {text}\nSentiment:", ("negative", "positive")),
     "mr": ("Review: {text}\nSentiment:", ("negative", "positive")),

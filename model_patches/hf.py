@@ -31,7 +31,7 @@ class BlockLayout:
     attn_name: str  # the module whose output is the attention block's residual update
     mlp_name: str  # the module whose output is the MLP block's residual update
     # I2CL's training-only noise on the block outputs while Λ is calibrated (``inject``'s ``noise_scale``).
-    # 1e-3 is I2CL's (METHOD.md). Gemma 3's normalized residual updates do not tolerate it: with 1e-3 its Λ
+    # 1e-3 is I2CL's (docs/method.md). Gemma 3's normalized residual updates do not tolerate it: with 1e-3 its Λ
     # never trains and centralized I2CL lands below zero-shot; 1e-4 trains as well as none (docs/ablation-gemma
     # has the numbers). SmolLM2's training loss barely moves between 1e-3 and none, so it keeps I2CL's.
     training_noise: float = 1e-3

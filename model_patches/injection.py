@@ -5,7 +5,7 @@ Every backend (the Hugging Face hooks, the patched vLLM decoder layers) calls
 vector. Keeping the math in one pure tensor function is what makes the HF
 reference path and the vLLM serving path provably equivalent.
 
-Terminology (METHOD.md):
+Terminology (docs/method.md):
     L layers, d hidden size, two blocks per layer: ATTN = 0, MLP = 1.
     context vectors  v      : [L, 2, d]
     coefficients     Λ      : [L, 2, 2] with [..., LAM] = λ and [..., BETA] = β

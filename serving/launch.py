@@ -122,7 +122,7 @@ def api_keys(args) -> list[str]:
     return [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
 
 # vLLM's CPU backend sizes its KV cache with VLLM_CPU_KVCACHE_SPACE; this default
-# keeps its memory check satisfied on a 24 GB machine (DESIGN.md, "Serving").
+# keeps its memory check satisfied on a 24 GB machine (docs/design.md, "Per-request task injection in vLLM").
 CPU_GPU_MEMORY_UTILIZATION = 0.3
 # vLLM's CPU backend keeps one core away from the model for its scheduler process unless told otherwise:
 # on a small machine that is half of it (2 cores: the demo's 200 Subj texts classify in 48 s on one core,
