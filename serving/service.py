@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
+from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config, load_tokenizer
 from ifedicl.kernel.task import TaskSpec, label_token_ids
 from ifedicl.model_patches.injection import InjectionTables
@@ -41,7 +42,7 @@ from ifedicl.serving.api_errors import ApiError, bad_request, not_found
 from ifedicl.serving.metrics import ServingMetrics
 from ifedicl.serving.quality import accuracy, held_out_split, run_dtype
 from ifedicl.serving.task_cache import ActiveTask, NoFreeRowError, TaskQuality, TaskTable
-from ifedicl.storage.store import RunInfo, Store, StoredRun, StoreError, check_fingerprint
+from ifedicl.storage.store import RunInfo, Store, StoredRun, StoreError, StoreUnavailable, check_fingerprint
 
 logger = logging.getLogger("ifedicl.serving")
 
@@ -52,6 +53,26 @@ DEFAULT_MAX_INPUTS = 256
 # How long a cache miss waits for a task row when every row is leased by in-flight requests (then 503).
 # Long enough to ride out a burst of in-flight requests; ``--slot-wait-seconds`` changes it.
 DEFAULT_SLOT_WAIT_SECONDS = 60.0
+
+
+# A task load that fails transiently (the store's tables unreadable for a moment) is retried this many
+# times in all, waiting DEFAULT_LOAD_BACKOFF_S, then twice that, ... between attempts (0.25 + 0.5 + 1 = 1.75 s):
+# long enough to ride out a table being swapped or an object store's hiccup, short enough that the
+# request waiting on it still gets its answer (or a 503) within seconds.
+DEFAULT_LOAD_ATTEMPTS = 4
+DEFAULT_LOAD_BACKOFF_S = 0.25
+
+
+def permanent(err: BaseException) -> bool:
+    """Whether a failed task load says something about the *run* (refuse it until it is replaced) or only
+    about this moment (retry later, never cache it).
+
+    Permanent: the run's own errors, which no retry changes: the run or its rows are gone or incomplete
+    (:class:`StoreError`), it was made with another model (:class:`ModelMismatchError`), its label words
+    do not fit this tokenizer, its tables hold NaN. Everything else is transient: the store's tables
+    unreadable now (:class:`StoreUnavailable`), an IO error, the engine failing a row write.
+    """
+    return isinstance(err, IfediclError) and not isinstance(err, StoreUnavailable)
 
 
 class InjectionInactiveError(RuntimeError):
@@ -112,8 +133,12 @@ class ClassificationService:
         registry: CollectorRegistry | None = None,
         max_inputs: int = DEFAULT_MAX_INPUTS,
         slot_wait_seconds: float = DEFAULT_SLOT_WAIT_SECONDS,
+        load_attempts: int = DEFAULT_LOAD_ATTEMPTS,
+        load_backoff_s: float = DEFAULT_LOAD_BACKOFF_S,
     ):
         self.engine = engine
+        self.load_attempts = max(1, load_attempts)
+        self.load_backoff_s = load_backoff_s
         self.max_inputs = max_inputs
         self.slot_wait_seconds = slot_wait_seconds
         self.model_id = canonical_model_id(model)
@@ -138,8 +163,9 @@ class ClassificationService:
             slots=max_slots,
         )
         self._reload_lock = asyncio.Lock()
-        # (task, run_id) -> why it was refused. Complete runs never change, so a refused
-        # run is not retried (nor re-counted) at every poll while it stays published.
+        # (task, run_id) -> why it was refused. Complete runs never change, so a run refused for a
+        # permanent reason (see permanent()) is not retried (nor re-counted) at every poll while it
+        # stays published; a transient failure is never kept here.
         self._refused: dict[tuple[str, str], str] = {}
         self.router = None  # serving.routing.TaskRouter when model="auto" is on
 
@@ -234,7 +260,7 @@ class ClassificationService:
                     logger.error("ifedicl: refused run %s of task %s: %s", info.run_id, task, err)
                     self.metrics.reload_failures.inc()
                     report.failed[task] = f"run {info.run_id}: {type(err).__name__}: {err}"
-                    if not isinstance(err, NoFreeRowError | StoreError):  # the refusals that may pass later
+                    if permanent(err):  # a transient failure is tried again at the next poll or request
                         self._refused[(task, info.run_id)] = report.failed[task]
                     continue
                 self.catalog[task] = info
@@ -294,9 +320,12 @@ class ClassificationService:
             raise ApiError(503, f"task {name}: {err} (waited {self.slot_wait_seconds:g} s for a free one)") from None
         except Exception as err:
             reason = f"run {info.run_id}: {type(err).__name__}: {err}"
-            if not isinstance(err, StoreError):  # the store may come back; bad tables will not
+            if permanent(err):  # the run itself cannot be served: refused until another run is published
                 self._refused[(name, info.run_id)] = reason
-            raise ApiError(503, f"task {name}: cannot load its tables: {reason}") from None
+                raise ApiError(503, f"task {name}: its published run cannot be served: {reason}") from None
+            raise ApiError(
+                503, f"task {name}: its tables are unavailable right now ({reason}); not refused, retry shortly"
+            ) from None
 
     async def _load_once(self, info: RunInfo, reason: str) -> ActiveTask:
         """Load ``info`` unless a load of the same (task, version) is under way, then wait for it.
@@ -359,9 +388,9 @@ class ClassificationService:
         key = (info.task.name, info.run_id)
         start = time.perf_counter()
         try:
-            run = await asyncio.to_thread(self.store.load_tables, info)
+            run = await self._read_tables(info)
             if not (np.isfinite(run.vectors).all() and np.isfinite(run.coefficients).all()):
-                raise ValueError(f"run {run.run_id} contains NaN or inf")
+                raise StoreError(f"run {run.run_id} contains NaN or inf")
             label_ids = label_token_ids(run.task, self.tokenizer)
             tables = InjectionTables.build([torch.from_numpy(run.vectors)], [torch.from_numpy(run.coefficients)])
             beta, shift = pack_tables(tables.beta[:, :, 1:], tables.shift[:, :, 1:])  # row 1 = this run
@@ -392,6 +421,26 @@ class ClassificationService:
             self.table.hold(active)
             active.measuring = asyncio.ensure_future(self._measure_quality(run, active))
         return active
+
+    async def _read_tables(self, info: RunInfo) -> StoredRun:
+        """``info``'s tables from the store, retrying a transient failure with exponential backoff.
+
+        At most ``load_attempts`` reads, ``load_backoff_s`` x 1, 2, 4, ... apart; a permanent error
+        (:func:`permanent`) is raised at once, the last transient one after the final attempt.
+        """
+        for attempt in range(self.load_attempts):
+            try:
+                return await asyncio.to_thread(self.store.load_tables, info)
+            except Exception as err:
+                if permanent(err) or attempt + 1 == self.load_attempts:
+                    raise
+                delay = self.load_backoff_s * 2**attempt
+                logger.warning(
+                    "ifedicl: run %s of task %s: load attempt %d/%d failed (%s: %s); retrying in %.2g s",
+                    info.run_id, info.task.name, attempt + 1, self.load_attempts, type(err).__name__, err, delay,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _measure_quality(self, run: StoredRun, task: ActiveTask) -> None:
         """Record the run's accuracy in the serving dtype (once per version; survives evictions).

@@ -50,6 +50,12 @@ class StoreError(IfediclError):
     """The store is missing, or a task/run/version in it is."""
 
 
+class StoreUnavailable(StoreError):
+    """A complete run's tables cannot be read *right now*: a table or data file missing or unreadable
+    (a restore or a move in progress, an object store's hiccup). Unlike other store errors
+    it says nothing about the run itself, so readers may retry it (a server does, with backoff)."""
+
+
 class ModelMismatchError(IfediclError):
     """A stored run was made with another model than the one in use."""
 
@@ -147,6 +153,11 @@ class Store:
         if where:
             query = query.where(where)
         return query.limit(None).to_arrow().to_pylist()
+
+    def _require_table(self, name: str) -> None:
+        """A table every complete run has rows in: its absence is the store's state now, not the run's."""
+        if name not in self._table_names():
+            raise StoreUnavailable(f"table {name} is missing from store {self.uri} (moved or being restored?)")
 
     def _append(self, name: str, table_schema: pa.Schema, rows: list[dict]) -> None:
         self._table(name, table_schema).add(pa.Table.from_pylist(rows, schema=table_schema))
@@ -433,10 +444,20 @@ class Store:
         return self.load_tables(info)
 
     def load_tables(self, info: RunInfo) -> StoredRun:
-        """``info``'s context vectors and final coefficients: two indexed lookups (a server's cache miss)."""
+        """``info``'s context vectors and final coefficients: two indexed lookups (a server's cache miss).
+
+        :class:`StoreUnavailable` if a table or file cannot be read now (may pass); :class:`StoreError`
+        if the tables are there but the run's rows are not all in them (will not pass: a complete run's
+        rows never change).
+        """
         fp = info.fingerprint
-        vectors = self.vectors_of([info.run_id], fp.num_layers, fp.hidden_size)[info.run_id]
-        by_round = self.coefficients_by_round(info.run_id)
+        try:
+            self._require_table("coefficients")
+            vectors = self.vectors_of([info.run_id], fp.num_layers, fp.hidden_size)[info.run_id]
+            by_round = self.coefficients_by_round(info.run_id)
+        except (OSError, RuntimeError) as err:  # Lance's IO errors (a data file gone) are RuntimeErrors
+            message = str(err).split(", /rustc", 1)[0][:300]
+            raise StoreUnavailable(f"run {info.run_id}: its tables cannot be read now: {message}") from None
         if not by_round:
             raise StoreError(f"run {info.run_id} has no coefficients")
         last = max(by_round)
@@ -456,6 +477,7 @@ class Store:
         """``{run_id: [L, 2, d] float32}`` for runs made on an (L, d) model, in one query."""
         if not run_ids:
             return {}
+        self._require_table(schema.vectors_table_name(hidden_size))
         ids = ", ".join(_quote(run_id) for run_id in run_ids)
         out = {run_id: np.zeros((num_layers, 2, hidden_size), dtype=np.float32) for run_id in run_ids}
         found = dict.fromkeys(run_ids, 0)
