@@ -53,6 +53,10 @@ def recalibrate_command(
     kept_live_ok: bool = typer.Option(
         False, help="exit 0, not 1, when the live run is kept (a guardrail decision, recorded either way)"
     ),
+    allow_weaker_protections: bool = typer.Option(
+        False, help="run even if DP, secure aggregation, the norm screen, the aggregator or --min-clients are "
+        "weaker than the live run's (recorded with the attempt)",
+    ),
     config: Path | None = config_option(),
 ) -> None:
     """Re-run the federation for a task; publish only if not worse than the live run by more than --margin."""
@@ -77,6 +81,7 @@ def recalibrate_command(
         lock_file,
         serving_dtype=serving_dtype,
         warm_start=warm_start,
+        allow_weaker_protections=allow_weaker_protections,
     )
     a = outcome.attempt
     if as_json:

@@ -68,6 +68,7 @@ class HostedClient:
         self.vectors: np.ndarray | None = None
         self.pending: np.ndarray | None = None  # secure aggregation: the value awaiting its masked upload
         self.masker: MaskingClient | None = None
+        self.released = {"vectors": 0, "coefficients": 0}  # noisy releases made this run (the DP budget's use)
         self.lora = None  # a LoraClient once this client trains FedAvg-LoRA
         self._lora_model = lora_model  # the host's model with adapters attached (once per host)
 
@@ -76,6 +77,16 @@ class HostedClient:
         return str(next(self.client.ctx.model.parameters()).dtype).removeprefix("torch.")
 
     # ------------------------------------------------------------------ local computation
+    def _release(self, kind: str) -> None:
+        """Count one noisy release of ``kind``; refuse it past the budget the run's DP noise was calibrated for."""
+        budget = self.privacy.budget(kind)
+        if budget is not None and self.released[kind] >= budget:
+            raise FederationError(
+                f"client {self.client_id}: its differential-privacy budget covers {budget} release(s) of {kind} "
+                "per run; refused another (repeated noisy releases would average the noise away)"
+            )
+        self.released[kind] += 1
+
     def _vectors(self, meta: dict) -> np.ndarray:
         """v_k [L, 2, d], clipped per example and noised if this client's policy says so."""
         # Autocast only lowers precision: a bfloat16 model asked for float32 forwards runs as it is
@@ -91,6 +102,7 @@ class HostedClient:
             max_examples=None if limit is None else int(limit),
         )
         if self.privacy.vectors_on:
+            self._release("vectors")
             used = len(self.client.data) if limit is None else min(len(self.client.data), int(limit))
             std = self.privacy.vector_noise_std(used)
             vectors = (vectors + self.noise_rng.normal(0.0, std, vectors.shape)).astype(np.float32)
@@ -106,6 +118,7 @@ class HostedClient:
         result = self.client.calibrate(self.vectors, start, config, seed)
         coefficients = result.coefficients
         if self.privacy.coefficients_on:
+            self._release("coefficients")
             coefficients = self.privacy.privatise_coefficients(coefficients, start, self.noise_rng)
         return coefficients, result.mean_loss
 

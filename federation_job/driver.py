@@ -106,6 +106,7 @@ class Federation:
         self.store: Store | None = None  # opened in run(), after Ray has forked its processes
         self.rounds: list[RoundRecord] = []
         self.load_dropped: dict[int, str] = {}  # recorded with round 0
+        self.releases: dict[int, int] = {}  # Λ uploads each client made (used or rejected): what DP accounts
         self._driver_model = None
         self.shared_weights: ray.ObjectRef | None = None  # --weights shared: the object each node keeps one copy of
 
@@ -149,8 +150,9 @@ class Federation:
             self.pool.stop(keep_warm=not we_started_ray)  # a Ray that outlives the run: its next run reuses them
             sizes = [p.examples for _, p in sorted(self.pool.profiles.items())]
             summary = summarize(
-                self.rounds, self.pool.compute, self.settings, self.privacy, sizes, time.monotonic() - started
-            )
+                self.rounds, self.pool.compute, self.settings, self.privacy, sizes, time.monotonic() - started,
+                self.releases,
+            )  # fmt: skip
             summary["client_names"] = {str(cid): name for cid, name in self.population.names.items()}
             summary.update(self._evaluate(vectors, coefficients))
             summary.update(federated)
@@ -263,6 +265,8 @@ class Federation:
             config=dataclasses.asdict(config), **plan.instructions,
         )  # fmt: skip
         asked = self.pool.call(at.stage, at.index, "calibrate", plan.requests(request))
+        for cid in asked.answers:  # a released upload spends privacy whether the server then uses it or not
+            self.releases[cid] = self.releases.get(cid, 0) + 1
         updates, rejected = strategy.decode(
             asked.answers, "coefficients", coefficients.shape, wire.decode_coefficients
         )  # in the clear, Λ comes as a fixed binary frame

@@ -104,6 +104,16 @@ class ClientPrivacy:
     vector_noise_multiplier: float = 0.0
     coefficient_clip: float = 0.0  # C_Λ: L2 bound of the per-round Λ delta
     coefficient_noise_multiplier: float = 0.0
+    # The releases the noise was calibrated for, per run: a client refuses one more (a server asking again and
+    # again could average the noise away). One vector release; one Λ release per round.
+    vector_releases: int = 1
+    coefficient_releases: int = 1
+
+    def budget(self, kind: str) -> int | None:
+        """How many noisy releases of ``kind`` ("vectors" | "coefficients") this policy allows (None: no DP)."""
+        if kind == "vectors":
+            return self.vector_releases if self.vectors_on else None
+        return self.coefficient_releases if self.coefficients_on else None
 
     @property
     def vectors_on(self) -> bool:
@@ -157,7 +167,7 @@ class PrivacySettings:
         coef_z = (
             noise_multiplier(self.coefficient_epsilon, self.delta, max(1, rounds)) if self.coefficient_epsilon else 0.0
         )
-        return ClientPrivacy(self.vector_clip, vec_z, self.coefficient_clip, coef_z)
+        return ClientPrivacy(self.vector_clip, vec_z, self.coefficient_clip, coef_z, 1, max(1, rounds))
 
 
 def privacy_report(settings: PrivacySettings, policy: ClientPrivacy, rounds_participated: int) -> dict:

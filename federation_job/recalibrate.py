@@ -188,8 +188,12 @@ def recalibrate(
     after_dispatch=None,
     serving_dtype: str | None = None,
     warm_start: bool = True,
+    allow_weaker_protections: bool = False,
 ) -> RecalibrationOutcome:
     """One attempt; always recorded. Raises only for bad arguments (nothing recorded then).
+
+    ``allow_weaker_protections``: publish even if the candidate's privacy/robustness settings are weaker
+    than the live run's (:func:`weakened_protections`; what was weakened is recorded with the attempt).
 
     ``warm_start``: stage 2 starts from the live run's Λ (when the live run was made with this model),
     not from the initial Λ, so a recalibration refines what is served instead of starting over.
@@ -224,7 +228,7 @@ def recalibrate(
         attempt.metrics["lock_acquired_at"] = now().isoformat()
         _run_attempt(
             attempt, model_id, source, store_uri, store, settings, mode, margin, after_dispatch, serving_dtype,
-            warm_start,
+            warm_start, allow_weaker_protections,
         )  # fmt: skip
     except Exception as err:  # recorded, then reported by the caller
         attempt.decision = "failed"
@@ -258,19 +262,35 @@ def weakened_protections(live: dict, settings: FederationSettings) -> list[str]:
     """The flags of the live run's privacy and robustness that ``settings`` would drop or weaken.
 
     ``live`` is the run row's recorded settings. A recalibration replaces what is served, so
-    publishing one made without the live run's DP, secure aggregation or robust aggregator would
-    quietly undo a decision taken for the data owners; it has to be asked for with the same flags.
+    publishing one made with weaker protections than the live run's (no or less DP, no secure
+    aggregation, a looser norm screen, a non-robust aggregator, fewer clients per masked sum) would
+    quietly undo a decision taken for the data owners; it has to be asked for explicitly.
     """
     weaker = []
+
+    def given(value) -> str:
+        return "none" if value is None else f"{value:g}"
+
     privacy = live.get("privacy") or {}
     for field, flag in (("vector_epsilon", "--dp-vector-epsilon"), ("coefficient_epsilon", "--dp-coefficient-epsilon")):
         was, now = privacy.get(field), getattr(settings.privacy, field)
         if was is not None and (now is None or now > was):
-            weaker.append(f"{flag} {was:g} (given: {'none' if now is None else f'{now:g}'})")
+            weaker.append(f"{flag} {was:g} (given: {given(now)})")
+    dp_was = privacy.get("vector_epsilon") is not None or privacy.get("coefficient_epsilon") is not None
+    if dp_was and settings.privacy.delta > privacy.get("delta", 1e-5):
+        weaker.append(f"--dp-delta {privacy.get('delta', 1e-5):g} (given: {settings.privacy.delta:g})")
     if live.get("secagg") and not settings.secagg:
         weaker.append("--secagg")
+    if live.get("secagg") and settings.min_clients < live.get("min_clients", 1):
+        weaker.append(f"--min-clients {live['min_clients']} under --secagg (given: {settings.min_clients})")
+    screen_was, screen_now = live.get("reject_norm_factor", 10.0), settings.reject_norm_factor
+    if not live.get("secagg") and screen_was > 0 and (screen_now == 0 or screen_now > screen_was):
+        weaker.append(f"--reject-norm-factor {screen_was:g} (given: {screen_now:g}; 0 is off)")
     if live.get("aggregator", "mean") != "mean" and settings.aggregator != live["aggregator"]:
         weaker.append(f"--aggregator {live['aggregator']} (given: {settings.aggregator})")
+    trimmed = live.get("aggregator") == "trimmed-mean" == settings.aggregator
+    if trimmed and settings.trim_fraction < live.get("trim_fraction", 0.1):
+        weaker.append(f"--trim-fraction {live.get('trim_fraction', 0.1):g} (given: {settings.trim_fraction:g})")
     return weaker
 
 
@@ -308,15 +328,17 @@ def _run_attempt(
     after_dispatch,
     serving_dtype=None,
     warm_start=True,
+    allow_weaker=False,
 ) -> None:
     live_run_id = store.published_run_id(attempt.task)
     attempt.live_run_id = live_run_id
     if live_run_id is not None:
         weaker = weakened_protections(json.loads(store.run_row(live_run_id)["settings"] or "{}"), settings)
-        if weaker:
+        attempt.metrics["weakened_protections"] = weaker
+        if weaker and not allow_weaker:
             raise IfediclError(
                 f"the live run {live_run_id} was made with {', '.join(weaker)}: a recalibration must keep its "
-                "privacy and robustness; pass the same flags"
+                "privacy and robustness; pass the same flags (or --allow-weaker-protections, recorded)"
             )
     if mode == "stage2" and live_run_id is None:
         raise StoreError(f"task {attempt.task!r} has no published run: stage2 needs its vectors (use --mode full)")

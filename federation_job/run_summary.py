@@ -31,6 +31,7 @@ def summarize(
     privacy: ClientPrivacy,
     shard_sizes: list[int],
     seconds: float,
+    releases: dict[int, int] | None = None,
 ) -> dict:
     """Everything but the accuracies: bytes per round and client, compute, aggregation and privacy."""
     per_round = [
@@ -72,17 +73,24 @@ def summarize(
             for r in rounds
             if any(why.startswith("rejected") for why in r.dropped.values())
         },
-        "privacy": privacy_summary(rounds, settings, privacy),
+        "privacy": privacy_summary(rounds, settings, privacy, releases),
     }
 
 
-def privacy_summary(rounds: list[RoundRecord], settings: FederationSettings, privacy: ClientPrivacy) -> dict:
-    """Settings, noise multipliers and ε spent (worst case over clients: the most rounds any one answered)."""
-    participation: dict[int, int] = {}
-    for r in rounds[1:]:
-        for cid in r.clients_answered:
-            participation[cid] = participation.get(cid, 0) + 1
-    report = privacy_report(settings.privacy, privacy, max(participation.values(), default=0))
+def privacy_summary(
+    rounds: list[RoundRecord], settings: FederationSettings, privacy: ClientPrivacy, releases: dict[int, int] | None
+) -> dict:
+    """Settings, noise multipliers and ε spent, worst case over clients: the most Λ releases any one made.
+
+    ``releases`` counts every Λ upload the server received from a client, used or rejected (each spent
+    privacy); without it, the rounds' answering clients are counted.
+    """
+    if releases is None:
+        releases = {}
+        for r in rounds[1:]:
+            for cid in r.clients_answered:
+                releases[cid] = releases.get(cid, 0) + 1
+    report = privacy_report(settings.privacy, privacy, max(releases.values(), default=0))
     report["secagg"] = settings.secagg
     return report
 

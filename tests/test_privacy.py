@@ -227,3 +227,44 @@ def test_noise_comes_from_os_entropy_not_the_run_seed(deep_llama, task_dir):
     for actor in quiet:
         actor.vectors = clean.astype(np.float32)
     np.testing.assert_allclose(*(_uploaded_coefficients(q, start, seed=7) for q in quiet), rtol=0, atol=1e-6)
+
+
+def test_a_client_refuses_noisy_releases_beyond_the_budget_its_noise_was_calibrated_for(llama_dir, task_dir):
+    """A server asking the same client again and again could average its DP noise away: one vector release
+    and one Λ release per round (here 2) are what the noise covers; the next request is refused."""
+    from ifedicl.federation_job import wire
+    from ifedicl.kernel.errors import FederationError
+    from ifedicl.model_patches.injection import initial_coefficients
+
+    policy = PrivacySettings(vector_epsilon=1.0, coefficient_epsilon=2.0).client_policy(rounds=2)
+    assert (policy.vector_releases, policy.coefficient_releases) == (1, 2)
+    actor = _actor(llama_dir, task_dir, policy)
+    extract = wire.encode({}, batch_size=8)
+    vectors = wire.decode(actor.extract(extract))[0]["vectors"]
+    with pytest.raises(FederationError, match="budget covers 1 release"):
+        actor.extract(extract)
+    actor.set_global_vectors(wire.encode({"vectors": vectors}))
+    start = initial_coefficients(vectors.shape[0]).numpy()
+    calibrate = wire.encode({"coefficients": start}, seed=1, config=CALIBRATION)
+    for _ in range(2):
+        actor.calibrate(calibrate)
+    with pytest.raises(FederationError, match="budget covers 2 release"):
+        actor.calibrate(calibrate)
+    plain = _actor(llama_dir, task_dir, ClientPrivacy())  # no DP: no budget to spend
+    for _ in range(3):
+        plain.extract(extract)
+
+
+def test_epsilon_counts_every_release_the_server_received_not_only_the_used_ones():
+    """A client whose two Λ uploads were both rejected still released them: ε is spent over two rounds."""
+    from ifedicl.federation_job.run_summary import privacy_summary
+    from ifedicl.storage.records import RoundRecord
+
+    settings = FederationSettings(clients=2, rounds=2, privacy=PrivacySettings(coefficient_epsilon=2.0))
+    policy = settings.privacy.client_policy(settings.rounds)
+    rounds = [RoundRecord(r, [0, 1], [1] if r == 1 else [], {0: "rejected update"}, None, [], [], 0.0)
+              for r in range(3)]  # fmt: skip
+    used_only = privacy_summary(rounds, settings, policy, None)["coefficients"]
+    released = privacy_summary(rounds, settings, policy, {0: 2, 1: 1})["coefficients"]
+    assert used_only["rounds"] == 1 and released["rounds"] == 2
+    assert released["epsilon"] > used_only["epsilon"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -213,6 +214,57 @@ def test_a_recalibration_may_not_drop_the_live_runs_privacy_or_robustness():
     robust = {**FederationOptions(aggregator="median").settings(0.5, 0).to_dict()}
     assert weakened_protections(robust, FederationOptions().settings(0.5, 0)) == ["--aggregator median (given: mean)"]
     assert weakened_protections({}, plain) == []  # a run recorded before these settings existed
+
+
+def test_the_guardrail_compares_every_protection_setting():
+    """Norm screen off or looser, a larger DP δ, fewer clients per masked sum, a smaller trim: each is weaker."""
+    from ifedicl.federation_job.options import FederationOptions
+    from ifedicl.federation_job.recalibrate import weakened_protections
+
+    def live(**options) -> dict:
+        return FederationOptions(**options).settings(0.5, 0).to_dict()
+
+    def given(**options):
+        return FederationOptions(**options).settings(0.5, 0)
+
+    assert weakened_protections(live(), given(reject_norm_factor=0)) == [
+        "--reject-norm-factor 10 (given: 0; 0 is off)"
+    ]
+    assert weakened_protections(live(), given(reject_norm_factor=50)) == [
+        "--reject-norm-factor 10 (given: 50; 0 is off)"
+    ]
+    assert weakened_protections(live(), given(reject_norm_factor=5)) == []  # tighter
+    dp = {"dp_coefficient_epsilon": 4.0}
+    assert weakened_protections(live(**dp, dp_delta=1e-6), given(**dp, dp_delta=1e-3)) == [
+        "--dp-delta 1e-06 (given: 0.001)"
+    ]
+    assert weakened_protections(live(dp_delta=1e-6), given(dp_delta=1e-3)) == []  # no DP: δ means nothing
+    secure = {"secagg": True, "clients": 8}
+    assert weakened_protections(live(**secure, min_clients=6), given(**secure, min_clients=3)) == [
+        "--min-clients 6 under --secagg (given: 3)"
+    ]
+    trimmed = {"aggregator": "trimmed-mean"}
+    assert weakened_protections(live(**trimmed, trim_fraction=0.2), given(**trimmed, trim_fraction=0.1)) == [
+        "--trim-fraction 0.2 (given: 0.1)"
+    ]
+
+
+def test_a_weaker_recalibration_runs_only_when_allowed_and_says_what_was_weakened(
+    ray_session, llama_dir, task_dir, tmp_path
+):
+    from ifedicl.federation_job.recalibrate import recalibrate
+
+    store_dir = str(tmp_path / "store")
+    screened = dataclasses.replace(_settings(1), reject_norm_factor=5.0)
+    first = recalibrate(str(llama_dir), _source(task_dir), store_dir, screened, mode="full", warm_start=False)
+    assert first.attempt.decision == "published"
+    unscreened = dataclasses.replace(_settings(1), reject_norm_factor=0.0)
+    refused = recalibrate(str(llama_dir), _source(task_dir), store_dir, unscreened, mode="stage2")
+    assert refused.attempt.decision == "failed" and "--reject-norm-factor 5" in refused.attempt.reason
+    allowed = recalibrate(str(llama_dir), _source(task_dir), store_dir, unscreened, mode="stage2", margin=1.0,
+                          allow_weaker_protections=True)  # fmt: skip
+    assert allowed.attempt.decision == "published"
+    assert allowed.attempt.metrics["weakened_protections"] == ["--reject-norm-factor 5 (given: 0; 0 is off)"]
 
 
 def test_stage2_warm_starts_from_the_live_runs_coefficients_unless_cold(ray_session, llama_dir, task_dir, tmp_path):
