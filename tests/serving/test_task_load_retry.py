@@ -74,7 +74,13 @@ def classify(service: ClassificationService, loop_thread, task: str):
     return loop_thread.run(service.classify(task, TEXTS), timeout=300)
 
 
+def evict(service: ClassificationService, task: str) -> None:
+    """Take ``task``'s tables out of the engine's row, so its next request reads the store."""
+    service.table.remove(task)
+
+
 def test_a_table_missing_for_a_moment_is_ridden_out_by_the_retries(service, store_uri, loop_thread, caplog):
+    evict(service, "subj")
     table = Path(store_uri) / f"{schema.vectors_table_name(HIDDEN)}.lance"
     aside = _moved(table)
     restore = threading.Timer(0.5, aside.rename, args=(table,))  # back before the third attempt
@@ -90,6 +96,7 @@ def test_a_table_missing_for_a_moment_is_ridden_out_by_the_retries(service, stor
 
 
 def test_a_failure_outlasting_the_retries_is_a_503_and_not_cached_as_refused(service, store_uri, loop_thread):
+    evict(service, "agnews")
     data = Path(store_uri) / f"{schema.vectors_table_name(HIDDEN)}.lance" / "data"
     aside = _moved(data)  # the table is listed, its files are gone: Lance raises an IO error on read
     try:
@@ -97,11 +104,11 @@ def test_a_failure_outlasting_the_retries_is_a_503_and_not_cached_as_refused(ser
             classify(service, loop_thread, "agnews")
     finally:
         aside.rename(data)
+    run_id = service.catalog["agnews"].run_id
+    assert ("agnews", run_id) not in service._refused  # before: refused until the server restarted
     assert refused.value.status == 503
     assert "its tables are unavailable right now" in refused.value.message
     assert "not refused, retry shortly" in refused.value.message and "StoreUnavailable" in refused.value.message
-    run_id = service.catalog["agnews"].run_id
-    assert ("agnews", run_id) not in service._refused  # before: refused until the server restarted
     result = classify(service, loop_thread, "agnews")  # the store is back: the next request loads it
     assert result.run_id == run_id and len(result.scores) == len(TEXTS)
 
@@ -116,7 +123,7 @@ def test_only_permanent_errors_are_refused_with_a_clear_message(service, store_u
 
         # a published run whose rows are gone: refused at once, no retries, and not asked again
         run_id = service.catalog["subj"].run_id
-        service.table.remove("subj")  # not resident: the next request reads the store
+        evict(service, "subj")
         vectors = service.store.db.open_table(schema.vectors_table_name(HIDDEN))
         vectors.delete(f"run_id = '{run_id}'")
         with pytest.raises(ApiError) as gone:
