@@ -5,8 +5,11 @@ published tasks; the server runs with ``--max-requests-in-flight CAP``; ``--loop
 concurrent client loops (several times the cap) each send ``--requests`` requests back to
 back, without honouring ``Retry-After`` (an impatient client). One request in ``--hostile``
 is hostile: 100,000-deep JSON, a million ``{}``, a base-model request with ``cache_salt``
-or ``vllm_xargs.task_row``, too many inputs. Meanwhile ``/metrics`` is sampled for vLLM's
-running + waiting engine requests: with one text per request, that can never exceed CAP.
+or ``vllm_xargs.task_row``, too many inputs. A probe loop sends ``GET /v1/models`` (no
+engine work, answered at once when admitted) every 20 ms: a probe refused with 429 found the
+server holding CAP requests at that instant, so the refused share is the share of the storm
+spent at the cap (the guard admits a request only below the cap, so never above it). After
+the storm, a probe must be served (no slot leaked by a refused, hostile or abandoned request).
 
     python bench/overload.py [--cap 8] [--loops 32] [--requests 40] [--hostile 5]
 """
@@ -16,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,13 +35,10 @@ if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench.many_tasks import published_store, task_name  # noqa: E402
 from bench.serving import build_model, make_prompts  # noqa: E402
 from ifedicl.serving.process import ServeProcess, ready  # noqa: E402
-
-ENGINE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 def hostile_request(i: int, base: str) -> tuple[str, dict]:
@@ -55,24 +54,18 @@ def hostile_request(i: int, base: str) -> tuple[str, dict]:
     return kinds[i % len(kinds)]
 
 
-async def sample_engine(base_url: str, stop: asyncio.Event, peaks: list[float]) -> None:
-    """Running + waiting engine requests, as often as /metrics answers (it never counts as in flight)."""
+async def probe(base_url: str, stop: asyncio.Event, seen: Counter) -> None:
+    """``GET /v1/models`` every 20 ms until ``stop``: 429 means CAP requests were in flight right then."""
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         while not stop.is_set():
-            text = (await client.get("/metrics")).text
-            total = 0.0
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name in ENGINE_GAUGES:
-                        total += sample.value
-            peaks.append(total)
+            seen[(await client.get("/v1/models")).status_code] += 1
             await asyncio.sleep(0.02)
 
 
-async def overload(base_url: str, base: str, prompts: list[str], opts) -> tuple[Counter, list[float], list[float]]:
+async def overload(base_url: str, base: str, prompts: list[str], opts) -> tuple[Counter, list[float], Counter]:
     statuses: Counter = Counter()
     served_latency: list[float] = []
-    peaks: list[float] = []
+    probes: Counter = Counter()
     limits = httpx.Limits(max_connections=opts.loops + 4, max_keepalive_connections=opts.loops + 4)
 
     async def loop(index: int, client: httpx.AsyncClient) -> None:
@@ -93,12 +86,12 @@ async def overload(base_url: str, base: str, prompts: list[str], opts) -> tuple[
                 served_latency.append(time.perf_counter() - start)
 
     stop = asyncio.Event()
-    sampler = asyncio.create_task(sample_engine(base_url, stop, peaks))
+    prober = asyncio.create_task(probe(base_url, stop, probes))
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=600) as client:
         await asyncio.gather(*(loop(i, client) for i in range(opts.loops)))
     stop.set()
-    await sampler
-    return statuses, served_latency, peaks
+    await prober
+    return statuses, served_latency, probes
 
 
 def main() -> None:
@@ -118,8 +111,9 @@ def main() -> None:
         ]  # fmt: skip
         with ready(ServeProcess(store, model, root / "server.log", args)) as server:
             start = time.perf_counter()
-            statuses, latency, peaks = asyncio.run(overload(server.base_url, str(model), make_prompts(64), opts))
+            statuses, latency, probes = asyncio.run(overload(server.base_url, str(model), make_prompts(64), opts))
             wall = time.perf_counter() - start
+            after = httpx.get(f"{server.base_url}/v1/models", timeout=30).status_code
     total = sum(statuses.values())
     server_errors = sum(v for k, v in statuses.items() if not isinstance(k, int) or k >= 500)
     hostile = sum(1 for i in range(opts.loops * opts.requests) if opts.hostile and i % opts.hostile == 0)
@@ -130,9 +124,11 @@ def main() -> None:
     for status, count in sorted(statuses.items(), key=lambda kv: str(kv[0])):
         print(f"| {status} | {count} | {count / total:.3f} |")
     print(f"5xx or transport errors: {server_errors}")
-    print(f"engine requests (running + waiting), sampled {len(peaks)} times: max {max(peaks, default=0):.0f} "
-          f"(cap {opts.cap}), median {statistics.median(peaks) if peaks else 0:.0f}; "
-          f"samples at the cap: {sum(p >= opts.cap for p in peaks) / max(1, len(peaks)):.3f}")  # fmt: skip
+    at_cap = probes[429] / max(1, sum(probes.values()))
+    others = {k: v for k, v in probes.items() if k != 429}
+    print(f"probes during the storm: {sum(probes.values())}, refused with 429 (server at the cap) {probes[429]}: "
+          f"held at the cap {at_cap:.3f} of the time; other probe statuses {others}")  # fmt: skip
+    print(f"after the storm: GET /v1/models -> {after} (no slot leaked)" if after == 200 else f"after: {after}")
     if latency:
         ordered = sorted(latency)
         print(f"served: p50 {ordered[len(ordered) // 2]:.3f} s, p99 {ordered[int(0.99 * (len(ordered) - 1))]:.3f} s")
