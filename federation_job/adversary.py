@@ -8,7 +8,10 @@ the run's settings like every other setting; never used unless asked for.
 Modes (comma-separated): ``scale:F`` multiplies the vectors by F; ``flip`` negates Λ
 (β -> -β inverts every block's output); ``nan`` uploads NaNs in both; ``hang:S`` is a
 stuck client: alive, but it sits S seconds on every calibration request before answering
-(the server must drop it at its round timeout, not wait).
+(the server must drop it at its round timeout, not wait). Malformed uploads (the server must
+reject them and go on, issue 31): ``count:X`` reports X examples (``count:1e400`` reaches the
+server as JSON's 1e400, i.e. inf; a Λ frame cannot carry that, so its Λ goes as safetensors);
+``pad:N`` adds N bytes of metadata to every upload (beyond what any request needs).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import time
 
 import numpy as np
 
+from ifedicl.federation_job import wire
 from ifedicl.federation_job.actors import HostedClient
 from ifedicl.kernel.errors import IfediclError
 
-MODES = ("scale", "flip", "nan", "hang")
+MODES = ("scale", "flip", "nan", "hang", "count", "pad")
 
 
 def parse_modes(spec: str) -> dict[str, float]:
@@ -53,3 +57,15 @@ class AdversarialClient(HostedClient):
         if "nan" in self.modes:
             return np.full_like(coefficients, np.nan), loss
         return (-coefficients if "flip" in self.modes else coefficients), loss
+
+    def _answer(self, key: str, value: np.ndarray, meta: dict, **extra) -> bytes:
+        """The honest upload, its facts rewritten: ``count`` claims another example count, ``pad`` bloats it."""
+        payload = super()._answer(key, value, meta, **extra)
+        if "count" not in self.modes and "pad" not in self.modes:
+            return payload
+        arrays, facts = wire.decode(payload)
+        if "count" in self.modes:
+            facts["num_examples"] = self.modes["count"]
+        if "pad" in self.modes:
+            facts["padding"] = "x" * int(self.modes["pad"])
+        return wire.encode(arrays, **facts)

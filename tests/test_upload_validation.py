@@ -225,3 +225,30 @@ def test_upload_facts_accepts_what_honest_clients_send():
     assert wire.upload_facts(meta, 0) == (12, 0.25)
     assert wire.upload_facts({"num_examples": 1}, 0) == (1, None)
     assert wire.decode_coefficients(wire.encode_coefficients(np.ones(LAMBDA), 7, loss=1.5))[1]["loss"] == 1.5
+
+
+# ------------------------------------------------------------------------------------- one real federation
+def test_bad_uploads_in_a_real_federation_are_rejected_and_the_run_completes(
+    ray_session, llama_dir, task_dir, tmp_path
+):
+    """Real Ray, the tiny Llama: client 1 claims 1e400 examples (before: an uncaught OverflowError aborted
+    the run), client 2 pads its upload past what the request needs; both are recorded rejections of
+    stage 1, the two honest clients carry the run to completion and it is published."""
+    from ifedicl.federation_job.driver import Federation, FederationSettings
+    from ifedicl.kernel.sources import DataSource
+    from ifedicl.storage.store import Store
+
+    settings = FederationSettings(
+        clients=4, alpha=100.0, rounds=1, min_clients=2, round_timeout_s=120, min_shard=4,
+        adversaries={1: "count:1e400", 2: "pad:200000"},
+    )  # fmt: skip
+    source = DataSource(str(task_dir), max_train=40, max_test=0)
+    result = Federation(str(llama_dir), source, str(tmp_path / "store"), settings).run(publish=True)
+    stage_one = result.rounds[0]
+    assert stage_one.clients_answered == [0, 3]
+    assert "rejected update: client 1 reported num_examples inf" in stage_one.dropped[1]
+    assert "rejected update: client 2 sent" in stage_one.dropped[2] and "this upload is at most" in stage_one.dropped[2]
+    assert result.rounds[1].clients_answered == [0, 3]
+    store = Store(tmp_path / "store")
+    assert store.run_row(result.run_id)["status"] == "complete"
+    assert store.published_run_id(source.load().task.name) == result.run_id
