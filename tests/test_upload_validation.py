@@ -227,6 +227,23 @@ def test_upload_facts_accepts_what_honest_clients_send():
     assert wire.decode_coefficients(wire.encode_coefficients(np.ones(LAMBDA), 7, loss=1.5))[1]["loss"] == 1.5
 
 
+def test_lora_adapter_uploads_are_checked_for_size_dtype_and_facts():
+    """FedAvg-LoRA's own decode of adapter states (named tensors in the global state's names and shapes)."""
+    from ifedicl.federation_job.lora_federation import LoraFederation
+
+    like = {"a.lora_A.weight": np.zeros((8, 16), np.float32), "a.lora_B.weight": np.zeros((16, 8), np.float32)}
+    ok = {name: np.full(v.shape, 0.01, np.float32) for name, v in like.items()}
+    answers = {
+        0: wire.encode(ok, num_examples=6, loss=0.5),
+        1: wire.encode({n: v.astype(np.float64) for n, v in ok.items()}, num_examples=6),  # was accepted
+        2: wire.encode(ok, num_examples=6, loss="x"),  # was accepted
+        3: wire.encode(ok, num_examples=6, padding="x" * 100_000),  # was decoded and accepted
+    }
+    updates, rejected = LoraFederation._decode_states(None, answers, like)  # uses nothing of the run
+    assert [(u.client_id, u.num_examples, u.loss) for u in updates] == [(0, 6, 0.5)]
+    assert "another dtype" in rejected[1] and "loss 'x'" in rejected[2] and "at most" in rejected[3]
+
+
 # ------------------------------------------------------------------------------------- one real federation
 def test_bad_uploads_in_a_real_federation_are_rejected_and_the_run_completes(
     ray_session, llama_dir, task_dir, tmp_path
