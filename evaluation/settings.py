@@ -12,6 +12,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from ifedicl.federation_job.options import FederationOptions
+
 # Display order = the paper's table order, cheap methods first.
 METHODS: tuple[str, ...] = (
     "zero_shot",
@@ -47,29 +49,32 @@ TRAINING_ONLY = ("rounds", "local_epochs", "lora_rank", "lora_alpha", "lora_lr",
 TRAINS_ALONE = frozenset({"i2cl_central", "local_calibration"})
 
 
+FEDERATION = FederationOptions()
+
+
 @dataclass
 class EvalSettings:
     """Everything that changes a number. Hashed into each cell so a stale cell is recomputed."""
 
     model: str
     tasks: list[str]
-    clients: int = 10
+    clients: int = FEDERATION.clients  # the federation's defaults are declared once (FederationOptions)
     alphas: list[float] = field(default_factory=lambda: [0.5])
-    rounds: int = 5
+    rounds: int = FEDERATION.rounds
     seeds: list[int] = field(default_factory=lambda: [0])
     test_size: int = 500
     shots: int = 4
     max_train: int | None = 5000
-    local_epochs: float = 1  # a fraction f < 1: each round trains on the next f of every shard
-    min_shard: int = 2
+    local_epochs: float = FEDERATION.local_epochs  # a fraction f < 1: each round trains on the next f of every shard
+    min_shard: int = FEDERATION.min_shard
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_lr: float = 5e-4
-    weighted: bool = False  # paper: unweighted FedAvg of vectors, Λ (and, for parity, LoRA weights)
+    weighted: bool = FEDERATION.weighted  # paper: unweighted FedAvg of vectors, Λ (and, for parity, LoRA weights)
     # Training loss of every trainable method: "full-vocab" | "label-only" (ifedicl.federation_job.objective);
     # None keeps each method's own: full-vocab for I2CL, local-only and IFed-ICL (I2CL's), label-only for LoRA.
-    objective: str | None = None
+    objective: str | None = FEDERATION.objective
     batch_size: int = 16
     dtype: str = "float32"
     # The Λ methods' recipe (I2CL central, local-only, IFed-ICL), for the ablation: CalibrationConfig fields

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ifedicl.federation_job.client import EPOCHS_RULE, CalibrationConfig, valid_epochs
 from ifedicl.federation_job.objective import OBJECTIVES
+from ifedicl.federation_job.options import FederationOptions
 from ifedicl.federation_job.privacy import PrivacySettings
 from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
 from ifedicl.federation_job.secagg import MIN_COHORT, SecureFedAvg, Transport
@@ -20,38 +21,41 @@ from ifedicl.federation_job.vector_coding import CODINGS, default_coding
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import DTYPES
 
+DEFAULTS = FederationOptions()
+
 
 @dataclass
 class FederationSettings:
-    clients: int = 10
-    actors: int | None = None  # host actors the clients are spread over (None: one per free CPU, at most one each)
+    # The defaults a user sees are declared once, in FederationOptions (the flags, --config, the harness).
+    clients: int = DEFAULTS.clients
+    actors: int | None = DEFAULTS.actors  # hosts the clients are spread over (None: one per free CPU)
     alpha: float = 0.5
-    rounds: int = 5
-    local_epochs: float = 1  # whole passes, or a fraction of the shard per round (client.round_passes)
-    fraction: float = 1.0  # of alive clients sampled per round
-    min_clients: int = 1
-    round_timeout_s: float = 1800.0
+    rounds: int = DEFAULTS.rounds
+    local_epochs: float = DEFAULTS.local_epochs  # whole passes, or a fraction of the shard per round
+    fraction: float = DEFAULTS.fraction  # of alive clients sampled per round
+    min_clients: int = DEFAULTS.min_clients
+    round_timeout_s: float = DEFAULTS.round_timeout
     load_timeout_s: float | None = None  # for each client to load the model (None: round_timeout_s)
     seed: int = 0
-    min_shard: int = 2
-    weighted_vectors: bool = False  # paper: unweighted
-    weighted_coefficients: bool = False  # paper: unweighted
+    min_shard: int = DEFAULTS.min_shard
+    weighted_vectors: bool = DEFAULTS.weighted  # paper: unweighted
+    weighted_coefficients: bool = DEFAULTS.weighted  # paper: unweighted
     capture_batch_size: int = 8
     stage1_examples: int | None = None  # each client builds v_k from at most this many of its examples (None: all)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    weights: str = "shared"  # shared: one object-store copy per node; per-actor: each loads its own
-    cpus_per_client: float | None = None  # default: the machine's CPUs split over the clients
-    gpus_per_client: float = 0.0
+    weights: str = DEFAULTS.weights  # shared: one object-store copy per node; per-actor: each loads its own
+    cpus_per_client: float | None = DEFAULTS.cpus_per_client  # per host; default: the free CPUs split over hosts
+    gpus_per_client: float = DEFAULTS.gpus_per_client
     dtype: str = "float32"  # weights; calibration needs float32 (I2CL)
-    extract_dtype: str = "float32"  # stage-1 forwards under autocast, e.g. bfloat16 on GPUs
+    extract_dtype: str = DEFAULTS.extract_dtype  # stage-1 forwards under autocast, e.g. bfloat16 on GPUs
     # stage-1 upload of v_k on the wire: float32 | float16 | int8; None: int8, float32 under secagg (vector_coding)
-    vector_coding: str | None = None
-    aggregator: str = "mean"  # mean (FedAvg) | trimmed-mean | median, coordinate-wise, vectors and Λ
-    trim_fraction: float = 0.1  # trimmed-mean: cut from each end
-    reject_norm_factor: float = 10.0  # reject ||update - reference|| > factor * round median (0: off)
-    server_lr: float = 1.0  # Λ ← Λ + server_lr·(aggregate − Λ) each round (strategies.ServerStep); 1: plain rule
+    vector_coding: str | None = DEFAULTS.vector_coding
+    aggregator: str = DEFAULTS.aggregator  # mean (FedAvg) | trimmed-mean | median, coordinate-wise, vectors and Λ
+    trim_fraction: float = DEFAULTS.trim_fraction  # trimmed-mean: cut from each end
+    reject_norm_factor: float = DEFAULTS.reject_norm_factor  # reject ||update - ref|| > factor * median (0: off)
+    server_lr: float = DEFAULTS.server_lr  # Λ ← Λ + server_lr·(aggregate − Λ) each round (strategies.ServerStep)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
-    secagg: bool = False  # pairwise-masked sums: the server sees no single client's vectors or Λ
+    secagg: bool = DEFAULTS.secagg  # pairwise-masked sums: the server sees no single client's vectors or Λ
     adversaries: dict[int, str] = field(default_factory=dict)  # drills/tests: {client: "scale:50,flip"}
 
     def __post_init__(self) -> None:
