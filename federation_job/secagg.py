@@ -159,9 +159,16 @@ class SecureFedAvg(Strategy):
 
     masked = True
 
-    def __init__(self, transport: Transport, weighted: bool = False, selection: ClientSelection = ClientSelection()):
+    def __init__(
+        self,
+        transport: Transport,
+        weighted: bool = False,
+        selection: ClientSelection = ClientSelection(),
+        value_bound: float = MAX_ABS_VALUE,
+    ):
         super().__init__(selection, weighted)
         self.transport = transport
+        self.value_bound = value_bound  # the most |value| per coordinate an honest member uploads (see sum_bound)
 
     def aggregate(self, at: RoundId, updates: list[ClientUpdate], reference: np.ndarray | None = None) -> Aggregate:
         self.selection.require(len(updates), at.name)
@@ -227,12 +234,12 @@ class SecureFedAvg(Strategy):
     ) -> np.ndarray:
         """The masks cancel in the ring sum: what is left is the cohort's sum, divided into its mean."""
         total = unmask_sum(uploads, shape)
-        bound = sum_bound(members, self.weighted)
+        bound = sum_bound(members, self.weighted, self.value_bound)
         largest = float(np.max(np.abs(total))) if total.size else 0.0
         if not largest <= bound:  # NaN-safe: a sum that is not finite fails here too
             raise FederationError(
                 f"{at.stage} round {at.index}: the securely aggregated sum reaches {largest:.3g}, beyond the "
-                f"{bound:.3g} an honest cohort of {len(members)} can reach (+-{MAX_ABS_VALUE:g} per value); "
+                f"{bound:.3g} an honest cohort of {len(members)} can reach (+-{self.value_bound:g} per value); "
                 "a member uploaded garbage. Nothing was aggregated or published"
             )
         divisor = sum(u.num_examples for u in members) if self.weighted else len(members)
