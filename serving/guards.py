@@ -190,6 +190,13 @@ def _inputs_in(value) -> int:
     return len(value)
 
 
+def _conversations_in(value) -> int:
+    """A chat request's conversations: ``messages`` is one, or a list of them (``/v1/chat/completions/batch``)."""
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        return len(value)
+    return 1
+
+
 def check_inputs(body: dict, max_inputs: int) -> None:
     """400 if ``body`` asks for more than ``max_inputs`` prompts (each times ``n``): on every route, so a base
     model request cannot fan out into unbounded engine requests either."""
@@ -198,7 +205,7 @@ def check_inputs(body: dict, max_inputs: int) -> None:
     for param in ("prompt", "input", "messages"):
         if param not in body:
             continue
-        count = 1 if param == "messages" else _inputs_in(body[param])
+        count = _conversations_in(body[param]) if param == "messages" else _inputs_in(body[param])
         if count * n > max_inputs:
             asks = f"{count} inputs" if n == 1 else f"{count} inputs x n={n}"
             raise bad_request(

@@ -210,6 +210,10 @@ def test_base_model_requests_are_capped_like_tasks(client, serving_models):
     with pytest.raises(openai.BadRequestError) as fanned:
         client.completions.create(model=base, prompt="fine", n=MAX_INPUTS + 1, max_tokens=1)
     assert fanned.value.body["param"] == "n"
+    conversations = [[{"role": "user", "content": "fine"}]] * (MAX_INPUTS + 1)  # vLLM's batch chat route
+    with pytest.raises(openai.BadRequestError) as batch:
+        client.post("/chat/completions/batch", cast_to=object, body={"model": base, "messages": conversations})
+    assert batch.value.body["param"] == "messages" and "--max-inputs-per-request" in batch.value.body["message"]
     assert len(client.completions.create(model=base, prompt=["fine"] * MAX_INPUTS, max_tokens=1).choices) == 4
 
 
