@@ -113,12 +113,12 @@ def virtual(args, work: Path, data: Path, big: Path, tiny: Path, weight_bytes: i
     print("clients | actors | sampled | wall s | peak PSS MiB | working PSS MiB | weight copies | round s | "
           "s/sampled ex | vs 10 clients")  # fmt: skip
     reference = None
-    for k in args.virtual:
-        actors = k if k <= 10 else args.actors
+    runs = [(k, actors) for k in args.virtual for actors in ((k, args.actors) if k <= 10 else (args.actors,))]
+    for k, actors in runs:  # 10 clients: on their own hosts (the reference), then on --actors hosts
         fraction = min(1.0, args.sampled / k)
         extra = dict(actors=actors, fraction=fraction, min_clients=1, stage1_examples=args.stage1_examples)
-        base = run_once(tiny, data, work / f"v-tiny-{k}", k, "shared", args.per_client, **extra)
-        r = run_once(big, data, work / f"v-big-{k}", k, "shared", args.per_client, **extra)
+        base = run_once(tiny, data, work / f"v-tiny-{k}-{actors}", k, "shared", args.per_client, **extra)
+        r = run_once(big, data, work / f"v-big-{k}-{actors}", k, "shared", args.per_client, **extra)
         per_example = r["round_s"] / max(1, r["sampled_examples"])
         reference = reference or per_example
         copies = (r["working_pss"] - base["working_pss"]) / weight_bytes

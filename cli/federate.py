@@ -9,6 +9,7 @@ import typer
 from ifedicl.cli.console import setup_logging
 from ifedicl.cli.option_sets import federation_options
 from ifedicl.cli.run_config import config_option, federation_clients
+from ifedicl.kernel.errors import IfediclError
 
 
 @federation_options
@@ -37,6 +38,8 @@ def federate_command(
     clients = federation_clients(config, task_dir, dataset, template, labels, max_train, max_test or None)
     result = Federation(model, clients, store, settings).run(publish=publish)
     _print_summary(result.run_id, result.published, result.summary)
+    if result.summary.get("publish_refused"):
+        raise IfediclError(f"run {result.run_id} is complete but not published: {result.summary['publish_refused']}")
 
 
 def _print_summary(run_id: str, published: bool, summary: dict) -> None:

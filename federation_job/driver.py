@@ -156,15 +156,14 @@ class Federation:
             summary["client_names"] = {str(cid): name for cid, name in self.population.names.items()}
             summary.update(self._evaluate(vectors, coefficients))
             summary.update(federated)
+            refused = self._publish_refusal(summary) if publish else None
+            if refused:
+                summary["publish_refused"] = refused
             self.store.finish_run(self.run_id, summary)
-            if publish:
+            published = publish and not refused
+            if published:
                 self.store.publish(self.run_id)
-            log_event("run_finished", run=self.run_id, published=publish)
-            try:  # housekeeping: servers' cold loads stay ~10 ms however many runs pile up
-                self.store.optimize()
-            except Exception as err:  # the run is complete either way
-                log_event("store_optimize_failed", run=self.run_id, error=str(err))
-            return FederationResult(self.run_id, publish, coefficients, vectors, self.rounds, summary)
+            log_event("run_finished", run=self.run_id, published=published, publish_refused=refused)
         except BaseException as err:
             try:
                 self.store.fail_run(self.run_id, f"{type(err).__name__}: {err}")
@@ -175,6 +174,24 @@ class Federation:
             self.pool.stop()
             if we_started_ray:
                 ray.shutdown()
+        try:  # housekeeping, after the run is complete: servers' cold loads stay ~10 ms however many runs pile up
+            self.store.optimize()
+        except Exception as err:  # the run is complete either way
+            log_event("store_optimize_failed", run=self.run_id, error=str(err))
+        return FederationResult(self.run_id, published, coefficients, vectors, self.rounds, summary)
+
+    def _publish_refusal(self, summary: dict) -> str | None:
+        """Why this run must not be published, or None. Under secure aggregation the server never saw one
+        client's Λ: a garbage sum within the value bound is caught only by what it does, so the run's held-out
+        accuracy (the server's test set or the clients' pooled counts) must be there and not below zero-shot's."""
+        if not self.settings.secagg:
+            return None
+        accuracy, zero_shot = summary.get("accuracy"), summary.get("zero_shot_accuracy")
+        if accuracy is None or zero_shot is None:
+            return "under --secagg a run is published only after a held-out evaluation (give a test split)"
+        if accuracy < zero_shot:
+            return f"held-out accuracy {accuracy:.4f} is below zero-shot's {zero_shot:.4f} (a bad aggregate?)"
+        return None
 
     def _stages(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The method's rounds and store writes -> (vectors, final Λ). IFed-ICL: stage 1, then R rounds."""

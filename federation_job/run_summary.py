@@ -162,7 +162,8 @@ ACCURACY_KEYS = {"zero_shot": "zero_shot_accuracy", "injected": "accuracy", "liv
 def _client_counts(payload: object, profile: ClientProfile, classes: int) -> dict[str, np.ndarray]:
     """One client's evaluation answer, checked: [C] non-negative whole counts, correct <= total, the total
     what it said it holds. Anything else is a rejected answer, recorded, never pooled."""
-    arrays, _ = wire.decode(payload)
+    fields = len(SCORED) + 1  # the scored counts and "total", [C] int64 each
+    arrays, _ = wire.decode(payload, limit=wire.upload_limit(fields * classes, fields, 8))
     if "total" not in arrays or not set(arrays) <= {"total", *SCORED}:
         raise ValueError(f"unexpected fields {sorted(arrays)}")
     for name, counts in arrays.items():

@@ -188,3 +188,23 @@ def test_secure_fedavg_strategy_redoes_the_masking_without_a_member_lost_after_t
     assert cohort.excluded == {2} and result.traffic.up[2] > 0 and result.traffic.down[0] > result.traffic.down[2]
     with pytest.raises(FederationError, match="only 1 client.*min_clients=2"):
         strategy.aggregate(RoundId("calibrate", 2, "round 2"), updates[:1])
+
+
+def test_a_secure_run_is_published_only_after_a_held_out_evaluation_not_below_zero_shot(
+    ray_session, llama_dir, task_dir, tmp_path
+):
+    """The server never sees one client's Λ under --secagg: a garbage sum within the value bound is caught only
+    by what it does. No held-out evaluation, or one below zero-shot: the run completes but is not published."""
+    from ifedicl.storage.store import Store
+
+    store_dir = tmp_path / "s"
+    source = DataSource(str(task_dir), max_train=40, max_test=0)  # nothing held out to check the sum against
+    fed = Federation(str(llama_dir), source, str(store_dir), _settings(secagg=True))
+    result = fed.run(publish=True)
+    assert not result.published and "held-out evaluation" in result.summary["publish_refused"]
+    store = Store(store_dir)
+    assert store.run_row(result.run_id)["status"] == "complete" and store.published() == {}
+    assert "below zero-shot" in fed._publish_refusal({"accuracy": 0.4, "zero_shot_accuracy": 0.5})
+    assert fed._publish_refusal({"accuracy": 0.5, "zero_shot_accuracy": 0.5}) is None
+    plain = Federation(str(llama_dir), source, str(tmp_path / "p"), _settings())
+    assert plain._publish_refusal({}) is None  # in the clear the norm screen sees each update
