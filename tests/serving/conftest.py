@@ -38,6 +38,16 @@ from ifedicl.devkit.tiny_model import build_tiny_model  # noqa: E402
 from ifedicl.storage.store import Store  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def model_worker_in_the_engine_core() -> Iterator[None]:
+    """For a module's in-process engines: vLLM's CPU platform keeps the worker in the engine-core process when
+    V1 multiprocessing is off (AsyncLLM still runs the engine core in a process of its own), one process and one
+    vLLM import fewer per engine. Restored for the modules after it (``pytestmark`` ``usefixtures`` it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        yield
+
+
 @pytest.fixture(scope="session")
 def serving_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serving-models")

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -34,7 +32,7 @@ from ifedicl.serving.reference import ReferenceClassifier
 from ifedicl.serving.service import ClassificationService
 from ifedicl.storage.store import Store
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("model_worker_in_the_engine_core")]
 
 TEXTS = [*SHORT_TEXTS, LONG_TEXT]
 PLAIN_TASKS = ("sst2", "agnews")  # scored on the plain model (row 0) in the same batch
@@ -61,19 +59,6 @@ def _references(ref: ReferenceClassifier, store_uri: str) -> dict:
         probs[(name, True)] = _matrix(ref.classify(spec, TEXTS, run=ref.load(store, name)), spec)
         probs[(name, False)] = _matrix(ref.classify(spec, TEXTS, run=None), spec)
     return probs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _model_worker_in_the_engine_core() -> Iterator[None]:
-    """vLLM's CPU platform keeps the worker in the engine-core process when V1 multiprocessing is off
-    (AsyncLLM still runs the engine core in a process of its own); restored for the modules after this."""
-    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    yield
-    if before is None:
-        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-    else:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
 
 
 @pytest.fixture(scope="module", params=CONFIGS)

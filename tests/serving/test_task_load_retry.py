@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,23 +22,11 @@ from ifedicl.serving.api_errors import ApiError
 from ifedicl.serving.service import ClassificationService
 from ifedicl.storage import schema
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("model_worker_in_the_engine_core")]
 
 TEXTS = SHORT_TEXTS[:2]
 BACKOFF_S = 0.2  # attempts 0.2, 0.4, 0.8 s apart: 1.4 s of retrying in all
 HIDDEN = 128  # the serving models' hidden size: their vectors live in context_vectors_d128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _model_worker_in_the_engine_core() -> Iterator[None]:
-    """One process fewer per engine (as in test_serving_equivalence); restored for the modules after this."""
-    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    yield
-    if before is None:
-        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-    else:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
 
 
 @pytest.fixture(scope="module")
