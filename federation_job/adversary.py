@@ -16,6 +16,7 @@ server as JSON's 1e400, i.e. inf; a Λ frame cannot carry that, so its Λ goes a
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -64,8 +65,9 @@ class AdversarialClient(HostedClient):
         if "count" not in self.modes and "pad" not in self.modes:
             return payload
         arrays, facts = wire.decode(payload)
-        if "count" in self.modes:
-            facts["num_examples"] = self.modes["count"]
+        if "count" in self.modes:  # a whole count is claimed as an integer: a plausible lie, not a malformed one
+            count = self.modes["count"]
+            facts["num_examples"] = int(count) if math.isfinite(count) and count.is_integer() else count
         if "pad" in self.modes:
             facts["padding"] = "x" * int(self.modes["pad"])
         return wire.encode(arrays, **facts)

@@ -253,7 +253,8 @@ class Federation:
         )  # fmt: skip
         asked = self.pool.call(at.stage, at.index, "extract", plan.requests(request))
         shape = (self.fingerprint.num_layers, 2, self.fingerprint.hidden_size)
-        updates, rejected = strategy.decode(asked.answers, "vectors", shape, upload_reader(s.vector_coding))
+        decoded = strategy.decode(asked.answers, "vectors", shape, upload_reader(s.vector_coding))
+        updates, rejected = self._as_joined(*decoded)
         result = strategy.aggregate(at, updates)
         broadcast = wire.encode({"vectors": result.value})
         # every client that computed vectors gets the global ones (a rejected client may still calibrate)
@@ -284,15 +285,28 @@ class Federation:
         asked = self.pool.call(at.stage, at.index, "calibrate", plan.requests(request))
         for cid in asked.answers:  # a released upload spends privacy whether the server then uses it or not
             self.releases[cid] = self.releases.get(cid, 0) + 1
-        updates, rejected = strategy.decode(
+        updates, rejected = self._as_joined(*strategy.decode(
             asked.answers, "coefficients", coefficients.shape, wire.decode_coefficients
-        )  # in the clear, Λ comes as a fixed binary frame
+        ))  # in the clear, Λ comes as a fixed binary frame
         result = strategy.aggregate(at, updates, reference=coefficients)
         outcome = RoundOutcome.collect(
             round_index, plan.clients, result.used, started,
             dropped=[asked.dropped, rejected, result.dropped], traffic=[asked.traffic, result.traffic],
         )  # fmt: skip
         return result.value, outcome.record()
+
+    def _as_joined(self, updates: list, rejected: dict[int, str]) -> tuple[list, dict[int, str]]:
+        """Keep the uploads whose example count is the one their client joined with: weighted means (and the
+        weighted masked sum) trust it, so a client claiming more would weigh itself up. Others: rejected."""
+        kept = []
+        for update in updates:
+            joined = self.pool.profiles[update.client_id].examples
+            if update.num_examples == joined:
+                kept.append(update)
+            else:
+                claim = f"claims {update.num_examples} examples, joined with {joined}"
+                rejected[update.client_id] = f"rejected update: {claim}"
+        return kept, rejected
 
     # ------------------------------------------------------------------ records
     def _record(self, record: RoundRecord) -> None:

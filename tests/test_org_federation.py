@@ -216,3 +216,19 @@ def test_hosting_clients_together_changes_nothing_they_compute(ray_session, llam
     apart, together = run(4), run(1)
     np.testing.assert_allclose(apart.vectors, together.vectors, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(apart.coefficients, together.coefficients, rtol=1e-4, atol=1e-6)
+
+
+def test_an_upload_claiming_more_examples_than_its_client_joined_with_is_rejected(
+    ray_session, llama_dir, task_dir, tmp_path
+):
+    """Weighted means trust each upload's example count: client 1 claims 500 (a whole, plausible number) and is
+    rejected in stage 1; the others' weighted run completes without it."""
+    settings = FederationSettings(
+        clients=3, alpha=100.0, rounds=1, min_clients=2, min_shard=4, weighted_vectors=True,
+        weighted_coefficients=True, adversaries={1: "count:500"},
+    )  # fmt: skip
+    result = Federation(str(llama_dir), DataSource(str(task_dir), max_test=0), str(tmp_path / "s"), settings).run()
+    joined = result.summary["shard_sizes"][1]
+    stage1, round1 = result.rounds
+    assert stage1.dropped == {1: f"rejected update: claims 500 examples, joined with {joined}"}
+    assert stage1.clients_answered == round1.clients_answered == [0, 2]  # no global vectors: no calibration

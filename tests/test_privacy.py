@@ -103,8 +103,11 @@ def test_dp_federation_records_its_privacy_parameters(ray_session, llama_dir, ta
 # release minus the same client's noise-free value, so deleting or mis-scaling the noise fails them.
 
 NUM_EXAMPLES = 5  # the client's shard: the vector std divides by it (replace-one sensitivity 2 C_v / N_k)
+# These tests draw many noisy releases from one client to measure the noise's scale: a release budget far
+# above any run's (a run's is one vector release and one Λ release per round) lets them.
 POLICY = ClientPrivacy(
-    vector_clip=0.5, vector_noise_multiplier=2.0, coefficient_clip=0.05, coefficient_noise_multiplier=1.5
+    vector_clip=0.5, vector_noise_multiplier=2.0, coefficient_clip=0.05, coefficient_noise_multiplier=1.5,
+    vector_releases=1_000_000, coefficient_releases=1_000_000,
 )
 
 

@@ -206,8 +206,10 @@ def test_metrics_move(client, server):
         for w in TASKS["subj"].labels
     )
     assert predicted == 3
-    count = "ifedicl_classification_latency_seconds_count"
-    assert sample(after, count, task="subj") == sample(before, count, task="subj") + 1
+    count = "ifedicl_classification_latency_seconds_count"  # all tasks in one histogram: no task label
+    assert sample(after, count) == sample(before, count) + 1
+    per_task = "ifedicl_classifications_total"  # per task: a counter (bounded label cardinality)
+    assert sample(after, per_task, task="subj") == sample(before, per_task, task="subj") + 1
     active = {labels: v for (name, labels), v in after.items() if name == "ifedicl_active_run"}
     assert sorted(dict(labels)["task"] for labels in active) == sorted(SERVED)
     assert all(v == 1.0 for v in active.values())
