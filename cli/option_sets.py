@@ -37,6 +37,8 @@ HELP = {
     "(default: full-vocab for the Λ methods, label-only for FedAvg-LoRA)",
     "prior_correction": "add each client's label log-prior to the label logits in the training loss "
     "(logit adjustment: under label skew a client then learns the balanced classifier, not its own label mix)",
+    "stage1": "how the server averages the context vectors: mean (of each client's mean, the paper's) or "
+    "class-balanced (each class pooled over all clients, then the classes averaged: I2CL's balance under skew)",
     "extract_dtype": "stage-1 autocast dtype",
     "vector_coding": "stage-1 upload of the context vectors on the wire: float16 is half the bytes of float32, "
     "int8 a quarter (one scale per layer and block; the default); the server decodes to float32. "

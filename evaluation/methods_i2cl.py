@@ -26,6 +26,7 @@ from ifedicl.evaluation.scoring import score
 from ifedicl.evaluation.settings import Cell
 from ifedicl.evaluation.statistics import mean_std
 from ifedicl.evaluation.tasks import PreparedTask
+from ifedicl.federation_job.class_balanced import pooled_mean
 from ifedicl.federation_job.client import Client
 from ifedicl.model_patches.injection import initial_coefficients
 
@@ -37,7 +38,11 @@ def _calibrate_alone(
     s = mc.settings
     start, cpu = time.monotonic(), time.process_time()
     client = Client(mc.ctx, mc.tokenizer, task.spec, data)
-    vectors = client.extract_vectors(batch_size=8, max_examples=s.recipe.get("stage1_examples"))
+    limit = s.recipe.get("stage1_examples")
+    if s.federation.get("stage1") == "class-balanced":  # the federation's estimator, for one party: fair parity
+        vectors = pooled_mean([client.extract_class_means(batch_size=8, max_examples=limit)])
+    else:
+        vectors = client.extract_vectors(batch_size=8, max_examples=limit)
     init = initial_coefficients(mc.ctx.num_layers).numpy()
     # one party, one local run: one schedule over all its epochs whatever the recipe's schedule
     config = replace(s.calibration("i2cl_central", epochs=s.rounds * s.local_epochs), objective=objective)

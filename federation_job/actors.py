@@ -146,8 +146,26 @@ class HostedClient:
         self._require_method(lora=False)
         with measured() as compute:
             _, meta = wire.decode(payload)
-            vectors = self._vectors(meta)
-        return self._answer("vectors", vectors, meta, compute=compute)
+            balanced = meta.get("stage1") == "class-balanced"
+            extracted = self._class_means(meta) if balanced else self._vectors(meta)
+        if not balanced:
+            return self._answer("vectors", extracted, meta, compute=compute)
+        means, counts = extracted  # [C, L, 2, d], [C]: coded as [C*L, 2, d] in the request's coding
+        classes, layers, blocks, hidden = means.shape
+        coding = str(meta.get("vector_coding", "float32"))
+        coded = encode_vectors(means.reshape(classes * layers, blocks, hidden), coding)
+        return wire.encode({**coded, "class_counts": counts}, num_examples=len(self.client.data), compute=compute)
+
+    def _class_means(self, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Class-balanced stage 1 (:mod:`~ifedicl.federation_job.class_balanced`): per-class means and counts."""
+        if self.privacy.vectors_on or meta.get("secagg"):
+            raise FederationError(f"client {self.client_id}: class-balanced stage 1 has no DP or secure aggregation")
+        limit = meta.get("max_examples")
+        extract = meta.get("extract_dtype")
+        autocast = DTYPES[extract] if extract and self.dtype == "float32" and extract != "float32" else None
+        return self.client.extract_class_means(
+            int(meta.get("batch_size", 8)), autocast, None if limit is None else int(limit)
+        )
 
     def set_global_vectors(self, payload: bytes) -> bool:
         arrays, _ = wire.decode(payload)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ifedicl.federation_job.class_balanced import class_means
 from ifedicl.federation_job.objective import label_log_prior, label_word_loss
 from ifedicl.kernel.data import Split
 from ifedicl.kernel.task import TaskSpec, label_token_ids
@@ -181,6 +182,22 @@ class Client:
         demos = [self.task.demonstration(t, y) for t, y in pairs]
         total = capture_sum(self.ctx, self.tokenizer, demos, batch_size, progress, autocast_dtype, clip_norm)
         return (total / len(demos)).numpy()
+
+    def extract_class_means(
+        self, batch_size: int = 8, autocast_dtype: torch.dtype | None = None, max_examples: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class-balanced stage 1 (:mod:`~ifedicl.federation_job.class_balanced`): each class's mean over its
+        demonstrations here, and how many each had. -> (means [C, L, 2, d], counts [C] int64)."""
+        pairs = list(zip(self.data.texts, self.data.labels))[:max_examples]
+        classes = len(self.task.labels)
+        sums = torch.zeros(classes, self.ctx.num_layers, 2, self.ctx.hidden_size)  # [C, L, 2, d]
+        counts = np.zeros(classes, dtype=np.int64)  # [C]
+        for c in range(classes):
+            demos = [self.task.demonstration(t, y) for t, y in pairs if y == c]
+            counts[c] = len(demos)
+            if demos:
+                sums[c] = capture_sum(self.ctx, self.tokenizer, demos, batch_size, None, autocast_dtype)
+        return class_means(sums.numpy(), counts), counts
 
     def calibration_loss(
         self,

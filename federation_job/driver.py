@@ -27,6 +27,7 @@ import ray
 from tqdm.auto import tqdm
 
 from ifedicl.federation_job import liveness, wire
+from ifedicl.federation_job.class_balanced import check_class_upload, pooled_mean
 from ifedicl.federation_job.exchange import RoundOutcome, log_event, log_round
 from ifedicl.federation_job.federation_settings import FederationSettings, build_strategies
 from ifedicl.federation_job.population import Population
@@ -42,8 +43,8 @@ from ifedicl.federation_job.ray_pool import (
     put_shared_weights,
 )
 from ifedicl.federation_job.run_summary import federated_accuracy, held_out_accuracy, summarize
-from ifedicl.federation_job.strategies import RoundId
-from ifedicl.federation_job.vector_coding import upload_reader
+from ifedicl.federation_job.strategies import Aggregate, ClientUpdate, RoundId
+from ifedicl.federation_job.vector_coding import decode_vectors, upload_reader
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config, load_model, load_tokenizer
 from ifedicl.kernel.sources import DataSource
@@ -57,6 +58,13 @@ __all__ = ["Federation", "FederationResult", "FederationSettings", "ensure_ray"]
 # Ray starts helper processes with fork+exec (subprocess); the child execs at once and never
 # touches LanceDB's runtime, so LanceDB's generic fork warning does not apply here.
 warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
+
+
+@dataclass
+class ClassUpload(ClientUpdate):
+    """A class-balanced stage-1 upload: ``values`` are the client's class means [C, L, 2, d]."""
+
+    counts: np.ndarray | None = None  # [C] its examples per class
 
 
 @dataclass
@@ -247,15 +255,20 @@ class Federation:
         at = RoundId("extract", 0, "stage 1 (context vectors)")
         plan = strategy.configure(self.alive, np.random.default_rng(s.seed))  # all alive: stage 2's rng stays untouched
         coding = {} if s.vector_coding == "float32" else {"vector_coding": s.vector_coding}  # float32: as before
+        balanced = {"stage1": s.stage1} if s.stage1 != "mean" else {}
         request = wire.encode(
             {}, batch_size=s.capture_batch_size, extract_dtype=s.extract_dtype, max_examples=s.stage1_examples,
-            **coding, **plan.instructions,
+            **coding, **balanced, **plan.instructions,
         )  # fmt: skip
         asked = self.pool.call(at.stage, at.index, "extract", plan.requests(request))
         shape = (self.fingerprint.num_layers, 2, self.fingerprint.hidden_size)
-        decoded = strategy.decode(asked.answers, "vectors", shape, upload_reader(s.vector_coding))
-        updates, rejected = self._as_joined(*decoded)
-        result = strategy.aggregate(at, updates)
+        if balanced:
+            updates, rejected = self._class_uploads(asked.answers, shape)
+            result = Aggregate(pooled_mean([(u.values, u.counts) for u in updates]), updates)
+        else:
+            decoded = strategy.decode(asked.answers, "vectors", shape, upload_reader(s.vector_coding))
+            updates, rejected = self._as_joined(*decoded)
+            result = strategy.aggregate(at, updates)
         broadcast = wire.encode({"vectors": result.value})
         # every client that computed vectors gets the global ones (a rejected client may still calibrate)
         receivers = [u.client_id for u in updates if u.client_id in self.alive]
@@ -294,6 +307,25 @@ class Federation:
             dropped=[asked.dropped, rejected, result.dropped], traffic=[asked.traffic, result.traffic],
         )  # fmt: skip
         return result.value, outcome.record()
+
+    def _class_uploads(self, answers: dict[int, object], shape: tuple[int, ...]) -> tuple[list, dict[int, str]]:
+        """Class-balanced stage 1's uploads -> checked (means [C, L, 2, d], counts [C]) per client; any upload
+        that is not one (size, coding, shape, counts, values) is that client's recorded rejection."""
+        classes = len(self.task.labels)
+        limit = wire.upload_limit(classes * math.prod(shape) + classes, 3, 8)
+        updates, rejected = [], {}
+        for cid, payload in sorted(answers.items()):
+            try:
+                arrays, _ = wire.decode(wire.check_size(payload, limit, cid))
+                counts = arrays.pop("class_counts")  # [C]
+                flat = decode_vectors(arrays, self.settings.vector_coding)  # [C*L, 2, d]
+                means = flat.reshape(classes, *shape) if flat.size == classes * math.prod(shape) else flat
+                joined = self.pool.profiles[cid].examples
+                check_class_upload(means, counts, shape, joined)
+                updates.append(ClassUpload(cid, means, joined, None, counts))
+            except (IfediclError, KeyError, ValueError, TypeError) as err:
+                rejected[cid] = f"rejected update: {err}"
+        return updates, rejected
 
     def _as_joined(self, updates: list, rejected: dict[int, str]) -> tuple[list, dict[int, str]]:
         """Keep the uploads whose example count is the one their client joined with: weighted means (and the

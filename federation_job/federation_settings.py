@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ifedicl.federation_job.class_balanced import ESTIMATORS
 from ifedicl.federation_job.client import EPOCHS_RULE, CalibrationConfig, valid_epochs
 from ifedicl.federation_job.objective import OBJECTIVES
 from ifedicl.federation_job.options import FederationOptions
@@ -47,6 +48,7 @@ class FederationSettings:
     cpus_per_client: float | None = DEFAULTS.cpus_per_client  # per host; default: the free CPUs split over hosts
     gpus_per_client: float = DEFAULTS.gpus_per_client
     dtype: str = "float32"  # weights; calibration needs float32 (I2CL)
+    stage1: str = DEFAULTS.stage1  # mean of client means (the paper) | class-balanced (class_balanced.py)
     extract_dtype: str = DEFAULTS.extract_dtype  # stage-1 forwards under autocast, e.g. bfloat16 on GPUs
     # stage-1 upload of v_k on the wire: float32 | float16 | int8; None: int8, float32 under secagg (vector_coding)
     vector_coding: str | None = DEFAULTS.vector_coding
@@ -92,6 +94,13 @@ class FederationSettings:
             (self.capture_batch_size >= 1, "--batch-size must be >= 1"),
             (self.stage1_examples is None or self.stage1_examples >= 1, "--stage1-examples must be >= 1"),
             (self.aggregator in AGGREGATORS, f"--aggregator must be one of {AGGREGATORS} (got {self.aggregator})"),
+            (self.stage1 in ESTIMATORS, f"--stage1 must be one of {ESTIMATORS} (got {self.stage1!r})"),
+            (
+                self.stage1 == "mean"
+                or (self.aggregator == "mean" and not self.secagg and not self.privacy.vector_epsilon),
+                "--stage1 class-balanced goes with --aggregator mean, without --secagg or --dp-vector-epsilon "
+                "(it pools each class's uploads as they are)",
+            ),
             (0 <= self.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
             (self.reject_norm_factor >= 0, "--reject-norm-factor must be >= 0 (0: off)"),
             (self.server_lr > 0, f"--server-lr must be > 0 (got {self.server_lr})"),

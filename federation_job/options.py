@@ -27,6 +27,7 @@ Objective = Literal["full-vocab", "label-only"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 VectorCoding = Literal["float32", "float16", "int8"]
 Aggregator = Literal["mean", "trimmed-mean", "median"]
+Stage1 = Literal["mean", "class-balanced"]  # federation_job.class_balanced.ESTIMATORS
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class FederationOptions:
     calib_batch_size: int = 2  # I2CL's
     objective: Objective | None = None  # None: full-vocab for the Λ methods (I2CL's), label-only for FedAvg-LoRA
     prior_correction: bool = False  # logit adjustment by each client's label prior in the training loss
+    stage1: Stage1 = "mean"  # how the server averages the vectors: mean of client means, or class-balanced
     extract_dtype: Dtype = "float32"
     vector_coding: VectorCoding | None = None  # stage-1 upload of v_k (None: int8; under secagg float32)
     aggregator: Aggregator = "mean"
@@ -105,6 +107,7 @@ class FederationOptions:
                 "weights": self.weights,
                 "cpus_per_client": self.cpus_per_client,
                 "gpus_per_client": self.gpus_per_client,
+                "stage1": self.stage1,
                 "extract_dtype": self.extract_dtype,
                 "vector_coding": self.vector_coding,
                 "aggregator": self.aggregator,

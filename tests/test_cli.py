@@ -46,7 +46,7 @@ def test_every_option_reaches_the_federation_settings():
         "round_timeout": 5.0,
         "min_shard": 3, "weighted": True, "weights": "per-actor", "cpus_per_client": 1.0, "gpus_per_client": 0.5,
         "calib_batch_size": 4, "objective": "label-only", "prior_correction": True, "extract_dtype": "bfloat16",
-        "vector_coding": "float16", "aggregator": "median",
+        "stage1": "class-balanced", "vector_coding": "float16", "aggregator": "median",
         "trim_fraction": 0.2, "reject_norm_factor": 0.0, "server_lr": 2.0, "secagg": True, "dp_vector_epsilon": 1.0,
         "dp_vector_clip": 2.0, "dp_coefficient_epsilon": 1.0, "dp_coefficient_clip": 0.2, "dp_delta": 1e-6,
     }  # fmt: skip

@@ -120,6 +120,7 @@ def test_the_choices_are_the_values_the_code_accepts():
     from ifedicl.cli.recalibrate import Mode
     from ifedicl.devkit.tiny_model import FAMILIES
     from ifedicl.federation_job import options
+    from ifedicl.federation_job.class_balanced import ESTIMATORS
     from ifedicl.federation_job.objective import OBJECTIVES
     from ifedicl.federation_job.recalibrate import MODES
     from ifedicl.federation_job.robust import AGGREGATORS
@@ -131,6 +132,7 @@ def test_the_choices_are_the_values_the_code_accepts():
         (options.Aggregator, AGGREGATORS),
         (options.VectorCoding, CODINGS),
         (options.Objective, OBJECTIVES),
+        (options.Stage1, ESTIMATORS),
         (options.Dtype, tuple(DTYPES)),
         (Mode, MODES),
         (Family, FAMILIES),
