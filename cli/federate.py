@@ -23,6 +23,8 @@ def federate_command(
     labels: str | None = typer.Option(None, help="comma-separated label words in class order"),
     alpha: float = typer.Option(0.5, help="Dirichlet label-skew concentration"),
     seed: int = 0,
+    text_field: str = typer.Option("text", help="the field (JSONL), column (CSV, Parquet, HF dataset) of the text"),
+    label_field: str = typer.Option("label", help="the field or column of the label (a class index or label word)"),
     max_train: int | None = typer.Option(None, help="use only the first N training examples"),
     max_test: int = typer.Option(200, help="test examples scored after the run (0: skip)"),
     batch_size: int = typer.Option(8, help="extraction batch size (length-sorted buckets)"),
@@ -35,7 +37,9 @@ def federate_command(
 
     setup_logging(verbose)
     settings = federation.settings(alpha, seed, capture_batch_size=batch_size)
-    clients = federation_clients(config, task_dir, dataset, template, labels, max_train, max_test or None)
+    clients = federation_clients(
+        config, task_dir, dataset, template, labels, max_train, max_test or None, text_field, label_field
+    )
     result = Federation(model, clients, store, settings).run(publish=publish)
     _print_summary(result.run_id, result.published, result.summary)
     if result.summary.get("publish_refused"):

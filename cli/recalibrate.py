@@ -41,6 +41,8 @@ def recalibrate_command(
     lock_file: Path | None = typer.Option(None, help="lock file (default: beside a local store)"),
     alpha: float = typer.Option(0.5, help="Dirichlet label-skew concentration"),
     seed: int = 0,
+    text_field: str = typer.Option("text", help="the field (JSONL), column (CSV, Parquet, HF dataset) of the text"),
+    label_field: str = typer.Option("label", help="the field or column of the label (a class index or label word)"),
     max_train: int | None = typer.Option(None, help="use only the first N training examples"),
     max_test: int = typer.Option(200, help="held-out examples both runs are scored on"),
     serving_dtype: Dtype | None = typer.Option(
@@ -68,7 +70,10 @@ def recalibrate_command(
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("ifedicl").setLevel(logging.INFO)
-    source = federation_clients(config, task_dir, dataset, max_train=max_train, max_test=max_test or None)
+    source = federation_clients(
+        config, task_dir, dataset, max_train=max_train, max_test=max_test or None, text_field=text_field,
+        label_field=label_field,
+    )  # fmt: skip
     settings = federation.settings(alpha, seed)
     outcome = recalibrate(
         model,

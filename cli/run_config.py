@@ -23,7 +23,7 @@ on, and the driver never opens it. A relative path is resolved by the client on 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,8 +68,9 @@ class RunConfig:
             raise ConfigError(f"--config {path}: [task] takes name, template and a list of labels")
         return cls(Path(path), raw, task, clients)
 
-    def population(self) -> Population | None:
-        """The clients the file lists, with their own data (None if it lists none: the flags name the data)."""
+    def population(self, text_field: str = "text", label_field: str = "label") -> Population | None:
+        """The clients the file lists, with their own data (None if it lists none: the flags name the data);
+        every client's rows hold their text and label in ``text_field`` and ``label_field``."""
         if self.clients is None:
             return None
         from ifedicl.federation_job.population import Population
@@ -81,6 +82,9 @@ class RunConfig:
         if not isinstance(self.task.get("labels"), list):
             raise ConfigError(f"--config {self.path}: [task] takes name, template and a list of labels")
         task = TaskSpec(self.task.get("name", ""), self.task.get("template", ""), tuple(self.task["labels"]))
+        def located(location: str) -> DataSource:
+            return replace(DataSource.at(location, task), text_field=text_field, label_field=label_field)
+
         members = []
         for i, entry in enumerate(self.clients):
             if not isinstance(entry, dict):
@@ -91,9 +95,9 @@ class RunConfig:
                 raise ConfigError(f"{where}: unknown key(s) {unknown} (use {sorted(CLIENT_KEYS)})")
             if not isinstance(entry.get("data"), str) or not entry["data"]:
                 raise ConfigError(f"{where}: needs data = a task directory or data file on the client's node")
-            train = DataSource.at(entry["data"], task)
+            train = located(entry["data"])
             test = entry.get("test")
-            held_out = DataSource.at(test, task) if test else (train if train.kind != "file" else None)
+            held_out = located(test) if test else (train if train.kind != "file" else None)
             root = str(self.path.parent.resolve())  # relative paths: from here, unless the node sets a data root
             members.append(ClientSource(str(entry.get("name", "")), train, held_out, entry.get("placement"), root=root))
         try:
@@ -136,14 +140,19 @@ def federation_clients(
     labels: str | None = None,
     max_train: int | None = None,
     max_test: int | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
 ):
     """Who a federating command federates: the ``[[clients]]`` of ``--config`` (each with its own data), or
-    the one data set ``--task-dir``/``--dataset`` names, split over simulated clients."""
+    the one data set ``--task-dir``/``--dataset`` names, split over simulated clients. ``text_field`` and
+    ``label_field`` name the columns in either."""
     from ifedicl.kernel.sources import DataSource
 
-    population = RunConfig.read(config).population() if config else None
+    population = RunConfig.read(config).population(text_field, label_field) if config else None
     if population is None:
-        return DataSource.from_options(task_dir, dataset, template, labels, max_train, max_test)
+        return DataSource.from_options(
+            task_dir, dataset, template, labels, max_train, max_test, text_field, label_field
+        )
     if task_dir or dataset:
         raise ConfigError(f"--config {config} lists [[clients]] with their own data: drop --task-dir/--dataset")
     return population

@@ -77,9 +77,15 @@ def _label_index(label: object, task: TaskSpec, where: str) -> int:
     return index
 
 
-def _check_row(text: object, label: object, task: TaskSpec, where: str) -> tuple[str, int]:
+def _check_row(
+    text: object, label: object, task: TaskSpec, where: str, columns: Columns | None = None
+) -> tuple[str, int]:
+    """A row's (text, class index), or a :class:`DataError` naming the row (and the column, where rows have
+    named ones: a wrong --text-field reads as a missing text)."""
     if not isinstance(text, str) or not text.strip():
-        raise DataError(f"{where}: empty or missing text")
+        raise DataError(f"{where}: empty or missing text" + (f" (field {columns.text!r})" if columns else ""))
+    if label is None and columns is not None:
+        raise DataError(f"{where}: missing label (field {columns.label!r})")
     return text, _label_index(label, task, where)
 
 
@@ -89,7 +95,18 @@ def _not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
     )
 
 
-def _read_jsonl(path: Path, task: TaskSpec) -> Split:
+@dataclass(frozen=True)
+class Columns:
+    """Which field of a row holds the text and which the label (``--text-field``/``--label-field``)."""
+
+    text: str = "text"
+    label: str = "label"
+
+    def __str__(self) -> str:
+        return f"'{self.text}' and '{self.label}'"
+
+
+def _read_jsonl(path: Path, task: TaskSpec, columns: Columns = Columns()) -> Split:
     split = Split()
     try:
         with path.open(encoding="utf-8-sig") as f:
@@ -102,8 +119,8 @@ def _read_jsonl(path: Path, task: TaskSpec) -> Split:
                 except json.JSONDecodeError as err:
                     raise DataError(f"{where}: invalid JSON ({err.msg})") from None
                 if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected an object with 'text' and 'label'")
-                text, label = _check_row(row.get("text"), row.get("label"), task, where)
+                    raise DataError(f"{where}: expected an object with {columns}")
+                text, label = _check_row(row.get(columns.text), row.get(columns.label), task, where, columns)
                 split.texts.append(text)
                 split.labels.append(label)
     except UnicodeDecodeError as err:
@@ -111,16 +128,17 @@ def _read_jsonl(path: Path, task: TaskSpec) -> Split:
     return split
 
 
-def _read_csv(path: Path, task: TaskSpec) -> Split:
+def _read_csv(path: Path, task: TaskSpec, columns: Columns = Columns()) -> Split:
     split = Split()
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-                raise DataError(f"{path}: CSV needs a header with 'text' and 'label' columns, got {reader.fieldnames}")
+            if not reader.fieldnames or not {columns.text, columns.label} <= set(reader.fieldnames):
+                raise DataError(f"{path}: CSV needs a header with {columns} columns, got {reader.fieldnames}")
             for row in reader:
                 # the reader's own line count: a quoted text may span several physical lines
-                text, label = _check_row(row["text"], row["label"], task, f"{path}:{reader.line_num}")
+                where = f"{path}:{reader.line_num}"
+                text, label = _check_row(row[columns.text], row[columns.label], task, where, columns)
                 split.texts.append(text)
                 split.labels.append(label)
     except UnicodeDecodeError as err:
@@ -128,17 +146,18 @@ def _read_csv(path: Path, task: TaskSpec) -> Split:
     return split
 
 
-def _read_parquet(path: Path, task: TaskSpec) -> Split:
+def _read_parquet(path: Path, task: TaskSpec, columns: Columns = Columns()) -> Split:
     import pyarrow.parquet as pq  # a LanceDB dependency, imported only on this path
 
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow's errors name no file
         raise DataError(f"{path}: not a readable Parquet file ({err})") from None
-    if not {"text", "label"} <= set(table.column_names):
-        raise DataError(f"{path}: Parquet needs 'text' and 'label' columns, got {table.column_names}")
+    if not {columns.text, columns.label} <= set(table.column_names):
+        raise DataError(f"{path}: Parquet needs {columns} columns, got {table.column_names}")
     split = Split()
-    for row, (text, label) in enumerate(zip(table["text"].to_pylist(), table["label"].to_pylist())):
+    texts, labels = table[columns.text].to_pylist(), table[columns.label].to_pylist()
+    for row, (text, label) in enumerate(zip(texts, labels)):
         text, label = _check_row(text, label, task, f"{path} row {row}")
         split.texts.append(text)
         split.labels.append(label)
@@ -148,7 +167,7 @@ def _read_parquet(path: Path, task: TaskSpec) -> Split:
 READERS = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
-def read_data_file(path: str | Path, task: TaskSpec) -> Split:
+def read_data_file(path: str | Path, task: TaskSpec, columns: Columns = Columns()) -> Split:
     """One file of labelled rows (``.jsonl``, ``.csv`` or ``.parquet``), validated against ``task``."""
     path = Path(path)
     reader = READERS.get(path.suffix.lower())
@@ -156,14 +175,14 @@ def read_data_file(path: str | Path, task: TaskSpec) -> Split:
         raise DataError(f"{path}: unknown data file type (use {', '.join(READERS)})")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    return reader(path, task)
+    return reader(path, task, columns)
 
 
-def _read_split(directory: Path, name: str, task: TaskSpec, required: bool) -> Split:
+def _read_split(directory: Path, name: str, task: TaskSpec, required: bool, columns: Columns) -> Split:
     for suffix, reader in READERS.items():
         path = directory / f"{name}{suffix}"
         if path.exists():
-            split = reader(path, task)
+            split = reader(path, task, columns)
             if required and not split:
                 raise DataError(f"{path}: no examples")
             return split
@@ -187,7 +206,7 @@ def read_task_json(directory: str | Path) -> TaskSpec | None:
         raise TaskSpecError(f"{spec_path}: {err}") from None
 
 
-def load_task_dir(directory: str | Path, task: TaskSpec | None = None) -> TaskData:
+def load_task_dir(directory: str | Path, task: TaskSpec | None = None, columns: Columns = Columns()) -> TaskData:
     """Load ``task.json`` + ``train``/``test`` (``.jsonl``, ``.csv`` or ``.parquet``) from a directory.
 
     ``task`` overrides (or replaces a missing) ``task.json``.
@@ -199,8 +218,8 @@ def load_task_dir(directory: str | Path, task: TaskSpec | None = None) -> TaskDa
         task = read_task_json(directory)
         if task is None:
             raise DataError(f"{directory}: no task.json (or pass --template and --labels)")
-    train = _read_split(directory, "train", task, required=True)
-    test = _read_split(directory, "test", task, required=False)
+    train = _read_split(directory, "train", task, required=True, columns=columns)
+    test = _read_split(directory, "test", task, required=False, columns=columns)
     return TaskData(task, train, test)
 
 

@@ -13,7 +13,16 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ifedicl.kernel.data import READERS, Split, TaskData, load_hf_dataset, load_task_dir, read_data_file, read_task_json
+from ifedicl.kernel.data import (
+    READERS,
+    Columns,
+    Split,
+    TaskData,
+    load_hf_dataset,
+    load_task_dir,
+    read_data_file,
+    read_task_json,
+)
 from ifedicl.kernel.errors import DataError, IfediclError, TaskSpecError
 from ifedicl.kernel.task import TaskSpec
 
@@ -40,8 +49,11 @@ class DataSource:
         labels: str | None = None,
         max_train: int | None = None,
         max_test: int | None = None,
+        text_field: str = "text",
+        label_field: str = "label",
     ) -> DataSource:
-        """The source the CLI's ``--task-dir``/``--dataset`` (+ ``--template``/``--labels``) name."""
+        """The source the CLI's ``--task-dir``/``--dataset`` (+ ``--template``/``--labels``, ``--text-field``/
+        ``--label-field``) name."""
         if bool(task_dir) == bool(dataset):
             raise DataError("give exactly one of --task-dir or --dataset")
         spec = None
@@ -54,9 +66,10 @@ class DataSource:
                 spec = TaskSpec(name, template.replace("\\n", "\n"), words)
             except TaskSpecError as err:  # say which options it came from (task.json is not involved)
                 raise TaskSpecError(f"--template/--labels: {err}") from None
+        columns = {"text_field": text_field, "label_field": label_field}
         if task_dir:
-            return cls(str(task_dir), "task_dir", spec, max_train, max_test)
-        return cls(dataset, "hf", spec, max_train, max_test)
+            return cls(str(task_dir), "task_dir", spec, max_train, max_test, **columns)
+        return cls(dataset, "hf", spec, max_train, max_test, **columns)
 
     @classmethod
     def at(cls, path: str | Path, task: TaskSpec | None = None) -> DataSource:
@@ -67,12 +80,13 @@ class DataSource:
         return cls(str(path), "file" if path.suffix.lower() in READERS else "task_dir", task)
 
     def load(self) -> TaskData:
+        columns = Columns(self.text_field, self.label_field)
         if self.kind == "task_dir":
-            data = load_task_dir(self.location, self.task)
+            data = load_task_dir(self.location, self.task, columns)
         elif self.kind == "file":
             if self.task is None:
                 raise DataError(f"{self.location}: a data file needs the task (template and labels) given with it")
-            data = TaskData(self.task, read_data_file(self.location, self.task), Split())
+            data = TaskData(self.task, read_data_file(self.location, self.task, columns), Split())
         else:
             data = load_hf_dataset(self.location, self.task, self.text_field, self.label_field)
         return TaskData(data.task, data.train.head(self.max_train), data.test.head(self.max_test))
