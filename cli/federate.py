@@ -38,8 +38,9 @@ def federate_command(
     setup_logging(verbose)
     settings = federation.settings(alpha, seed, capture_batch_size=batch_size)
     clients = federation_clients(
-        config, task_dir, dataset, template, labels, max_train, max_test or None, text_field, label_field
-    )
+        config, task_dir=task_dir, dataset=dataset, template=template, labels=labels, max_train=max_train,
+        max_test=max_test or None, text_field=text_field, label_field=label_field,
+    )  # fmt: skip
     result = Federation(model, clients, store, settings).run(publish=publish)
     _print_summary(result.run_id, result.published, result.summary)
     if result.summary.get("publish_refused"):

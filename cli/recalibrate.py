@@ -71,8 +71,8 @@ def recalibrate_command(
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("ifedicl").setLevel(logging.INFO)
     source = federation_clients(
-        config, task_dir, dataset, max_train=max_train, max_test=max_test or None, text_field=text_field,
-        label_field=label_field,
+        config, task_dir=task_dir, dataset=dataset, max_train=max_train, max_test=max_test or None,
+        text_field=text_field, label_field=label_field,
     )  # fmt: skip
     settings = federation.settings(alpha, seed)
     outcome = recalibrate(

@@ -132,27 +132,16 @@ def config_option():
     )  # fmt: skip
 
 
-def federation_clients(
-    config: Path | None,
-    task_dir: Path | None,
-    dataset: str | None,
-    template: str | None = None,
-    labels: str | None = None,
-    max_train: int | None = None,
-    max_test: int | None = None,
-    text_field: str = "text",
-    label_field: str = "label",
-):
+def federation_clients(config: Path | None, **source):
     """Who a federating command federates: the ``[[clients]]`` of ``--config`` (each with its own data), or
-    the one data set ``--task-dir``/``--dataset`` names, split over simulated clients. ``text_field`` and
-    ``label_field`` name the columns in either."""
+    the one data set ``source`` names (:meth:`DataSource.from_options`' arguments: ``--task-dir``/``--dataset``
+    and the rest), split over simulated clients. Its ``text_field``/``label_field`` name the columns in either."""
     from ifedicl.kernel.sources import DataSource
 
-    population = RunConfig.read(config).population(text_field, label_field) if config else None
+    columns = (source.get("text_field", "text"), source.get("label_field", "label"))
+    population = RunConfig.read(config).population(*columns) if config else None
     if population is None:
-        return DataSource.from_options(
-            task_dir, dataset, template, labels, max_train, max_test, text_field, label_field
-        )
-    if task_dir or dataset:
+        return DataSource.from_options(**source)
+    if source.get("task_dir") or source.get("dataset"):
         raise ConfigError(f"--config {config} lists [[clients]] with their own data: drop --task-dir/--dataset")
     return population

@@ -141,11 +141,11 @@ def _finite(value) -> float | None:
 
 
 def _live_accuracy(
-    fed: Federation, store: Store, live_run_id: str, dtype: str | None = None
+    fed: Federation, summary: dict, store: Store, live_run_id: str, dtype: str | None = None
 ) -> tuple[float | None, str]:
     """The live run's accuracy on the candidate's held-out examples with the model in use (in ``dtype``):
-    scored by the clients beside the candidate, or by the server on its test split; else as recorded."""
-    summary = fed_summary(fed)
+    scored by the clients beside the candidate (in its run's ``summary``), or by the server on its test
+    split; else as recorded."""
     if "live_accuracy" in summary:
         return _finite(summary["live_accuracy"]), "live run scored by the clients on their held-out splits"
 
@@ -169,11 +169,6 @@ def _score(fed: Federation, run, dtype: str) -> float:
         return accuracy(ctx, fed.tokenizer, fed.task, fed.population.server_test, run.vectors, run.coefficients)
     finally:
         ctx.remove_hooks()
-
-
-def fed_summary(fed: Federation) -> dict:
-    """The candidate run's summary, once it has run (its federated evaluation included)."""
-    return getattr(fed, "summary", None) or {}
 
 
 def recalibrate(
@@ -360,7 +355,6 @@ def _run_attempt(
     if clients_evaluate and live is not None and _same_model(live_run_id, live, fed.fingerprint):
         fed.reference = (live.vectors, live.coefficients)  # the clients score the live run beside the candidate
     result = fed.run(publish=False)
-    fed.summary = result.summary
     attempt.candidate_run_id = result.run_id
     attempt.candidate_accuracy = _finite(result.summary.get("accuracy"))
     attempt.zero_shot_accuracy = _finite(result.summary.get("zero_shot_accuracy"))
@@ -380,7 +374,7 @@ def _run_attempt(
     if live_run_id is None:
         reason = "no live run yet"
     else:
-        attempt.live_accuracy, how = _live_accuracy(fed, store, live_run_id, compare_dtype)
+        attempt.live_accuracy, how = _live_accuracy(fed, result.summary, store, live_run_id, compare_dtype)
         attempt.metrics["live_scoring"] = how
         if attempt.live_accuracy is not None:
             floor = attempt.live_accuracy - margin
