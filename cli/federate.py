@@ -25,6 +25,12 @@ def federate_command(
     seed: int = 0,
     text_field: str = typer.Option("text", help="the field (JSONL), column (CSV, Parquet, HF dataset) of the text"),
     label_field: str = typer.Option("label", help="the field or column of the label (a class index or label word)"),
+    split: str | None = typer.Option(
+        None, help="the training split: an HF dataset's split or a task directory's file stem (default: train)"
+    ),
+    test_split: str | None = typer.Option(
+        None, help="the held-out split (default: test, else an HF dataset's validation; label -1: unlabelled)"
+    ),
     max_train: int | None = typer.Option(None, help="use only the first N training examples"),
     max_test: int = typer.Option(200, help="test examples scored after the run (0: skip)"),
     batch_size: int = typer.Option(8, help="extraction batch size (length-sorted buckets)"),
@@ -39,7 +45,7 @@ def federate_command(
     settings = federation.settings(alpha, seed, capture_batch_size=batch_size)
     clients = federation_clients(
         config, task_dir=task_dir, dataset=dataset, template=template, labels=labels, max_train=max_train,
-        max_test=max_test or None, text_field=text_field, label_field=label_field,
+        max_test=max_test or None, text_field=text_field, label_field=label_field, split=split, test_split=test_split,
     )  # fmt: skip
     result = Federation(model, clients, store, settings).run(publish=publish)
     _print_summary(result.run_id, result.published, result.summary)

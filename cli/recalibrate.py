@@ -43,6 +43,12 @@ def recalibrate_command(
     seed: int = 0,
     text_field: str = typer.Option("text", help="the field (JSONL), column (CSV, Parquet, HF dataset) of the text"),
     label_field: str = typer.Option("label", help="the field or column of the label (a class index or label word)"),
+    split: str | None = typer.Option(
+        None, help="the training split: an HF dataset's split or a task directory's file stem (default: train)"
+    ),
+    test_split: str | None = typer.Option(
+        None, help="the held-out split (default: test, else an HF dataset's validation; label -1: unlabelled)"
+    ),
     max_train: int | None = typer.Option(None, help="use only the first N training examples"),
     max_test: int = typer.Option(200, help="held-out examples both runs are scored on"),
     serving_dtype: Dtype | None = typer.Option(
@@ -72,7 +78,7 @@ def recalibrate_command(
     logging.getLogger("ifedicl").setLevel(logging.INFO)
     source = federation_clients(
         config, task_dir=task_dir, dataset=dataset, max_train=max_train, max_test=max_test or None,
-        text_field=text_field, label_field=label_field,
+        text_field=text_field, label_field=label_field, split=split, test_split=test_split,
     )  # fmt: skip
     settings = federation.settings(alpha, seed)
     outcome = recalibrate(

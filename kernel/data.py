@@ -11,6 +11,19 @@ integral floats like ``1.0``: ``int()`` used to turn ``true`` into 1 and ``1.7``
 1 silently, and a float label column usually means the wrong column (a score, a
 regression target) or an export that turned missing values into NaN, which is worth
 a look rather than a guess. Write the index as an integer (``1``) instead.
+
+An integer label ``i`` is the task's ``i``-th label word, in every reader (one function,
+:func:`_label_index`, owns the mapping), so a hub dataset whose label column holds 0/1 (SST-2)
+loads as it is. ``-1`` is how the hub marks an unlabelled row (the GLUE test splits): such a
+row is an error saying the split is unlabelled, never a silently wrong accuracy; pick a
+labelled split instead (``--test-split validation``). Any other index outside ``0..C-1`` is
+an error naming the row.
+
+Which split is the training data and which the held-out test (``--split``/``--test-split``):
+a split of an HF dataset dict, or a task directory's file stem (``dev`` reads ``dev.jsonl``,
+``dev.csv`` or ``dev.parquet``). By default ``train`` and ``test`` (an HF dataset without a
+``test`` split: its ``validation``, a task directory without one: no test). A split named
+but absent is an error listing the splits there.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ from __future__ import annotations
 import csv
 import json
 import numbers
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +65,9 @@ class TaskData:
     test: Split
 
 
+UNLABELLED = -1  # the hub's label for a row without one
+
+
 def _label_index(label: object, task: TaskSpec, where: str) -> int:
     """The class index a row's label names, or a :class:`DataError` that quotes it."""
     words = list(task.labels)
@@ -72,6 +89,12 @@ def _label_index(label: object, task: TaskSpec, where: str) -> int:
         index = int(label)
     else:
         raise DataError(f"{where}: label {label!r} is a {type(label).__name__}; {use}")
+    if index == UNLABELLED:
+        raise DataError(
+            f"{where}: label -1 is outside 0..{len(words) - 1}: -1 marks an unlabelled row (as in the hub's GLUE "
+            "test splits), so this split is unlabelled and can be neither trained nor scored on; choose a labelled "
+            "one (--test-split validation)"
+        )
     if not 0 <= index < len(words):
         raise DataError(f"{where}: label {index} is outside 0..{len(words) - 1} ({words})")
     return index
@@ -87,6 +110,16 @@ def _check_row(
     if label is None and columns is not None:
         raise DataError(f"{where}: missing label (field {columns.label!r})")
     return text, _label_index(label, task, where)
+
+
+def _collect(rows: Iterable[tuple[str, object, object]], task: TaskSpec, columns: Columns) -> Split:
+    """Every reader's rows, ``(where, text, label)``, checked and mapped to class indices by the same rules."""
+    split = Split()
+    for where, text, label in rows:
+        text, index = _check_row(text, label, task, where, columns)
+        split.texts.append(text)
+        split.labels.append(index)
+    return split
 
 
 def _not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
@@ -106,44 +139,43 @@ class Columns:
         return f"'{self.text}' and '{self.label}'"
 
 
+def _jsonl_rows(path: Path, columns: Columns) -> Iterator[tuple[str, object, object]]:
+    with path.open(encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object with {columns}")
+            yield where, row.get(columns.text), row.get(columns.label)
+
+
 def _read_jsonl(path: Path, task: TaskSpec, columns: Columns = Columns()) -> Split:
-    split = Split()
     try:
-        with path.open(encoding="utf-8-sig") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: invalid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected an object with {columns}")
-                text, label = _check_row(row.get(columns.text), row.get(columns.label), task, where, columns)
-                split.texts.append(text)
-                split.labels.append(label)
+        return _collect(_jsonl_rows(path, columns), task, columns)
     except UnicodeDecodeError as err:
         raise _not_utf8(path, err) from None
-    return split
+
+
+def _csv_rows(path: Path, columns: Columns) -> Iterator[tuple[str, object, object]]:
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {columns.text, columns.label} <= set(reader.fieldnames):
+            raise DataError(f"{path}: CSV needs a header with {columns} columns, got {reader.fieldnames}")
+        for row in reader:
+            # the reader's own line count: a quoted text may span several physical lines
+            yield f"{path}:{reader.line_num}", row[columns.text], row[columns.label]
 
 
 def _read_csv(path: Path, task: TaskSpec, columns: Columns = Columns()) -> Split:
-    split = Split()
     try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {columns.text, columns.label} <= set(reader.fieldnames):
-                raise DataError(f"{path}: CSV needs a header with {columns} columns, got {reader.fieldnames}")
-            for row in reader:
-                # the reader's own line count: a quoted text may span several physical lines
-                where = f"{path}:{reader.line_num}"
-                text, label = _check_row(row[columns.text], row[columns.label], task, where, columns)
-                split.texts.append(text)
-                split.labels.append(label)
+        return _collect(_csv_rows(path, columns), task, columns)
     except UnicodeDecodeError as err:
         raise _not_utf8(path, err) from None
-    return split
 
 
 def _read_parquet(path: Path, task: TaskSpec, columns: Columns = Columns()) -> Split:
@@ -155,13 +187,9 @@ def _read_parquet(path: Path, task: TaskSpec, columns: Columns = Columns()) -> S
         raise DataError(f"{path}: not a readable Parquet file ({err})") from None
     if not {columns.text, columns.label} <= set(table.column_names):
         raise DataError(f"{path}: Parquet needs {columns} columns, got {table.column_names}")
-    split = Split()
     texts, labels = table[columns.text].to_pylist(), table[columns.label].to_pylist()
-    for row, (text, label) in enumerate(zip(texts, labels)):
-        text, label = _check_row(text, label, task, f"{path} row {row}")
-        split.texts.append(text)
-        split.labels.append(label)
-    return split
+    rows = ((f"{path} row {row}", text, label) for row, (text, label) in enumerate(zip(texts, labels)))
+    return _collect(rows, task, columns)
 
 
 READERS = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
@@ -178,7 +206,22 @@ def read_data_file(path: str | Path, task: TaskSpec, columns: Columns = Columns(
     return reader(path, task, columns)
 
 
-def _read_split(directory: Path, name: str, task: TaskSpec, required: bool, columns: Columns) -> Split:
+TRAIN, TEST, VALIDATION = "train", "test", "validation"  # the default splits
+
+
+def split_name(name: str, flag: str) -> str:
+    """A split's name as the user gave it, or a :class:`DataError` naming ``flag`` (a name, not a path)."""
+    if not isinstance(name, str) or not name.strip() or name != name.strip() or any(c in name for c in "/\\"):
+        raise DataError(f"{flag}: {name!r} is not a split name (a task directory's file stem or an HF split)")
+    return name
+
+
+def task_dir_splits(directory: Path) -> list[str]:
+    """The splits a task directory holds: the stems of its data files."""
+    return sorted({p.stem for p in directory.iterdir() if p.is_file() and p.suffix.lower() in READERS})
+
+
+def _read_split(directory: Path, name: str, task: TaskSpec, required: bool, columns: Columns, flag: str) -> Split:
     for suffix, reader in READERS.items():
         path = directory / f"{name}{suffix}"
         if path.exists():
@@ -187,7 +230,10 @@ def _read_split(directory: Path, name: str, task: TaskSpec, required: bool, colu
                 raise DataError(f"{path}: no examples")
             return split
     if required:
-        raise DataError(f"{directory}: no {name}.jsonl, {name}.csv or {name}.parquet")
+        raise DataError(
+            f"{flag}: {directory} has no split {name!r} (no {name}.jsonl, {name}.csv or {name}.parquet); "
+            f"its splits: {task_dir_splits(directory)}"
+        )
     return Split()
 
 
@@ -206,20 +252,30 @@ def read_task_json(directory: str | Path) -> TaskSpec | None:
         raise TaskSpecError(f"{spec_path}: {err}") from None
 
 
-def load_task_dir(directory: str | Path, task: TaskSpec | None = None, columns: Columns = Columns()) -> TaskData:
-    """Load ``task.json`` + ``train``/``test`` (``.jsonl``, ``.csv`` or ``.parquet``) from a directory.
+def load_task_dir(
+    directory: str | Path,
+    task: TaskSpec | None = None,
+    columns: Columns = Columns(),
+    split: str | None = None,
+    test_split: str | None = None,
+) -> TaskData:
+    """Load ``task.json`` + the ``split`` (default ``train``) and ``test_split`` (default ``test``, optional)
+    files (``.jsonl``, ``.csv`` or ``.parquet``) of a directory.
 
-    ``task`` overrides (or replaces a missing) ``task.json``.
+    ``task`` overrides (or replaces a missing) ``task.json``. A split named explicitly must exist.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"task directory {directory} does not exist")
+    train_name = split_name(split, "--split") if split is not None else TRAIN
+    test_name = split_name(test_split, "--test-split") if test_split is not None else TEST
     if task is None:
         task = read_task_json(directory)
         if task is None:
             raise DataError(f"{directory}: no task.json (or pass --template and --labels)")
-    train = _read_split(directory, "train", task, required=True, columns=columns)
-    test = _read_split(directory, "test", task, required=False, columns=columns)
+    train = _read_split(directory, train_name, task, required=True, columns=columns, flag="--split")
+    test = _read_split(directory, test_name, task, required=test_split is not None, columns=columns,
+                       flag="--test-split")  # fmt: skip
     return TaskData(task, train, test)
 
 
@@ -228,10 +284,15 @@ def load_hf_dataset(
     task: TaskSpec | None = None,
     text_field: str = "text",
     label_field: str = "label",
+    split: str | None = None,
+    test_split: str | None = None,
 ) -> TaskData:
-    """Load a Hugging Face dataset by hub name, or a local ``save_to_disk`` directory.
+    """Load a Hugging Face dataset by hub name, or a local ``save_to_disk`` directory (a dataset dict, or
+    one dataset: its rows are the training split).
 
-    The template and labels default to I2CL's for known names (sst2, agnews, ...).
+    The training split is ``split`` (default ``train``), the held-out one ``test_split`` (default ``test``,
+    else ``validation``, else none); a split named explicitly must exist. The template and labels default
+    to I2CL's for known names (sst2, agnews, ...).
     """
     import datasets  # optional dependency, imported only on this path
 
@@ -248,23 +309,35 @@ def load_hf_dataset(
             dataset = datasets.load_dataset(name_or_path)
     except Exception as err:  # the hub or disk layer: report it as a data problem
         raise DataError(f"could not load dataset {name_or_path!r}: {err}") from None
-    splits = {}
-    for split_name in ("train", "test"):
-        fallback = "validation" if split_name == "test" else None
-        name = split_name if split_name in dataset else fallback
-        if name is None or name not in dataset:
-            if split_name == "train":
-                raise DataError(f"dataset {name_or_path!r} has no train split (has {list(dataset)})")
-            splits[split_name] = Split()
-            continue
-        part = dataset[name]
-        for column in (text_field, label_field):
-            if column not in part.column_names:
-                raise DataError(f"dataset {name_or_path!r}[{name}] has no column {column!r} ({part.column_names})")
-        split = Split()
-        for i, (text, label) in enumerate(zip(part[text_field], part[label_field])):
-            text, label = _check_row(text, label, task, f"{name_or_path}[{name}] row {i}")
-            split.texts.append(text)
-            split.labels.append(label)
-        splits[split_name] = split
-    return TaskData(task, splits["train"], splits["test"])
+    columns = Columns(text_field, label_field)
+    if isinstance(dataset, datasets.Dataset):  # one saved dataset: no splits to choose from
+        if split is not None or test_split is not None:
+            flag = "--split" if split is not None else "--test-split"
+            raise DataError(f"{flag}: dataset {name_or_path!r} is one dataset, not a dataset dict: it has no splits")
+        return TaskData(task, _hf_split(name_or_path, "all", dataset, task, columns), Split())
+    available = list(dataset)
+
+    def chosen(name: str, flag: str):
+        if split_name(name, flag) not in dataset:
+            raise DataError(f"{flag}: dataset {name_or_path!r} has no split {name!r}; its splits: {available}")
+        return dataset[name]
+
+    train_name = split or TRAIN
+    if split is None and TRAIN not in dataset:
+        raise DataError(f"dataset {name_or_path!r} has no train split (its splits: {available}); pass --split")
+    train = _hf_split(name_or_path, train_name, chosen(train_name, "--split"), task, columns)
+    if test_split is None:
+        test_split = next((name for name in (TEST, VALIDATION) if name in dataset), None)
+        if test_split is None:
+            return TaskData(task, train, Split())
+    test = _hf_split(name_or_path, test_split, chosen(test_split, "--test-split"), task, columns)
+    return TaskData(task, train, test)
+
+
+def _hf_split(name_or_path: str, name: str, part, task: TaskSpec, columns: Columns) -> Split:
+    for column in (columns.text, columns.label):
+        if column not in part.column_names:
+            raise DataError(f"dataset {name_or_path!r}[{name}] has no column {column!r} ({part.column_names})")
+    texts, labels = part[columns.text], part[columns.label]
+    rows = ((f"{name_or_path}[{name}] row {i}", text, label) for i, (text, label) in enumerate(zip(texts, labels)))
+    return _collect(rows, task, columns)

@@ -22,6 +22,7 @@ from ifedicl.kernel.data import (
     load_task_dir,
     read_data_file,
     read_task_json,
+    split_name,
 )
 from ifedicl.kernel.errors import DataError, IfediclError, TaskSpecError
 from ifedicl.kernel.task import TaskSpec
@@ -39,6 +40,8 @@ class DataSource:
     max_test: int | None = None
     text_field: str = "text"
     label_field: str = "label"
+    split: str | None = None  # the training split (None: train); a task directory's file stem or an HF split
+    test_split: str | None = None  # the held-out split (None: test, else an HF dataset's validation)
 
     @classmethod
     def from_options(
@@ -51,9 +54,11 @@ class DataSource:
         max_test: int | None = None,
         text_field: str = "text",
         label_field: str = "label",
+        split: str | None = None,
+        test_split: str | None = None,
     ) -> DataSource:
         """The source the CLI's ``--task-dir``/``--dataset`` (+ ``--template``/``--labels``, ``--text-field``/
-        ``--label-field``) name."""
+        ``--label-field``, ``--split``/``--test-split``) name."""
         if bool(task_dir) == bool(dataset):
             raise DataError("give exactly one of --task-dir or --dataset")
         spec = None
@@ -66,7 +71,11 @@ class DataSource:
                 spec = TaskSpec(name, template.replace("\\n", "\n"), words)
             except TaskSpecError as err:  # say which options it came from (task.json is not involved)
                 raise TaskSpecError(f"--template/--labels: {err}") from None
-        columns = {"text_field": text_field, "label_field": label_field}
+        if split is not None:
+            split_name(split, "--split")
+        if test_split is not None:
+            split_name(test_split, "--test-split")
+        columns = {"text_field": text_field, "label_field": label_field, "split": split, "test_split": test_split}
         if task_dir:
             return cls(str(task_dir), "task_dir", spec, max_train, max_test, **columns)
         return cls(dataset, "hf", spec, max_train, max_test, **columns)
@@ -82,13 +91,20 @@ class DataSource:
     def load(self) -> TaskData:
         columns = Columns(self.text_field, self.label_field)
         if self.kind == "task_dir":
-            data = load_task_dir(self.location, self.task, columns)
+            data = load_task_dir(self.location, self.task, columns, self.split, self.test_split)
         elif self.kind == "file":
             if self.task is None:
                 raise DataError(f"{self.location}: a data file needs the task (template and labels) given with it")
+            if self.split is not None or self.test_split is not None:
+                raise DataError(
+                    f"{self.location}: a data file is one split; split and test_split name splits of a task "
+                    "directory or an HF dataset"
+                )
             data = TaskData(self.task, read_data_file(self.location, self.task, columns), Split())
         else:
-            data = load_hf_dataset(self.location, self.task, self.text_field, self.label_field)
+            data = load_hf_dataset(
+                self.location, self.task, self.text_field, self.label_field, self.split, self.test_split
+            )
         return TaskData(data.task, data.train.head(self.max_train), data.test.head(self.max_test))
 
 

@@ -54,6 +54,8 @@ WRONG_INVOCATIONS = [
     (["frobnicate"], "no such command 'frobnicate'"),
     (["eval", "--model", "m", "--out", "o"], "TASKS: required argument missing"),
     (["runs"], "--store: required option missing (or set IFEDICL_STORE)"),
+    (["federate", "--model", "m", "--store", "s", "--dataset", "d", "--split", "a/b"], "--split: 'a/b' is not a split"),
+    (["recalibrate", "--model", "m", "--store", "s", "--task-dir", "t", "--test-split", " "], "--test-split: ' '"),
 ]
 
 
