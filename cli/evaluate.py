@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from ifedicl.cli.option_sets import federation_options
+from ifedicl.cli.option_sets import federation_options, model_spec, revision_option
 from ifedicl.cli.run_config import ConfigError, RunConfig, config_option
 from ifedicl.federation_job.options import Dtype
 
@@ -24,6 +24,7 @@ def eval_command(
     federation,
     tasks: list[str] = typer.Argument(..., help="task directories (task.json + train/test) or HF dataset names/paths"),
     model: str = typer.Option(..., envvar="IFEDICL_MODEL", help="HF model id or local path"),
+    revision: str | None = revision_option(),
     out: Path = typer.Option(..., help="output directory (results.json, results.md, PNGs, resumable cells)"),
     alpha: list[float] = typer.Option([0.5], help="Dirichlet label-skew α; repeat for an accuracy-vs-α sweep"),
     seeds: int = typer.Option(1, help="number of seeds (0..N-1): split, demos, training; mean ± std over them"),
@@ -48,7 +49,7 @@ def eval_command(
         )
 
     settings = EvalSettings(
-        model=model,
+        model=model_spec(model, revision),
         tasks=list(tasks),
         clients=federation.clients,
         alphas=list(alpha),

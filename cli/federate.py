@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ifedicl.cli.console import setup_logging
-from ifedicl.cli.option_sets import federation_options
+from ifedicl.cli.option_sets import federation_options, model_spec, revision_option
 from ifedicl.cli.run_config import config_option, federation_clients
 from ifedicl.kernel.errors import IfediclError
 
@@ -16,6 +16,7 @@ from ifedicl.kernel.errors import IfediclError
 def federate_command(
     federation,
     model: str = typer.Option(..., envvar="IFEDICL_MODEL", help="HF model id or local path"),
+    revision: str | None = revision_option(),
     store: str = typer.Option(..., envvar="IFEDICL_STORE", help="LanceDB URI or local directory"),
     task_dir: Path | None = typer.Option(None, help="task.json + train/test .jsonl or .csv"),
     dataset: str | None = typer.Option(None, help="HF dataset name or save_to_disk path"),
@@ -42,6 +43,7 @@ def federate_command(
     from ifedicl.federation_job.driver import Federation
 
     setup_logging(verbose)
+    model = model_spec(model, revision)
     settings = federation.settings(alpha, seed, capture_batch_size=batch_size)
     clients = federation_clients(
         config, task_dir=task_dir, dataset=dataset, template=template, labels=labels, max_train=max_train,

@@ -91,5 +91,20 @@ def option_set(options: type, help: dict[str, str], panel: str, argument: str):
     return declare
 
 
+def revision_option():
+    """``--revision``: which revision of a hub ``--model`` (``with_revision`` joins them into one spec)."""
+    return typer.Option(
+        None, "--revision", help="a hub model's branch, tag or commit; the run records the commit it resolved to "
+        "(serve with --revision COMMIT)",
+    )  # fmt: skip
+
+
+def model_spec(model: str, revision: str | None) -> str:
+    """``--model`` at ``--revision`` as one spec every loader takes (``owner/name@REV``)."""
+    from ifedicl.kernel.model_source import with_revision
+
+    return with_revision(model, revision)
+
+
 # Declares the federation flags on a command; it receives them as ``federation: FederationOptions``.
 federation_options = option_set(FederationOptions, HELP, "Federation", "federation")

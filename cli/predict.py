@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ifedicl.cli.option_sets import model_spec, revision_option
 from ifedicl.kernel.errors import IfediclError
 
 
@@ -14,6 +15,7 @@ def predict_command(
     texts: list[str] = typer.Argument(None, help="texts to classify"),
     store: str = typer.Option(..., envvar="IFEDICL_STORE", help="LanceDB URI or local directory"),
     model: str = typer.Option(..., envvar="IFEDICL_MODEL", help="HF model id or local path (the run's)"),
+    revision: str | None = revision_option(),
     task: str = typer.Option(...),
     run: str | None = typer.Option(None, help="a run id instead of the published one"),
     file: Path | None = typer.Option(None, help="one text per line"),
@@ -31,7 +33,7 @@ def predict_command(
     if not items:
         raise IfediclError("no text to classify: pass TEXT arguments or --file")
     stored = Store(store)
-    classifier = ReferenceClassifier(model)
+    classifier = ReferenceClassifier(model_spec(model, revision))
     stored_run = classifier.load(stored, task, run)
     for p in classifier.classify(stored_run.task, items, stored_run):
         if as_json:

@@ -17,7 +17,7 @@ from typing import Literal
 
 import typer
 
-from ifedicl.cli.option_sets import federation_options
+from ifedicl.cli.option_sets import federation_options, model_spec, revision_option
 from ifedicl.cli.run_config import config_option, federation_clients
 from ifedicl.federation_job.options import Dtype
 
@@ -30,6 +30,7 @@ def recalibrate_command(
     model: str = typer.Option(
         ..., envvar="IFEDICL_MODEL", help="HF model id or local path (the one the live run was made with)"
     ),
+    revision: str | None = revision_option(),
     store: str = typer.Option(..., envvar="IFEDICL_STORE", help="LanceDB URI or local directory"),
     task_dir: Path | None = typer.Option(None, help="task.json + train/test .jsonl or .csv"),
     dataset: str | None = typer.Option(None, help="HF dataset name or save_to_disk path"),
@@ -76,6 +77,7 @@ def recalibrate_command(
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("ifedicl").setLevel(logging.INFO)
+    model = model_spec(model, revision)
     source = federation_clients(
         config, task_dir=task_dir, dataset=dataset, max_train=max_train, max_test=max_test or None,
         text_field=text_field, label_field=label_field, split=split, test_split=test_split,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import typer
 
+from ifedicl.cli.option_sets import model_spec, revision_option
+
 
 def serve_command(
     ctx: typer.Context,
@@ -18,6 +20,7 @@ def serve_command(
     model: str = typer.Option(
         ..., "--model", envvar="IFEDICL_MODEL", help="HF model id or local path (the one the runs were made with)"
     ),
+    revision: str | None = revision_option(),
     host: str = typer.Option("0.0.0.0", "--host", help="address to bind"),
     port: int = typer.Option(8000, "--port", help="port to bind"),
     poll_interval: float = typer.Option(
@@ -59,6 +62,7 @@ def serve_command(
     (so served answers are the evaluated ones); with another, each run is re-scored on
     its held-out split at load and both accuracies are reported.
     """
+    model = model_spec(model, revision)  # a bad --revision fails before vLLM loads
     from ifedicl.serving.launch import ServingLimits, run_server
 
     run_server(

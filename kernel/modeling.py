@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ifedicl.kernel.errors import IfediclError
-from ifedicl.kernel.model_source import model_identity, resolve_model
+from ifedicl.kernel.model_source import model_identity, recorded_identity, resolve_model
 
 # Keys that change with how a config was saved or loaded, not with the model itself.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype"}
@@ -48,9 +48,11 @@ def config_hash(config) -> str:
 
 
 def fingerprint(model_id: str, config) -> ModelFingerprint:
+    """What a run records of its model and a server checks: a local directory by its content, not its path
+    (:func:`~ifedicl.kernel.model_source.recorded_identity`), with the config's shape and hash."""
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     hidden = getattr(config, "hidden_size", None) or config.n_embd
-    return ModelFingerprint(str(model_id), int(layers), int(hidden), config_hash(config))
+    return ModelFingerprint(recorded_identity(str(model_id)), int(layers), int(hidden), config_hash(config))
 
 
 def load_config(model_id: str):
@@ -179,5 +181,6 @@ def model_from_weights(shared: SharedWeights) -> nn.Module:
 
 
 def canonical_model_id(model_id: str) -> str:
-    """The id a run records: a GGUF's content id, an absolute local path (./m and /abs/m match), or a hub id."""
+    """The id a run loads its model by: a GGUF's content id, an absolute local path (./m and /abs/m match), a hub
+    id at a commit, or a hub id. What it records and compares is :func:`fingerprint`'s (a directory's content)."""
     return model_identity(model_id)
