@@ -46,7 +46,10 @@ from ifedicl.kernel.task import TaskSpec
 from ifedicl.model_patches.hf import HFContextModel
 
 # What the server may ask a hosted client to do (ClientHost.call refuses anything else).
-REQUESTS = ("extract", "set_global_vectors", "calibrate", "train_lora", "evaluate", "secagg_keys", "secagg_upload")
+REQUESTS = (
+    "extract", "set_global_vectors", "calibrate", "train_lora", "evaluate",
+    "secagg_keys", "secagg_share", "secagg_upload", "secagg_unmask",
+)  # fmt: skip
 
 
 class HostedClient:
@@ -218,22 +221,30 @@ class HostedClient:
 
     # ------------------------------------------------------------------ secure aggregation
     def secagg_keys(self, payload: bytes) -> bytes:
-        """A fresh key pair per masking attempt; only the public half leaves."""
+        """A fresh masking client for this round (two key pairs, a self-mask seed); only public keys leave."""
         if self.pending is None:
             raise FederationError(f"client {self.client_id} has nothing to aggregate")
-        self.masker = MaskingClient(self.client_id)
-        return wire.encode({"public_key": self.masker.public_key()})
+        self.masker = MaskingClient(self.client_id, self.pending)
+        self.pending = None  # masked once: two sums over different cohorts would differ by this value
+        return self.masker.secagg_keys(payload)
+
+    def secagg_share(self, payload: bytes) -> bytes:
+        """The cohort's keys and threshold -> this client's secrets, Shamir-shared and encrypted to each peer."""
+        if self.masker is None:
+            raise FederationError(f"client {self.client_id}: no keys advertised for this aggregation")
+        return self.masker.secagg_share(payload)
 
     def secagg_upload(self, payload: bytes) -> bytes:
-        """The pending value plus pairwise masks with the cohort named in the request. -> uint64[size]."""
-        arrays, meta = wire.decode(payload)
-        if self.masker is None or self.pending is None:
-            raise FederationError(f"client {self.client_id}: no key agreed for this attempt")
-        cohort = [int(c) for c in meta["cohort"]]
-        peers = dict(zip(cohort, arrays["public_keys"]))
-        masked = self.masker.mask(self.pending, peers, str(meta["context"]).encode())
-        self.masker = None  # one upload per key pair: a retry gets fresh keys
-        return wire.encode({"masked": masked})
+        """The peers' encrypted shares -> the pending value, self-masked and pairwise-masked. -> uint64[size]."""
+        if self.masker is None:
+            raise FederationError(f"client {self.client_id}: no keys advertised for this aggregation")
+        return self.masker.secagg_upload(payload)
+
+    def secagg_unmask(self, payload: bytes) -> bytes:
+        """Who uploaded, who dropped -> its shares of their seeds or keys (never both kinds for one peer)."""
+        if self.masker is None:
+            raise FederationError(f"client {self.client_id}: no keys advertised for this aggregation")
+        return self.masker.secagg_unmask(payload)
 
 
 class ClientHost:

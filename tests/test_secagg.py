@@ -1,67 +1,417 @@
-"""Secure aggregation: masks cancel exactly, single uploads hide the value, dropouts redo the masking."""
+"""Secure aggregation with double masking and dropout recovery (issue 31, item 2).
+
+Protocol level: real :class:`MaskingClient` objects (real X25519, Shamir, ChaCha20-Poly1305) behind an
+in-process transport that delivers, loses, delays or tampers with the real wire messages; the server is
+the real :class:`SecureFedAvg`. End to end: the Ray federation, clients killed between the protocol's steps.
+"""
+
+from __future__ import annotations
 
 import numpy as np
 import pytest
 import ray
 from actor_kills import kill_and_wait
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ifedicl.federation_job import wire
 from ifedicl.federation_job.driver import Federation, FederationSettings
 from ifedicl.federation_job.exchange import Exchange
 from ifedicl.federation_job.secagg import (
+    CIPHERTEXT_BYTES,
     FRACTION_BITS,
     MaskingClient,
     SecureFedAvg,
+    combine_secret,
     decode_fixed,
     encode_fixed,
-    unmask_sum,
+    pair_mask,
+    ring_sum,
+    self_mask,
+    threshold_for,
 )
-from ifedicl.federation_job.strategies import ClientSelection, RoundId
+from ifedicl.federation_job.strategies import ClientSelection, ClientUpdate, RoundId
 from ifedicl.kernel.errors import FederationError
 from ifedicl.kernel.sources import DataSource
 
+SHAPE = (3, 2, 2)  # Λ [L, 2, 2]
+AT = RoundId("calibrate", 1, "round 1")
+STEPS = ("secagg_keys", "secagg_share", "secagg_upload", "secagg_unmask")
+RESOLUTION = 2.0**-FRACTION_BITS
 
-def _cohort(values: dict[int, np.ndarray], context: bytes = b"t|1|0"):
-    clients = {cid: MaskingClient(cid) for cid in values}
-    keys = {cid: c.public_key() for cid, c in clients.items()}  # what the server relays
-    return {cid: clients[cid].mask(values[cid], keys, context) for cid in values}
+
+class LocalCohort:
+    """The server's transport to in-process masking clients; every message really crosses as bytes.
+
+    ``lose[method]``: clients that vanish at that request (no answer, reported as died).
+    ``late``: clients whose masked upload comes after the deadline: reported as timed out, kept in ``late_uploads``.
+    ``tamper[method]``: (client, answer bytes) -> the bytes the server gets instead.
+    ``log``: every (method, client, request, answer) the server sent and received: all it ever sees.
+    """
+
+    session = "in-process"
+
+    def __init__(self, values, lose=None, late=(), tamper=None):
+        self.values = values
+        self.lose = {m: set(c) for m, c in (lose or {}).items()}
+        self.late, self.late_uploads = set(late), {}
+        self.tamper = tamper or {}
+        self.clients: dict[int, MaskingClient] = {}
+        self.log: list[tuple[str, int, bytes, bytes | None]] = []
+        self.excluded: set[int] = set()
+
+    def call(self, stage, round_index, method, requests):
+        if method == "secagg_keys":
+            self.clients = {cid: MaskingClient(cid, self.values[cid]) for cid in requests}
+        answers, dropped = {}, {}
+        for cid, request in sorted(requests.items()):
+            if cid in self.lose.get(method, ()):
+                dropped[cid] = "client died (RayActorError)"
+                self.log.append((method, cid, request, None))
+                continue
+            try:
+                answer = getattr(self.clients[cid], method)(request)
+            except FederationError as err:
+                dropped[cid] = f"client failed: {err}"
+                continue
+            if method == "secagg_upload" and cid in self.late:
+                self.late_uploads[cid] = answer  # it does arrive, after the server gave up on it
+                dropped[cid] = "no answer within round_timeout_s=120"
+                self.log.append((method, cid, request, None))
+                continue
+            if method in self.tamper:
+                answer = self.tamper[method](cid, answer)
+            answers[cid] = answer
+            self.log.append((method, cid, request, answer))
+        return Exchange.of(requests, answers, dropped)
+
+    def exclude(self, client_id: int) -> None:
+        self.excluded.add(client_id)
+
+    def answers(self, method: str) -> dict[int, bytes]:
+        return {cid: a for m, cid, _, a in self.log if m == method and a is not None}
 
 
-def test_masked_sum_equals_plain_sum_and_no_upload_is_the_value():
-    rng = np.random.default_rng(0)
-    values = {cid: rng.normal(0, 3, size=(4, 2, 16)).astype(np.float32) for cid in (0, 3, 7)}
-    uploads = _cohort(values)
-    total = unmask_sum(list(uploads.values()), (4, 2, 16))
-    exact = sum(decode_fixed(encode_fixed(v)) for v in values.values())  # the same fixed-point values, summed
-    assert np.array_equal(total, exact)  # masks cancel exactly in the ring
-    np.testing.assert_allclose(total, sum(v.astype(np.float64) for v in values.values()), atol=3 * 2.0**-FRACTION_BITS)
+def _values(n: int, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {cid: rng.normal(0, 3, size=SHAPE) for cid in range(n)}
+
+
+def _updates(values, counts=None) -> list[ClientUpdate]:
+    return [ClientUpdate(cid, np.zeros(SHAPE, np.float32), (counts or {}).get(cid, 5)) for cid in sorted(values)]
+
+
+def _aggregate(cohort: LocalCohort, **kw):
+    strategy = SecureFedAvg(cohort, selection=ClientSelection(min_clients=2), **kw)
+    return strategy.aggregate(AT, _updates(cohort.values))
+
+
+def _exact_mean(values, members) -> np.ndarray:
+    """The mean of the members' fixed-point values, as the ring sum carries them."""
+    return sum(decode_fixed(encode_fixed(values[c])) for c in members) / len(members)
+
+
+# ------------------------------------------------------------------------------------------------ happy path
+def test_the_unmasked_sum_is_exact_and_no_message_carries_a_value():
+    values = _values(4)
+    cohort = LocalCohort(values)
+    result = _aggregate(cohort)
+    np.testing.assert_allclose(result.value, _exact_mean(values, range(4)), atol=RESOLUTION)
+    np.testing.assert_allclose(result.value, sum(values.values()) / 4, atol=1e-6)
+    assert [u.client_id for u in result.used] == [0, 1, 2, 3] and result.dropped == {}
+    uploads = {cid: wire.decode(a)[0]["masked"] for cid, a in cohort.answers("secagg_upload").items()}
     for cid, upload in uploads.items():
-        seen = decode_fixed(upload).reshape(4, 2, 16)
-        assert not np.allclose(seen, values[cid], atol=1.0)  # the server sees noise, not the value
-        assert np.abs(seen).mean() > 1e9  # masks are uniform over the ring
+        seen = decode_fixed(upload).reshape(SHAPE)
+        assert np.abs(seen - values[cid]).mean() > 1e9  # uniform over the ring: nothing of the value shows
+    # the raw ring sum still carries every self mask: only the unmasking step removes them
+    assert np.abs(decode_fixed(ring_sum(list(uploads.values()), 12))).mean() > 1e9
+    # each step crossed as counted bytes, both ways, for every client
+    assert all(result.traffic.up[c] > 8 * 12 and result.traffic.down[c] > 4 * 64 for c in range(4))
 
 
-def test_missing_member_leaves_masks_uncancelled_and_fresh_keys_differ():
-    values = {cid: np.full((2, 2, 2), float(cid), np.float32) for cid in range(3)}
-    uploads = _cohort(values)
-    partial = unmask_sum([uploads[0], uploads[1]], (2, 2, 2))
-    assert np.abs(partial - 1.0).max() > 1e6  # without client 2 the sum is garbage: the driver must redo
-    again = _cohort(values)
-    assert not np.array_equal(again[0], uploads[0])  # a redo uses fresh keys, never the same masks
+def test_threshold_is_a_majority_never_below_two():
+    assert [threshold_for(n) for n in (2, 3, 4, 5, 10, 11)] == [2, 2, 3, 3, 6, 6]
+    assert threshold_for(10, 2 / 3) == 7 and threshold_for(3, 0.9) == 3
+    with pytest.raises(FederationError, match=r"\[0.5, 1\)"):
+        SecureFedAvg(None, threshold=0.4)
 
 
-def test_cohort_of_one_is_refused():
-    client = MaskingClient(0)
+def test_weighted_mode_divides_the_recovered_sum_by_the_uploaders_counts():
+    values = _values(4, seed=3)
+    counts = {0: 2, 1: 7, 2: 11, 3: 4}
+    weighted = {cid: v * counts[cid] for cid, v in values.items()}  # what a client masks: N_k * x_k
+    cohort = LocalCohort(weighted, lose={"secagg_upload": {1}})
+    strategy = SecureFedAvg(cohort, weighted=True, selection=ClientSelection(min_clients=2))
+    result = strategy.aggregate(AT, _updates(values, counts))
+    members = [0, 2, 3]
+    expected = sum(weighted[c] for c in members) / sum(counts[c] for c in members)
+    np.testing.assert_allclose(result.value, expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- the straggler
+def test_a_late_upload_of_a_client_declared_dropped_tells_the_server_nothing():
+    """Client 3's masked upload arrives after the server declared it dropped. The server holds every message:
+    the survivors' exact sum, 3's late upload, the s shares of 3 (so 3's key and pairwise masks), every other
+    share it was given. Stripping 3's pairwise masks from its upload -- which under the old pairwise-only design
+    gave its value exactly (there: first attempt's sum minus the redo's) -- leaves 3's value under its self mask,
+    uniform over the ring; no survivor gave a share of 3's self-mask seed, and asked again, each refuses."""
+    values = _values(4, seed=1)
+    cohort = LocalCohort(values, late={3})
+    result = _aggregate(cohort)
+    np.testing.assert_allclose(result.value, _exact_mean(values, [0, 1, 2]), atol=RESOLUTION)
+    assert "before its masked upload" in result.dropped[3]
+    size, context = int(np.prod(SHAPE)), f"{cohort.session}|{AT.stage}|{AT.index}".encode()
+
+    late = wire.decode(cohort.late_uploads[3])[0]["masked"]
+    unmasking = {cid: wire.decode(a) for cid, a in cohort.answers("secagg_unmask").items()}
+    cohort_ids = sorted(cohort.clients)
+    s_shares, b_shares_of_3 = {}, 0
+    for cid, (arrays, meta) in unmasking.items():
+        assert 3 not in meta["b_peers"] and meta["s_peers"] == [3]
+        s_shares[cohort_ids.index(cid) + 1] = arrays["s_shares"][0].tobytes()
+        b_shares_of_3 += 3 in meta["b_peers"]
+    assert b_shares_of_3 == 0 and len(s_shares) >= threshold_for(4)
+    s3 = X25519PrivateKey.from_private_bytes(combine_secret(s_shares, threshold_for(4)))  # the server has 3's key
+    keys = wire.decode(cohort.log[[m for m, *_ in cohort.log].index("secagg_share")][2])[0]["s_keys"]
+    best = late.copy()
+    with np.errstate(over="ignore"):
+        for u in (0, 1, 2):  # 3's pairwise masks with every peer it masked with, recomputed and removed
+            best = best - pair_mask(s3, keys[u].tobytes(), 3, u, context, size)
+    guess = decode_fixed(best).reshape(SHAPE)
+    assert np.abs(guess - values[3]).min() > 1e3 and np.abs(guess).mean() > 1e9  # ring-uniform noise, not x_3
+    with np.errstate(over="ignore"):  # (the removal itself is right: with b_3, which never left client 3, it is x_3)
+        exact = best - self_mask(cohort.clients[3]._seed, context, 3, size)
+    np.testing.assert_allclose(decode_fixed(exact).reshape(SHAPE), values[3], atol=RESOLUTION)
+    # ... nor does combining everything else: the survivors' sum plus the late upload is noise as well
+    assert np.abs(result.value * 3 + decode_fixed(late).reshape(SHAPE) - sum(values.values())).min() > 1e3
+
+    # the server asks the survivors again, now naming 3 an uploader: every honest client refuses
+    again = wire.encode({}, context=context.decode(), uploaded=[0, 1, 2, 3], dropped=[])
+    for cid in (0, 1, 2):
+        with pytest.raises(FederationError, match=r"both shares of clients \[3\]"):
+            cohort.clients[cid].secagg_unmask(again)
+
+
+# --------------------------------------------------------------------------------------- dropouts at each step
+@pytest.mark.parametrize("step", STEPS)
+def test_a_dropout_at_any_step_leaves_the_exact_sum_of_the_uploaders_in_the_same_round(step):
+    values = _values(5, seed=2)
+    cohort = LocalCohort(values, lose={step: {2}})
+    result = _aggregate(cohort)
+    members = [0, 1, 2, 3, 4] if step == "secagg_unmask" else [0, 1, 3, 4]  # after its upload: 2's value counts
+    np.testing.assert_allclose(result.value, _exact_mean(values, members), atol=RESOLUTION)
+    assert [u.client_id for u in result.used] == members
+    if step == "secagg_unmask":
+        assert result.dropped == {}  # in the sum; its self mask was removed with the others' shares
+    else:
+        where = {
+            "secagg_keys": "before advertising its keys",
+            "secagg_share": "after advertising keys, before sharing",
+            "secagg_upload": "before its masked upload: its masks were removed",
+        }[step]
+        assert list(result.dropped) == [2] and where in result.dropped[2]
+
+
+def test_dropouts_at_every_step_in_one_round():
+    """8 clients: one lost at each step. U1 = 7 (t = 4), U2 = 6, U3 = 5, 4 answer the unmasking."""
+    values = _values(8, seed=4)
+    lose = {"secagg_keys": {0}, "secagg_share": {3}, "secagg_upload": {5}, "secagg_unmask": {6}}
+    result = _aggregate(LocalCohort(values, lose=lose))
+    members = [1, 2, 4, 6, 7]
+    np.testing.assert_allclose(result.value, _exact_mean(values, members), atol=RESOLUTION)
+    assert sorted(result.dropped) == [0, 3, 5]
+
+
+@pytest.mark.parametrize(
+    ("lose", "message"),
+    [
+        (
+            {"secagg_share": {0, 1, 2}},
+            "needs 3 of the 5 clients that advertised keys to have shared their secrets; only 2",
+        ),
+        ({"secagg_upload": {1, 2, 3}}, "needs 3 of the 5 .* uploaded a masked value; only 2"),
+        ({"secagg_unmask": {0, 1, 4}}, "needs 3 of the 5 .* answered the unmasking; only 2"),
+        ({"secagg_keys": {0, 1, 2, 3}}, "only 1 client"),
+    ],
+)
+def test_below_the_threshold_the_round_fails_cleanly_naming_the_counts(lose, message):
+    with pytest.raises(FederationError, match=message):
+        _aggregate(LocalCohort(_values(5), lose=lose))
+
+
+# ----------------------------------------------------------------------------- the client refuses the server
+def _through_upload(n: int = 4, members=None):
+    """n clients taken through keys, shares and their masked upload by hand -> (clients, context)."""
+    values, context = _values(n), "refusals|calibrate|1"
+    clients = {cid: MaskingClient(cid, values[cid]) for cid in range(n)}
+    keys = {cid: wire.decode(c.secagg_keys(wire.encode({}, context=context)))[0] for cid, c in clients.items()}
+    ids = sorted(clients)
+    ring = {name: np.stack([keys[c][name.replace("_keys", "_public")] for c in ids]) for name in ("c_keys", "s_keys")}
+    request = wire.encode(ring, context=context, cohort=ids, threshold=threshold_for(n))
+    shared = {cid: wire.decode(c.secagg_share(request)) for cid, c in clients.items()}
+    members = members or ids
+    for cid in members:
+        senders = [s for s in members if s != cid]
+        rows = [shared[s][0]["ciphertexts"][shared[s][1]["recipients"].index(cid)] for s in senders]
+        upload = wire.encode({"ciphertexts": np.stack(rows)}, context=context, cohort=members, senders=senders)
+        assert wire.decode(clients[cid].secagg_upload(upload))[1]["bad_senders"] == []
+    return clients, context
+
+
+def _unmask(context: str, uploaded, dropped) -> bytes:
+    return wire.encode({}, context=context, uploaded=list(uploaded), dropped=list(dropped))
+
+
+def test_a_client_never_reveals_both_shares_of_one_peer():
+    clients, context = _through_upload(4)
+    with pytest.raises(FederationError, match=r"both shares of clients \[2\]"):
+        clients[0].secagg_unmask(_unmask(context, [0, 1, 2, 3], [2]))
+    first = wire.decode(clients[0].secagg_unmask(_unmask(context, [0, 1, 3], [2])))[1]
+    assert first == {"b_peers": [0, 1, 3], "s_peers": [2]}
+    assert wire.decode(clients[0].secagg_unmask(_unmask(context, [0, 1, 3], [2])))[1] == first  # a retry: same kinds
+    with pytest.raises(FederationError, match=r"both shares of clients \[2\].*already revealed"):
+        clients[0].secagg_unmask(_unmask(context, [0, 1, 2, 3], []))  # 2 "came back": its b share is never given
+    with pytest.raises(FederationError, match=r"both shares of clients \[1, 2\]"):
+        clients[0].secagg_unmask(_unmask(context, [0, 3, 2], [1]))
+
+
+@pytest.mark.parametrize(
+    ("uploaded", "dropped", "message"),
+    [
+        ([0, 1], [2, 3], "2 uploaders, fewer than the threshold 3"),
+        ([1, 2, 3], [0], "does not count its own upload"),
+        ([0, 1, 2], [], "not the clients it masked with"),
+        ([0, 1, 2, 3, 9], [], "not the clients it masked with"),
+        ([0, 1, 1, 2], [3], "names a client twice"),
+    ],
+)
+def test_an_inconsistent_unmasking_request_is_refused(uploaded, dropped, message):
+    clients, context = _through_upload(4)
+    with pytest.raises(FederationError, match=message):
+        clients[0].secagg_unmask(_unmask(context, uploaded, dropped))
+    assert clients[0].revealed == {}  # a refused request reveals nothing
+
+
+def test_inconsistent_key_lists_thresholds_and_masking_sets_are_refused():
+    context = "refusals|calibrate|1"
+
+    def advertised(n):
+        clients = {cid: MaskingClient(cid, np.zeros(SHAPE)) for cid in range(n)}
+        keys = {cid: wire.decode(c.secagg_keys(wire.encode({}, context=context)))[0] for cid, c in clients.items()}
+        names = ("c_keys", "s_keys")
+        ring = {name: np.stack([keys[c][name.replace("_keys", "_public")] for c in sorted(keys)]) for name in names}
+        return clients, ring
+
+    clients, ring = advertised(4)
+    for threshold, message in ((2, "threshold 2 for a cohort of 4"), (1, "threshold 1"), (5, "threshold 5")):
+        with pytest.raises(FederationError, match=message):  # t <= n/2 would let a server collect both kinds
+            clients[0].secagg_share(wire.encode(ring, context=context, cohort=[0, 1, 2, 3], threshold=threshold))
     with pytest.raises(FederationError, match="cohort of 1"):
-        client.mask(np.zeros(3), {0: client.public_key()}, b"x")
+        clients[0].secagg_share(
+            wire.encode({k: v[:1] for k, v in ring.items()}, context=context, cohort=[0], threshold=1)
+        )
+    swapped = {"c_keys": ring["c_keys"][[1, 1, 2, 3]], "s_keys": ring["s_keys"]}
+    with pytest.raises(FederationError, match="own keys"):
+        clients[0].secagg_share(wire.encode(swapped, context=context, cohort=[0, 1, 2, 3], threshold=3))
+    with pytest.raises(FederationError, match="duplicate public keys"):
+        clients[1].secagg_share(wire.encode(swapped, context=context, cohort=[0, 1, 2, 3], threshold=3))
+    with pytest.raises(FederationError, match="another round"):
+        clients[2].secagg_share(wire.encode(ring, context="other|calibrate|1", cohort=[0, 1, 2, 3], threshold=3))
+    with pytest.raises(FederationError, match="out of order"):
+        clients[3].secagg_upload(wire.encode({}, context=context, cohort=[0, 1, 2, 3], senders=[]))
+    shares = wire.decode(clients[0].secagg_share(wire.encode(ring, context=context, cohort=[0, 1, 2, 3], threshold=3)))
+    assert shares[1]["recipients"] == [1, 2, 3] and shares[0]["ciphertexts"].shape == (3, CIPHERTEXT_BYTES)
+    with pytest.raises(FederationError, match="out of order"):  # one share per round: a second could differ
+        clients[0].secagg_share(wire.encode(ring, context=context, cohort=[0, 1, 2, 3], threshold=3))
+    too_few = wire.encode({"ciphertexts": np.zeros((1, CIPHERTEXT_BYTES), np.uint8)}, context=context, cohort=[0, 1],
+                          senders=[1])  # fmt: skip
+    with pytest.raises(FederationError, match="2 clients, fewer than the threshold 3"):
+        clients[0].secagg_upload(too_few)
+    outsider = wire.encode({"ciphertexts": np.zeros((0, CIPHERTEXT_BYTES), np.uint8)}, context=context,
+                           cohort=[0, 1, 2, 7], senders=[])  # fmt: skip
+    with pytest.raises(FederationError, match="advertised no keys"):
+        clients[0].secagg_upload(outsider)
 
 
-def test_a_tampered_key_list_is_refused():
-    a, b = MaskingClient(0), MaskingClient(1)
-    with pytest.raises(FederationError, match="own key"):
-        a.mask(np.zeros(3), {0: b.public_key(), 1: b.public_key()}, b"x")
-    with pytest.raises(FederationError, match="duplicate"):
-        a.mask(np.zeros(3), {0: a.public_key(), 1: a.public_key()}, b"x")
+# ----------------------------------------------------------------------------------------- bad messages
+def _flip(answer: bytes, offset: int = -40) -> bytes:
+    """One byte of a payload's array data changed (the payload stays well-formed)."""
+    raw = bytearray(answer)
+    raw[offset] ^= 0xFF
+    return bytes(raw)
+
+
+def test_malformed_answers_at_each_step_are_rejected_and_recorded_and_the_round_goes_on():
+    values = _values(8, seed=5)
+    tamper = {
+        "secagg_keys": lambda cid, a: a + b"\x00" * 4096 if cid == 0 else a,  # over the size limit
+        "secagg_share": lambda cid, a: (
+            wire.encode({"ciphertexts": np.zeros((3, CIPHERTEXT_BYTES), np.uint8)}, recipients=[1, 2, 3])
+            if cid == 1
+            else a
+        ),  # wrong shape and recipients
+        "secagg_upload": lambda cid, a: wire.encode({"masked": np.zeros(12)}) if cid == 2 else a,  # float64[12]
+        "secagg_unmask": lambda cid, a: b"not safetensors" if cid == 3 else a,  # undecodable: that answer is ignored
+    }
+    cohort = LocalCohort(values, tamper=tamper)
+    result = _aggregate(cohort)
+    # 0, 1, 2 rejected (keys, shares, upload); t = 4 of U1 = 7, so 3's bad unmasking answer is spared
+    members = [3, 4, 5, 6, 7]
+    np.testing.assert_allclose(result.value, _exact_mean(values, members), atol=RESOLUTION)
+    assert "rejected key advertisement" in result.dropped[0] and "at most" in result.dropped[0]
+    assert "rejected secret shares" in result.dropped[1] and "exactly the other clients" in result.dropped[1]
+    assert "rejected masked upload: masked upload of float64[12], expected uint64[12]" in result.dropped[2]
+    assert sorted(result.dropped) == [0, 1, 2] and {0, 1, 2, 3} <= cohort.excluded
+
+
+def test_a_share_that_does_not_decrypt_leaves_its_sender_out_and_the_round_goes_on():
+    """Client 1's share for client 0 is altered in transit: 0 cannot open it and says so; the server leaves 1 out
+    of the sum (its upload is not used, its pairwise masks are removed with its key rebuilt from the others)."""
+    values = _values(5, seed=6)
+
+    def garble_for_0(cid, answer):
+        if cid != 1:
+            return answer
+        arrays, meta = wire.decode(answer)
+        arrays["ciphertexts"] = arrays["ciphertexts"].copy()
+        arrays["ciphertexts"][meta["recipients"].index(0), 20] ^= 1
+        return wire.encode(arrays, **meta)
+
+    cohort = LocalCohort(values, tamper={"secagg_share": garble_for_0})
+    result = _aggregate(cohort)
+    np.testing.assert_allclose(result.value, _exact_mean(values, [0, 2, 3, 4]), atol=RESOLUTION)
+    assert "client(s) [0] could not open its share" in result.dropped[1]
+    assert wire.decode(cohort.answers("secagg_upload")[0])[1]["bad_senders"] == [1]
+
+
+def test_shares_from_strangers_or_relabelled_senders_are_rejected_by_the_client():
+    context = "strangers|calibrate|1"
+    fresh = {cid: MaskingClient(cid, np.ones(SHAPE)) for cid in range(4)}
+    keys = {cid: wire.decode(c.secagg_keys(wire.encode({}, context=context)))[0] for cid, c in fresh.items()}
+    ring = {
+        name: np.stack([keys[c][name.replace("_keys", "_public")] for c in range(4)]) for name in ("c_keys", "s_keys")
+    }
+    shared = {cid: wire.decode(c.secagg_share(wire.encode(ring, context=context, cohort=[0, 1, 2, 3], threshold=3)))
+              for cid, c in fresh.items()}  # fmt: skip
+    to_0 = {s: shared[s][0]["ciphertexts"][shared[s][1]["recipients"].index(0)] for s in (1, 2, 3)}
+    rows = np.stack([to_0[1], to_0[1], to_0[3], np.zeros(CIPHERTEXT_BYTES, np.uint8)])
+    # 1's share relabelled as 2's (the AD binds the sender), 3 (not in the masking set), 99 (a stranger)
+    request = wire.encode({"ciphertexts": rows}, context=context, cohort=[0, 1, 2], senders=[1, 2, 3, 99])
+    answer = wire.decode(fresh[0].secagg_upload(request))
+    assert answer[1]["bad_senders"] == [2, 3, 99] and answer[0]["masked"].dtype == np.uint64
+    assert set(fresh[0].held) == {0, 1}  # only the genuine share from 1 (and its own) are kept
+
+
+def test_a_wrong_share_in_the_unmasking_fails_the_round_cleanly():
+    values = _values(3, seed=7)
+
+    def corrupt(cid, answer):
+        if cid != 0:
+            return answer
+        arrays, meta = wire.decode(answer)
+        return wire.encode({k: np.bitwise_xor(v, 1).astype(np.uint8) for k, v in arrays.items()}, **meta)
+
+    with pytest.raises(FederationError, match="self-mask seed do not rebuild it"):
+        _aggregate(LocalCohort(values, tamper={"secagg_unmask": corrupt}))
 
 
 def test_out_of_range_values_are_refused():
@@ -69,6 +419,7 @@ def test_out_of_range_values_are_refused():
         encode_fixed(np.array([np.nan]))
 
 
+# ------------------------------------------------------------------------------------------------ end to end
 def _settings(**kw) -> FederationSettings:
     # one host per client (--actors 3): a kill takes one client
     base = dict(clients=3, actors=3, alpha=1.0, rounds=1, min_clients=2, round_timeout_s=120, min_shard=4)
@@ -76,14 +427,14 @@ def _settings(**kw) -> FederationSettings:
 
 
 def test_secagg_federation_matches_plain_and_survives_a_drop_after_keys(ray_session, llama_dir, task_dir, tmp_path):
-    """Client 2 dies after keys are agreed in round 1: masking is redone without it, fresh keys."""
+    """Client 2 dies after advertising its keys in round 1: the others' sum, same round, no redo."""
     source = DataSource(str(task_dir), max_train=40, max_test=0)
     seen: dict[tuple[str, int], dict[int, bytes]] = {}
 
     def record_and_kill_2_after_keys(stage, round_index, results, actors):
         seen[(stage, round_index)] = results
-        # Keys of round 1 are agreed (gathered): client 2 dies before its masked upload is asked for.
-        # Killed here and waited for, not after the upload's dispatch, where a fast upload could win the race.
+        # Keys of round 1 are advertised (gathered): client 2 dies before its shares are asked for.
+        # Killed here and waited for, not after the next request's dispatch, where a fast answer could win the race.
         if stage == "calibrate-keys" and round_index == 1 and 2 in actors and "killed" not in seen:
             kill_and_wait(actors[2])
             seen["killed"] = {}
@@ -92,7 +443,7 @@ def test_secagg_federation_matches_plain_and_survives_a_drop_after_keys(ray_sess
         str(llama_dir), source, str(tmp_path / "s"), _settings(secagg=True), None, record_and_kill_2_after_keys
     )
     secure = fed.run()
-    assert "after masks were agreed" in secure.rounds[1].dropped[2]
+    assert "after advertising keys, before sharing" in secure.rounds[1].dropped[2]
     assert secure.rounds[1].clients_answered == [0, 1]
     # no single upload carries a client's real value: plain-stage answers hold only counts ...
     assert all(wire.decode(p)[0] == {} for p in seen[("extract", 0)].values())
@@ -114,12 +465,44 @@ def test_secagg_federation_matches_plain_and_survives_a_drop_after_keys(ray_sess
     np.testing.assert_allclose(secure.coefficients, plain.coefficients, atol=1e-5)
 
 
+def test_a_client_killed_after_its_masked_upload_still_counts(ray_session, llama_dir, task_dir, tmp_path):
+    """Client 2 dies after its masked Λ upload of round 1, before the unmasking: its self mask is removed with the
+    other two's shares, so round 1's Λ is the mean of all three -- the run in the clear with nobody lost."""
+    source = DataSource(str(task_dir), max_train=40, max_test=0)
+
+    def kill_2_after_upload(stage, round_index, results, actors):
+        if stage == "calibrate-masked" and round_index == 1 and 2 in actors:
+            kill_and_wait(actors[2])
+
+    secure = Federation(str(llama_dir), source, str(tmp_path / "s"), _settings(secagg=True), None, kill_2_after_upload)
+    result = secure.run()
+    assert result.rounds[1].clients_answered == [0, 1, 2] and result.rounds[1].dropped == {}
+    assert 2 not in secure.alive  # never asked again
+    plain = Federation(str(llama_dir), source, str(tmp_path / "p"), _settings(vector_coding="float32")).run()
+    np.testing.assert_allclose(result.coefficients, plain.coefficients, atol=1e-5)
+
+
+class HostedCohort:
+    """A transport straight to in-process hosted clients (real model), as ClientHost.call would reach them."""
+
+    session = "hosted"
+
+    def __init__(self, hosted):
+        self.hosted = hosted
+
+    def call(self, stage, round_index, method, requests):
+        return Exchange.of(requests, {c: getattr(self.hosted[c], method)(r) for c, r in requests.items()}, {})
+
+    def exclude(self, client_id: int) -> None:
+        raise AssertionError(f"client {client_id} excluded")
+
+
 def test_weighted_secure_mean_equals_weighted_fedavg(llama_dir, task_dir):
-    """Client actors (in-process, real model) mask N_k * v_k; the server divides the sum by the public sum of N_k."""
+    """Hosted clients (in-process, real model) mask N_k * v_k; the server divides the sum by the public sum of N_k."""
     import torch
     from hosting import hosted_client
 
-    from ifedicl.federation_job.strategies import ClientUpdate, FedAvg, RoundId
+    from ifedicl.federation_job.strategies import FedAvg
 
     threads = torch.get_num_threads()  # an actor pins its process to OMP_NUM_THREADS; restore for later tests
     source = DataSource(str(task_dir), max_train=30, max_test=0)
@@ -130,64 +513,22 @@ def test_weighted_secure_mean_equals_weighted_fedavg(llama_dir, task_dir):
     torch.set_num_threads(threads)
     for actor in actors.values():
         assert wire.decode(actor.extract(wire.encode({}, batch_size=8, secagg=True, weighted=True)))[0] == {}
-    keys = {cid: wire.decode(a.secagg_keys(b""))[0]["public_key"] for cid, a in actors.items()}
-    request = wire.encode({"public_keys": np.stack([keys[c] for c in sorted(keys)])}, cohort=sorted(keys), context="w")
-    uploads = [wire.decode(a.secagg_upload(request))[0]["masked"] for a in actors.values()]
+    strategy = SecureFedAvg(HostedCohort(actors), weighted=True, selection=ClientSelection(min_clients=2))
     shape = plain[0].shape
-    secure = unmask_sum(uploads, shape) / sum(counts.values())
-    updates = [ClientUpdate(c, v, counts[c]) for c, v in plain.items()]
-    expected = FedAvg(weighted=True).aggregate(RoundId("extract", 0, "stage 1"), updates).value
+    updates = [ClientUpdate(c, np.zeros(shape, np.float32), counts[c]) for c in actors]
+    secure = strategy.aggregate(RoundId("extract", 0, "stage 1"), updates).value
+    expected = (
+        FedAvg(weighted=True)
+        .aggregate(RoundId("extract", 0, "stage 1"), [ClientUpdate(c, v, counts[c]) for c, v in plain.items()])
+        .value
+    )
     np.testing.assert_allclose(secure, expected, atol=1e-5)
-
-
-class InProcessCohort:
-    """A transport to in-process clients (real key agreement and masking); ``lose`` vanishes before its upload once."""
-
-    session = "in-process"
-
-    def __init__(self, values: dict[int, np.ndarray], lose: int | None = None):
-        self.values, self.lose = values, lose
-        self.maskers: dict[int, MaskingClient] = {}
-        self.key_rounds = 0
-        self.excluded: set[int] = set()
-
-    def call(self, stage, round_index, method, requests):
-        if method == "secagg_keys":
-            self.key_rounds += 1
-            self.maskers = {cid: MaskingClient(cid) for cid in requests}
-            answers = {cid: wire.encode({"public_key": m.public_key()}) for cid, m in self.maskers.items()}
-            return Exchange.of(requests, answers, {})
-        answers, dropped = {}, {}
-        for cid, request in requests.items():  # secagg_upload
-            if cid == self.lose:
-                dropped[cid], self.lose = "client died (RayActorError)", None
-                continue
-            arrays, meta = wire.decode(request)
-            peers = dict(zip(meta["cohort"], arrays["public_keys"]))
-            masked = self.maskers[cid].mask(self.values[cid], peers, str(meta["context"]).encode())
-            answers[cid] = wire.encode({"masked": masked})
-        return Exchange.of(requests, answers, dropped)
-
-    def exclude(self, client_id: int) -> None:
-        self.excluded.add(client_id)
-
-
-def test_secure_fedavg_strategy_redoes_the_masking_without_a_member_lost_after_the_keys():
-    rng = np.random.default_rng(0)
-    values = {cid: rng.normal(size=(3, 2, 2)) for cid in range(3)}
-    cohort = InProcessCohort(values, lose=2)
-    strategy = SecureFedAvg(cohort, selection=ClientSelection(min_clients=2))
-    updates, rejected = strategy.decode(
-        {cid: wire.encode({}, num_examples=5) for cid in values}, "coefficients", (3, 2, 2)
-    )  # masked: the plain answers carry only counts
-    assert rejected == {} and all(not u.values.any() for u in updates)
-    result = strategy.aggregate(RoundId("calibrate", 1, "round 1"), updates)
-    np.testing.assert_allclose(result.value, (values[0] + values[1]) / 2, atol=1e-6)
-    assert [u.client_id for u in result.used] == [0, 1] and cohort.key_rounds == 2  # fresh keys for the redo
-    assert list(result.dropped) == [2] and "after masks were agreed" in result.dropped[2]
-    assert cohort.excluded == {2} and result.traffic.up[2] > 0 and result.traffic.down[0] > result.traffic.down[2]
-    with pytest.raises(FederationError, match="only 1 client.*min_clients=2"):
-        strategy.aggregate(RoundId("calibrate", 2, "round 2"), updates[:1])
+    with pytest.raises(FederationError, match="out of order"):  # the round is over for these keys
+        actors[0].secagg_share(wire.encode({}, context="hosted|extract|0"))
+    # a value is masked once: a second aggregation of it over another cohort (the old redo) would give the
+    # server two sums that differ by one member's value
+    with pytest.raises(FederationError, match="nothing to aggregate"):
+        actors[0].secagg_keys(wire.encode({}, context="hosted|extract|0|again"))
 
 
 def test_a_secure_run_is_published_only_after_a_held_out_evaluation_not_below_zero_shot(

@@ -152,7 +152,7 @@ def test_masked_answers_carry_only_a_count_and_are_bounded_too():
 
 # ------------------------------------------------------------------------------------- secure aggregation
 class GarbageCohort:
-    """In-process clients with real key agreement and masking; ``garbage`` upload random ring elements
+    """In-process masking clients (real keys, shares and masking); ``garbage`` upload random ring elements
     (well-formed, so only the sum can tell), ``wrong_type`` a float64 array in place of the masked one."""
 
     session = "in-process"
@@ -166,19 +166,16 @@ class GarbageCohort:
 
     def call(self, stage, round_index, method, requests):
         if method == "secagg_keys":
-            self.maskers = {cid: MaskingClient(cid) for cid in requests}
-            answers = {cid: wire.encode({"public_key": m.public_key()}) for cid, m in self.maskers.items()}
-            return Exchange.of(requests, answers, {})
-        answers = {}
-        for cid, request in requests.items():  # secagg_upload
-            arrays, meta = wire.decode(request)
-            peers = dict(zip(meta["cohort"], arrays["public_keys"]))
-            masked = self.maskers[cid].mask(self.values[cid], peers, str(meta["context"]).encode())
+            self.maskers = {cid: MaskingClient(cid, self.values[cid]) for cid in requests}
+        answers = {cid: getattr(self.maskers[cid], method)(request) for cid, request in requests.items()}
+        for cid in answers if method == "secagg_upload" else ():
+            arrays, meta = wire.decode(answers[cid])
+            masked = arrays["masked"]
             if cid in self.garbage:
                 masked = np.random.default_rng(cid).integers(0, 2**64, size=masked.size, dtype=np.uint64)
             if cid in self.wrong_type:
                 masked = masked.astype(np.float64)
-            answers[cid] = wire.encode({"masked": masked})
+            answers[cid] = wire.encode({"masked": masked}, **meta)
         return Exchange.of(requests, answers, {})
 
     def exclude(self, client_id: int) -> None:
@@ -208,7 +205,7 @@ def test_a_masked_garbage_upload_fails_the_secure_aggregation_instead_of_publish
         strategy.aggregate(RoundId("calibrate", 1, "round 1"), _secure_updates(strategy, cohort))
 
 
-def test_a_masked_upload_of_the_wrong_type_is_rejected_and_the_masking_redone_without_it():
+def test_a_masked_upload_of_the_wrong_type_is_rejected_and_its_masks_removed_without_it():
     """Before, a float64 masked upload raised inside the sum and failed the whole aggregation."""
     rng = np.random.default_rng(1)
     values = {cid: rng.normal(size=LAMBDA) for cid in range(3)}
