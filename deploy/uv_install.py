@@ -12,8 +12,19 @@ for pip (find-links, extra indexes, constraints, certificate, trusted hosts) are
 Where uv cannot be installed or fails, pip installs as before: uv is only the fast path.
 
 Usage: ``python deploy/uv_install.py VENV_PYTHON PIP_INSTALL_ARGS...``
-(for example ``.venv/bin/python -e ".[cpu,dev]"``). Standard library only: it runs before the project
-is installed.
+(for example ``.venv/bin/python -e ".[cpu,dev]" --constraint requirements-cpu.lock``). Standard library
+only: it runs before the project is installed.
+
+The lock files: ``python deploy/uv_install.py --lock VENV_PYTHON cpu|gpu [UV_COMPILE_ARGS...]`` writes
+``requirements-<build>.lock``, every package of ``.[<build>,cluster,eval,dev]`` at one version, resolved by
+``uv pip compile`` under the same index settings for CPython 3.11 on x86_64 Linux (glibc 2.34+), keeping
+the versions the file already pins unless ``--upgrade`` is passed. Why two files and not ``uv lock``: the
+two vLLM builds need two torch builds of the same version (``2.13.0+cpu`` from the CPU wheel source,
+``2.13.0`` with CUDA from PyPI), which ``uv lock``'s one universal resolution can only express by routing
+torch to per-extra indexes in pyproject, tying the project to index URLs this machine's pip configuration
+already provides. The GPU lock is compiled without find-links (where the CPU wheels lie: ``==2.13.0``
+would otherwise lock ``2.13.0+cpu``). ``make install`` installs the project with its build's lock as
+constraints.
 """
 
 from __future__ import annotations
@@ -65,6 +76,41 @@ def uv_command(uv: Path, python: str, settings: dict[str, list[str]], install_ar
     return command + install_args
 
 
+LOCK_EXTRAS = "cluster,eval,dev"  # with the vLLM build: what make install installs
+LOCK_PLATFORM = ("--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_34")
+
+
+def lock_path(build: str) -> Path:
+    return Path(__file__).resolve().parent.parent / f"requirements-{build}.lock"
+
+
+def compile_command(uv: Path, settings: dict[str, list[str]], build: str, compile_args: list[str]) -> list[str]:
+    """``uv pip compile`` of pyproject's ``build`` (cpu or gpu) install into its lock file."""
+    if build not in ("cpu", "gpu"):
+        raise ValueError(f"--lock: build must be cpu or gpu, not {build!r}")
+    if build == "gpu":  # the CPU torch wheels lie behind find-links: a GPU lock must not see them
+        settings = {k: v for k, v in settings.items() if k != "find-links"}
+    root = lock_path(build).parent
+    extras = [arg for extra in (build, *LOCK_EXTRAS.split(",")) for arg in ("--extra", extra)]
+    command = [str(uv), "pip", "compile", str(root / "pyproject.toml"), *extras, *LOCK_PLATFORM,
+               "--index-strategy", "unsafe-best-match", "--custom-compile-command", "make lock",
+               "-o", str(lock_path(build))]  # fmt: skip
+    for option, flag in LIST_OPTIONS.items():
+        for value in settings.get(option, []):
+            command += [flag, value]
+    return command + compile_args
+
+
+def lock(python: str, build: str, compile_args: list[str]) -> int:
+    subprocess.run([python, "-m", "pip", "install", "-q", "uv>=0.5"], check=True)
+    settings = pip_settings(python)
+    env = dict(os.environ)
+    if settings.get("cert"):
+        env["SSL_CERT_FILE"] = settings["cert"][0]
+    command = compile_command(Path(python).parent / "uv", settings, build, compile_args)
+    return subprocess.run(command, env=env, cwd=lock_path(build).parent).returncode
+
+
 def install_with_uv(python: str, install_args: list[str]) -> bool:
     """True when uv installed everything; False (after saying why) when pip should."""
     try:
@@ -85,6 +131,11 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
+    if argv[0] == "--lock":
+        if len(argv) < 3:
+            print(__doc__, file=sys.stderr)
+            return 2
+        return lock(argv[1], argv[2], argv[3:])
     python, install_args = argv[0], argv[1:]
     if install_with_uv(python, install_args):
         return 0

@@ -6,7 +6,7 @@
 FROM rayproject/ray:2.60.0-py311-cpu
 WORKDIR /home/ray/ifedicl
 # Every folder pyproject's [tool.setuptools] packages (the wheel is built from them): tests/test_deploy.py checks.
-COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users pyproject.toml README.md requirements-cpu.lock ./
 COPY --chown=ray:users kernel ./kernel
 COPY --chown=ray:users model_patches ./model_patches
 COPY --chown=ray:users storage ./storage
@@ -18,7 +18,8 @@ COPY --chown=ray:users cli ./cli
 # Dependencies come from pyproject only (core + `cluster`), never a hand list that can drift from it.
 # The CPU torch index serves torch==<pinned>+cpu, which keeps the image small (PyPI's Linux torch is the CUDA
 # build); for GPU clients use rayproject/ray:2.60.0-py311-gpu and drop the extra index.
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[cluster]"
+# Every package at the version CI tested: the CPU lock as constraints (make lock; deploy/uv_install.py).
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[cluster]" --constraint requirements-cpu.lock
 ENV HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 # kubectl for the CronJob's recalibrate-rayjob.sh (deploy/k8s/recalibrate-cronjob.yaml), pinned, and checked
 # against the SHA-256 the Kubernetes release publishes beside it. TARGETARCH comes from BuildKit (amd64/arm64).

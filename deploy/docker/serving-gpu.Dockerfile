@@ -4,7 +4,7 @@
 FROM vllm/vllm-openai:v0.32.0
 WORKDIR /opt/ifedicl
 # Every folder pyproject's [tool.setuptools] packages (the wheel is built from them): tests/test_deploy.py checks.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-gpu.lock ./
 COPY kernel ./kernel
 COPY model_patches ./model_patches
 COPY storage ./storage
@@ -17,7 +17,8 @@ COPY cli ./cli
 # `cryptography`, which `ifedicl recalibration-exporter` imports. vLLM and its
 # CUDA torch are already in the base image at the versions the `gpu` extra pins, so pip keeps them and adds
 # only what is missing.
-RUN pip install --no-cache-dir ".[gpu]"
+# Every package at the version the GPU lock names (make lock; deploy/uv_install.py), as constraints.
+RUN pip install --no-cache-dir ".[gpu]" --constraint requirements-gpu.lock
 ENV HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 EXPOSE 8000 9464
 ENTRYPOINT ["ifedicl", "serve"]
