@@ -46,8 +46,13 @@ HELP = {
     "aggregator": "how the server combines vectors and Λ (trimmed-mean and median: coordinate-wise)",
     "trim_fraction": "trimmed-mean: fraction cut from each end",
     "reject_norm_factor": "reject updates with norm > FACTOR x the round's median (vectors; Λ deltas); 0: off",
-    "server_lr": "server learning rate on Λ: each round Λ moves by this times the aggregate's change "
-    "(1: plain FedAvg; > 1 goes further along the clients' consensus)",
+    "server_optimizer": "the server's step on each round's aggregate Λ, taken as a pseudo-gradient: sgd "
+    "(Λ moves --server-lr times the aggregate's change; lr 1 is plain FedAvg), momentum (FedAvgM) or adam (FedAdam)",
+    "server_lr": "server learning rate on Λ (sgd, momentum: a multiple of the aggregate's change; adam: about "
+    "how far each coefficient moves per round)",
+    "server_momentum": "momentum's μ, adam's β1",
+    "server_warmup": "rounds over which the server learning rate warms up linearly",
+    "server_decay": "server learning rate after warm-up: constant, or cosine down to a tenth at the last round",
     "secagg": "secure aggregation: the server sees only masked sums",
     "dp_vector_epsilon": "DP on the uploaded vectors: ε (one release)",
     "dp_vector_clip": "DP: per-example L2 bound of the [L,2,d] contribution",
@@ -94,8 +99,8 @@ def option_set(options: type, help: dict[str, str], panel: str, argument: str):
 def revision_option():
     """``--revision``: which revision of a hub ``--model`` (``with_revision`` joins them into one spec)."""
     return typer.Option(
-        None, "--revision", help="a hub model's branch, tag or commit; the run records the commit it resolved to "
-        "(serve with --revision COMMIT)",
+        None, "--revision", help="a hub model's branch, tag or commit; a run records the commit it resolved to, "
+        "which serve and predict load unless given another",
     )  # fmt: skip
 
 
@@ -104,6 +109,29 @@ def model_spec(model: str, revision: str | None) -> str:
     from ifedicl.kernel.model_source import with_revision
 
     return with_revision(model, revision)
+
+
+def model_for_store(model: str, revision: str | None, store: str) -> str:
+    """The spec to serve (or predict with) ``model`` at: ``--revision`` if given; for a hub id without one, the
+    commit the store's published runs of it were made at (each records it), so serving loads that revision."""
+    from ifedicl.kernel.errors import IfediclError
+    from ifedicl.kernel.model_source import is_hub_id
+    from ifedicl.storage.store import Store
+
+    if revision is not None or not is_hub_id(model):
+        return model_spec(model, revision)
+    try:
+        runs = Store(store).published_runs().values()
+    except Exception:  # noqa: BLE001  no readable store yet: the server reports it, this only picks a revision
+        return model
+    commits = sorted({info.fingerprint.model_id.removeprefix(f"{model}@") for info in runs
+                      if info.fingerprint.model_id.startswith(f"{model}@")})  # fmt: skip
+    if len(commits) > 1:
+        raise IfediclError(
+            f"--revision: the published runs of {model} were made at {len(commits)} commits ({', '.join(commits)}); "
+            "pass --revision with the one to serve"
+        )
+    return model_spec(model, commits[0]) if commits else model
 
 
 # Declares the federation flags on a command; it receives them as ``federation: FederationOptions``.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ifedicl.cli.option_sets import model_spec, revision_option
+from ifedicl.cli.option_sets import model_for_store, revision_option
 from ifedicl.kernel.errors import IfediclError
 
 
@@ -33,7 +33,7 @@ def predict_command(
     if not items:
         raise IfediclError("no text to classify: pass TEXT arguments or --file")
     stored = Store(store)
-    classifier = ReferenceClassifier(model_spec(model, revision))
+    classifier = ReferenceClassifier(model_for_store(model, revision, store))
     stored_run = classifier.load(stored, task, run)
     for p in classifier.classify(stored_run.task, items, stored_run):
         if as_json:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from ifedicl.cli.option_sets import model_spec, revision_option
+from ifedicl.cli.option_sets import model_for_store, revision_option
 
 
 def serve_command(
@@ -62,7 +62,7 @@ def serve_command(
     (so served answers are the evaluated ones); with another, each run is re-scored on
     its held-out split at load and both accuracies are reported.
     """
-    model = model_spec(model, revision)  # a bad --revision fails before vLLM loads
+    model = model_for_store(model, revision, store)  # before vLLM loads: a bad --revision fails at once
     from ifedicl.serving.launch import ServingLimits, run_server
 
     run_server(

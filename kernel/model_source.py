@@ -16,8 +16,8 @@ wherever it lies:
 - a GGUF model: its file's content (:attr:`GgufSource.model_id`), whichever form named it;
 - a local HF directory: ``dir@sha256:DIGEST`` of its files (:func:`directory_digest`), not its path, so a
   run federated from ``/data/m`` serves from ``/models/m``, and another model copied to ``/data/m`` is refused;
-- a hub id at a revision: ``owner/name@COMMIT``, the commit the revision resolved to (serve with
-  ``--revision COMMIT``, or the same branch while it points there);
+- a hub id at a revision: ``owner/name@COMMIT``, the commit the revision resolved to (``ifedicl serve`` and
+  ``predict`` given the hub id alone load the commit the published runs record);
 - a hub id without a revision: the id.
 """
 
@@ -54,13 +54,18 @@ def with_revision(model: str, revision: str | None) -> str:
         return model
     if not _REVISION.match(revision):
         raise UnknownModelError(f"--revision: {revision!r} is not a revision (a branch, tag or commit hash)")
-    local = model in MODELS or is_gguf_path(model) or Path(model).expanduser().exists() or _GGUF_ID.match(model)
-    if local or "@" in model or not _HUB_AT_REVISION.match(f"{model}@{revision}"):
+    if not is_hub_id(model):
         raise UnknownModelError(
             f"--revision: applies to a hub model id (owner/name), not to {model!r} (a local or named model "
             "is loaded as it is)"
         )
     return f"{model}@{revision}"
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` names a hub model without a revision (``owner/name``), not a local or named model."""
+    local = spec in MODELS or is_gguf_path(spec) or Path(spec).expanduser().exists() or _GGUF_ID.match(spec)
+    return not local and "@" not in spec and _HUB_AT_REVISION.match(f"{spec}@main") is not None
 
 
 def _hub_snapshot(repo: str, revision: str) -> Path:

@@ -112,6 +112,26 @@ def test_revision_loads_the_snapshot_and_the_run_records_its_commit(hub_cache):
         resolve_model("acme/tiny@v9")
 
 
+def test_serving_a_hub_id_loads_the_revision_its_runs_were_made_at(tmp_path, hub_cache):
+    """`ifedicl predict --model acme/tiny` (no --revision) classifies with the run made at acme/tiny@main: it
+    loads the commit the run recorded; the same id at another commit (an unknown one here) is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    store = Store(tmp_path / "store", create=True)
+    _store_run(store, "acme/tiny@main")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, "-m", "ifedicl.cli", "predict", "--store", str(store.uri), "--model", "acme/tiny",
+            "--task", TASK.name, "--json", "a fine film"]  # fmt: skip
+    proc = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[0])["label"] in TASK.labels
+    proc = subprocess.run([*base, "--revision", "v2"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --revision: acme/tiny at revision 'v2'")
+
+
 def test_revision_is_only_for_hub_ids(tmp_path, llama_dir):
     assert with_revision(str(llama_dir), None) == str(llama_dir)
     for model in (str(llama_dir), "smollm2-135m", str(tmp_path / "m.gguf"), "acme/tiny@v1"):
