@@ -18,7 +18,7 @@ def federate_command(
     model: str = typer.Option(..., envvar="IFEDICL_MODEL", help="HF model id or local path"),
     revision: str | None = revision_option(),
     store: str = typer.Option(..., envvar="IFEDICL_STORE", help="LanceDB URI or local directory"),
-    task_dir: Path | None = typer.Option(None, help="task.json + train/test .jsonl or .csv"),
+    task_dir: Path | None = typer.Option(None, help="task.json + train/test .jsonl, .csv or .parquet"),
     dataset: str | None = typer.Option(None, help="HF dataset name or save_to_disk path"),
     template: str | None = typer.Option(None, help="prompt template with {text} (overrides task.json)"),
     labels: str | None = typer.Option(None, help="comma-separated label words in class order"),
@@ -30,7 +30,8 @@ def federate_command(
         None, help="the training split: an HF dataset's split or a task directory's file stem (default: train)"
     ),
     test_split: str | None = typer.Option(
-        None, help="the held-out split (default: test, else an HF dataset's validation; label -1: unlabelled)"
+        None, help="the held-out split (default: test, else an HF dataset's validation); rows labelled -1 "
+        "(unlabelled) are refused"
     ),
     max_train: int | None = typer.Option(None, help="use only the first N training examples"),
     max_test: int = typer.Option(200, help="test examples scored after the run (0: skip)"),

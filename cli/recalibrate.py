@@ -32,7 +32,7 @@ def recalibrate_command(
     ),
     revision: str | None = revision_option(),
     store: str = typer.Option(..., envvar="IFEDICL_STORE", help="LanceDB URI or local directory"),
-    task_dir: Path | None = typer.Option(None, help="task.json + train/test .jsonl or .csv"),
+    task_dir: Path | None = typer.Option(None, help="task.json + train/test .jsonl, .csv or .parquet"),
     dataset: str | None = typer.Option(None, help="HF dataset name or save_to_disk path"),
     mode: Mode = typer.Option("full", help="full: stage 1 + stage 2; stage2: recalibrate Λ on the published vectors"),
     margin: float = typer.Option(
@@ -48,7 +48,8 @@ def recalibrate_command(
         None, help="the training split: an HF dataset's split or a task directory's file stem (default: train)"
     ),
     test_split: str | None = typer.Option(
-        None, help="the held-out split (default: test, else an HF dataset's validation; label -1: unlabelled)"
+        None, help="the held-out split (default: test, else an HF dataset's validation); rows labelled -1 "
+        "(unlabelled) are refused"
     ),
     max_train: int | None = typer.Option(None, help="use only the first N training examples"),
     max_test: int = typer.Option(200, help="held-out examples both runs are scored on"),
