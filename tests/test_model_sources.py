@@ -20,7 +20,7 @@ from ifedicl.kernel.errors import IfediclError, TaskSpecError
 from ifedicl.kernel.gguf_cache import SOURCE_FILE, GgufError, converted_dir, source_of
 from ifedicl.kernel.gguf_header import GgufHeaderError, read_header
 from ifedicl.kernel.model_catalog import ModelPackageError, pull
-from ifedicl.kernel.model_source import UnknownModelError, model_identity, resolve_model
+from ifedicl.kernel.model_source import UnknownModelError, model_identity, recorded_identity, resolve_model
 from ifedicl.kernel.modeling import fingerprint, load_config
 from ifedicl.kernel.task import TaskSpec, label_token_ids
 from ifedicl.storage.store import ModelMismatchError, Store
@@ -65,6 +65,7 @@ def test_every_spelling_of_a_gguf_model_has_one_identity(smollm2_gguf, real_mode
     assert model_identity(str(smollm2_gguf)) == identity
     assert model_identity(str(real_models["smollm2-135m"])) == identity  # the converted directory itself
     assert resolve_model(identity) == str(real_models["smollm2-135m"])  # the id a run recorded loads again
+    assert recorded_identity(str(real_models["smollm2-135m"])) == identity  # its file's content, not a dir digest
     assert source_of(real_models["smollm2-135m"]).architecture == "llama"
 
 
