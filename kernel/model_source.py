@@ -127,10 +127,13 @@ def model_identity(spec: str) -> str:
 
 def recorded_identity(model_id: str) -> str:
     """What a run records as its model and serving compares (the fingerprint's ``model_id``): a local HF
-    directory's content digest (``dir@sha256:...``), not its path; any other id unchanged."""
+    directory's content digest (``dir@sha256:...``), not its path (a GGUF's conversion: the GGUF's id); any
+    other id unchanged."""
     path = Path(model_id)
-    if not path.is_dir() or source_of(path) is not None:
+    if not path.is_dir():
         return model_id
+    if (source := source_of(path)) is not None:  # a GGUF's conversion: the GGUF file's content id
+        return source.model_id
     return f"dir@sha256:{directory_digest(path)}"
 
 
