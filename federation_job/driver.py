@@ -43,6 +43,7 @@ from ifedicl.federation_job.ray_pool import (
     put_shared_weights,
 )
 from ifedicl.federation_job.run_summary import federated_accuracy, held_out_accuracy, summarize
+from ifedicl.federation_job.server_optimizer import ServerOptimizer, ServerOptimizerState
 from ifedicl.federation_job.strategies import Aggregate, ClientUpdate, RoundId
 from ifedicl.federation_job.vector_coding import decode_vectors, upload_reader
 from ifedicl.kernel.errors import IfediclError
@@ -117,10 +118,13 @@ class Federation:
         self.releases: dict[int, int] = {}  # Λ uploads each client made (used or rejected): what DP accounts
         self._driver_model = None
         self.shared_weights: ray.ObjectRef | None = None  # --weights shared: the object each node keeps one copy of
+        self.server_state_resume: dict | None = None  # whether a warm start continued a stored optimizer state
 
-    def start_from(self, coefficients: np.ndarray) -> None:
+    def start_from(self, coefficients: np.ndarray, server_state: dict[str, np.ndarray] | None = None) -> None:
         """Stage 2 starts from ``coefficients`` [L, 2, 2] instead of the initial Λ (λ=0.1, β=1): a recalibration
-        warm-starts from the live run's."""
+        warm-starts from the live run's, and with ``server_state`` (the live run's stored server optimizer state)
+        continues its optimizer. A state that does not fit this run (another shape, not finite) is not used:
+        the optimizer starts afresh and the run's summary says why (``server_optimizer_resume``)."""
         start = np.asarray(coefficients, dtype=np.float32)
         expected = self.start_coefficients.shape
         if start.shape != expected or not np.all(np.isfinite(start)):
@@ -128,6 +132,15 @@ class Federation:
                 f"the starting Λ must be finite with shape {expected} for this model (got {start.shape})"
             )
         self.start_coefficients = start
+        step = self.strategies.coefficients
+        if server_state is None or not isinstance(step, ServerOptimizer):
+            return
+        try:
+            step.resume(ServerOptimizerState.from_arrays(server_state, expected))
+            self.server_state_resume = {"resumed": True, "steps": step.state.steps}
+        except IfediclError as err:
+            self.server_state_resume = {"resumed": False, "reason": str(err)}
+            log_event("server_state_refused", reason=str(err))
 
     @property
     def alive(self) -> set[int]:
@@ -162,6 +175,8 @@ class Federation:
                 self.releases,
             )  # fmt: skip
             summary["client_names"] = {str(cid): name for cid, name in self.population.names.items()}
+            if self.server_state_resume is not None:
+                summary["server_optimizer_resume"] = self.server_state_resume
             summary.update(self._evaluate(vectors, coefficients))
             summary.update(federated)
             refused = self._publish_refusal(summary) if publish else None
@@ -213,7 +228,14 @@ class Federation:
             coefficients, record = self.stage_two_round(r, coefficients, rng)
             self._record(record)
             self.store.write_coefficients(self.run_id, self.task.name, r, coefficients)
+            self._store_server_state(r)
         return vectors, coefficients
+
+    def _store_server_state(self, round_index: int) -> None:
+        """The server optimizer's state after ``round_index``, when it keeps one: a recalibration continues it."""
+        step = self.strategies.coefficients
+        if isinstance(step, ServerOptimizer) and not step.settings.stateless:
+            self.store.write_server_state(self.run_id, round_index, step.state.to_arrays())
 
     # ------------------------------------------------------------------ the rounds
     def _check_placements(self) -> None:

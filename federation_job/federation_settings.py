@@ -17,7 +17,8 @@ from ifedicl.federation_job.options import FederationOptions
 from ifedicl.federation_job.privacy import PrivacySettings
 from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
 from ifedicl.federation_job.secagg import MIN_COHORT, SecureFedAvg, Transport
-from ifedicl.federation_job.strategies import ClientSelection, FedAvg, ServerStep, Strategy
+from ifedicl.federation_job.server_optimizer import ServerOptimizerSettings, server_optimizer
+from ifedicl.federation_job.strategies import ClientSelection, FedAvg, Strategy
 from ifedicl.federation_job.vector_coding import CODINGS, default_coding
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import DTYPES
@@ -55,7 +56,12 @@ class FederationSettings:
     aggregator: str = DEFAULTS.aggregator  # mean (FedAvg) | trimmed-mean | median, coordinate-wise, vectors and Λ
     trim_fraction: float = DEFAULTS.trim_fraction  # trimmed-mean: cut from each end
     reject_norm_factor: float = DEFAULTS.reject_norm_factor  # reject ||update - ref|| > factor * median (0: off)
-    server_lr: float = DEFAULTS.server_lr  # Λ ← Λ + server_lr·(aggregate − Λ) each round (strategies.ServerStep)
+    # What the server does with each round's aggregate Λ (federation_job/server_optimizer.py): sgd at lr 1 is FedAvg.
+    server_optimizer: str = DEFAULTS.server_optimizer  # sgd | momentum (FedAvgM) | adam (FedAdam)
+    server_lr: float = DEFAULTS.server_lr
+    server_momentum: float = DEFAULTS.server_momentum
+    server_warmup: int = DEFAULTS.server_warmup  # rounds of linear warm-up of the server lr
+    server_decay: str = DEFAULTS.server_decay  # constant | cosine (to a tenth of the lr at the last round)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secagg: bool = DEFAULTS.secagg  # pairwise-masked sums: the server sees no single client's vectors or Λ
     adversaries: dict[int, str] = field(default_factory=dict)  # drills/tests: {client: "scale:50,flip"}
@@ -103,7 +109,6 @@ class FederationSettings:
             ),
             (0 <= self.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
             (self.reject_norm_factor >= 0, "--reject-norm-factor must be >= 0 (0: off)"),
-            (self.server_lr > 0, f"--server-lr must be > 0 (got {self.server_lr})"),
             (
                 not (self.aggregator != "mean" and (self.weighted_vectors or self.weighted_coefficients)),
                 "--weighted only goes with --aggregator mean (robust aggregators are unweighted)",
@@ -121,10 +126,22 @@ class FederationSettings:
             if not ok:
                 raise IfediclError(message)
         self.privacy.validate()
+        self.server_step().validate()
         from ifedicl.federation_job.adversary import parse_modes  # imports the Ray actor class: only when needed
 
         for spec in self.adversaries.values():
             parse_modes(spec)
+
+    def server_step(self) -> ServerOptimizerSettings:
+        """The server optimizer these settings ask for, over this run's rounds."""
+        return ServerOptimizerSettings(
+            kind=self.server_optimizer,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            warmup_rounds=self.server_warmup,
+            decay=self.server_decay,
+            rounds_total=self.rounds,
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,11 +173,6 @@ def build_strategies(settings: FederationSettings, transport: Transport) -> Roun
 
     return RoundStrategies(
         vectors=build(1.0, settings.weighted_vectors),  # stage 1 asks every client that loaded
-        coefficients=server_step(build(settings.fraction, settings.weighted_coefficients), settings.server_lr),
+        # stage 1's vectors are one mean, not a step: the server optimizer drives each round's Λ only
+        coefficients=server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step()),
     )
-
-
-def server_step(rule: Strategy, lr: float) -> Strategy:
-    """``rule`` as it is at a server learning rate of 1, else behind a :class:`ServerStep`. Each round's rule
-    only (Λ, and FedAvg-LoRA's adapters, which share it): stage 1's vectors are one mean, not a step."""
-    return rule if lr == 1 else ServerStep(rule, lr)

@@ -28,6 +28,8 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 VectorCoding = Literal["float32", "float16", "int8"]
 Aggregator = Literal["mean", "trimmed-mean", "median"]
 Stage1 = Literal["mean", "class-balanced"]  # federation_job.class_balanced.ESTIMATORS
+ServerOptimizerKind = Literal["sgd", "momentum", "adam"]  # federation_job.server_optimizer.SERVER_OPTIMIZERS
+ServerDecay = Literal["constant", "cosine"]  # federation_job.server_optimizer.DECAYS
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,11 @@ class FederationOptions:
     aggregator: Aggregator = "mean"
     trim_fraction: float = 0.1
     reject_norm_factor: float = 10.0
-    server_lr: float = 1.0  # Λ ← Λ + server_lr·(aggregate − Λ): FedAvgM's server learning rate, no momentum
+    server_optimizer: ServerOptimizerKind = "sgd"  # the server's step on each round's aggregate Λ (sgd, lr 1: FedAvg)
+    server_lr: float = 1.0
+    server_momentum: float = 0.9  # momentum's μ, adam's β1
+    server_warmup: int = 0  # rounds
+    server_decay: ServerDecay = "constant"
     secagg: bool = False
     dp_vector_epsilon: float | None = None
     dp_vector_clip: float = 1.0
@@ -113,7 +119,11 @@ class FederationOptions:
                 "aggregator": self.aggregator,
                 "trim_fraction": self.trim_fraction,
                 "reject_norm_factor": self.reject_norm_factor,
+                "server_optimizer": self.server_optimizer,
                 "server_lr": self.server_lr,
+                "server_momentum": self.server_momentum,
+                "server_warmup": self.server_warmup,
+                "server_decay": self.server_decay,
                 "secagg": self.secagg,
                 "privacy": self.privacy(),
                 **fields,

@@ -311,6 +311,16 @@ def _warm_start(attempt: Attempt, live_run_id: str | None, live, in_use: ModelFi
     return live.coefficients
 
 
+def _live_server_state(store: Store, live_run_id: str, settings) -> dict[str, np.ndarray] | None:
+    """The live run's last server optimizer state, if it kept one with the optimizer this run uses (another
+    optimizer's moments mean something else: that recalibration starts its optimizer afresh)."""
+    live_settings = json.loads(store.run_row(live_run_id)["settings"] or "{}")
+    if live_settings.get("server_optimizer", "sgd") != settings.server_optimizer:
+        return None
+    stored = store.server_state(live_run_id)
+    return stored[1] if stored is not None else None
+
+
 def _run_attempt(
     attempt,
     model_id,
@@ -346,7 +356,7 @@ def _run_attempt(
         fed = Federation(model_id, source, store_uri, settings, after_dispatch)
     start = _warm_start(attempt, live_run_id, live, fed.fingerprint) if warm_start else None
     if start is not None:
-        fed.start_from(start)
+        fed.start_from(start, _live_server_state(store, live_run_id, settings))
     clients_evaluate = not len(fed.population.server_test)
     if clients_evaluate and not any(client.test is not None for client in fed.population.clients):
         raise IfediclError("the data has no held-out split to compare candidate and live run on (give clients a test)")

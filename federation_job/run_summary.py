@@ -66,7 +66,11 @@ def summarize(
             "trim_fraction": settings.trim_fraction,
             "reject_norm_factor": 0.0 if settings.secagg else settings.reject_norm_factor,
             "secagg": settings.secagg,
+            "server_optimizer": settings.server_optimizer,
             "server_lr": settings.server_lr,
+            **({"server_momentum": settings.server_momentum} if settings.server_optimizer != "sgd" else {}),
+            "server_warmup": settings.server_warmup,
+            "server_decay": settings.server_decay,
         },
         "rejected": {
             str(r.round): {str(c): why for c, why in r.dropped.items() if why.startswith("rejected")}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -210,35 +210,3 @@ class FedAvg(ClearTextStrategy):
             weights = np.ones(len(updates), dtype=np.float64)
         weights /= weights.sum()
         return np.tensordot(weights, stacked, axes=1)
-
-
-class ServerStep(Strategy):
-    """Any rule's round value taken as a step from the round's starting value: Λ ← Λ + lr·(rule's Λ − Λ).
-
-    FedAvgM's server learning rate, without momentum (so nothing but Λ carries over between rounds,
-    and a resumed or recalibrated run needs no optimizer state). Why: on skewed shards each client's
-    few local steps move Λ a little and partly against each other; their mean is the consensus move,
-    and ``lr`` > 1 goes further along it each round at no client cost. ``lr`` = 1 is the rule itself.
-    """
-
-    def __init__(self, inner: Strategy, lr: float):
-        super().__init__(inner.selection, inner.weighted)
-        self.masked = inner.masked
-        self.inner = inner
-        self.lr = lr
-
-    def configure(self, available: list[int] | set[int], rng: np.random.Generator) -> RoundPlan:
-        return self.inner.configure(available, rng)
-
-    def decode(
-        self, answers: dict[int, object], key: str, shape: tuple[int, ...], read: Reader | None = None
-    ) -> tuple[list[ClientUpdate], dict[int, str]]:
-        return self.inner.decode(answers, key, shape, read)
-
-    def aggregate(self, at: RoundId, updates: list[ClientUpdate], reference: np.ndarray | None = None) -> Aggregate:
-        if reference is None:
-            raise FederationError("a server step needs the round's starting value")
-        result = self.inner.aggregate(at, updates, reference)
-        start = reference.astype(np.float64)
-        value = start + self.lr * (result.value.astype(np.float64) - start)  # same shape as Λ: [L, 2, 2]
-        return replace(result, value=value.astype(np.float32))

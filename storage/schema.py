@@ -64,6 +64,19 @@ COEFFICIENTS = pa.schema(
     ]
 )
 
+# The server optimizer's state after each round of a run (federation_job/server_optimizer.py): one row per
+# (round, field), each field a float64 array shaped like Λ (or the step count), so that a recalibration
+# warm-started from the run continues its optimizer. Absent for runs whose server step keeps no state.
+SERVER_STATE = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("shape", pa.list_(pa.int32()), nullable=False),
+        pa.field("values", pa.list_(pa.float64()), nullable=False),
+    ]
+)
+
 # The publication log: one row per publish or rollback, ``seq`` counting 1, 2, 3, ... per task.
 # ``key`` ("<task>#<seq>") is the table's unenforced primary key, declared in the schema so the
 # table never exists without it: Lance then records the keys a merge_insert inserts and fails (and

@@ -116,7 +116,7 @@ class StoredRun:
 
 
 # Tables whose lookups go by run: indexed on ``run_id`` by :meth:`Store.optimize`.
-_RUN_KEYED = ("runs", "rounds", "coefficients")
+_RUN_KEYED = ("runs", "rounds", "coefficients", "server_state")
 
 
 class Store:
@@ -233,6 +233,32 @@ class Store:
             "values": coefficients.reshape(-1),
         }
         self._append("coefficients", schema.COEFFICIENTS, [row])
+
+    def write_server_state(self, run_id: str, round_index: int, state: dict[str, np.ndarray]) -> None:
+        """The server optimizer's state after ``round_index`` (its fields as arrays): a warm start continues it."""
+        rows = [
+            {
+                "run_id": run_id,
+                "round": round_index,
+                "name": name,
+                "shape": list(np.shape(value)),
+                "values": np.asarray(value, dtype=np.float64).reshape(-1),
+            }
+            for name, value in sorted(state.items())
+        ]
+        self._append("server_state", schema.SERVER_STATE, rows)
+
+    def server_state(self, run_id: str) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The run's last stored server optimizer state -> (round, {field: array}), or None if it kept none."""
+        rows = self._rows("server_state", f"run_id = {_quote(run_id)}")
+        if not rows:
+            return None
+        last = max(row["round"] for row in rows)
+        return last, {
+            row["name"]: np.asarray(row["values"], dtype=np.float64).reshape(row["shape"])
+            for row in rows
+            if row["round"] == last
+        }
 
     def _move_run(self, run_id: str, values: dict) -> tuple[bool, str]:
         """Apply ``values`` (a new status and what goes with it) only if the run is ``running``, atomically.

@@ -10,7 +10,6 @@ from ifedicl.federation_job.strategies import (
     ClientUpdate,
     FedAvg,
     RoundId,
-    ServerStep,
     check_update,
     sample_clients,
 )
@@ -36,32 +35,6 @@ def test_unweighted_mean_is_exact():
 
 def test_weighted_mean_is_exact():
     assert np.array_equal(_mean(FedAvg(weighted=True), _updates()), np.full((2, 2, 2), 3.25, np.float32))
-
-
-def test_a_server_step_moves_from_the_round_start_by_lr_times_the_rule():
-    """Λ ← Λ + lr·(mean − Λ): lr 1 is FedAvg's mean, 2 goes twice as far, ½ half; the round's own record
-    (updates used) is the rule's."""
-    start = np.full((2, 2, 2), 2.0, np.float32)
-    for lr, expected in ((1.0, 2.5), (2.0, 3.0), (0.5, 2.25)):
-        result = ServerStep(FedAvg(), lr).aggregate(ROUND, _updates(), reference=start)
-        assert np.allclose(result.value, expected) and result.value.dtype == np.float32, lr
-        assert [u.client_id for u in result.used] == [0, 1]
-    with pytest.raises(FederationError, match="starting value"):
-        ServerStep(FedAvg(), 2.0).aggregate(ROUND, _updates())
-
-
-def test_the_server_lr_setting_builds_the_step_for_each_round_and_not_for_stage_one():
-    from ifedicl.federation_job.federation_settings import FederationSettings, build_strategies
-    from ifedicl.federation_job.options import FederationOptions
-    from ifedicl.kernel.errors import IfediclError
-
-    plain = build_strategies(FederationOptions().settings(0.5, 0), transport=None)
-    assert not isinstance(plain.coefficients, ServerStep)
-    stepped = build_strategies(FederationOptions(server_lr=3.0).settings(0.5, 0), transport=None)
-    assert isinstance(stepped.coefficients, ServerStep) and stepped.coefficients.lr == 3.0
-    assert not isinstance(stepped.vectors, ServerStep)
-    with pytest.raises(IfediclError, match="--server-lr must be > 0"):
-        FederationSettings(server_lr=0.0).validate()
 
 
 def test_fedavg_of_coefficients_matches_numpy():
