@@ -221,7 +221,10 @@ def task_dir_splits(directory: Path) -> list[str]:
     return sorted({p.stem for p in directory.iterdir() if p.is_file() and p.suffix.lower() in READERS})
 
 
-def _read_split(directory: Path, name: str, task: TaskSpec, required: bool, columns: Columns, flag: str) -> Split:
+def _read_split(
+    directory: Path, name: str, task: TaskSpec, required: bool, columns: Columns, flag: str | None
+) -> Split:
+    """The split ``name`` of a task directory; ``flag`` names the option that chose it (None: the default)."""
     for suffix, reader in READERS.items():
         path = directory / f"{name}{suffix}"
         if path.exists():
@@ -230,10 +233,9 @@ def _read_split(directory: Path, name: str, task: TaskSpec, required: bool, colu
                 raise DataError(f"{path}: no examples")
             return split
     if required:
-        raise DataError(
-            f"{flag}: {directory} has no split {name!r} (no {name}.jsonl, {name}.csv or {name}.parquet); "
-            f"its splits: {task_dir_splits(directory)}"
-        )
+        missing = f"{directory} has no split {name!r} (no {name}.jsonl, {name}.csv or {name}.parquet)"
+        splits = f"its splits: {task_dir_splits(directory)}"
+        raise DataError(f"{flag}: {missing}; {splits}" if flag else f"{missing}; {splits} (choose one with --split)")
     return Split()
 
 
@@ -273,7 +275,8 @@ def load_task_dir(
         task = read_task_json(directory)
         if task is None:
             raise DataError(f"{directory}: no task.json (or pass --template and --labels)")
-    train = _read_split(directory, train_name, task, required=True, columns=columns, flag="--split")
+    chosen = "--split" if split is not None else None
+    train = _read_split(directory, train_name, task, required=True, columns=columns, flag=chosen)
     test = _read_split(directory, test_name, task, required=test_split is not None, columns=columns,
                        flag="--test-split")  # fmt: skip
     return TaskData(task, train, test)
