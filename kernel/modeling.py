@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ifedicl.kernel.errors import IfediclError
+from ifedicl.kernel.model_fingerprint import ModelFingerprint  # defined torch-free; re-exported here
 from ifedicl.kernel.model_source import model_identity, recorded_identity, resolve_model
 
 # Keys that change with how a config was saved or loaded, not with the model itself.
@@ -30,16 +31,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(IfediclError):
     """The model or tokenizer could not be loaded."""
-
-
-@dataclass(frozen=True)
-class ModelFingerprint:
-    """What a stored run must match to be applied to a model."""
-
-    model_id: str
-    num_layers: int
-    hidden_size: int
-    config_hash: str
 
 
 def config_hash(config) -> str:

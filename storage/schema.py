@@ -11,6 +11,11 @@ import pyarrow as pa
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
+# The ``block`` column's words, in the order of a vector's block axis (``[L, 2, d]``: attn = 0, mlp = 1), as
+# model_patches.injection's ATTN/MLP index it; spelled here so that the store imports no torch (a test checks
+# that the two agree).
+BLOCKS = ("attn", "mlp")
+
 TASKS = pa.schema(
     [
         pa.field("task", pa.string(), nullable=False),

@@ -37,9 +37,8 @@ import pyarrow as pa
 from lancedb.index import BTree
 
 from ifedicl.kernel.errors import IfediclError
-from ifedicl.kernel.modeling import ModelFingerprint
+from ifedicl.kernel.model_fingerprint import ModelFingerprint
 from ifedicl.kernel.task import TaskSpec
-from ifedicl.model_patches.injection import BLOCKS
 from ifedicl.storage import schema
 from ifedicl.storage.records import RoundRecord
 
@@ -214,9 +213,9 @@ class Store:
         vectors = np.asarray(vectors, dtype=np.float32)
         num_layers, _, hidden = vectors.shape
         rows = [
-            {"run_id": run_id, "task": task, "layer": layer, "block": BLOCKS[block], "vector": vectors[layer, block]}
+            {"run_id": run_id, "task": task, "layer": layer, "block": name, "vector": vectors[layer, block]}
             for layer in range(num_layers)
-            for block in range(2)
+            for block, name in enumerate(schema.BLOCKS)
         ]
         table_schema = schema.vectors_schema(hidden)
         self._table(schema.vectors_table_name(hidden), table_schema).add(
@@ -508,7 +507,7 @@ class Store:
         out = {run_id: np.zeros((num_layers, 2, hidden_size), dtype=np.float32) for run_id in run_ids}
         found = dict.fromkeys(run_ids, 0)
         for r in self._rows(schema.vectors_table_name(hidden_size), f"run_id IN ({ids})"):
-            out[r["run_id"]][r["layer"], BLOCKS.index(r["block"])] = np.asarray(r["vector"], dtype=np.float32)
+            out[r["run_id"]][r["layer"], schema.BLOCKS.index(r["block"])] = np.asarray(r["vector"], dtype=np.float32)
             found[r["run_id"]] += 1
         for run_id, count in found.items():
             if count != num_layers * 2:
