@@ -121,7 +121,7 @@ def recalibration_exporter_command(
 
     from prometheus_client import REGISTRY, start_http_server
 
-    from ifedicl.federation_job.recalibrate import RecalibrationCollector
+    from ifedicl.storage.store_metrics import RecalibrationCollector
 
     REGISTRY.register(RecalibrationCollector(store))
     start_http_server(port, addr=host)
