@@ -416,9 +416,9 @@ def _known_metrics(tmp_path) -> dict[str, set[str]]:
     """Every sample name the server and the recalibration exporter export -> its label names."""
     from prometheus_client import CollectorRegistry
 
-    from ifedicl.federation_job.recalibrate import RecalibrationCollector
     from ifedicl.serving.metrics import ServingMetrics
     from ifedicl.storage.store import Store
+    from ifedicl.storage.store_metrics import RecalibrationCollector
 
     registry = CollectorRegistry()
     ServingMetrics(registry, active=tuple)
@@ -837,7 +837,7 @@ def test_what_each_image_runs_imports_only_what_its_extra_installs():
         checked[name] = (sorted(runs), sorted(seen))
     # the checks above saw what the images really run (the sidecar's exporter included)
     assert "recalibration-exporter" in checked["serving-cpu.Dockerfile"][0], checked
-    assert "ifedicl.federation_job.secagg" in checked["serving-cpu.Dockerfile"][1]  # -> cryptography
+    assert "ifedicl.storage.store_metrics" in checked["serving-cpu.Dockerfile"][1]  # the exporter's collector
     assert {"federate", "recalibrate"} <= set(checked["federation-job.Dockerfile"][0]), checked
 
 
