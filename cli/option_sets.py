@@ -39,6 +39,9 @@ HELP = {
     "(logit adjustment: under label skew a client then learns the balanced classifier, not its own label mix)",
     "stage1": "how the server averages the context vectors: mean (of each client's mean, the paper's) or "
     "class-balanced (each class pooled over all clients, then the classes averaged: I2CL's balance under skew)",
+    "stage2": "how each round moves Λ: local-steps (clients calibrate with AdamW, the server averages: the paper) "
+    "or gauss-newton (clients send the label-only loss's gradient and Gauss-Newton matrix at the global Λ, "
+    "the server takes a trust-region step on the pooled objective; needs --objective label-only)",
     "extract_dtype": "stage-1 autocast dtype",
     "vector_coding": "stage-1 upload of the context vectors on the wire: float16 is half the bytes of float32, "
     "int8 a quarter (one scale per layer and block; the default); the server decodes to float32. "

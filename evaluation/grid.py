@@ -626,6 +626,16 @@ ABLATION_VARIANTS: dict[str, dict] = {
     "training noise 1e-3": {"recipe": {"noise_scale": 1e-3}},
     "training noise 1e-4": {"recipe": {"noise_scale": 1e-4}},
     "no training noise": {"recipe": {"noise_scale": 0.0}},
+    # Issue 30's candidates. A second-order round: clients send the label-only loss's gradient and Gauss-Newton
+    # matrix on their round's window, the server takes a trust-region step on the pooled objective.
+    "gauss-newton": {"federation": {"stage2": "gauss-newton"}},
+    "gauss-newton 4 rounds": {"rounds": 4, "federation": {"stage2": "gauss-newton"}},
+    # Server optimizers on the aggregate's change (FedAdam: every coefficient moves ~lr per round; FedAvgM).
+    "server adam lr 0.02": {"federation": {"server_optimizer": "adam", "server_lr": 0.02, "server_decay": "cosine"}},
+    "server momentum 0.8": {
+        "federation": {"server_optimizer": "momentum", "server_momentum": 0.8, "server_decay": "cosine"}
+    },
+    "class-balanced stage 1": {"federation": {"stage1": "class-balanced"}},
     "prior correction + weighted + 12 × ¼": {
         "rounds": 12,
         "local_epochs": 0.25,

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from ifedicl.federation_job import wire
-from ifedicl.federation_job.client import CalibrationConfig, Client, class_counts
+from ifedicl.federation_job.client import CalibrationConfig, Client, class_counts, round_passes
 from ifedicl.federation_job.compute import measured
 from ifedicl.federation_job.privacy import ClientPrivacy
 from ifedicl.federation_job.secagg import MaskingClient
@@ -47,7 +48,7 @@ from ifedicl.model_patches.hf import HFContextModel
 
 # What the server may ask a hosted client to do (ClientHost.call refuses anything else).
 REQUESTS = (
-    "extract", "set_global_vectors", "calibrate", "train_lora", "evaluate",
+    "extract", "set_global_vectors", "calibrate", "curvature", "train_lora", "evaluate",
     "secagg_keys", "secagg_share", "secagg_upload", "secagg_unmask",
 )  # fmt: skip
 
@@ -115,8 +116,7 @@ class HostedClient:
         """Λ_k [L, 2, 2] after local calibration; the delta clipped and noised if the policy says so."""
         if self.vectors is None:
             raise FederationError(f"client {self.client_id} has no global vectors yet")
-        config = CalibrationConfig(**meta["config"]) if isinstance(meta.get("config"), dict) else CalibrationConfig()
-        seed = int(meta.get("seed", 0)) * 1000 + self.client_id
+        config, seed = self._round_config(meta)
         start = arrays["coefficients"]
         result = self.client.calibrate(self.vectors, start, config, seed)
         coefficients = result.coefficients
@@ -124,6 +124,11 @@ class HostedClient:
             self._release("coefficients")
             coefficients = self.privacy.privatise_coefficients(coefficients, start, self.noise_rng)
         return coefficients, result.mean_loss
+
+    def _round_config(self, meta: dict) -> tuple[CalibrationConfig, int]:
+        """A round request's calibration settings and this client's seed for it."""
+        config = CalibrationConfig(**meta["config"]) if isinstance(meta.get("config"), dict) else CalibrationConfig()
+        return config, int(meta.get("seed", 0)) * 1000 + self.client_id
 
     def _answer(self, key: str, value: np.ndarray, meta: dict, **extra) -> bytes:
         """The plain upload, or (secure aggregation) only the count, keeping the value for masking.
@@ -137,6 +142,8 @@ class HostedClient:
             return wire.encode({}, num_examples=num_examples, **extra)
         if key == "coefficients":
             return wire.encode_coefficients(value, num_examples, **extra)
+        if key == "curvature":  # means over this round's examples: float32 is exact enough for a step direction
+            return wire.encode({key: value.astype(np.float32)}, num_examples=num_examples, **extra)
         arrays = encode_vectors(value, str(meta.get("vector_coding", "float32")))
         return wire.encode(arrays, num_examples=num_examples, **extra)
 
@@ -181,6 +188,28 @@ class HostedClient:
             arrays, meta = wire.decode(payload)
             coefficients, loss = self._coefficients(arrays, meta)
         return self._answer("coefficients", coefficients, meta, loss=loss, compute=compute)
+
+    def curvature(self, payload: bytes) -> bytes:
+        """A second-order round (:mod:`~ifedicl.federation_job.second_order`): the label-only loss, its gradient
+        and Gauss-Newton matrix at the global Λ over this round's window of the shard (and the loss at the
+        previous Λ, if sent), as one flat upload of means."""
+        from ifedicl.federation_job.second_order import curvature_stats
+
+        self._require_method(lora=False)
+        with measured() as compute:
+            arrays, meta = wire.decode(payload)
+            if self.vectors is None:
+                raise FederationError(f"client {self.client_id} has no global vectors yet")
+            if self.privacy.coefficients_on:
+                raise FederationError(f"client {self.client_id}: a second-order round has no differential privacy")
+            config, seed = self._round_config(meta)
+            passes = round_passes(len(self.client.data), config, random.Random(seed))
+            rows = sorted({i for order in passes for i in order})  # this round's window, each example once
+            stats = curvature_stats(
+                self.client, self.vectors, arrays["coefficients"], rows, arrays.get("previous"),
+                int(meta.get("batch_size", 8)),
+            )  # fmt: skip
+        return self._answer("curvature", stats.pack(), meta, loss=stats.loss, compute=compute)
 
     def train_lora(self, payload: bytes) -> bytes:
         """FedAvg-LoRA: start from the global adapters received, train them locally, upload them (named tensors)."""

@@ -43,8 +43,8 @@ from ifedicl.federation_job.ray_pool import (
     put_shared_weights,
 )
 from ifedicl.federation_job.run_summary import federated_accuracy, held_out_accuracy, summarize
-from ifedicl.federation_job.server_optimizer import ServerOptimizer, ServerOptimizerState
-from ifedicl.federation_job.strategies import Aggregate, ClientUpdate, RoundId
+from ifedicl.federation_job.second_order import TrustRegionNewton, stats_size
+from ifedicl.federation_job.strategies import Aggregate, ClientUpdate, Reader, RoundId, Strategy
 from ifedicl.federation_job.vector_coding import decode_vectors, upload_reader
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config, load_model, load_tokenizer
@@ -66,6 +66,25 @@ class ClassUpload(ClientUpdate):
     """A class-balanced stage-1 upload: ``values`` are the client's class means [C, L, 2, d]."""
 
     counts: np.ndarray | None = None  # [C] its examples per class
+
+
+@dataclass(frozen=True)
+class Stage2Upload:
+    """What a round asks each client for and how its upload reads: calibrated Λ in the clear (a fixed binary
+    frame), or a second-order round's statistics (:mod:`~ifedicl.federation_job.second_order`)."""
+
+    method: str  # the client request
+    key: str
+    shape: tuple[int, ...]
+    read: Reader | None
+    extra: dict[str, np.ndarray]  # arrays the request carries beside Λ
+
+    @classmethod
+    def of(cls, strategy: Strategy, coefficients: np.ndarray) -> Stage2Upload:
+        if isinstance(strategy, TrustRegionNewton):
+            shape = (stats_size(coefficients.size),)
+            return cls("curvature", "curvature", shape, None, strategy.probe())
+        return cls("calibrate", "coefficients", coefficients.shape, wire.decode_coefficients, {})
 
 
 @dataclass
@@ -133,11 +152,11 @@ class Federation:
             )
         self.start_coefficients = start
         step = self.strategies.coefficients
-        if server_state is None or not isinstance(step, ServerOptimizer):
+        if server_state is None or step.state_arrays() is None:
             return
         try:
-            step.resume(ServerOptimizerState.from_arrays(server_state, expected))
-            self.server_state_resume = {"resumed": True, "steps": step.state.steps}
+            step.resume(server_state, expected)
+            self.server_state_resume = {"resumed": True}
         except IfediclError as err:
             self.server_state_resume = {"resumed": False, "reason": str(err)}
             log_event("server_state_refused", reason=str(err))
@@ -233,9 +252,9 @@ class Federation:
 
     def _store_server_state(self, round_index: int) -> None:
         """The server optimizer's state after ``round_index``, when it keeps one: a recalibration continues it."""
-        step = self.strategies.coefficients
-        if isinstance(step, ServerOptimizer) and not step.settings.stateless:
-            self.store.write_server_state(self.run_id, round_index, step.state.to_arrays())
+        state = self.strategies.coefficients.state_arrays()
+        if state is not None:
+            self.store.write_server_state(self.run_id, round_index, state)
 
     # ------------------------------------------------------------------ the rounds
     def _check_placements(self) -> None:
@@ -313,16 +332,15 @@ class Federation:
         config = dataclasses.replace(
             s.calibration, epochs=s.local_epochs, round_index=round_index, rounds_total=s.rounds
         )
+        upload = Stage2Upload.of(strategy, coefficients)
         request = wire.encode(
-            {"coefficients": coefficients}, round=round_index, seed=s.seed + round_index,
-            config=dataclasses.asdict(config), **plan.instructions,
+            {"coefficients": coefficients, **upload.extra}, round=round_index, seed=s.seed + round_index,
+            config=dataclasses.asdict(config), batch_size=s.capture_batch_size, **plan.instructions,
         )  # fmt: skip
-        asked = self.pool.call(at.stage, at.index, "calibrate", plan.requests(request))
+        asked = self.pool.call(at.stage, at.index, upload.method, plan.requests(request))
         for cid in asked.answers:  # a released upload spends privacy whether the server then uses it or not
             self.releases[cid] = self.releases.get(cid, 0) + 1
-        updates, rejected = self._as_joined(*strategy.decode(
-            asked.answers, "coefficients", coefficients.shape, wire.decode_coefficients
-        ))  # in the clear, Λ comes as a fixed binary frame
+        updates, rejected = self._as_joined(*strategy.decode(asked.answers, upload.key, upload.shape, upload.read))
         result = strategy.aggregate(at, updates, reference=coefficients)
         outcome = RoundOutcome.collect(
             round_index, plan.clients, result.used, started,

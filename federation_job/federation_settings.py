@@ -17,6 +17,7 @@ from ifedicl.federation_job.options import FederationOptions
 from ifedicl.federation_job.privacy import PrivacySettings
 from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
 from ifedicl.federation_job.secagg import MIN_COHORT, SecureFedAvg, Transport
+from ifedicl.federation_job.second_order import STAGE2_METHODS, TrustRegionNewton
 from ifedicl.federation_job.server_optimizer import ServerOptimizerSettings, server_optimizer
 from ifedicl.federation_job.strategies import ClientSelection, FedAvg, Strategy
 from ifedicl.federation_job.vector_coding import CODINGS, default_coding
@@ -50,6 +51,7 @@ class FederationSettings:
     gpus_per_client: float = DEFAULTS.gpus_per_client
     dtype: str = "float32"  # weights; calibration needs float32 (I2CL)
     stage1: str = DEFAULTS.stage1  # mean of client means (the paper) | class-balanced (class_balanced.py)
+    stage2: str = DEFAULTS.stage2  # local-steps (clients calibrate, server averages) | gauss-newton (second_order.py)
     extract_dtype: str = DEFAULTS.extract_dtype  # stage-1 forwards under autocast, e.g. bfloat16 on GPUs
     # stage-1 upload of v_k on the wire: float32 | float16 | int8; None: int8, float32 under secagg (vector_coding)
     vector_coding: str | None = DEFAULTS.vector_coding
@@ -107,6 +109,8 @@ class FederationSettings:
                 "--stage1 class-balanced goes with --aggregator mean, without --secagg or --dp-vector-epsilon "
                 "(it pools each class's uploads as they are)",
             ),
+            (self.stage2 in STAGE2_METHODS, f"--stage2 must be one of {STAGE2_METHODS} (got {self.stage2!r})"),
+            *self._second_order_checks(),
             (0 <= self.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
             (self.reject_norm_factor >= 0, "--reject-norm-factor must be >= 0 (0: off)"),
             (
@@ -131,6 +135,22 @@ class FederationSettings:
 
         for spec in self.adversaries.values():
             parse_modes(spec)
+
+    def _second_order_checks(self) -> list[tuple[bool, str]]:
+        """What --stage2 gauss-newton goes with: it steps on the pooled label-only loss of every coefficient,
+        from uploads of statistics (second_order.py), so it is its own server step and has no DP noise model."""
+        if self.stage2 != "gauss-newton":
+            return []
+        needs = "--stage2 gauss-newton"
+        c = self.calibration
+        return [
+            (c.objective == "label-only", f"{needs} needs --objective label-only (got {c.objective})"),
+            (not c.prior_correction, f"{needs} steps on the pooled loss: --prior-correction does not apply"),
+            (c.modules == "both", f"{needs} calibrates both blocks (got modules {c.modules!r})"),
+            (self.aggregator == "mean", f"{needs} goes with --aggregator mean (got {self.aggregator})"),
+            (not self.privacy.coefficient_epsilon, f"{needs} has no DP noise model: drop --dp-coefficient-epsilon"),
+            (self.server_step().stateless and self.server_lr == 1, f"{needs} is its own server step: drop --server-*"),
+        ]
 
     def server_step(self) -> ServerOptimizerSettings:
         """The server optimizer these settings ask for, over this run's rounds."""
@@ -173,6 +193,13 @@ def build_strategies(settings: FederationSettings, transport: Transport) -> Roun
 
     return RoundStrategies(
         vectors=build(1.0, settings.weighted_vectors),  # stage 1 asks every client that loaded
-        # stage 1's vectors are one mean, not a step: the server optimizer drives each round's Λ only
-        coefficients=server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step()),
+        coefficients=_round_strategy(settings, build),
     )
+
+
+def _round_strategy(settings: FederationSettings, build) -> Strategy:
+    """Each round's Λ: a trust-region step on the pooled statistics (means weighted by examples: the pooled
+    objective's), or the server optimizer on the aggregate of local runs. Stage 1's vectors are one mean."""
+    if settings.stage2 == "gauss-newton":
+        return TrustRegionNewton(build(settings.fraction, True))
+    return server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step())

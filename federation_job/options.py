@@ -28,6 +28,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 VectorCoding = Literal["float32", "float16", "int8"]
 Aggregator = Literal["mean", "trimmed-mean", "median"]
 Stage1 = Literal["mean", "class-balanced"]  # federation_job.class_balanced.ESTIMATORS
+Stage2 = Literal["local-steps", "gauss-newton"]  # federation_job.second_order.STAGE2_METHODS
 ServerOptimizerKind = Literal["sgd", "momentum", "adam"]  # federation_job.server_optimizer.SERVER_OPTIMIZERS
 ServerDecay = Literal["constant", "cosine"]  # federation_job.server_optimizer.DECAYS
 
@@ -56,6 +57,7 @@ class FederationOptions:
     objective: Objective | None = None  # None: full-vocab for the Λ methods (I2CL's), label-only for FedAvg-LoRA
     prior_correction: bool = False  # logit adjustment by each client's label prior in the training loss
     stage1: Stage1 = "mean"  # how the server averages the vectors: mean of client means, or class-balanced
+    stage2: Stage2 = "local-steps"  # how each round moves Λ: clients' local AdamW runs averaged, or Gauss-Newton
     extract_dtype: Dtype = "float32"
     vector_coding: VectorCoding | None = None  # stage-1 upload of v_k (None: int8; under secagg float32)
     aggregator: Aggregator = "mean"
@@ -114,6 +116,7 @@ class FederationOptions:
                 "cpus_per_client": self.cpus_per_client,
                 "gpus_per_client": self.gpus_per_client,
                 "stage1": self.stage1,
+                "stage2": self.stage2,
                 "extract_dtype": self.extract_dtype,
                 "vector_coding": self.vector_coding,
                 "aggregator": self.aggregator,

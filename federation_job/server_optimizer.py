@@ -141,9 +141,12 @@ class ServerOptimizer(Strategy):
     ) -> tuple[list[ClientUpdate], dict[int, str]]:
         return self.inner.decode(answers, key, shape, read)
 
-    def resume(self, state: ServerOptimizerState) -> None:
+    def state_arrays(self) -> dict[str, np.ndarray] | None:
+        return None if self.settings.stateless else self.state.to_arrays()
+
+    def resume(self, arrays: dict[str, np.ndarray], shape: tuple[int, ...]) -> None:
         """Continue from a stored state (a warm-started recalibration continues its live run's optimizer)."""
-        self.state = state
+        self.state = ServerOptimizerState.from_arrays(arrays, shape)
 
     def aggregate(self, at: RoundId, updates: list[ClientUpdate], reference: np.ndarray | None = None) -> Aggregate:
         if reference is None:

@@ -181,6 +181,15 @@ class Strategy(ABC):
     def aggregate(self, at: RoundId, updates: list[ClientUpdate], reference: np.ndarray | None = None) -> Aggregate:
         """The round's value from its updates (``reference``: the round's starting global value, if any)."""
 
+    def state_arrays(self) -> dict[str, np.ndarray] | None:
+        """What carries over between rounds (a server optimizer's moments), as arrays the store keeps with each
+        round; None for a rule whose rounds depend on nothing but their start (every aggregation rule)."""
+        return None
+
+    def resume(self, arrays: dict[str, np.ndarray], shape: tuple[int, ...]) -> None:
+        """Continue from stored :meth:`state_arrays` (checked against Λ's ``shape``): FederationError if unfit."""
+        raise FederationError(f"{type(self).__name__} keeps no state to resume")
+
 
 class ClearTextStrategy(Strategy):
     """A rule that sees each update in the clear: check the quorum, then combine the values."""

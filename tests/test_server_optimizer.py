@@ -155,7 +155,7 @@ def test_a_warm_started_run_continues_the_live_runs_optimizer(ray_session, llama
         return fed.run()
 
     resumed = continued(arrays)
-    assert resumed.summary["server_optimizer_resume"] == {"resumed": True, "steps": 2}
+    assert resumed.summary["server_optimizer_resume"] == {"resumed": True}
     assert store.server_state(resumed.run_id)[1]["steps"][0] == 3
 
     wrong = {**arrays, "first_moment": np.zeros((1, 2, 2))}

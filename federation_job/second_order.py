@@ -1,0 +1,282 @@
+"""A second-order round for Λ (issue 30, candidate 4): clients send the pooled objective's curvature, the
+server takes a trust-region Gauss-Newton step on it.
+
+Why: Λ is a tiny model (4L scalars: 120 for SmolLM2), so the server can optimise the *pooled* label-only
+loss directly instead of averaging local runs. Each sampled client evaluates, at the global Λ and on this
+round's window of its data, the mean loss, its gradient g and the Gauss-Newton matrix G = Jᵀ H J
+(J: d label logits / dΛ per example; H: the softmax cross-entropy's Hessian in the logits). Means weighted
+by examples are the pooled objective's — with secure aggregation too, as they are sums — so the step does
+not drift with the clients' label skew the way local steps do, and a few rounds do what many local
+epochs do.
+
+Cost, per example of the window: one forward with a copy of Λ per example in the batch (the multi-task
+injection tables give each row its own Λ, so one backward yields every example's gradient) and C − 1
+backward passes (the loss depends on the logits only through C − 1 differences: one for binary tasks,
+as much as a training step), plus one forward at the previous Λ for the trust-region test. Upload: the loss
+twice, g and the upper triangle of G (G is symmetric: a client cannot send an asymmetric one), float32:
+29.5 KB for L = 30.
+
+The server keeps a trust region (Moré–Sorensen, by eigendecomposition): the step minimises the quadratic
+model g·s + ½ sᵀGs within ‖s‖ ≤ radius. The next round's clients also report the loss at the previous Λ
+on the same examples, so ρ = actual / predicted decrease is measured on one sample: ρ < 0 rejects the step
+(back to the previous Λ, a quarter of the radius, a new step from the stored g and G), ρ > ¾ at the
+boundary doubles the radius, ρ < ¼ quarters it. The state (radius, accepted Λ, g, G, prediction) is stored
+with every round like any server optimizer's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ifedicl.federation_job.client import Client
+from ifedicl.federation_job.strategies import Aggregate, ClientUpdate, Reader, RoundId, RoundPlan, Strategy
+from ifedicl.kernel.errors import FederationError
+from ifedicl.model_patches.inference import label_logits
+from ifedicl.model_patches.injection import InjectionTables
+
+STAGE2_METHODS = ("local-steps", "gauss-newton")
+PSD_TOLERANCE = 1e-4  # an eigenvalue below -tol·max(1, ‖G‖) is not rounding: the matrix is not a Gauss-Newton one
+
+
+def stats_size(num_coefficients: int) -> int:
+    """Elements of one upload: loss now, loss at the previous Λ, g [P], upper triangle of G [P(P+1)/2]."""
+    return 2 + num_coefficients + num_coefficients * (num_coefficients + 1) // 2
+
+
+@dataclass
+class CurvatureStats:
+    """Means over the examples a client used: the pooled objective's pieces at the global Λ."""
+
+    loss: float  # mean label-only cross-entropy at Λ
+    previous_loss: float  # at the previous Λ (0 when there is none)
+    gradient: np.ndarray  # [P] float64
+    curvature: np.ndarray  # [P, P] float64, symmetric PSD
+
+    def pack(self) -> np.ndarray:
+        """-> [stats_size(P)] float64: the upload (the upper triangle of G only)."""
+        upper = self.curvature[np.triu_indices(len(self.gradient))]
+        return np.concatenate([[self.loss, self.previous_loss], self.gradient, upper])
+
+    @classmethod
+    def unpack(cls, flat: np.ndarray, num_coefficients: int) -> CurvatureStats:
+        """An upload (or a mean of uploads) -> stats; G rebuilt symmetric from its upper triangle."""
+        p = num_coefficients
+        if flat.shape != (stats_size(p),):
+            raise FederationError(f"curvature upload has shape {flat.shape}, expected ({stats_size(p)},)")
+        flat = flat.astype(np.float64)
+        curvature = np.zeros((p, p))
+        curvature[np.triu_indices(p)] = flat[2 + p :]
+        curvature = curvature + np.triu(curvature, 1).T
+        return cls(float(flat[0]), float(flat[1]), flat[2 : 2 + p], curvature)
+
+    def check(self) -> None:
+        """A Gauss-Newton matrix is positive semi-definite; losses are non-negative."""
+        if self.loss < 0 or self.previous_loss < 0:
+            losses = f"{self.loss:.3g}, {self.previous_loss:.3g}"
+            raise FederationError(f"curvature upload reports a negative loss ({losses})")
+        eigenvalues = np.linalg.eigvalsh(self.curvature)
+        floor = -PSD_TOLERANCE * max(1.0, float(np.abs(eigenvalues).max()))
+        if eigenvalues.min() < floor:
+            lowest = f"{eigenvalues.min():.3g}"
+            raise FederationError(f"curvature matrix is not positive semi-definite (eigenvalue {lowest})")
+
+
+# ---------------------------------------------------------------------------------------------- client side
+def curvature_stats(
+    client: Client,
+    vectors: np.ndarray,  # [L, 2, d] the global context vectors
+    coefficients: np.ndarray,  # [L, 2, 2] the global Λ
+    rows: list[int],  # this round's examples of the client's shard
+    previous: np.ndarray | None = None,  # [L, 2, 2] the previous Λ, for the trust-region test
+    batch_size: int = 8,
+) -> CurvatureStats:
+    """Mean label-only loss, gradient and Gauss-Newton matrix of Λ over ``rows`` (no training noise)."""
+    vec = torch.as_tensor(vectors, dtype=torch.float32, device=client.device)
+    base = torch.as_tensor(coefficients, dtype=torch.float32, device=client.device)
+    p = base.numel()
+    gradient = torch.zeros(p, dtype=torch.float64)  # [P]
+    curvature = torch.zeros(p, p, dtype=torch.float64)  # [P, P]
+    loss = previous_loss = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        size = len(batch)
+        prompts = [client.task.prompt(client.data.texts[i]) for i in batch]
+        classes = torch.as_tensor([client.data.labels[i] for i in batch], device=client.device)  # [B]
+        if previous is not None:
+            with torch.no_grad():
+                tables = InjectionTables.build([vec], [torch.as_tensor(previous, dtype=torch.float32)])
+                rows_at = torch.ones(size, dtype=torch.long)
+                _, before = label_logits(client.ctx, client.tokenizer, prompts, client.label_ids, tables, rows_at)
+                previous_loss += float(torch.nn.functional.cross_entropy(before.double(), classes, reduction="sum"))
+        per_example = base.unsqueeze(0).repeat(size, 1, 1, 1).requires_grad_(True)  # [B, L, 2, 2]: one Λ per row
+        tables = InjectionTables.build([vec] * size, list(per_example.unbind(0)))
+        task_row = torch.arange(1, size + 1)  # [B] row b reads its own copy of Λ
+        _, logits = label_logits(client.ctx, client.tokenizer, prompts, client.label_ids, tables, task_row)  # [B, C]
+        num_classes = logits.shape[1]
+        # softmax cross-entropy sees the logits only through their differences to class 0: [B, C-1]
+        differences = logits[:, 1:] - logits[:, :1]
+        jacobian = torch.stack(
+            [
+                torch.autograd.grad(differences[:, c].sum(), per_example, retain_graph=c < num_classes - 2)[0]
+                .reshape(size, p)
+                for c in range(num_classes - 1)
+            ],
+            dim=1,
+        ).double()  # [B, C-1, P]
+        detached = logits.detach().double()
+        loss += float(torch.nn.functional.cross_entropy(detached, classes, reduction="sum"))
+        probs = torch.softmax(detached, dim=-1)[:, 1:]  # [B, C-1]
+        onehot = torch.nn.functional.one_hot(classes, num_classes).double()[:, 1:]  # [B, C-1]
+        gradient += torch.einsum("bcp,bc->p", jacobian, probs - onehot)
+        hessian = torch.diag_embed(probs) - probs.unsqueeze(2) * probs.unsqueeze(1)  # [B, C-1, C-1]
+        curvature += torch.einsum("bcp,bcd,bdq->pq", jacobian, hessian, jacobian)
+    n = max(1, len(rows))
+    return CurvatureStats(loss / n, previous_loss / n, (gradient / n).numpy(), (curvature / n).numpy())
+
+
+# ---------------------------------------------------------------------------------------------- server side
+@dataclass(frozen=True)
+class TrustRegionSettings:
+    radius: float = 0.5  # initial ‖step‖ bound on Λ (λ starts at 0.1, β at 1)
+    min_radius: float = 1e-3
+    max_radius: float = 8.0
+
+
+@dataclass
+class TrustRegionState:
+    radius: float
+    accepted: np.ndarray | None = None  # [L, 2, 2] the Λ the last step started from
+    gradient: np.ndarray | None = None  # [P] there
+    curvature: np.ndarray | None = None  # [P, P] there
+    predicted: float = 0.0  # the quadratic model's predicted decrease of the last step
+    last_step: float = 0.0  # ‖last step‖
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"radius": np.asarray([self.radius]), "predicted": np.asarray([self.predicted, self.last_step])}
+        if self.accepted is not None:
+            arrays.update(accepted=self.accepted, gradient=self.gradient, curvature=self.curvature)
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], shape: tuple[int, ...]) -> TrustRegionState:
+        known = {"radius", "predicted", "accepted", "gradient", "curvature"}
+        stepped = {"accepted", "gradient", "curvature"}
+        if set(arrays) - known or not {"radius", "predicted"} <= set(arrays) or 0 < len(stepped & set(arrays)) < 3:
+            raise FederationError(f"trust-region state has fields {sorted(arrays)}, expected {sorted(known)}")
+        p = math.prod(shape)
+        expected = {"radius": (1,), "predicted": (2,), "accepted": shape, "gradient": (p,), "curvature": (p, p)}
+        values = {}
+        for name, value in arrays.items():
+            value = np.asarray(value, dtype=np.float64)
+            if value.shape != expected[name] or not np.all(np.isfinite(value)):
+                raise FederationError(f"trust-region state's {name} has shape {value.shape} or is not finite")
+            values[name] = value
+        if values["radius"][0] <= 0:
+            raise FederationError("trust-region state's radius must be > 0")
+        state = cls(float(values["radius"][0]), predicted=float(values["predicted"][0]))
+        state.last_step = float(values["predicted"][1])
+        if "accepted" in values:
+            state.accepted, state.gradient = values["accepted"], values["gradient"]
+            state.curvature = values["curvature"]
+        return state
+
+
+def trust_region_step(gradient: np.ndarray, curvature: np.ndarray, radius: float) -> np.ndarray:
+    """argmin_s g·s + ½ sᵀGs subject to ‖s‖ ≤ radius, G PSD: -(G + μI)⁻¹g with the smallest μ ≥ 0 that fits."""
+    eigenvalues, basis = np.linalg.eigh(curvature)
+    eigenvalues = np.clip(eigenvalues, 0.0, None)
+    along = basis.T @ gradient  # [P] the gradient in G's eigenbasis
+
+    def step(mu: float) -> np.ndarray:
+        return -(basis @ (along / (eigenvalues + mu)))
+
+    floor = 1e-9 * max(1.0, float(eigenvalues.max()))  # keeps a flat direction's step finite
+    candidate = step(floor)
+    if np.linalg.norm(candidate) <= radius:
+        return candidate
+    low, high = floor, float(eigenvalues.max()) + np.linalg.norm(gradient) / radius + 1.0  # ‖step(high)‖ < radius
+    for _ in range(100):  # ‖step(μ)‖ decreases in μ: bisect (geometrically) to the boundary
+        middle = math.sqrt(low * high)
+        if np.linalg.norm(step(middle)) > radius:
+            low = middle
+        else:
+            high = middle
+    return step(high)
+
+
+class TrustRegionNewton(Strategy):
+    """The inner rule's weighted mean of the clients' curvature uploads is the pooled objective's loss, gradient
+    and Gauss-Newton matrix; this object turns it into the round's Λ (a trust-region step)."""
+
+    def __init__(self, inner: Strategy, settings: TrustRegionSettings = TrustRegionSettings()):
+        super().__init__(inner.selection, inner.weighted)
+        self.masked = inner.masked
+        self.inner = inner
+        self.settings = settings
+        self.state = TrustRegionState(settings.radius)
+
+    def configure(self, available: list[int] | set[int], rng: np.random.Generator) -> RoundPlan:
+        return self.inner.configure(available, rng)
+
+    def probe(self) -> dict[str, np.ndarray]:
+        """Arrays the round's request carries beside Λ: the previous Λ, whose loss tests the last step."""
+        return {} if self.state.accepted is None else {"previous": self.state.accepted.astype(np.float32)}
+
+    def decode(
+        self, answers: dict[int, object], key: str, shape: tuple[int, ...], read: Reader | None = None
+    ) -> tuple[list[ClientUpdate], dict[int, str]]:
+        """The inner rule's checks, then each clear-text upload's own: G positive semi-definite, losses >= 0."""
+        updates, rejected = self.inner.decode(answers, key, shape, read)
+        if self.masked:
+            return updates, rejected
+        p = _coefficient_count(shape[0])
+        kept = []
+        for update in updates:
+            try:
+                CurvatureStats.unpack(update.values, p).check()
+                kept.append(update)
+            except FederationError as err:
+                rejected[update.client_id] = f"rejected update: client {update.client_id}: {err}"
+        return kept, rejected
+
+    def state_arrays(self) -> dict[str, np.ndarray] | None:
+        return self.state.to_arrays()
+
+    def resume(self, arrays: dict[str, np.ndarray], shape: tuple[int, ...]) -> None:
+        self.state = TrustRegionState.from_arrays(arrays, shape)
+
+    def aggregate(self, at: RoundId, updates: list[ClientUpdate], reference: np.ndarray | None = None) -> Aggregate:
+        if reference is None:
+            raise FederationError("a trust-region step needs the round's Λ")
+        result = self.inner.aggregate(at, updates)  # a mean of statistics, not a step from Λ: no reference
+        stats = CurvatureStats.unpack(result.value.astype(np.float64), reference.size)
+        stats.check()  # under secure aggregation the sum is the first thing the server can check
+        state, start = self.state, reference.astype(np.float64)
+        gradient, curvature = stats.gradient, stats.curvature
+        if state.accepted is not None and state.predicted > 0:
+            ratio = (stats.previous_loss - stats.loss) / state.predicted
+            if ratio < 0:  # the last step made the pooled loss worse: retry from where it started, closer in
+                start, gradient, curvature = state.accepted, state.gradient, state.curvature
+                state.radius = max(self.settings.min_radius, state.radius / 4)
+            elif ratio > 0.75 and state.last_step >= 0.99 * state.radius:
+                state.radius = min(self.settings.max_radius, state.radius * 2)
+            elif ratio < 0.25:
+                state.radius = max(self.settings.min_radius, state.radius / 4)
+        step = trust_region_step(gradient, curvature, state.radius)
+        state.accepted, state.gradient, state.curvature = start, gradient, curvature
+        state.predicted = float(-(gradient @ step) - 0.5 * step @ curvature @ step)
+        state.last_step = float(np.linalg.norm(step))
+        value = (start.reshape(-1) + step).reshape(reference.shape)  # [L, 2, 2]
+        return replace(result, value=value.astype(np.float32))
+
+
+def _coefficient_count(size: int) -> int:
+    """P from an upload's size 2 + P + P(P+1)/2."""
+    p = int((math.sqrt(9 + 8 * (size - 2)) - 3) / 2)
+    if stats_size(p) != size:
+        raise FederationError(f"a curvature upload of {size} values fits no Λ")
+    return p

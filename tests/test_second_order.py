@@ -1,0 +1,187 @@
+"""The second-order round (issue 30, candidate 4): the clients' statistics are the label-only loss's gradient
+and Gauss-Newton matrix (checked against an independent per-example Jacobian), the trust-region step, bad
+uploads rejected and recorded, and a real federation with --stage2 gauss-newton (Ray, LanceDB, a tiny model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ifedicl.federation_job.client import Client
+from ifedicl.federation_job.federation_settings import FederationSettings, build_strategies
+from ifedicl.federation_job.options import FederationOptions
+from ifedicl.federation_job.second_order import (
+    CurvatureStats,
+    TrustRegionNewton,
+    curvature_stats,
+    stats_size,
+    trust_region_step,
+)
+from ifedicl.federation_job.strategies import ClientUpdate, FedAvg, RoundId
+from ifedicl.kernel.data import Split, load_task_dir
+from ifedicl.kernel.errors import FederationError, IfediclError
+from ifedicl.kernel.modeling import load_model, load_tokenizer
+from ifedicl.kernel.sources import DataSource
+from ifedicl.kernel.task import TaskSpec
+from ifedicl.model_patches.hf import HFContextModel
+from ifedicl.model_patches.inference import label_logits
+from ifedicl.model_patches.injection import InjectionTables, initial_coefficients
+from ifedicl.storage.store import Store
+
+P = 8  # a Λ of shape [2, 2, 2] in the server-side tests
+
+
+def _client(llama_dir, task_dir, classes: int, n: int = 6) -> Client:
+    data = load_task_dir(task_dir)
+    task = data.task
+    split = data.train.head(n)
+    if classes == 3:  # the demo task is binary: a 3-class task over the same texts tests C - 1 = 2 backward passes
+        task = TaskSpec("three-way", task.template, (*task.labels, "neutral"))
+        split = Split(split.texts, [i % 3 for i in range(n)])
+    return Client(HFContextModel(load_model(str(llama_dir))), load_tokenizer(str(llama_dir)), task, split)
+
+
+def _reference_stats(client: Client, vectors: np.ndarray, coefficients: np.ndarray) -> tuple[float, np.ndarray, ...]:
+    """Mean loss, gradient and J^T H J computed one example at a time with torch's full Jacobian of all C logits."""
+    vec = torch.as_tensor(vectors)
+    gradient, curvature, loss = 0.0, 0.0, 0.0
+    for text, label in zip(client.data.texts, client.data.labels):
+        prompt = [client.task.prompt(text)]
+
+        def logits_of(flat: torch.Tensor, prompt=prompt) -> torch.Tensor:
+            tables = InjectionTables.build([vec], [flat.reshape(coefficients.shape)])
+            row = torch.ones(1, dtype=torch.long)
+            return label_logits(client.ctx, client.tokenizer, prompt, client.label_ids, tables, row)[1][0]
+
+        flat = torch.as_tensor(coefficients, dtype=torch.float32).reshape(-1)
+        jacobian = torch.autograd.functional.jacobian(logits_of, flat).double()  # [C, P]
+        z = logits_of(flat).detach().double()
+        p = torch.softmax(z, -1)
+        loss += float(-torch.log_softmax(z, -1)[label])
+        gradient = gradient + jacobian.T @ (p - torch.nn.functional.one_hot(torch.tensor(label), len(p)).double())
+        curvature = curvature + jacobian.T @ (torch.diag(p) - torch.outer(p, p)) @ jacobian
+    n = len(client.data)
+    return loss / n, (gradient / n).numpy(), (curvature / n).numpy()
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_the_clients_statistics_are_the_label_only_losss_gradient_and_gauss_newton_matrix(llama_dir, task_dir, classes):
+    client = _client(llama_dir, task_dir, classes)
+    vectors = client.extract_vectors(batch_size=8)
+    start = initial_coefficients(client.ctx.num_layers).numpy()
+    moved = start + np.random.default_rng(0).normal(0, 0.05, start.shape).astype(np.float32)
+    stats = curvature_stats(client, vectors, moved, list(range(len(client.data))), previous=start, batch_size=4)
+    loss, gradient, curvature = _reference_stats(client, vectors, moved)
+    assert stats.loss == pytest.approx(loss, rel=1e-4)
+    np.testing.assert_allclose(stats.gradient, gradient, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(stats.curvature, curvature, rtol=1e-3, atol=1e-6)
+    assert stats.previous_loss == pytest.approx(client.evaluate_loss(vectors, start, objective="label-only"), rel=1e-4)
+    back = CurvatureStats.unpack(stats.pack(), start.size)  # the upload carries the upper triangle only
+    np.testing.assert_allclose(back.curvature, stats.curvature, rtol=1e-12)
+    back.check()
+
+
+def test_the_trust_region_step_is_newtons_inside_and_on_the_boundary_outside():
+    rng = np.random.default_rng(1)
+    root = rng.normal(size=(P, P))
+    curvature = root @ root.T + 0.1 * np.eye(P)
+    gradient = rng.normal(size=P)
+    newton = -np.linalg.solve(curvature, gradient)
+    np.testing.assert_allclose(trust_region_step(gradient, curvature, 10 * np.linalg.norm(newton)), newton, rtol=1e-6)
+    short = trust_region_step(gradient, curvature, 0.1 * np.linalg.norm(newton))
+    assert np.linalg.norm(short) == pytest.approx(0.1 * np.linalg.norm(newton), rel=1e-6)
+    assert gradient @ short + 0.5 * short @ curvature @ short < 0  # the model's value goes down
+    flat = trust_region_step(gradient, np.zeros((P, P)), 0.5)  # no curvature: steepest descent to the boundary
+    np.testing.assert_allclose(flat, -0.5 * gradient / np.linalg.norm(gradient), rtol=1e-6)
+
+
+def _upload(cid: int, curvature: np.ndarray, gradient: np.ndarray, loss: float = 0.5, previous: float = 0.0):
+    stats = CurvatureStats(loss, previous, gradient, curvature)
+    return ClientUpdate(cid, stats.pack().astype(np.float32), 10, loss)
+
+
+def test_a_curvature_upload_that_is_not_psd_or_not_finite_is_rejected_and_the_round_goes_on():
+    from ifedicl.federation_job import wire
+
+    newton = TrustRegionNewton(FedAvg(weighted=True))
+    good = _upload(0, np.eye(P), np.ones(P))
+    indefinite = _upload(1, -np.eye(P), np.ones(P))
+    negative_loss = _upload(2, np.eye(P), np.ones(P), loss=-1.0)
+    uploads = (good, indefinite, negative_loss)
+    answers = {u.client_id: wire.encode({"curvature": u.values}, num_examples=10) for u in uploads}
+    nan = good.values.copy()
+    nan[5] = np.nan
+    answers[3] = wire.encode({"curvature": nan}, num_examples=10)
+    answers[4] = wire.encode({"curvature": good.values[:-1]}, num_examples=10)  # a size that fits no Λ
+    updates, rejected = newton.decode(answers, "curvature", (stats_size(P),))
+    assert [u.client_id for u in updates] == [0]
+    assert "positive semi-definite" in rejected[1] and "negative loss" in rejected[2]
+    assert "non-finite" in rejected[3] and "shape" in rejected[4]
+    start = np.zeros((2, 2, 2), np.float32)
+    value = newton.aggregate(RoundId("calibrate", 1, "round 1"), updates, reference=start).value
+    assert value.shape == (2, 2, 2) and np.all(np.isfinite(value))
+
+
+def test_a_step_that_raised_the_pooled_loss_is_taken_back_with_a_smaller_radius():
+    """Round 1 steps from Λ0; round 2's clients say the loss at the new Λ is above the loss at Λ0 on the same
+    examples: round 2 starts again from Λ0, with the stored g and G, inside a quarter of the radius."""
+    newton = TrustRegionNewton(FedAvg(weighted=True))
+    reference = np.zeros((2, 2, 2), np.float32)
+    gradient = np.linspace(-1, 1, P)
+    first = newton.aggregate(RoundId("calibrate", 1, "r1"), [_upload(0, 0.01 * np.eye(P), gradient)], reference).value
+    assert np.linalg.norm(first) == pytest.approx(0.5, rel=1e-5)  # the initial radius
+    worse = [_upload(0, np.eye(P), np.ones(P), loss=0.9, previous=0.5)]
+    second = newton.aggregate(RoundId("calibrate", 2, "r2"), worse, first).value
+    np.testing.assert_allclose(newton.state.accepted, reference)
+    assert np.linalg.norm(second) == pytest.approx(0.125, rel=1e-5)
+    assert np.allclose(second / np.linalg.norm(second), first / np.linalg.norm(first), atol=1e-5)  # same g, G
+    better = [_upload(0, np.eye(P), np.ones(P), loss=0.1, previous=0.5)]  # far better than predicted: accepted
+    newton.aggregate(RoundId("calibrate", 3, "r3"), better, second)
+    np.testing.assert_allclose(newton.state.accepted, second)
+    resumed = TrustRegionNewton(FedAvg(weighted=True))
+    resumed.resume(newton.state_arrays(), (2, 2, 2))
+    assert resumed.state.radius == newton.state.radius
+    with pytest.raises(FederationError, match="trust-region state"):
+        resumed.resume({**newton.state_arrays(), "curvature": np.zeros((3, 3))}, (2, 2, 2))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "needs --objective label-only"),
+        ({"objective": "label-only", "aggregator": "median"}, "goes with --aggregator mean"),
+        ({"objective": "label-only", "server_optimizer": "adam"}, "its own server step"),
+        ({"objective": "label-only", "prior_correction": True}, "--prior-correction does not apply"),
+        ({"objective": "label-only", "dp_coefficient_epsilon": 1.0}, "no DP noise model"),
+    ],
+)
+def test_gauss_newton_refuses_what_it_does_not_go_with(fields, message):
+    with pytest.raises(IfediclError, match=message):
+        FederationOptions(stage2="gauss-newton", **fields).settings(0.5, 0).validate()
+
+
+def test_the_stage2_setting_builds_a_trust_region_over_a_weighted_mean():
+    built = build_strategies(FederationOptions(stage2="gauss-newton", objective="label-only").settings(0.5, 0), None)
+    assert isinstance(built.coefficients, TrustRegionNewton) and built.coefficients.inner.weighted
+
+
+def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_session, llama_dir, task_dir, tmp_path):
+    """Two clients, three rounds: every round's upload is the statistics frame (a few KB, not Λ), the pooled
+    loss is recorded, the trust region's state is stored each round, and Λ moved from its start."""
+    settings = FederationOptions(
+        clients=2, rounds=3, local_epochs=0.5, min_shard=4, stage2="gauss-newton", objective="label-only", actors=1,
+    ).settings(1.0, 0)  # fmt: skip
+    from ifedicl.federation_job.driver import Federation
+
+    source = DataSource(str(task_dir), max_train=24, max_test=8)
+    result = Federation(str(llama_dir), source, str(tmp_path / "store"), settings).run()
+    stage2 = [r for r in result.rounds if r.round > 0]
+    assert len(stage2) == 3 and all(len(r.clients_answered) == 2 and r.mean_loss > 0 for r in stage2)
+    p = result.coefficients.size
+    assert all(stats_size(p) * 4 < b < stats_size(p) * 4 + 2048 for r in stage2 for b in r.bytes_up)
+    round_index, state = Store(tmp_path / "store").server_state(result.run_id)
+    assert round_index == 3 and state["curvature"].shape == (p, p)
+    start = initial_coefficients(result.coefficients.shape[0]).numpy()
+    assert not np.allclose(result.coefficients, start)
+    assert FederationSettings(**{**settings.to_dict(), "calibration": settings.calibration}).stage2 == "gauss-newton"
