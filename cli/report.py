@@ -69,7 +69,8 @@ class GridSizes:
     ):
         """The grid of cells: comma-separated models, task names under ``data_dir``, objectives and methods;
         ``defaults``: the command's dtype and budget (the report's, :data:`REPORT_DEFAULTS`, unless given)."""
-        from ifedicl.evaluation.grid import REPORT_DEFAULTS, GridSpec
+        from ifedicl.evaluation.grid import GridSpec
+        from ifedicl.evaluation.variants import REPORT_DEFAULTS
 
         return GridSpec(
             models=_csv(models),
@@ -178,7 +179,7 @@ def ablate_command(
     methods: str = typer.Option("ifedicl", help="methods run under every variant (e.g. ifedicl,local_calibration)"),
 ) -> None:
     """IFed-ICL's recipe ablation at a fixed client budget: one resumable cell per (model, task, seed, variant)."""
-    from ifedicl.evaluation.grid import ABLATION_BASE, ABLATION_DEFAULTS, ABLATION_VARIANTS
+    from ifedicl.evaluation.variants import ABLATION_BASE, ABLATION_DEFAULTS, ABLATION_VARIANTS
 
     chosen = _csv(variants.replace(";", ",")) or list(ABLATION_VARIANTS)
     unknown = [v for v in chosen if v not in ABLATION_VARIANTS]

@@ -194,7 +194,7 @@ def test_results_are_rebuilt_from_the_cells(llama_dir, task_dir, tmp_path):
 
 
 def test_ablation_variants_are_cells_of_their_own(llama_dir, task_dir, tmp_path, counted):
-    from ifedicl.evaluation.grid import ABLATION_VARIANTS
+    from ifedicl.evaluation.variants import ABLATION_VARIANTS
 
     calls, _ = counted
     assert not [v for v in ABLATION_VARIANTS if "," in v or ";" in v]  # --variants is a comma-separated list
@@ -258,7 +258,7 @@ def test_recalibration_cells_start_from_the_live_or_the_initial_coefficients(
     ray_session, llama_dir, task_dir, tmp_path
 ):
     """Item 6's ablation: the recalibration that follows the federation, warm (from the live Λ) or cold."""
-    from ifedicl.evaluation.grid import ABLATION_VARIANTS
+    from ifedicl.evaluation.variants import ABLATION_VARIANTS
 
     variants = {v: ABLATION_VARIANTS[v] for v in ("recalibration: warm start", "recalibration: cold start")}
     spec = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=["ifedicl"], variants=variants)
@@ -294,7 +294,7 @@ def test_the_report_computes_in_bfloat16_and_the_ablation_keeps_its_float32_base
     from typer.testing import CliRunner
 
     from ifedicl.cli.main import app
-    from ifedicl.evaluation.grid import REPORT_DEFAULTS
+    from ifedicl.evaluation.variants import REPORT_DEFAULTS
 
     data = tmp_path / "data"
     report_recipe = {k: REPORT_DEFAULTS[k] for k in ("rounds", "local_epochs")}
