@@ -107,6 +107,29 @@ def revision_option():
     )  # fmt: skip
 
 
+def text_field_option():
+    return typer.Option("text", help="the field (JSONL), column (CSV, Parquet, HF dataset) of the text")
+
+
+def label_field_option():
+    return typer.Option("label", help="the field or column of the label (a class index or label word)")
+
+
+def split_option():
+    """``--split``: which split of the data is the training data."""
+    return typer.Option(
+        None, help="the training split: an HF dataset's split or a task directory's file stem (default: train)"
+    )
+
+
+def test_split_option():
+    """``--test-split``: which split is held out."""
+    return typer.Option(
+        None, help="the held-out split (default: test, else an HF dataset's validation); rows labelled -1 "
+        "(unlabelled) are refused"
+    )  # fmt: skip
+
+
 def model_spec(model: str, revision: str | None) -> str:
     """``--model`` at ``--revision`` as one spec every loader takes (``owner/name@REV``)."""
     from ifedicl.kernel.model_source import with_revision

@@ -17,7 +17,15 @@ from typing import Literal
 
 import typer
 
-from ifedicl.cli.option_sets import federation_options, model_spec, revision_option
+from ifedicl.cli.option_sets import (
+    federation_options,
+    label_field_option,
+    model_spec,
+    revision_option,
+    split_option,
+    test_split_option,
+    text_field_option,
+)
 from ifedicl.cli.run_config import config_option, federation_clients
 from ifedicl.federation_job.options import Dtype
 
@@ -42,15 +50,10 @@ def recalibrate_command(
     lock_file: Path | None = typer.Option(None, help="lock file (default: beside a local store)"),
     alpha: float = typer.Option(0.5, help="Dirichlet label-skew concentration"),
     seed: int = 0,
-    text_field: str = typer.Option("text", help="the field (JSONL), column (CSV, Parquet, HF dataset) of the text"),
-    label_field: str = typer.Option("label", help="the field or column of the label (a class index or label word)"),
-    split: str | None = typer.Option(
-        None, help="the training split: an HF dataset's split or a task directory's file stem (default: train)"
-    ),
-    test_split: str | None = typer.Option(
-        None, help="the held-out split (default: test, else an HF dataset's validation); rows labelled -1 "
-        "(unlabelled) are refused"
-    ),
+    text_field: str = text_field_option(),
+    label_field: str = label_field_option(),
+    split: str | None = split_option(),
+    test_split: str | None = test_split_option(),
     max_train: int | None = typer.Option(None, help="use only the first N training examples"),
     max_test: int = typer.Option(200, help="held-out examples both runs are scored on"),
     serving_dtype: Dtype | None = typer.Option(

@@ -86,7 +86,8 @@ def run_cells(
     store = CellStore(out_dir, settings, code_version())
     cells = plan_cells(settings)
     tasks = {
-        loc: prepare_task(loc, settings.max_train, settings.test_size, settings.test_seed) for loc in settings.tasks
+        loc: prepare_task(loc, settings.max_train, settings.test_size, settings.test_seed, settings.data)
+        for loc in settings.tasks
     }
     records: dict[Cell, dict] = {c: r for c in cells if (r := store.get(c)) is not None}
     todo = [c for c in cells if c not in records]

@@ -90,6 +90,9 @@ class EvalSettings:
     # on a shared machine 1 thread avoids OpenMP spin-waits (measured 4.7x faster zero-shot under load).
     threads: int | None = None
     test_seed: int = 0  # the test sample is the same for every seed: spread over seeds is the split's and training's
+    # How every task's data is read, where it differs from DATA_DEFAULTS: text_field, label_field, split, test_split
+    # (kernel.sources.DataSource's fields, the flags of the same names).
+    data: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if float(self.local_epochs).is_integer():  # 1.0 from a float flag: the same cell (hash) as 1
@@ -174,7 +177,7 @@ class EvalSettings:
         data = {k: v for k, v in self.to_dict().items() if k not in ("tasks", "alphas", "seeds", "methods")}
         data.pop("threads")
         data["federation"] = self.federation_for_hash()
-        for optional in ("recipe", "inference_dtype", "federation"):
+        for optional in ("recipe", "inference_dtype", "federation", "data"):
             if not data[optional]:
                 del data[optional]  # the defaults: the same hash as before these settings existed
         if method in PROMPT_ONLY:
@@ -188,6 +191,10 @@ class EvalSettings:
 # What the federation computed with when the cell hash first covered it. A default changed since enters the
 # hash as its effective value (a new default makes older cells stale); naming this value keeps them current.
 FEDERATION_HASH_BASELINE = {"vector_coding": "float32"}
+
+
+# How a task's data is read unless EvalSettings.data says otherwise (DataSource's defaults).
+DATA_DEFAULTS = {"text_field": "text", "label_field": "label", "split": None, "test_split": None}
 
 
 @dataclass(frozen=True)

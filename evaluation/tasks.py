@@ -13,22 +13,24 @@ from pathlib import Path
 import numpy as np
 
 from ifedicl.federation_job.partition import dirichlet_partition
-from ifedicl.kernel.data import Split, TaskData
+from ifedicl.kernel.data import Split, TaskData, task_dir_splits
 from ifedicl.kernel.errors import DataError
 from ifedicl.kernel.sources import DataSource
 from ifedicl.kernel.task import TaskSpec
 
 
-def source_for(location: str, max_train: int | None) -> DataSource:
-    """A task directory (``task.json`` + train/test files) or an HF dataset (hub name or ``save_to_disk`` dir)."""
+def source_for(location: str, max_train: int | None, data: dict | None = None) -> DataSource:
+    """A task directory (``task.json`` + data files) or an HF dataset (hub name or ``save_to_disk`` dir);
+    ``data``: how to read it (DataSource's text_field, label_field, split, test_split)."""
     path = Path(location)
+    read = {"max_train": max_train, **(data or {})}
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            return DataSource(str(path), "hf", max_train=max_train)
-        if any((path / f"train{s}").exists() for s in (".jsonl", ".csv")):
-            return DataSource(str(path), "task_dir", max_train=max_train)
-        raise DataError(f"{location}: neither a task directory (train.jsonl/csv) nor a save_to_disk dataset")
-    return DataSource(location, "hf", max_train=max_train)
+            return DataSource(str(path), "hf", **read)
+        if (path / "task.json").exists() or task_dir_splits(path):
+            return DataSource(str(path), "task_dir", **read)
+        raise DataError(f"{location}: neither a task directory (task.json, data files) nor a save_to_disk dataset")
+    return DataSource(location, "hf", **read)
 
 
 def balanced_sample(split: Split, size: int, num_classes: int, seed: int) -> Split:
@@ -74,8 +76,10 @@ class PreparedTask:
         return [self.data.train.subset(ix) for ix in indices]
 
 
-def prepare_task(location: str, max_train: int | None, test_size: int, test_seed: int) -> PreparedTask:
-    source = source_for(location, max_train)
+def prepare_task(
+    location: str, max_train: int | None, test_size: int, test_seed: int, data: dict | None = None
+) -> PreparedTask:
+    source = source_for(location, max_train, data)
     data = source.load()
     if not len(data.test):
         raise DataError(f"{location}: no test (or validation) split to evaluate on")

@@ -56,6 +56,7 @@ WRONG_INVOCATIONS = [
     (["runs"], "--store: required option missing (or set IFEDICL_STORE)"),
     (["federate", "--model", "m", "--store", "s", "--dataset", "d", "--split", "a/b"], "--split: 'a/b' is not a split"),
     (["recalibrate", "--model", "m", "--store", "s", "--task-dir", "t", "--test-split", " "], "--test-split: ' '"),
+    (["eval", "t", "--model", "m", "--out", "o", "--split", "x/y"], "--split: 'x/y' is not a split"),
     (["federate", "--model", "smollm2-135m", "--store", "s", "--task-dir", "t", "--revision", "main"],
      "--revision: applies to a hub model id (owner/name), not to 'smollm2-135m'"),
     (["serve", "--model", "acme/tiny", "--store", "s", "--revision", "a b"], "--revision: 'a b' is not a revision"),
