@@ -57,6 +57,8 @@ HELP = {
     "server_warmup": "rounds over which the server learning rate warms up linearly",
     "server_decay": "server learning rate after warm-up: constant, or cosine down to a tenth at the last round",
     "secagg": "secure aggregation: the server sees only masked sums",
+    "secagg_threshold": "secure aggregation: how many clients must stay to recover dropouts' masks, as a fraction "
+    "of the cohort (t = the smallest count above it; a higher t tolerates fewer dropouts, resists more collusion)",
     "dp_vector_epsilon": "DP on the uploaded vectors: ε (one release)",
     "dp_vector_clip": "DP: per-example L2 bound of the [L,2,d] contribution",
     "dp_coefficient_epsilon": "DP on Λ updates: ε over all rounds",

@@ -66,6 +66,8 @@ class FederationSettings:
     server_decay: str = DEFAULTS.server_decay  # constant | cosine (to a tenth of the lr at the last round)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secagg: bool = DEFAULTS.secagg  # pairwise-masked sums: the server sees no single client's vectors or Λ
+    # secure aggregation's Shamir threshold: t = the smallest count above this fraction of the cohort (secagg.py)
+    secagg_threshold: float = DEFAULTS.secagg_threshold
     adversaries: dict[int, str] = field(default_factory=dict)  # drills/tests: {client: "scale:50,flip"}
 
     def __post_init__(self) -> None:
@@ -120,6 +122,10 @@ class FederationSettings:
             (
                 not (self.secagg and self.aggregator != "mean"),
                 "--secagg only supports --aggregator mean: robust aggregators need each update in the clear",
+            ),
+            (
+                0.5 <= self.secagg_threshold < 1,
+                f"--secagg-threshold must be in [0.5, 1) of the cohort (got {self.secagg_threshold})",
             ),
             (
                 not (self.secagg and self.min_clients < MIN_COHORT),
@@ -181,7 +187,7 @@ def build_strategies(settings: FederationSettings, transport: Transport) -> Roun
     def build(fraction: float, weighted: bool) -> Strategy:
         selection = ClientSelection(fraction, settings.min_clients)
         if settings.secagg:  # the server sees only the sum: nothing to screen, no robust rule
-            return SecureFedAvg(transport, weighted, selection)
+            return SecureFedAvg(transport, weighted, selection, threshold=settings.secagg_threshold)
         rule: Strategy
         if settings.aggregator == "median":
             rule = CoordinateMedian(selection)

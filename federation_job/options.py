@@ -69,6 +69,7 @@ class FederationOptions:
     server_warmup: int = 0  # rounds
     server_decay: ServerDecay = "constant"
     secagg: bool = False
+    secagg_threshold: float = 0.5  # t = the smallest count above this fraction of the key-advertising cohort
     dp_vector_epsilon: float | None = None
     dp_vector_clip: float = 1.0
     dp_coefficient_epsilon: float | None = None
@@ -128,6 +129,7 @@ class FederationOptions:
                 "server_warmup": self.server_warmup,
                 "server_decay": self.server_decay,
                 "secagg": self.secagg,
+                "secagg_threshold": self.secagg_threshold,
                 "privacy": self.privacy(),
                 **fields,
             }

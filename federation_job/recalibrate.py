@@ -278,6 +278,9 @@ def weakened_protections(live: dict, settings: FederationSettings) -> list[str]:
         weaker.append("--secagg")
     if live.get("secagg") and settings.min_clients < live.get("min_clients", 1):
         weaker.append(f"--min-clients {live['min_clients']} under --secagg (given: {settings.min_clients})")
+    threshold_was = live.get("secagg_threshold", 0.5)  # fewer colluders suffice to unmask below the live threshold
+    if live.get("secagg") and settings.secagg and settings.secagg_threshold < threshold_was:
+        weaker.append(f"--secagg-threshold {threshold_was:g} (given: {settings.secagg_threshold:g})")
     screen_was, screen_now = live.get("reject_norm_factor", 10.0), settings.reject_norm_factor
     if not live.get("secagg") and screen_was > 0 and (screen_now == 0 or screen_now > screen_was):
         weaker.append(f"--reject-norm-factor {screen_was:g} (given: {screen_now:g}; 0 is off)")

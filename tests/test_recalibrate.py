@@ -217,7 +217,8 @@ def test_a_recalibration_may_not_drop_the_live_runs_privacy_or_robustness():
 
 
 def test_the_guardrail_compares_every_protection_setting():
-    """Norm screen off or looser, a larger DP δ, fewer clients per masked sum, a smaller trim: each is weaker."""
+    """Norm screen off or looser, a larger DP δ, fewer clients per masked sum, a lower secure-aggregation
+    threshold, a smaller trim: each is weaker."""
     from ifedicl.federation_job.options import FederationOptions
     from ifedicl.federation_job.recalibrate import weakened_protections
 
@@ -243,6 +244,10 @@ def test_the_guardrail_compares_every_protection_setting():
     assert weakened_protections(live(**secure, min_clients=6), given(**secure, min_clients=3)) == [
         "--min-clients 6 under --secagg (given: 3)"
     ]
+    assert weakened_protections(live(**secure, secagg_threshold=0.75), given(**secure, secagg_threshold=0.5)) == [
+        "--secagg-threshold 0.75 (given: 0.5)"
+    ]
+    assert weakened_protections(live(**secure), given(**secure, secagg_threshold=0.75)) == []  # stricter
     trimmed = {"aggregator": "trimmed-mean"}
     assert weakened_protections(live(**trimmed, trim_fraction=0.2), given(**trimmed, trim_fraction=0.1)) == [
         "--trim-fraction 0.2 (given: 0.1)"

@@ -549,3 +549,15 @@ def test_a_secure_run_is_published_only_after_a_held_out_evaluation_not_below_ze
     assert fed._publish_refusal({"accuracy": 0.5, "zero_shot_accuracy": 0.5}) is None
     plain = Federation(str(llama_dir), source, str(tmp_path / "p"), _settings())
     assert plain._publish_refusal({}) is None  # in the clear the norm screen sees each update
+
+
+def test_the_threshold_flag_reaches_the_strategy_and_a_bad_one_names_the_flag():
+    from ifedicl.federation_job.federation_settings import build_strategies
+    from ifedicl.federation_job.options import FederationOptions
+    from ifedicl.kernel.errors import IfediclError
+
+    options = FederationOptions(secagg=True, min_clients=2, secagg_threshold=0.75)
+    built = build_strategies(options.settings(0.5, 0), None)
+    assert built.coefficients.threshold == 0.75 and built.vectors.threshold == 0.75
+    with pytest.raises(IfediclError, match="--secagg-threshold must be in"):
+        FederationOptions(secagg=True, min_clients=2, secagg_threshold=0.4).settings(0.5, 0).validate()
