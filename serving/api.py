@@ -14,6 +14,10 @@ of vLLM's for the same paths and dispatch on ``model``:
 order, ``num_classes``), with our ``probabilities`` by label word and ``run_id``
 added; ``POST /admin/reload`` is ours alone. Task models stream too: the label is
 computed whole, then sent as OpenAI server-sent events.
+
+This is the one module that speaks HTTP status codes: the service, the task cache and the
+request guard raise :mod:`~ifedicl.serving.domain_errors`, and :data:`HTTP_ERRORS` says what
+each becomes (status, OpenAI error ``type``, headers) through :func:`http_error`.
 """
 
 from __future__ import annotations
@@ -23,18 +27,65 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
-from ifedicl.serving.api_errors import ApiError, bad_request, not_found
+from ifedicl.serving.domain_errors import (
+    BadRequest,
+    BodyTooLarge,
+    InternalError,
+    Overloaded,
+    ServingError,
+    TaskNotFound,
+    TaskUnavailable,
+    Unauthenticated,
+)
 from ifedicl.serving.guards import PARSED_JSON_KEY, check_inputs, check_internal_fields, parse_json_body
 from ifedicl.serving.metrics import AUTO_TASK_LABEL, BASE_TASK_LABEL, UNKNOWN_TASK_LABEL
 from ifedicl.serving.service import Classification, ClassificationService, Score
 
 logger = logging.getLogger("ifedicl.serving")
+
+# Every domain error's HTTP status and OpenAI error ``type`` (vLLM's names, so ours look like its own). A
+# subclass answers as its nearest listed ancestor (RunRefused as TaskUnavailable).
+HTTP_ERRORS: dict[type[ServingError], tuple[HTTPStatus, str]] = {
+    BadRequest: (HTTPStatus.BAD_REQUEST, "BadRequestError"),
+    Unauthenticated: (HTTPStatus.UNAUTHORIZED, "AuthenticationError"),
+    TaskNotFound: (HTTPStatus.NOT_FOUND, "NotFoundError"),
+    BodyTooLarge: (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "RequestEntityTooLargeError"),
+    Overloaded: (HTTPStatus.TOO_MANY_REQUESTS, "RateLimitError"),
+    InternalError: (HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError"),
+    TaskUnavailable: (HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
+}
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """A domain error as the client receives it: status, OpenAI error body, extra headers (lower-case)."""
+
+    status: int
+    body: dict
+    headers: dict[str, str]
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers or None)
+
+
+def http_error(err: ServingError) -> HttpError:
+    """``err`` as an HTTP answer, by :data:`HTTP_ERRORS`: 401 names the scheme, 429 says when to retry."""
+    status, kind = next(HTTP_ERRORS[cls] for cls in type(err).__mro__ if cls in HTTP_ERRORS)
+    headers = {}
+    if isinstance(err, Unauthenticated):
+        headers["www-authenticate"] = "Bearer"
+    if isinstance(err, Overloaded):
+        headers["retry-after"] = str(err.retry_after_s)
+    body = {"error": {"message": err.message, "type": kind, "param": err.param, "code": int(status)}}
+    return HttpError(int(status), body, headers)
 
 
 async def read_json(raw: Request) -> dict:
@@ -46,26 +97,26 @@ async def read_json(raw: Request) -> dict:
     """
     data = raw.scope[PARSED_JSON_KEY] if PARSED_JSON_KEY in raw.scope else parse_json_body(await raw.body())
     if not isinstance(data, dict):
-        raise bad_request("The request body must be a JSON object")
+        raise BadRequest("The request body must be a JSON object")
     return data
 
 
 def _model_name(body: dict) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise bad_request("'model' is required: a task name or the base model", "model")
+        raise BadRequest("'model' is required: a task name or the base model", "model")
     return model
 
 
 def _texts(value, param: str) -> list[str]:
     """A string or a list of strings (OpenAI's ``prompt``/``input`` shapes); 400 otherwise."""
     if value is None:
-        raise bad_request(f"'{param}' is required", param)
+        raise BadRequest(f"'{param}' is required", param)
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
-    raise bad_request(f"'{param}' must be a string or a list of strings", param)
+    raise BadRequest(f"'{param}' must be a string or a list of strings", param)
 
 
 def _optional_int(body: dict, name: str, low: int, high: int) -> int | None:
@@ -73,7 +124,7 @@ def _optional_int(body: dict, name: str, low: int, high: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise bad_request(f"'{name}' must be an integer in [{low}, {high}]", name)
+        raise BadRequest(f"'{name}' must be an integer in [{low}, {high}]", name)
     return value
 
 
@@ -81,7 +132,7 @@ def _scoring_options(body: dict) -> dict:
     """vLLM's request fields that apply to scoring: ``priority``, ``truncate_prompt_tokens``, ``user``."""
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise bad_request("'user' must be a string", "user")
+        raise BadRequest("'user' must be a string", "user")
     return {
         "priority": _optional_int(body, "priority", -(2**63), 2**63 - 1) or 0,
         "truncate": _optional_int(body, "truncate_prompt_tokens", -1, 2**31 - 1),
@@ -93,7 +144,7 @@ def _include_usage(body: dict) -> bool:
     if options is None:
         return False
     if not isinstance(options, dict):
-        raise bad_request("'stream_options' must be an object", "stream_options")
+        raise BadRequest("'stream_options' must be an object", "stream_options")
     return bool(options.get("include_usage"))
 
 
@@ -101,7 +152,7 @@ def _chat_text(body: dict) -> str:
     """The text to classify from a chat request: the last user message's text."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty list", "messages")
+        raise BadRequest("'messages' must be a non-empty list", "messages")
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
@@ -111,7 +162,7 @@ def _chat_text(body: dict) -> str:
                 parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
                 return "".join(parts)
             break
-    raise bad_request("'messages' needs a user message with text content", "messages")
+    raise BadRequest("'messages' needs a user message with text content", "messages")
 
 
 def _usage(result: Classification, completion: bool = True) -> dict:
@@ -300,7 +351,7 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
                 try:
                     parsed = request_cls.model_validate(body)
                 except ValidationError as err:
-                    raise bad_request(f"Invalid request: {err}") from None
+                    raise BadRequest(f"Invalid request: {err}") from None
                 # vLLM's own exception handlers answer whatever its handler raises.
                 response = await handler(parsed, raw)
                 if response.status_code >= 400:
@@ -308,19 +359,19 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
                 return response
             if not is_served(model):
                 served = [*base_names, *sorted(service.catalog), *([AUTO_MODEL] if service.router else [])]
-                raise not_found(f"The model `{model}` does not exist. Available: {served}")
+                raise TaskNotFound(f"The model `{model}` does not exist. Available: {served}")
             task_label = AUTO_TASK_LABEL if model == AUTO_MODEL else model
             check_internal_fields(body)  # a task's salt and row are the server's, never the caller's
             return await on_task(model, body)
-        except ApiError as err:
-            metrics.errors.labels(task_label, endpoint, str(err.status)).inc()
-            return JSONResponse(err.body(), status_code=err.status)
-        except Exception as err:  # keep serving; report in the same format
-            if task_label == BASE_TASK_LABEL:
-                raise
-            logger.exception("ifedicl: %s failed", endpoint)
-            metrics.errors.labels(task_label, endpoint, "500").inc()
-            return JSONResponse(ApiError(500, f"{type(err).__name__}: {err}").body(), status_code=500)
+        except Exception as err:
+            if not isinstance(err, ServingError):  # keep serving; report in the same format
+                if task_label == BASE_TASK_LABEL:
+                    raise
+                logger.exception("ifedicl: %s failed", endpoint)
+                err = InternalError(f"{type(err).__name__}: {err}")
+            answer = http_error(err)
+            metrics.errors.labels(task_label, endpoint, str(answer.status)).inc()
+            return answer.response()
         finally:
             metrics.requests.labels(task_label, endpoint).inc()
 
@@ -379,7 +430,7 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
                 "max_model_len": service.max_model_len,
                 "run_id": info.run_id,
                 "labels": list(info.task.labels),
-                "resident": name in service.table.resident,  # tables in the engine now (else: loaded on use)
+                "resident": service.tasks.is_resident(name),  # tables in the engine now (else: loaded on use)
                 **(quality.to_dict() if quality is not None else {}),
             })  # fmt: skip
         if service.router is not None:
@@ -400,7 +451,7 @@ def install_routes(app: FastAPI, service: ClassificationService, base_names: lis
 
     async def admin_reload(raw: Request) -> Response:
         report = await service.reload()
-        status = 200 if not report.failed else 409
+        status = 200 if not report.failed else 409  # 409: some published run was refused (or the store unread)
         return JSONResponse(report.to_dict(), status_code=status)
 
     before = {id(route) for route in app.router.routes}

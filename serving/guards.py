@@ -25,7 +25,9 @@ data; ``/admin/reload`` needs the admin key when one is set. Then, in this order
 The last two run here for vLLM's own routes and in :mod:`ifedicl.serving.api` for the
 routes it dispatches (:data:`DISPATCHED_PATHS`), where the refusal is counted under its task.
 
-The body is parsed once here and handed to our routes (:data:`PARSED_JSON_KEY`).
+The body is parsed once here and handed to our routes (:data:`PARSED_JSON_KEY`). Every refusal is a
+:mod:`~ifedicl.serving.domain_errors` error; the answer it becomes (status, body, headers) is
+:func:`ifedicl.serving.api.http_error`'s, handed in as ``answer``.
 
 **Engine** (:class:`EngineIsolation`). The HTTP checks name the fields vLLM's routes
 read today; the engine is isolated whatever route a request came by. Every request
@@ -44,14 +46,14 @@ import logging
 import re
 import secrets
 from collections.abc import Callable, Sequence
-from http import HTTPStatus
+from typing import Protocol
 
 import numpy as np
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ifedicl.model_patches.vllm_runner import TASK_ROW_KEY
-from ifedicl.serving.api_errors import ApiError, bad_request, too_large, unauthorized
+from ifedicl.serving.domain_errors import BadRequest, BodyTooLarge, Overloaded, ServingError, Unauthenticated
 
 logger = logging.getLogger("ifedicl.serving")
 
@@ -104,27 +106,19 @@ def endpoint_label(path: str) -> str:
     return ENDPOINTS.get(path, "other")
 
 
-class RefusalError(ApiError):
-    """An :class:`ApiError` whose OpenAI error ``type`` and headers are given (429's ``RateLimitError``)."""
+class Answer(Protocol):
+    """What :func:`ifedicl.serving.api.http_error` returns: the refusal as the client receives it."""
 
-    def __init__(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None):
-        super().__init__(status, message)
-        self.kind = kind
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        body = super().body()
-        body["error"]["type"] = self.kind
-        return body
+    status: int
+    body: dict
+    headers: dict[str, str]
 
 
-def too_many_requests(limit: int) -> RefusalError:
-    return RefusalError(
-        HTTPStatus.TOO_MANY_REQUESTS,
+def too_many_requests(limit: int) -> Overloaded:
+    return Overloaded(
         f"Too many requests in flight: this server works on at most {limit} at once "
         f"(--max-requests-in-flight); retry after {RETRY_AFTER_SECONDS} s",
-        "RateLimitError",
-        {"retry-after": str(RETRY_AFTER_SECONDS)},
+        retry_after_s=RETRY_AFTER_SECONDS,
     )
 
 
@@ -150,18 +144,18 @@ def parse_json_body(body: bytes, max_depth: int = MAX_JSON_DEPTH, max_elements: 
     """The JSON value of ``body``, or a 400 naming what is wrong; the limits hold before any parsing."""
     depth, elements = json_shape(body)
     if depth > max_depth:
-        raise bad_request(f"The JSON body nests {depth} levels deep; this server accepts at most {max_depth}")
+        raise BadRequest(f"The JSON body nests {depth} levels deep; this server accepts at most {max_depth}")
     if elements > max_elements:
-        raise bad_request(
+        raise BadRequest(
             f"The JSON body has {elements} elements (array items, object members, containers); "
             f"this server accepts at most {max_elements}"
         )
     try:
         return json.loads(body)
     except UnicodeDecodeError as err:  # JSON is Unicode: a Latin-1 or binary body says so, not "invalid JSON"
-        raise bad_request(f"The request body is not UTF-8 encoded JSON: {err}") from None
+        raise BadRequest(f"The request body is not UTF-8 encoded JSON: {err}") from None
     except json.JSONDecodeError as err:
-        raise bad_request(f"Invalid JSON body: {err}") from None
+        raise BadRequest(f"Invalid JSON body: {err}") from None
 
 
 def check_internal_fields(body: dict) -> None:
@@ -169,7 +163,7 @@ def check_internal_fields(body: dict) -> None:
     extra arg (``vllm_xargs`` of the OpenAI/Anthropic routes, ``sampling_params.extra_args`` of
     ``/inference/v1/generate``)."""
     if body.get("cache_salt") is not None:
-        raise bad_request("'cache_salt' is set by this server; requests may not set it", "cache_salt")
+        raise BadRequest("'cache_salt' is set by this server; requests may not set it", "cache_salt")
     sampling = body.get("sampling_params")
     for param, extra in (
         ("vllm_xargs", body.get("vllm_xargs")),
@@ -177,7 +171,7 @@ def check_internal_fields(body: dict) -> None:
     ):
         if isinstance(extra, dict) and (taken := sorted(INTERNAL_EXTRA_ARGS & extra.keys())):
             field = f"{param}.{taken[0]}"
-            raise bad_request(f"'{field}' is set by this server; requests may not set it", field)
+            raise BadRequest(f"'{field}' is set by this server; requests may not set it", field)
 
 
 def _inputs_in(value) -> int:
@@ -208,7 +202,7 @@ def check_inputs(body: dict, max_inputs: int) -> None:
         count = _conversations_in(body[param]) if param == "messages" else _inputs_in(body[param])
         if count * n > max_inputs:
             asks = f"{count} inputs" if n == 1 else f"{count} inputs x n={n}"
-            raise bad_request(
+            raise BadRequest(
                 f"'{param}' has {asks}; this server accepts at most {max_inputs} per request "
                 "(--max-inputs-per-request): split the batch",
                 param if count > 1 or n == 1 else "n",
@@ -223,14 +217,16 @@ def _key_hashes(keys: Sequence[str]) -> list[bytes]:
 class RequestGuard:
     """Pure ASGI middleware: 401, 429, 413 and 400 (module docstring), in OpenAI's error format.
 
-    ``on_refused(endpoint, status)`` is called for each refusal (the server counts them
-    in ``ifedicl_request_errors_total``, 429s under ``code="429"``).
+    ``answer`` renders a refusal (:func:`ifedicl.serving.api.http_error`). ``on_refused(endpoint,
+    status)`` is called for each refusal (the server counts them in ``ifedicl_request_errors_total``,
+    429s under ``code="429"``).
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
+        answer: Callable[[ServingError], Answer],
         api_keys: Sequence[str],
         max_body_bytes: int,
         admin_api_keys: Sequence[str] = (),
@@ -239,6 +235,7 @@ class RequestGuard:
         on_refused: Callable[[str, int], None] | None = None,
     ) -> None:
         self.app = app
+        self.answer = answer
         self.key_hashes = _key_hashes(api_keys)
         self.admin_key_hashes = _key_hashes(admin_api_keys)
         self.max_body_bytes = max_body_bytes
@@ -275,7 +272,7 @@ class RequestGuard:
         headers = Headers(scope=scope)
         if not self.authorized(headers, path):
             admin = path in ADMIN_PATHS and self.admin_key_hashes
-            await self._refuse(unauthorized(_ADMIN_KEY_MESSAGE) if admin else unauthorized(), path, send)
+            await self._refuse(Unauthenticated(_ADMIN_KEY_MESSAGE if admin else _API_KEY_MESSAGE), path, send)
             return
         if self.in_flight >= self.max_requests_in_flight:
             await self._refuse(too_many_requests(self.max_requests_in_flight), path, send)
@@ -310,14 +307,14 @@ class RequestGuard:
         if body and not headers.get("content-type", "").lower().startswith(_FORM_TYPES):
             try:
                 parsed = self._checked(body, path)
-            except ApiError as err:
+            except ServingError as err:
                 await self._refuse(err, path, send)
                 return
             scope[PARSED_JSON_KEY] = parsed
         await self.app(scope, _replay(body, receive), send)
 
     def _checked(self, body: bytes, path: str):
-        """The parsed body once every limit and field rule holds; :class:`ApiError` otherwise."""
+        """The parsed body once every limit and field rule holds; :class:`BadRequest` otherwise."""
         parsed = parse_json_body(body)
         if isinstance(parsed, dict) and path not in DISPATCHED_PATHS:
             check_internal_fields(parsed)
@@ -325,27 +322,27 @@ class RequestGuard:
                 check_inputs(parsed, self.max_inputs)
         return parsed
 
-    def _too_large(self, got: str) -> ApiError:
-        return too_large(
+    def _too_large(self, got: str) -> BodyTooLarge:
+        return BodyTooLarge(
             f"Request body too large: {got}; this server accepts at most {self.max_body_bytes} bytes "
             "(--max-body-bytes)"
         )
 
-    async def _refuse(self, error: ApiError, path: str, send: Send) -> None:
+    async def _refuse(self, error: ServingError, path: str, send: Send) -> None:
+        answer = self.answer(error)
         if self.on_refused is not None:
-            self.on_refused(endpoint_label(path), error.status)
-        body = json.dumps(error.body()).encode()
-        extra = [(b"www-authenticate", b"Bearer")] if error.status == 401 else []
-        if isinstance(error, RefusalError):
-            extra += [(k.encode(), v.encode()) for k, v in error.headers.items()]
+            self.on_refused(endpoint_label(path), answer.status)
+        body = json.dumps(answer.body).encode()
+        extra = [(k.encode(), v.encode()) for k, v in answer.headers.items()]
         await send({
             "type": "http.response.start",
-            "status": error.status,
+            "status": answer.status,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra],
         })
         await send({"type": "http.response.body", "body": body})
 
 
+_API_KEY_MESSAGE = "Invalid or missing API key: send 'Authorization: Bearer <key>'"
 _ADMIN_KEY_MESSAGE = (
     "Invalid or missing admin key: this path needs 'Authorization: Bearer <admin key>' (--admin-api-key)"
 )

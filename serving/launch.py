@@ -35,7 +35,8 @@ from ifedicl.model_patches.vllm_plugin import (
 )
 from ifedicl.serving.guards import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_REQUESTS_IN_FLIGHT
 from ifedicl.serving.quality import default_serving_dtype
-from ifedicl.serving.service import DEFAULT_MAX_INPUTS, DEFAULT_SLOT_WAIT_SECONDS
+from ifedicl.serving.service import DEFAULT_MAX_INPUTS
+from ifedicl.serving.task_cache import DEFAULT_SLOT_WAIT_SECONDS
 from ifedicl.storage.store import Store
 
 logger = logging.getLogger("ifedicl.serving")
@@ -208,7 +209,7 @@ async def serve_async(
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-    from ifedicl.serving.api import install_routes
+    from ifedicl.serving.api import http_error, install_routes
     from ifedicl.serving.guards import EngineIsolation, RequestGuard
     from ifedicl.serving.metrics import UNKNOWN_TASK_LABEL
     from ifedicl.serving.service import ClassificationService
@@ -246,6 +247,7 @@ async def serve_async(
         # already built Starlette's middleware stack, so insert and let it be rebuilt lazily.
         guard = Middleware(
             RequestGuard,
+            answer=http_error,
             api_keys=api_keys(args),
             admin_api_keys=admin_api_keys(args),
             max_body_bytes=limits.max_body_bytes,

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ifedicl.serving.task_cache import TaskQuality
+from ifedicl.serving.quality import TaskQuality
 
 BASE_TASK_LABEL = "_base"
 UNKNOWN_TASK_LABEL = "_unknown"

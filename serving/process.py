@@ -70,7 +70,7 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ifedicl serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:
+                if httpx.get(f"{self.base_url}/health", timeout=5).is_success:
                     return
             except httpx.HTTPError:
                 pass

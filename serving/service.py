@@ -2,12 +2,14 @@
 
 :class:`ClassificationService` owns what the HTTP layer needs and nothing HTTP:
 the published task versions (a catalog read from the store at each reload),
-the engine's injection tables as a bounded cache of them (a task's tables are
-read from the store and written into a task row on its first request, evicting the
-least recently used version no request holds), label scoring, hot reload,
-metrics and the start-up check that injection is really live. It talks to any vLLM ``EngineClient`` (the API
-server's AsyncLLM, or one built in a test), so the equivalence tests exercise
-exactly the code the server runs.
+label scoring, hot reload, metrics and the start-up check that injection is really
+live. The engine's injection tables are a bounded cache of the catalog's versions,
+:class:`~ifedicl.serving.task_cache.TaskCache` (loaded on first request, least
+recently used unleased version evicted); a version's accuracy as served is
+:func:`~ifedicl.serving.quality.served_quality`. What it refuses it raises as
+:mod:`~ifedicl.serving.domain_errors`; only :mod:`ifedicl.serving.api` speaks HTTP.
+It talks to any vLLM ``EngineClient`` (the API server's AsyncLLM, or one built in a
+test), so the equivalence tests exercise exactly the code the server runs.
 
 Scoring one text: prompt ``task.prompt(text)``, tokenized with the model's HF
 tokenizer exactly as the reference path does; one engine request with
@@ -19,7 +21,6 @@ softmax over those label logprobs (= softmax over the label logits).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -28,21 +29,25 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
-import torch
 from prometheus_client import CollectorRegistry
 
-from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config, load_tokenizer
 from ifedicl.kernel.task import TaskSpec, label_token_ids
-from ifedicl.model_patches.injection import InjectionTables
 from ifedicl.model_patches.vllm_plugin import DEFAULT_MAX_SLOTS
 from ifedicl.model_patches.vllm_runner import TASK_ROW_KEY
-from ifedicl.model_patches.vllm_worker import pack_tables
-from ifedicl.serving.api_errors import ApiError, bad_request, not_found
+from ifedicl.serving.domain_errors import BadRequest, InternalError, TaskNotFound, TaskUnavailable
 from ifedicl.serving.metrics import ServingMetrics
-from ifedicl.serving.quality import accuracy, held_out_split, run_dtype
-from ifedicl.serving.task_cache import ActiveTask, NoFreeRowError, TaskQuality, TaskTable
-from ifedicl.storage.store import RunInfo, Store, StoredRun, StoreError, StoreUnavailable, check_fingerprint
+from ifedicl.serving.quality import TaskQuality, served_quality
+from ifedicl.serving.task_cache import (
+    DEFAULT_LOAD_ATTEMPTS,
+    DEFAULT_LOAD_BACKOFF_S,
+    DEFAULT_SLOT_WAIT_SECONDS,
+    ActiveTask,
+    TaskCache,
+    TaskTable,
+    failure_reason,
+)
+from ifedicl.storage.store import RunInfo, Store, StoredRun
 
 logger = logging.getLogger("ifedicl.serving")
 
@@ -50,29 +55,6 @@ logger = logging.getLogger("ifedicl.serving")
 # unbounded list would let one client queue arbitrary work ahead of everyone else.
 DEFAULT_MAX_INPUTS = 256
 
-# How long a cache miss waits for a task row when every row is leased by in-flight requests (then 503).
-# Long enough to ride out a burst of in-flight requests; ``--slot-wait-seconds`` changes it.
-DEFAULT_SLOT_WAIT_SECONDS = 60.0
-
-
-# A task load that fails transiently (the store's tables unreadable for a moment) is retried this many
-# times in all, waiting DEFAULT_LOAD_BACKOFF_S, then twice that, ... between attempts (0.25 + 0.5 + 1 = 1.75 s):
-# long enough to ride out a table being swapped or an object store's hiccup, short enough that the
-# request waiting on it still gets its answer (or a 503) within seconds.
-DEFAULT_LOAD_ATTEMPTS = 4
-DEFAULT_LOAD_BACKOFF_S = 0.25
-
-
-def permanent(err: BaseException) -> bool:
-    """Whether a failed task load says something about the *run* (refuse it until it is replaced) or only
-    about this moment (retry later, never cache it).
-
-    Permanent: the run's own errors, which no retry changes: the run or its rows are gone or incomplete
-    (:class:`StoreError`), it was made with another model (:class:`ModelMismatchError`), its label words
-    do not fit this tokenizer, its tables hold NaN. Everything else is transient: the store's tables
-    unreadable now (:class:`StoreUnavailable`), an IO error, the engine failing a row write.
-    """
-    return isinstance(err, IfediclError) and not isinstance(err, StoreUnavailable)
 
 
 class InjectionInactiveError(RuntimeError):
@@ -137,36 +119,37 @@ class ClassificationService:
         load_backoff_s: float = DEFAULT_LOAD_BACKOFF_S,
     ):
         self.engine = engine
-        self.load_attempts = max(1, load_attempts)
-        self.load_backoff_s = load_backoff_s
         self.max_inputs = max_inputs
-        self.slot_wait_seconds = slot_wait_seconds
         self.model_id = canonical_model_id(model)
         self.fingerprint = fingerprint(self.model_id, load_config(model))
         self.tokenizer = load_tokenizer(model)
         self.max_model_len = int(engine.model_config.max_model_len)
         self.dtype = str(engine.model_config.dtype).removeprefix("torch.")  # what the engine computes in
         self.store = Store(store)  # raises StoreError when the store does not exist
-        self.table = TaskTable(max_slots, on_change=self._rows_may_be_free)
-        self._rows_changed = asyncio.Event()
         self.probe_row = max_slots + 1  # the engine's last task row: β = 0 (see check_injection_live)
         self.catalog: dict[str, RunInfo] = {}  # task -> the published run it serves (tables resident or not)
-        self._loading: dict[tuple[str, str], asyncio.Future[ActiveTask]] = {}  # (task, run) -> its load
-        self._waiters: dict[tuple[str, str], int] = {}  # (task, run) -> requests waiting for that load
-        self._qualities: dict[tuple[str, str], TaskQuality] = {}  # (task, run) -> accuracy as served
         self.metrics_registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ServingMetrics(
             self.metrics_registry,
             self._active_runs,
             self._served_qualities,
-            resident=lambda: len(self.table.resident),
+            resident=self._resident_count,
             slots=max_slots,
         )
+        self.tasks = TaskCache(
+            store=self.store,
+            tokenizer=self.tokenizer,
+            model=self.fingerprint,
+            write_rows=self._write_rows,
+            measure=self._measure,
+            adopt=self._adopt,
+            metrics=self.metrics,
+            max_slots=max_slots,
+            slot_wait_seconds=slot_wait_seconds,
+            load_attempts=load_attempts,
+            load_backoff_s=load_backoff_s,
+        )
         self._reload_lock = asyncio.Lock()
-        # (task, run_id) -> why it was refused. Complete runs never change, so a run refused for a
-        # permanent reason (see permanent()) is not retried (nor re-counted) at every poll while it
-        # stays published; a transient failure is never kept here.
-        self._refused: dict[tuple[str, str], str] = {}
         self.router = None  # serving.routing.TaskRouter when model="auto" is on
 
     # ------------------------------------------------------------------ start-up
@@ -221,7 +204,17 @@ class ClassificationService:
 
     def quality(self, info: RunInfo) -> TaskQuality | None:
         """What is known of ``info``'s accuracy as served (None until it was first loaded)."""
-        return self._qualities.get((info.task.name, info.run_id))
+        return self.tasks.quality(info)
+
+    def _resident_count(self) -> int:
+        """Task versions in the engine now (0 while the service is built: a registry that auto-describes,
+        as vLLM's does, collects a collector when it is registered, before the task cache exists)."""
+        return len(self.tasks.table.resident) if hasattr(self, "tasks") else 0
+
+    @property
+    def table(self) -> TaskTable:
+        """The engine's rows: which versions are resident (``bench/many_tasks.py`` reads it)."""
+        return self.tasks.table
 
     async def reload(self, initial: bool = False) -> ReloadReport:
         """Serve the store's published runs; refuse (and count) the ones that cannot be.
@@ -246,22 +239,16 @@ class ClassificationService:
                 current = self.catalog.get(task)
                 if current is not None and current.run_id == info.run_id:
                     continue
-                if (task, info.run_id) in self._refused:
-                    report.failed[task] = self._refused[(task, info.run_id)]
+                refused = self.tasks.refusal(info)
+                if refused is not None:
+                    report.failed[task] = refused
                     continue
                 try:
-                    self._check(info)
-                    if task in self.table.resident or self.table.free_rows() > 0:
-                        loaded = await self._load_once(info, reason="reload")
-                        self.table.release(loaded)
-                        if loaded.measuring is not None:
-                            await loaded.measuring  # its accuracy is known before it is reported live
+                    await self.tasks.warm(info)  # resident or a row free: loaded now, its accuracy known
                 except Exception as err:
                     logger.error("ifedicl: refused run %s of task %s: %s", info.run_id, task, err)
                     self.metrics.reload_failures.inc()
-                    report.failed[task] = f"run {info.run_id}: {type(err).__name__}: {err}"
-                    if permanent(err):  # a transient failure is tried again at the next poll or request
-                        self._refused[(task, info.run_id)] = report.failed[task]
+                    report.failed[task] = failure_reason(info, err)
                     continue
                 self.catalog[task] = info
                 report.activated[task] = info.run_id
@@ -270,7 +257,7 @@ class ClassificationService:
                 logger.info("ifedicl: task %s now serves run %s", task, info.run_id)
             for task in set(self.catalog) - set(published):
                 del self.catalog[task]
-                self.table.remove(task)
+                self.tasks.remove(task)
                 report.removed.append(task)
             report.live = {t: info.run_id for t, info in self.catalog.items()}
             if self.router is not None and (initial or report.activated or report.removed):
@@ -293,197 +280,31 @@ class ClassificationService:
         vectors = self.store.vectors_of([i.run_id for i in infos], fp.num_layers, fp.hidden_size)
         self.router.rebuild([(i.task.name, i.run_id, vectors[i.run_id]) for i in infos])
 
-    def _check(self, info: RunInfo) -> None:
-        """What can be checked without the tables: the model it was made on, its label words."""
-        check_fingerprint(info.run_id, info.fingerprint, self.fingerprint)
-        label_token_ids(info.task, self.tokenizer)
+    # ------------------------------------------------------------------ what the task cache asks
+    def _adopt(self, info: RunInfo, reason: str) -> bool:
+        """Whether a version the cache just made resident is the one ``info.task`` now serves (see
+        :data:`~ifedicl.serving.task_cache.Adopt`): a reload's always, and it is published in that step;
+        a request's unless a reload replaced or removed it while it loaded."""
+        current = self.catalog.get(info.task.name)
+        if reason == "request" and (current is None or current.run_id != info.run_id):
+            return False
+        self.catalog[info.task.name] = info
+        return True
 
-    async def _resident(self, name: str) -> ActiveTask:
-        """``name``'s published version with its tables in the engine, leased to the caller.
+    async def _write_rows(self, rows: list[int], beta: bytes, shift: bytes) -> None:
+        """Write packed task rows (``pack_tables``: [L, 2, R] and [L, 2, R, d] float32) into every worker."""
+        await self.engine.collective_rpc("ifedicl_write_rows", args=(rows, beta, shift))
 
-        A cache miss loads it now (one load however many requests ask at once).
-        The caller gives the lease back with ``self.table.release``.
-        """
-        info = self.catalog.get(name)
-        if info is None:
-            raise not_found(f"The model `{name}` does not exist. Served tasks: {sorted(self.catalog)}")
-        refused = self._refused.get((name, info.run_id))
-        if refused is not None:
-            raise ApiError(503, f"task {name}: its published run cannot be served: {refused}")
-        task = self.table.get(name)
-        if task is not None and task.run_id == info.run_id:
-            self.table.hold(task)
-            return task
-        try:
-            return await self._load_once(info, reason="request")
-        except NoFreeRowError as err:
-            raise ApiError(503, f"task {name}: {err} (waited {self.slot_wait_seconds:g} s for a free one)") from None
-        except Exception as err:
-            reason = f"run {info.run_id}: {type(err).__name__}: {err}"
-            if permanent(err):  # the run itself cannot be served: refused until another run is published
-                self._refused[(name, info.run_id)] = reason
-                raise ApiError(503, f"task {name}: its published run cannot be served: {reason}") from None
-            raise ApiError(
-                503, f"task {name}: its tables are unavailable right now ({reason}); not refused, retry shortly"
-            ) from None
+    async def _measure(self, run: StoredRun, task: ActiveTask) -> TaskQuality:
+        """``run``'s accuracy as served: scored through this engine under the version's own row."""
 
-    async def _load_once(self, info: RunInfo, reason: str) -> ActiveTask:
-        """Load ``info`` unless a load of the same (task, version) is under way, then wait for it.
+        async def predict(texts: Sequence[str]) -> list[str]:
+            limit = self.max_model_len - 1
+            encoded = [self.tokenizer(run.task.prompt(text))["input_ids"][-limit:] for text in texts]
+            scores = await self._score_all(run.task, task.label_ids, texts, encoded, task.task_row, task.cache_salt)
+            return [s.label for s in scores]
 
-        Returns the version leased to this caller: the load takes one lease per
-        waiter in the step that makes it resident, so no other load can evict it
-        before its waiters have used it.
-        """
-        key = (info.task.name, info.run_id)
-        pending = self._loading.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self._load(info, reason))
-            self._loading[key] = pending
-            self._waiters[key] = 0
-        self._waiters[key] += 1
-        try:
-            return await asyncio.shield(pending)  # one waiter giving up does not cancel the others' load
-        except asyncio.CancelledError:
-            if pending.done() and not pending.cancelled() and pending.exception() is None:
-                self.table.release(pending.result())  # its lease was taken: give it back
-            elif key in self._waiters:
-                self._waiters[key] -= 1
-            raise
-
-    async def _reserve_row(self) -> int:
-        """A task row for a new version: free, or the least recently used one no request holds.
-
-        When every row is leased, waits up to ``slot_wait_seconds`` for a lease to end, then
-        raises :class:`NoFreeRowError` (503): a request never waits unboundedly on others.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.slot_wait_seconds
-        while True:
-            changed = self._rows_changed
-            try:
-                task_row, evicted = self.table.reserve_row()
-            except NoFreeRowError:
-                if loop.time() >= deadline:
-                    raise
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), deadline - loop.time())
-                continue
-            if evicted is not None:
-                self.metrics.evictions.inc()
-                logger.debug("ifedicl: evicted task %s run %s from row %d", evicted.name, evicted.run_id, task_row)
-            return task_row
-
-    def _rows_may_be_free(self) -> None:
-        """Wake loads waiting for a row (a lease ended, a load failed, a version became resident)."""
-        self._rows_changed.set()
-        self._rows_changed = asyncio.Event()
-
-    async def _load(self, info: RunInfo, reason: str) -> ActiveTask:
-        """Read ``info``'s tables from the store, write them into a task row, make that version resident.
-
-        Returns in the step that activates it, with one lease per waiter (see
-        :meth:`_load_once`); a missing accuracy is measured in the background
-        (``active.measuring``), so a cold request does not wait for a re-score.
-        """
-        key = (info.task.name, info.run_id)
-        start = time.perf_counter()
-        try:
-            run = await self._read_tables(info)
-            if not (np.isfinite(run.vectors).all() and np.isfinite(run.coefficients).all()):
-                raise StoreError(f"run {run.run_id} contains NaN or inf")
-            label_ids = label_token_ids(run.task, self.tokenizer)
-            tables = InjectionTables.build([torch.from_numpy(run.vectors)], [torch.from_numpy(run.coefficients)])
-            beta, shift = pack_tables(tables.beta[:, :, 1:], tables.shift[:, :, 1:])  # row 1 = this run
-            task_row = await self._reserve_row()
-            try:
-                await self.engine.collective_rpc("ifedicl_write_rows", args=([task_row], beta, shift))
-            except BaseException:
-                self.table.release_row(task_row)
-                raise
-        except BaseException:
-            self._loading.pop(key, None)
-            self._waiters.pop(key, None)
-            raise
-        # From here to the return nothing awaits: the row, the catalog and the waiters' leases change together.
-        self._loading.pop(key, None)
-        active = ActiveTask(run.task, run.run_id, task_row, label_ids, run.created_at, run.round)
-        active.leases = self._waiters.pop(key, 0)
-        current = self.catalog.get(run.task.name)
-        if reason == "request" and (current is None or current.run_id != run.run_id):
-            self.table.retire(active)  # a reload replaced or removed it meanwhile: serve the waiters, then free
-        else:
-            self.table.activate(active)
-            self.catalog[run.task.name] = info
-        self.metrics.loads.labels(reason).inc()
-        self.metrics.load_latency.observe(time.perf_counter() - start)
-        active.quality = self._qualities.get(key)
-        if active.quality is None:
-            self.table.hold(active)
-            active.measuring = asyncio.ensure_future(self._measure_quality(run, active))
-        return active
-
-    async def _read_tables(self, info: RunInfo) -> StoredRun:
-        """``info``'s tables from the store, retrying a transient failure with exponential backoff.
-
-        At most ``load_attempts`` reads, ``load_backoff_s`` x 1, 2, 4, ... apart; a permanent error
-        (:func:`permanent`) is raised at once, the last transient one after the final attempt.
-        """
-        for attempt in range(self.load_attempts):
-            try:
-                return await asyncio.to_thread(self.store.load_tables, info)
-            except Exception as err:
-                if permanent(err) or attempt + 1 == self.load_attempts:
-                    raise
-                delay = self.load_backoff_s * 2**attempt
-                logger.warning(
-                    "ifedicl: run %s of task %s: load attempt %d/%d failed (%s: %s); retrying in %.2g s",
-                    info.run_id, info.task.name, attempt + 1, self.load_attempts, type(err).__name__, err, delay,
-                )  # fmt: skip
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _measure_quality(self, run: StoredRun, task: ActiveTask) -> None:
-        """Record the run's accuracy in the serving dtype (once per version; survives evictions).
-
-        Called with a lease on ``task`` held for it, which it gives back.
-        """
-        try:
-            quality = await self._quality(run, task)
-        except Exception as err:  # a background measurement must not take the server down
-            logger.error("ifedicl: task %s run %s: accuracy not measured: %s", run.task.name, run.run_id, err)
-            return
-        finally:
-            self.table.release(task)
-        self._qualities[(run.task.name, run.run_id)] = task.quality = quality
-
-    async def _quality(self, run: StoredRun, task: ActiveTask) -> TaskQuality:
-        """The run's accuracy in the serving dtype: its own, or its held-out split re-scored here.
-
-        Scored through this engine under the version's own row, so the number is
-        exactly what clients of this server get.
-        """
-        made_in = run_dtype(run.summary, run.settings)
-        recorded = run.summary.get("accuracy")
-        recorded = float(recorded) if isinstance(recorded, int | float) and np.isfinite(recorded) else None
-        examples = run.summary.get("test_examples")
-        if made_in == self.dtype:
-            return TaskQuality(made_in, self.dtype, recorded, recorded, examples, "served in the run's own dtype")
-        try:
-            test = await asyncio.to_thread(held_out_split, run)
-        except Exception as err:
-            note = f"not re-scored in {self.dtype}: held-out split unavailable ({type(err).__name__}: {err})"
-            logger.warning("ifedicl: task %s run %s (%s): %s", run.task.name, run.run_id, made_in, note)
-            return TaskQuality(made_in, self.dtype, recorded, None, None, note)
-        limit = self.max_model_len - 1
-        encoded = [self.tokenizer(run.task.prompt(text))["input_ids"][-limit:] for text in test.texts]
-        scores = await self._score_all(run.task, task.label_ids, test.texts, encoded, task.task_row, task.cache_salt)
-        served = accuracy([s.label for s in scores], test.labels, run.task.labels)
-        note = f"held-out split re-scored in {self.dtype} at load (run made in {made_in})"
-        logger.info(
-            "ifedicl: task %s run %s: accuracy %s in %s (as made), %.4f in %s (served) on %d held-out texts",
-            run.task.name, run.run_id, recorded, made_in, served, self.dtype, len(test),
-        )  # fmt: skip
-        return TaskQuality(made_in, self.dtype, recorded, served, len(test), note)
+        return await served_quality(run, self.dtype, predict)
 
     async def poll_forever(self, interval: float) -> None:
         """Reload every ``interval`` seconds until cancelled."""
@@ -500,30 +321,33 @@ class ClassificationService:
 
     # ------------------------------------------------------------------ scoring
     def spec(self, name: str) -> TaskSpec:
-        """The served task ``name`` (404 if no run of it is published and accepted)."""
+        """The served task ``name`` (:class:`TaskNotFound` if no run of it is published and accepted)."""
+        return self._published(name).task
+
+    def _published(self, name: str) -> RunInfo:
         info = self.catalog.get(name)
         if info is None:
-            raise not_found(f"The model `{name}` does not exist. Served tasks: {sorted(self.catalog)}")
-        return info.task
+            raise TaskNotFound(f"The model `{name}` does not exist. Served tasks: {sorted(self.catalog)}")
+        return info
 
     def check_inputs(self, texts: Sequence[str], param: str = "input") -> None:
-        """400 unless ``texts`` is a non-empty list of non-blank strings, at most ``max_inputs`` long."""
+        """:class:`BadRequest` unless ``texts`` is a non-empty list of non-blank strings, at most ``max_inputs``."""
         if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) == 0:
-            raise bad_request(f"'{param}' must be a non-empty string or a non-empty list of strings", param)
+            raise BadRequest(f"'{param}' must be a non-empty string or a non-empty list of strings", param)
         if len(texts) > self.max_inputs:
-            raise bad_request(
+            raise BadRequest(
                 f"'{param}' has {len(texts)} inputs; this server accepts at most {self.max_inputs} per request "
                 "(--max-inputs-per-request): split the batch",
                 param,
             )
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
-                raise bad_request(f"'{param}'[{i}] is empty: nothing to classify", param)
+                raise BadRequest(f"'{param}'[{i}] is empty: nothing to classify", param)
 
     def encode(
         self, spec: TaskSpec, texts: Sequence[str], param: str = "input", truncate: int | None = None
     ) -> list[list[int]]:
-        """Token ids of each text's prompt, as the reference path tokenizes it; 400 on bad input.
+        """Token ids of each text's prompt, as the reference path tokenizes it; :class:`BadRequest` on bad input.
 
         ``truncate`` (vLLM's ``truncate_prompt_tokens``; -1 = the model's limit) keeps the
         prompt's *last* tokens: the label is scored right after the template's tail, so the
@@ -535,7 +359,7 @@ class ClassificationService:
             if truncate == -1:
                 truncate = limit
             if not 1 <= truncate <= limit:
-                raise bad_request(
+                raise BadRequest(
                     f"'truncate_prompt_tokens' must be -1 or in 1..{limit} (this model's maximum context length "
                     f"{self.max_model_len} minus the scored token), got {truncate}",
                     "truncate_prompt_tokens",
@@ -546,7 +370,7 @@ class ClassificationService:
             if truncate is not None:
                 ids = ids[-truncate:]
             if len(ids) + 1 > self.max_model_len:
-                raise bad_request(
+                raise BadRequest(
                     f"'{param}'[{i}]: the prompt has {len(ids)} tokens; this model's maximum context length is "
                     f"{self.max_model_len} tokens including the scored one",
                     param,
@@ -571,7 +395,7 @@ class ClassificationService:
         spec = self.spec(name)
         encoded = self.encode(spec, texts, param, truncate)  # bad input fails before any load
         start = time.perf_counter()
-        task = await self._resident(name)
+        task = await self.tasks.lease(self._published(name))
         try:
             if task.spec != spec:  # a reload changed the template while this request waited
                 encoded = self.encode(task.spec, texts, param, truncate)
@@ -579,7 +403,7 @@ class ClassificationService:
                 task.spec, task.label_ids, texts, encoded, task.task_row, task.cache_salt, priority
             )
         finally:
-            self.table.release(task)
+            self.tasks.release(task)
         self.metrics.latency.labels(task.name).observe(time.perf_counter() - start)
         for score in scores:
             score.task, score.run_id = task.name, task.run_id
@@ -600,10 +424,10 @@ class ClassificationService:
         answer keeps the request's order and says, per text, the task and similarity.
         """
         if self.router is None:
-            raise not_found("model='auto' is off on this server (start it with --auto-route)")
+            raise TaskNotFound("model='auto' is off on this server (start it with --auto-route)")
         self.check_inputs(texts, param)
         if not self.catalog:
-            raise ApiError(503, "no task is served: nothing to route to")
+            raise TaskUnavailable("no task is served: nothing to route to")
         start = time.perf_counter()
         routes = await asyncio.to_thread(self.router.route, list(texts))
         self.metrics.routing_latency.observe(time.perf_counter() - start)
@@ -679,7 +503,7 @@ class ClassificationService:
         async for output in self.engine.generate(prompt, params, request_id, priority=priority):
             final = output
         if final is None or not final.outputs or not final.outputs[0].logprobs:
-            raise ApiError(500, "the engine returned no logprobs")
+            raise InternalError("the engine returned no logprobs")
         step = final.outputs[0].logprobs[0]  # {token_id: Logprob}
         return np.array([step[i].logprob for i in label_ids], dtype=np.float64)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from serving_helpers import SHORT_TEXTS, TASKS, engine_args, publish_run, published_store, start_engine
 
-from ifedicl.serving.api_errors import ApiError
+from ifedicl.serving.domain_errors import RunRefused, TaskNotFound, TaskUnavailable
 from ifedicl.serving.service import ClassificationService
 from ifedicl.storage import schema
 
@@ -63,7 +63,7 @@ def classify(service: ClassificationService, loop_thread, task: str):
 
 def evict(service: ClassificationService, task: str) -> None:
     """Take ``task``'s tables out of the engine's row, so its next request reads the store."""
-    service.table.remove(task)
+    service.tasks.remove(task)
 
 
 def test_a_table_missing_for_a_moment_is_ridden_out_by_the_retries(service, store_uri, loop_thread, caplog):
@@ -79,7 +79,7 @@ def test_a_table_missing_for_a_moment_is_ridden_out_by_the_retries(service, stor
         restore.join()
     assert result.run_id == service.catalog["subj"].run_id and len(result.scores) == len(TEXTS)
     assert "load attempt 1/4 failed (StoreUnavailable" in caplog.text and "is missing from store" in caplog.text
-    assert [task for task, _ in service._refused] == ["mr"]  # refused at start: another model
+    assert [task for task, _ in service.tasks._refused] == ["mr"]  # refused at start: another model
 
 
 def test_a_failure_outlasting_the_retries_is_a_503_and_not_cached_as_refused(service, store_uri, loop_thread):
@@ -87,13 +87,13 @@ def test_a_failure_outlasting_the_retries_is_a_503_and_not_cached_as_refused(ser
     data = Path(store_uri) / f"{schema.vectors_table_name(HIDDEN)}.lance" / "data"
     aside = _moved(data)  # the table is listed, its files are gone: Lance raises an IO error on read
     try:
-        with pytest.raises(ApiError) as refused:
+        with pytest.raises(TaskUnavailable) as refused:
             classify(service, loop_thread, "agnews")
     finally:
         aside.rename(data)
     run_id = service.catalog["agnews"].run_id
-    assert ("agnews", run_id) not in service._refused  # before: refused until the server restarted
-    assert refused.value.status == 503
+    assert service.tasks.refusal(service.catalog["agnews"]) is None  # before: refused until the server restarted
+    assert not isinstance(refused.value, RunRefused)  # both are a 503 (serving.api.HTTP_ERRORS)
     assert "its tables are unavailable right now" in refused.value.message
     assert "not refused, retry shortly" in refused.value.message and "StoreUnavailable" in refused.value.message
     result = classify(service, loop_thread, "agnews")  # the store is back: the next request loads it
@@ -105,7 +105,7 @@ def test_only_permanent_errors_are_refused_with_a_clear_message(service, store_u
         report = loop_thread.run(service.reload())  # mr was refused at start and stays refused, not retried
         assert "ModelMismatchError" in report.failed["mr"] and "was made with another model" in report.failed["mr"]
         assert "mr" not in service.catalog
-        with pytest.raises(ApiError, match="The model `mr` does not exist"):
+        with pytest.raises(TaskNotFound, match="The model `mr` does not exist"):
             classify(service, loop_thread, "mr")
 
         # a published run whose rows are gone: refused at once, no retries, and not asked again
@@ -113,10 +113,10 @@ def test_only_permanent_errors_are_refused_with_a_clear_message(service, store_u
         evict(service, "subj")
         vectors = service.store.db.open_table(schema.vectors_table_name(HIDDEN))
         vectors.delete(f"run_id = '{run_id}'")
-        with pytest.raises(ApiError) as gone:
+        with pytest.raises(RunRefused) as gone:
             classify(service, loop_thread, "subj")
         assert "its published run cannot be served" in gone.value.message and "0 vector rows" in gone.value.message
-        assert ("subj", run_id) in service._refused
-        with pytest.raises(ApiError, match="its published run cannot be served"):
+        assert "0 vector rows" in service.tasks.refusal(service.catalog["subj"])
+        with pytest.raises(RunRefused, match="its published run cannot be served"):
             classify(service, loop_thread, "subj")
     assert f"run {run_id} of task subj: load attempt" not in caplog.text  # a permanent error is not retried
