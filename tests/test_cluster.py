@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ifedicl.federation_job.recalibrate import RecalibrationCollector
 from ifedicl.kernel.data import load_task_dir
 from ifedicl.storage.recalibrations import attempts
 from ifedicl.storage.store import Store
+from ifedicl.storage.store_metrics import RecalibrationCollector
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ray_nodes import RAY, LocalRayCluster  # noqa: E402

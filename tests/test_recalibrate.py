@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 
 from ifedicl.cli.main import app
 from ifedicl.federation_job.driver import Federation, FederationSettings
-from ifedicl.federation_job.recalibrate import RecalibrationCollector, default_lock_path, recalibrate
+from ifedicl.federation_job.recalibrate import default_lock_path, recalibrate
 from ifedicl.kernel.sources import DataSource
 from ifedicl.storage.recalibrations import attempts
 from ifedicl.storage.store import Store
+from ifedicl.storage.store_metrics import RecalibrationCollector
 
 TASK = "demo-sentiment"
 
