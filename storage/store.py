@@ -247,9 +247,12 @@ class Store:
         ]
         self._append("server_state", schema.SERVER_STATE, rows)
 
-    def server_state(self, run_id: str) -> tuple[int, dict[str, np.ndarray]] | None:
-        """The run's last stored server optimizer state -> (round, {field: array}), or None if it kept none."""
+    def server_state(self, run_id: str, round_index: int | None = None) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The run's server optimizer state after ``round_index`` (None: its last) -> (round, {field: array}),
+        or None if it kept none."""
         rows = self._rows("server_state", f"run_id = {_quote(run_id)}")
+        if round_index is not None:
+            rows = [row for row in rows if row["round"] == round_index]
         if not rows:
             return None
         last = max(row["round"] for row in rows)

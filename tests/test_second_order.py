@@ -4,12 +4,14 @@ uploads rejected and recorded, and a real federation with --stage2 gauss-newton 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from ifedicl.federation_job.client import Client
-from ifedicl.federation_job.federation_settings import FederationSettings, build_strategies
+from ifedicl.federation_job.federation_settings import build_strategies
 from ifedicl.federation_job.options import FederationOptions
 from ifedicl.federation_job.second_order import (
     CurvatureStats,
@@ -168,9 +170,11 @@ def test_the_stage2_setting_builds_a_trust_region_over_a_weighted_mean():
 
 def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_session, llama_dir, task_dir, tmp_path):
     """Two clients, three rounds: every round's upload is the statistics frame (a few KB, not Λ), the pooled
-    loss is recorded, the trust region's state is stored each round, and Λ moved from its start."""
+    loss is recorded, the trust region's state is stored each round, Λ moved from its start, and the same run
+    under secure aggregation (the server sees only the statistics' sum) ends at the same Λ."""
     settings = FederationOptions(
         clients=2, rounds=3, local_epochs=0.5, min_shard=4, stage2="gauss-newton", objective="label-only", actors=1,
+        vector_coding="float32",  # the vectors as secure aggregation sums them, so both runs start alike
     ).settings(1.0, 0)  # fmt: skip
     from ifedicl.federation_job.driver import Federation
 
@@ -184,4 +188,12 @@ def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_sessi
     assert round_index == 3 and state["curvature"].shape == (p, p)
     start = initial_coefficients(result.coefficients.shape[0]).numpy()
     assert not np.allclose(result.coefficients, start)
-    assert FederationSettings(**{**settings.to_dict(), "calibration": settings.calibration}).stage2 == "gauss-newton"
+    # under secure aggregation the server sees only the sum of the statistics, and steps to the same Λ
+    masked_settings = dataclasses.replace(settings, secagg=True, min_clients=2)
+    masked = Federation(str(llama_dir), source, str(tmp_path / "masked"), masked_settings).run()
+    plain_state = Store(tmp_path / "store").server_state(result.run_id, 1)[1]  # round 1's pooled statistics
+    masked_state = Store(tmp_path / "masked").server_state(masked.run_id, 1)[1]
+    resolution = 2.0**-24  # the masked sum's fixed point (secagg.FRACTION_BITS), on float32 uploads
+    for name in ("gradient", "curvature"):
+        np.testing.assert_allclose(masked_state[name], plain_state[name], rtol=1e-5, atol=4 * resolution)
+    np.testing.assert_allclose(masked.coefficients, result.coefficients, atol=1e-4)
