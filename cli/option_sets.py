@@ -42,6 +42,8 @@ HELP = {
     "stage2": "how each round moves Λ: local-steps (clients calibrate with AdamW, the server averages: the paper) "
     "or gauss-newton (clients send the label-only loss's gradient and Gauss-Newton matrix at the global Λ, "
     "the server takes a trust-region step on the pooled objective; needs --objective label-only)",
+    "curvature": "gauss-newton: exact (the whole Jacobian: C-1 backward passes per example) or sampled (two, "
+    "whatever the classes: the exact gradient and an unbiased Gauss-Newton estimate from one label drawn per example)",
     "extract_dtype": "stage-1 autocast dtype",
     "vector_coding": "stage-1 upload of the context vectors on the wire: float16 is half the bytes of float32, "
     "int8 a quarter (one scale per layer and block; the default); the server decodes to float32. "

@@ -57,6 +57,8 @@ ABLATION_VARIANTS: dict[str, dict] = {
     # matrix on their round's window, the server takes a trust-region step on the pooled objective.
     "gauss-newton": {"federation": {"stage2": "gauss-newton"}},
     "gauss-newton 4 rounds": {"rounds": 4, "federation": {"stage2": "gauss-newton"}},
+    # The curvature from one label drawn per example: two backward passes whatever the classes (C - 1 exact).
+    "gauss-newton sampled": {"federation": {"stage2": "gauss-newton", "curvature": "sampled"}},
     # Server optimizers on the aggregate's change (FedAdam: every coefficient moves ~lr per round; FedAvgM).
     "server adam lr 0.02": {"federation": {"server_optimizer": "adam", "server_lr": 0.02, "server_decay": "cosine"}},
     "server momentum 0.8": {

@@ -207,7 +207,7 @@ class HostedClient:
             rows = sorted({i for order in passes for i in order})  # this round's window, each example once
             stats = curvature_stats(
                 self.client, self.vectors, arrays["coefficients"], rows, arrays.get("previous"),
-                int(meta.get("batch_size", 8)),
+                int(meta.get("batch_size", 8)), str(meta.get("curvature", "exact")), seed,
             )  # fmt: skip
         return self._answer("curvature", stats.pack(), meta, loss=stats.loss, compute=compute)
 

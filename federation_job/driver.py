@@ -78,13 +78,14 @@ class Stage2Upload:
     shape: tuple[int, ...]
     read: Reader | None
     extra: dict[str, np.ndarray]  # arrays the request carries beside Λ
+    meta: dict[str, object]  # and its metadata beside the round's
 
     @classmethod
     def of(cls, strategy: Strategy, coefficients: np.ndarray) -> Stage2Upload:
         if isinstance(strategy, TrustRegionNewton):
             shape = (stats_size(coefficients.size),)
-            return cls("curvature", "curvature", shape, None, strategy.probe())
-        return cls("calibrate", "coefficients", coefficients.shape, wire.decode_coefficients, {})
+            return cls("curvature", "curvature", shape, None, strategy.probe(), strategy.request_meta())
+        return cls("calibrate", "coefficients", coefficients.shape, wire.decode_coefficients, {}, {})
 
 
 @dataclass
@@ -335,7 +336,7 @@ class Federation:
         upload = Stage2Upload.of(strategy, coefficients)
         request = wire.encode(
             {"coefficients": coefficients, **upload.extra}, round=round_index, seed=s.seed + round_index,
-            config=dataclasses.asdict(config), batch_size=s.capture_batch_size, **plan.instructions,
+            config=dataclasses.asdict(config), batch_size=s.capture_batch_size, **upload.meta, **plan.instructions,
         )  # fmt: skip
         asked = self.pool.call(at.stage, at.index, upload.method, plan.requests(request))
         for cid in asked.answers:  # a released upload spends privacy whether the server then uses it or not

@@ -17,7 +17,7 @@ from ifedicl.federation_job.options import FederationOptions
 from ifedicl.federation_job.privacy import PrivacySettings
 from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
 from ifedicl.federation_job.secagg import MIN_COHORT, SecureFedAvg, Transport
-from ifedicl.federation_job.second_order import STAGE2_METHODS, TrustRegionNewton
+from ifedicl.federation_job.second_order import CURVATURES, STAGE2_METHODS, TrustRegionNewton, TrustRegionSettings
 from ifedicl.federation_job.server_optimizer import ServerOptimizerSettings, server_optimizer
 from ifedicl.federation_job.strategies import ClientSelection, FedAvg, Strategy
 from ifedicl.federation_job.vector_coding import CODINGS, default_coding
@@ -52,6 +52,7 @@ class FederationSettings:
     dtype: str = "float32"  # weights; calibration needs float32 (I2CL)
     stage1: str = DEFAULTS.stage1  # mean of client means (the paper) | class-balanced (class_balanced.py)
     stage2: str = DEFAULTS.stage2  # local-steps (clients calibrate, server averages) | gauss-newton (second_order.py)
+    curvature: str = DEFAULTS.curvature  # gauss-newton: exact | sampled (second_order.curvature_stats)
     extract_dtype: str = DEFAULTS.extract_dtype  # stage-1 forwards under autocast, e.g. bfloat16 on GPUs
     # stage-1 upload of v_k on the wire: float32 | float16 | int8; None: int8, float32 under secagg (vector_coding)
     vector_coding: str | None = DEFAULTS.vector_coding
@@ -146,7 +147,7 @@ class FederationSettings:
         """What --stage2 gauss-newton goes with: it steps on the pooled label-only loss of every coefficient,
         from uploads of statistics (second_order.py), so it is its own server step and has no DP noise model."""
         if self.stage2 != "gauss-newton":
-            return []
+            return [(self.curvature == "exact", "--curvature applies to --stage2 gauss-newton")]
         needs = "--stage2 gauss-newton"
         c = self.calibration
         return [
@@ -156,6 +157,7 @@ class FederationSettings:
             (self.aggregator == "mean", f"{needs} goes with --aggregator mean (got {self.aggregator})"),
             (not self.privacy.coefficient_epsilon, f"{needs} has no DP noise model: drop --dp-coefficient-epsilon"),
             (self.server_step().stateless and self.server_lr == 1, f"{needs} is its own server step: drop --server-*"),
+            (self.curvature in CURVATURES, f"--curvature must be one of {CURVATURES} (got {self.curvature!r})"),
         ]
 
     def server_step(self) -> ServerOptimizerSettings:
@@ -207,5 +209,5 @@ def _round_strategy(settings: FederationSettings, build) -> Strategy:
     """Each round's Λ: a trust-region step on the pooled statistics (means weighted by examples: the pooled
     objective's), or the server optimizer on the aggregate of local runs. Stage 1's vectors are one mean."""
     if settings.stage2 == "gauss-newton":
-        return TrustRegionNewton(build(settings.fraction, True))
+        return TrustRegionNewton(build(settings.fraction, True), TrustRegionSettings(curvature=settings.curvature))
     return server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step())

@@ -29,6 +29,7 @@ VectorCoding = Literal["float32", "float16", "int8"]
 Aggregator = Literal["mean", "trimmed-mean", "median"]
 Stage1 = Literal["mean", "class-balanced"]  # federation_job.class_balanced.ESTIMATORS
 Stage2 = Literal["local-steps", "gauss-newton"]  # federation_job.second_order.STAGE2_METHODS
+Curvature = Literal["exact", "sampled"]  # federation_job.second_order.CURVATURES
 ServerOptimizerKind = Literal["sgd", "momentum", "adam"]  # federation_job.server_optimizer.SERVER_OPTIMIZERS
 ServerDecay = Literal["constant", "cosine"]  # federation_job.server_optimizer.DECAYS
 
@@ -58,6 +59,7 @@ class FederationOptions:
     prior_correction: bool = False  # logit adjustment by each client's label prior in the training loss
     stage1: Stage1 = "mean"  # how the server averages the vectors: mean of client means, or class-balanced
     stage2: Stage2 = "local-steps"  # how each round moves Λ: clients' local AdamW runs averaged, or Gauss-Newton
+    curvature: Curvature = "exact"  # gauss-newton: the whole Jacobian (C-1 backward passes) or one sampled label
     extract_dtype: Dtype = "float32"
     vector_coding: VectorCoding | None = None  # stage-1 upload of v_k (None: int8; under secagg float32)
     aggregator: Aggregator = "mean"
@@ -118,6 +120,7 @@ class FederationOptions:
                 "gpus_per_client": self.gpus_per_client,
                 "stage1": self.stage1,
                 "stage2": self.stage2,
+                "curvature": self.curvature,
                 "extract_dtype": self.extract_dtype,
                 "vector_coding": self.vector_coding,
                 "aggregator": self.aggregator,

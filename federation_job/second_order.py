@@ -86,6 +86,9 @@ class CurvatureStats:
 
 
 # ---------------------------------------------------------------------------------------------- client side
+CURVATURES = ("exact", "sampled")
+
+
 def curvature_stats(
     client: Client,
     vectors: np.ndarray,  # [L, 2, d] the global context vectors
@@ -93,54 +96,95 @@ def curvature_stats(
     rows: list[int],  # this round's examples of the client's shard
     previous: np.ndarray | None = None,  # [L, 2, 2] the previous Λ, for the trust-region test
     batch_size: int = 8,
+    curvature: str = "exact",
+    seed: int = 0,
 ) -> CurvatureStats:
-    """Mean label-only loss, gradient and Gauss-Newton matrix of Λ over ``rows`` (no training noise)."""
+    """Mean label-only loss, gradient and Gauss-Newton matrix of Λ over ``rows`` (no training noise).
+
+    ``curvature``: ``exact`` takes C − 1 backward passes per batch (one per logit difference: the whole
+    per-example Jacobian); ``sampled`` takes two whatever C: one for the exact gradient and one for
+    Jᵀ(p − e_ŷ) with ŷ drawn from the model's own prediction, whose outer product is an unbiased estimate
+    of JᵀHJ (H = diag p − ppᵀ is the covariance of e_ŷ). For a task with many classes that is the difference
+    between a round costing several training steps and about two.
+    """
+    if curvature not in CURVATURES:
+        raise FederationError(f"curvature must be one of {CURVATURES} (got {curvature!r})")
     vec = torch.as_tensor(vectors, dtype=torch.float32, device=client.device)
     base = torch.as_tensor(coefficients, dtype=torch.float32, device=client.device)
+    draws = torch.Generator().manual_seed(seed)
     p = base.numel()
     gradient = torch.zeros(p, dtype=torch.float64)  # [P]
-    curvature = torch.zeros(p, p, dtype=torch.float64)  # [P, P]
+    matrix = torch.zeros(p, p, dtype=torch.float64)  # [P, P]
     loss = previous_loss = 0.0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        size = len(batch)
         prompts = [client.task.prompt(client.data.texts[i]) for i in batch]
         classes = torch.as_tensor([client.data.labels[i] for i in batch], device=client.device)  # [B]
         if previous is not None:
-            with torch.no_grad():
-                tables = InjectionTables.build([vec], [torch.as_tensor(previous, dtype=torch.float32)])
-                rows_at = torch.ones(size, dtype=torch.long)
-                _, before = label_logits(client.ctx, client.tokenizer, prompts, client.label_ids, tables, rows_at)
-                previous_loss += float(torch.nn.functional.cross_entropy(before.double(), classes, reduction="sum"))
-        per_example = base.unsqueeze(0).repeat(size, 1, 1, 1).requires_grad_(True)  # [B, L, 2, 2]: one Λ per row
-        tables = InjectionTables.build([vec] * size, list(per_example.unbind(0)))
-        task_row = torch.arange(1, size + 1)  # [B] row b reads its own copy of Λ
-        _, logits = label_logits(client.ctx, client.tokenizer, prompts, client.label_ids, tables, task_row)  # [B, C]
-        num_classes = logits.shape[1]
-        # softmax cross-entropy sees the logits only through their differences to class 0: [B, C-1]
-        differences = logits[:, 1:] - logits[:, :1]
-        jacobian = torch.stack(
-            [
-                torch.autograd.grad(differences[:, c].sum(), per_example, retain_graph=c < num_classes - 2)[0]
-                .reshape(size, p)
-                for c in range(num_classes - 1)
-            ],
-            dim=1,
-        ).double()  # [B, C-1, P]
+            before = _label_logits(client, vec, [torch.as_tensor(previous, dtype=torch.float32)], prompts)
+            previous_loss += float(torch.nn.functional.cross_entropy(before.double(), classes, reduction="sum"))
+        per_example = base.unsqueeze(0).repeat(len(batch), 1, 1, 1).requires_grad_(True)  # [B, L, 2, 2]
+        logits = _label_logits(client, vec, list(per_example.unbind(0)), prompts)  # [B, C], row b on its own Λ
         detached = logits.detach().double()
         loss += float(torch.nn.functional.cross_entropy(detached, classes, reduction="sum"))
-        probs = torch.softmax(detached, dim=-1)[:, 1:]  # [B, C-1]
-        onehot = torch.nn.functional.one_hot(classes, num_classes).double()[:, 1:]  # [B, C-1]
-        gradient += torch.einsum("bcp,bc->p", jacobian, probs - onehot)
-        hessian = torch.diag_embed(probs) - probs.unsqueeze(2) * probs.unsqueeze(1)  # [B, C-1, C-1]
-        curvature += torch.einsum("bcp,bcd,bdq->pq", jacobian, hessian, jacobian)
+        probs = torch.softmax(detached, dim=-1)  # [B, C]
+        residual = probs - torch.nn.functional.one_hot(classes, probs.shape[1]).double()  # [B, C] dℓ/dz per example
+        if curvature == "exact":
+            batch_gradient, batch_matrix = _exact(logits, per_example, probs, residual)
+        else:
+            batch_gradient, batch_matrix = _sampled(logits, per_example, probs, residual, draws)
+        gradient += batch_gradient
+        matrix += batch_matrix
     n = max(1, len(rows))
-    return CurvatureStats(loss / n, previous_loss / n, (gradient / n).numpy(), (curvature / n).numpy())
+    return CurvatureStats(loss / n, previous_loss / n, (gradient / n).numpy(), (matrix / n).numpy())
+
+
+def _label_logits(client: Client, vec: torch.Tensor, coefficients: list[torch.Tensor], prompts: list[str]):
+    """Label logits [B, C] with prompt b injected with ``coefficients[b]`` (or all with the one given)."""
+    tables = InjectionTables.build([vec] * len(coefficients), coefficients)
+    if len(coefficients) == 1:
+        task_row = torch.ones(len(prompts), dtype=torch.long)  # [B] all on row 1
+        with torch.no_grad():
+            return label_logits(client.ctx, client.tokenizer, prompts, client.label_ids, tables, task_row)[1]
+    task_row = torch.arange(1, len(prompts) + 1)  # [B] row b reads its own copy of Λ
+    return label_logits(client.ctx, client.tokenizer, prompts, client.label_ids, tables, task_row)[1]
+
+
+def _rows_of(logits: torch.Tensor, per_example: torch.Tensor, weights: torch.Tensor, keep: bool) -> torch.Tensor:
+    """Per-example Jᵢᵀwᵢ in one backward pass (each row has its own Λ): [B, C] weights -> [B, P]."""
+    combined = (logits * weights.to(logits.dtype)).sum()
+    return torch.autograd.grad(combined, per_example, retain_graph=keep)[0].reshape(len(logits), -1).double()
+
+
+def _exact(logits, per_example, probs, residual) -> tuple[torch.Tensor, torch.Tensor]:
+    """g and JᵀHJ from the whole Jacobian of the C − 1 logit differences to class 0 (softmax cross-entropy sees
+    nothing else): C − 1 backward passes."""
+    num_classes = probs.shape[1]
+    basis = torch.zeros(num_classes - 1, *logits.shape, dtype=torch.float64)  # [C-1, B, C]: e_c - e_0 per row
+    for c in range(num_classes - 1):
+        basis[c, :, c + 1], basis[c, :, 0] = 1.0, -1.0
+    jacobian = torch.stack(
+        [_rows_of(logits, per_example, basis[c], keep=c < num_classes - 2) for c in range(num_classes - 1)], dim=1
+    )  # [B, C-1, P]
+    reduced = probs[:, 1:]  # [B, C-1]: the differences' softmax
+    gradient = torch.einsum("bcp,bc->p", jacobian, residual[:, 1:])
+    hessian = torch.diag_embed(reduced) - reduced.unsqueeze(2) * reduced.unsqueeze(1)  # [B, C-1, C-1]
+    return gradient, torch.einsum("bcp,bcd,bdq->pq", jacobian, hessian, jacobian)
+
+
+def _sampled(logits, per_example, probs, residual, draws: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact gradient (one backward) and an unbiased JᵀHJ from one label drawn per example (one more)."""
+    gradient = _rows_of(logits, per_example, residual, keep=True).sum(dim=0)  # [P]
+    drawn = torch.multinomial(probs.float(), 1, generator=draws).squeeze(1)  # [B]
+    spread = probs - torch.nn.functional.one_hot(drawn, probs.shape[1]).double()  # [B, C]: covariance H
+    rows = _rows_of(logits, per_example, spread, keep=False)  # [B, P]
+    return gradient, rows.T @ rows
 
 
 # ---------------------------------------------------------------------------------------------- server side
 @dataclass(frozen=True)
 class TrustRegionSettings:
+    curvature: str = "exact"  # what the clients compute: exact | sampled (curvature_stats)
     radius: float = 0.5  # initial ‖step‖ bound on Λ (λ starts at 0.1, β at 1)
     min_radius: float = 1e-3
     max_radius: float = 8.0
@@ -221,6 +265,10 @@ class TrustRegionNewton(Strategy):
 
     def configure(self, available: list[int] | set[int], rng: np.random.Generator) -> RoundPlan:
         return self.inner.configure(available, rng)
+
+    def request_meta(self) -> dict[str, object]:
+        """What the round's request tells the clients beside Λ: how to compute the curvature."""
+        return {"curvature": self.settings.curvature}
 
     def probe(self) -> dict[str, np.ndarray]:
         """Arrays the round's request carries beside Λ: the previous Λ, whose loss tests the last step."""

@@ -84,6 +84,32 @@ def test_the_clients_statistics_are_the_label_only_losss_gradient_and_gauss_newt
     back.check()
 
 
+def test_the_sampled_curvature_has_the_exact_gradient_and_estimates_the_gauss_newton_matrix_unbiased(
+    llama_dir, task_dir
+):
+    """Three classes: ``sampled`` (two backward passes) gives the exact gradient every time, and its matrix
+    averaged over many draws approaches the exact JᵀHJ (a fixed set of seeds: a deterministic check)."""
+    client = _client(llama_dir, task_dir, classes=3)
+    vectors = client.extract_vectors(batch_size=8)
+    start = initial_coefficients(client.ctx.num_layers).numpy()
+    moved = start + np.random.default_rng(0).normal(0, 0.05, start.shape).astype(np.float32)
+    rows = list(range(len(client.data)))
+    exact = curvature_stats(client, vectors, moved, rows, batch_size=6)
+    draws = [
+        curvature_stats(client, vectors, moved, rows, batch_size=6, curvature="sampled", seed=seed)
+        for seed in range(200)
+    ]
+    for drawn in draws[:3]:
+        np.testing.assert_allclose(drawn.gradient, exact.gradient, rtol=1e-5, atol=1e-8)
+        drawn.check()
+    mean = np.mean([d.curvature for d in draws], axis=0)
+    error = np.linalg.norm(mean - exact.curvature) / np.linalg.norm(exact.curvature)
+    single = np.linalg.norm(draws[0].curvature - exact.curvature) / np.linalg.norm(exact.curvature)
+    assert error < 0.15 and error < single / 4  # the mean of 200 draws is close, far closer than one draw
+    with pytest.raises(FederationError, match="curvature must be one of"):
+        curvature_stats(client, vectors, moved, rows, curvature="diagonal")
+
+
 def test_the_trust_region_step_is_newtons_inside_and_on_the_boundary_outside():
     rng = np.random.default_rng(1)
     root = rng.normal(size=(P, P))
@@ -161,11 +187,15 @@ def test_a_step_that_raised_the_pooled_loss_is_taken_back_with_a_smaller_radius(
 def test_gauss_newton_refuses_what_it_does_not_go_with(fields, message):
     with pytest.raises(IfediclError, match=message):
         FederationOptions(stage2="gauss-newton", **fields).settings(0.5, 0).validate()
+    with pytest.raises(IfediclError, match="--curvature applies to --stage2 gauss-newton"):
+        FederationOptions(curvature="sampled").settings(0.5, 0).validate()
 
 
 def test_the_stage2_setting_builds_a_trust_region_over_a_weighted_mean():
-    built = build_strategies(FederationOptions(stage2="gauss-newton", objective="label-only").settings(0.5, 0), None)
+    options = FederationOptions(stage2="gauss-newton", objective="label-only", curvature="sampled")
+    built = build_strategies(options.settings(0.5, 0), None)
     assert isinstance(built.coefficients, TrustRegionNewton) and built.coefficients.inner.weighted
+    assert built.coefficients.request_meta() == {"curvature": "sampled"}
 
 
 def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_session, llama_dir, task_dir, tmp_path):
