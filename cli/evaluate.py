@@ -6,19 +6,12 @@ command runs. Takes the federation flags of ``ifedicl federate`` (:mod:`ifedicl.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 
-from ifedicl.cli.option_sets import (
-    federation_options,
-    label_field_option,
-    model_spec,
-    revision_option,
-    split_option,
-    test_split_option,
-    text_field_option,
-)
+from ifedicl.cli.option_sets import data_options, federation_options, model_spec, revision_option
 from ifedicl.cli.run_config import ConfigError, RunConfig, config_option
 from ifedicl.federation_job.options import Dtype
 
@@ -28,8 +21,10 @@ METHOD_NAMES = "zero_shot,few_shot_icl,local_icl,i2cl_central,local_calibration,
 
 
 @federation_options
+@data_options
 def eval_command(
     federation,
+    data,
     tasks: list[str] = typer.Argument(..., help="task directories (task.json + train/test) or HF dataset names/paths"),
     model: str = typer.Option(..., envvar="IFEDICL_MODEL", help="HF model id or local path"),
     revision: str | None = revision_option(),
@@ -44,10 +39,6 @@ def eval_command(
     lora_lr: float = typer.Option(5e-4, help="FedAvg-LoRA learning rate"),
     batch_size: int = typer.Option(16, help="inference batch size"),
     dtype: Dtype = typer.Option("float32", help="model dtype"),
-    text_field: str = text_field_option(),
-    label_field: str = label_field_option(),
-    split: str | None = split_option(),
-    test_split: str | None = test_split_option(),
     config: Path | None = config_option(),
 ) -> None:
     """Run (or resume) the evaluation: the paper's tables and plots for your model and data."""
@@ -61,10 +52,9 @@ def eval_command(
             "[[clients]] is for federate and recalibrate"
         )
 
-    for name, flag in ((split, "--split"), (test_split, "--test-split")):
+    for name, flag in ((data.split, "--split"), (data.test_split, "--test-split")):
         if name is not None:
             split_name(name, flag)  # before any cell: a one-line error naming the flag
-    data = {"text_field": text_field, "label_field": label_field, "split": split, "test_split": test_split}
     settings = EvalSettings(
         model=model_spec(model, revision),
         tasks=list(tasks),
@@ -86,7 +76,7 @@ def eval_command(
         federation=federation.changed(exclude=EVAL_FIELDS),
         batch_size=batch_size,
         dtype=dtype,
-        data={k: v for k, v in data.items() if v != DATA_DEFAULTS[k]},
+        data={k: v for k, v in dataclasses.asdict(data).items() if v != DATA_DEFAULTS[k]},
     )
     try:
         settings.validate()

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 
 from ifedicl.cli.console import setup_logging
-from ifedicl.cli.option_sets import (
-    federation_options,
-    label_field_option,
-    model_spec,
-    revision_option,
-    split_option,
-    test_split_option,
-    text_field_option,
-)
+from ifedicl.cli.option_sets import data_options, federation_options, model_spec, revision_option
 from ifedicl.cli.run_config import config_option, federation_clients
 from ifedicl.kernel.errors import IfediclError
 
 
 @federation_options
+@data_options
 def federate_command(
     federation,
+    data,
     model: str = typer.Option(..., envvar="IFEDICL_MODEL", help="HF model id or local path"),
     revision: str | None = revision_option(),
     store: str = typer.Option(..., envvar="IFEDICL_STORE", help="LanceDB URI or local directory"),
@@ -32,10 +27,6 @@ def federate_command(
     labels: str | None = typer.Option(None, help="comma-separated label words in class order"),
     alpha: float = typer.Option(0.5, help="Dirichlet label-skew concentration"),
     seed: int = 0,
-    text_field: str = text_field_option(),
-    label_field: str = label_field_option(),
-    split: str | None = split_option(),
-    test_split: str | None = test_split_option(),
     max_train: int | None = typer.Option(None, help="use only the first N training examples"),
     max_test: int = typer.Option(200, help="test examples scored after the run (0: skip)"),
     batch_size: int = typer.Option(8, help="extraction batch size (length-sorted buckets)"),
@@ -51,7 +42,7 @@ def federate_command(
     settings = federation.settings(alpha, seed, capture_batch_size=batch_size)
     clients = federation_clients(
         config, task_dir=task_dir, dataset=dataset, template=template, labels=labels, max_train=max_train,
-        max_test=max_test or None, text_field=text_field, label_field=label_field, split=split, test_split=test_split,
+        max_test=max_test or None, **dataclasses.asdict(data),
     )  # fmt: skip
     result = Federation(model, clients, store, settings).run(publish=publish)
     _print_summary(result.run_id, result.published, result.summary)

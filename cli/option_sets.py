@@ -13,6 +13,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import typer
 
@@ -111,29 +112,6 @@ def revision_option():
     )  # fmt: skip
 
 
-def text_field_option():
-    return typer.Option("text", help="the field (JSONL), column (CSV, Parquet, HF dataset) of the text")
-
-
-def label_field_option():
-    return typer.Option("label", help="the field or column of the label (a class index or label word)")
-
-
-def split_option():
-    """``--split``: which split of the data is the training data."""
-    return typer.Option(
-        None, help="the training split: an HF dataset's split or a task directory's file stem (default: train)"
-    )
-
-
-def test_split_option():
-    """``--test-split``: which split is held out."""
-    return typer.Option(
-        None, help="the held-out split (default: test, else an HF dataset's validation); rows labelled -1 "
-        "(unlabelled) are refused"
-    )  # fmt: skip
-
-
 def model_spec(model: str, revision: str | None) -> str:
     """``--model`` at ``--revision`` as one spec every loader takes (``owner/name@REV``)."""
     from ifedicl.kernel.model_source import with_revision
@@ -166,3 +144,24 @@ def model_for_store(model: str, revision: str | None, store: str) -> str:
 
 # Declares the federation flags on a command; it receives them as ``federation: FederationOptions``.
 federation_options = option_set(FederationOptions, HELP, "Federation", "federation")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How a command reads its data, the same way for federate, recalibrate and eval (kernel.sources.DataSource's
+    fields of the same names)."""
+
+    text_field: str = "text"
+    label_field: str = "label"
+    split: str | None = None
+    test_split: str | None = None
+
+
+DATA_HELP = {
+    "text_field": "the field (JSONL), column (CSV, Parquet, HF dataset) of the text",
+    "label_field": "the field or column of the label (a class index or label word)",
+    "split": "the training split: an HF dataset's split or a task directory's file stem (default: train)",
+    "test_split": "the held-out split (default: test, else an HF dataset's validation); rows labelled -1 "
+    "(unlabelled) are refused",
+}
+data_options = option_set(DataOptions, DATA_HELP, "Data", "data")

@@ -12,20 +12,13 @@ failure, while the decision stays in the output and the store.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
 import typer
 
-from ifedicl.cli.option_sets import (
-    federation_options,
-    label_field_option,
-    model_spec,
-    revision_option,
-    split_option,
-    test_split_option,
-    text_field_option,
-)
+from ifedicl.cli.option_sets import data_options, federation_options, model_spec, revision_option
 from ifedicl.cli.run_config import config_option, federation_clients
 from ifedicl.federation_job.options import Dtype
 
@@ -33,8 +26,10 @@ Mode = Literal["full", "stage2"]  # federation_job.recalibrate.MODES, without im
 
 
 @federation_options
+@data_options
 def recalibrate_command(
     federation,
+    data,
     model: str = typer.Option(
         ..., envvar="IFEDICL_MODEL", help="HF model id or local path (the one the live run was made with)"
     ),
@@ -50,10 +45,6 @@ def recalibrate_command(
     lock_file: Path | None = typer.Option(None, help="lock file (default: beside a local store)"),
     alpha: float = typer.Option(0.5, help="Dirichlet label-skew concentration"),
     seed: int = 0,
-    text_field: str = text_field_option(),
-    label_field: str = label_field_option(),
-    split: str | None = split_option(),
-    test_split: str | None = test_split_option(),
     max_train: int | None = typer.Option(None, help="use only the first N training examples"),
     max_test: int = typer.Option(200, help="held-out examples both runs are scored on"),
     serving_dtype: Dtype | None = typer.Option(
@@ -84,7 +75,7 @@ def recalibrate_command(
     model = model_spec(model, revision)
     source = federation_clients(
         config, task_dir=task_dir, dataset=dataset, max_train=max_train, max_test=max_test or None,
-        text_field=text_field, label_field=label_field, split=split, test_split=test_split,
+        **dataclasses.asdict(data),
     )  # fmt: skip
     settings = federation.settings(alpha, seed)
     outcome = recalibrate(
