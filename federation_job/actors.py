@@ -193,23 +193,28 @@ class HostedClient:
         """A second-order round (:mod:`~ifedicl.federation_job.second_order`): the label-only loss, its gradient
         and Gauss-Newton matrix at the global Λ over this round's window of the shard (and the loss at the
         previous Λ, if sent), as one flat upload of means."""
-        from ifedicl.federation_job.second_order import curvature_stats
-
         self._require_method(lora=False)
         with measured() as compute:
             arrays, meta = wire.decode(payload)
-            if self.vectors is None:
-                raise FederationError(f"client {self.client_id} has no global vectors yet")
-            if self.privacy.coefficients_on:
-                raise FederationError(f"client {self.client_id}: a second-order round has no differential privacy")
-            config, seed = self._round_config(meta)
-            passes = round_passes(len(self.client.data), config, random.Random(seed))
-            rows = sorted({i for order in passes for i in order})  # this round's window, each example once
-            stats = curvature_stats(
-                self.client, self.vectors, arrays["coefficients"], rows, arrays.get("previous"),
-                int(meta.get("batch_size", 8)), str(meta.get("curvature", "exact")), seed,
-            )  # fmt: skip
-        return self._answer("curvature", stats.pack(), meta, loss=stats.loss, compute=compute)
+            statistics, loss = self._curvature(arrays, meta)
+        return self._answer("curvature", statistics, meta, loss=loss, compute=compute)
+
+    def _curvature(self, arrays: dict, meta: dict) -> tuple[np.ndarray, float]:
+        """The packed statistics [stats_size(P)] of this round's window, and the loss at the global Λ."""
+        from ifedicl.federation_job.second_order import curvature_stats
+
+        if self.vectors is None:
+            raise FederationError(f"client {self.client_id} has no global vectors yet")
+        if self.privacy.coefficients_on:
+            raise FederationError(f"client {self.client_id}: a second-order round has no differential privacy")
+        config, seed = self._round_config(meta)
+        passes = round_passes(len(self.client.data), config, random.Random(seed))
+        rows = sorted({i for order in passes for i in order})  # this round's window, each example once
+        stats = curvature_stats(
+            self.client, self.vectors, arrays["coefficients"], rows, arrays.get("previous"),
+            int(meta.get("batch_size", 8)), str(meta.get("curvature", "exact")), seed,
+        )  # fmt: skip
+        return stats.pack(), stats.loss
 
     def train_lora(self, payload: bytes) -> bytes:
         """FedAvg-LoRA: start from the global adapters received, train them locally, upload them (named tensors)."""

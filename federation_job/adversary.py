@@ -6,9 +6,9 @@ claim is only as good as the attack it was run against. Selected per client thro
 the run's settings like every other setting; never used unless asked for.
 
 Modes (comma-separated): ``scale:F`` multiplies the vectors by F; ``flip`` negates Λ
-(β -> -β inverts every block's output); ``nan`` uploads NaNs in both; ``hang:S`` is a
-stuck client: alive, but it sits S seconds on every calibration request before answering
-(the server must drop it at its round timeout, not wait). Malformed uploads (the server must
+(β -> -β inverts every block's output; in a second-order round, the statistics); ``nan`` uploads NaNs
+in all; ``hang:S`` is a stuck client: alive, but it sits S seconds on every calibration request
+before answering (the server must drop it at its round timeout, not wait). Malformed uploads (the server must
 reject them and go on, issue 31): ``count:X`` reports X examples (``count:1e400`` reaches the
 server as JSON's 1e400, i.e. inf; a Λ frame cannot carry that, so its Λ goes as safetensors);
 ``pad:N`` adds N bytes of metadata to every upload (beyond what any request needs).
@@ -58,6 +58,17 @@ class AdversarialClient(HostedClient):
         if "nan" in self.modes:
             return np.full_like(coefficients, np.nan), loss
         return (-coefficients if "flip" in self.modes else coefficients), loss
+
+    def _curvature(self, arrays: dict, meta: dict) -> tuple[np.ndarray, float]:
+        """A second-order round's statistics, tampered alike: ``flip`` negates them (an uphill gradient, a
+        negative definite matrix), ``nan`` replaces them, ``hang`` stalls."""
+        statistics, loss = super()._curvature(arrays, meta)
+        time.sleep(self.modes.get("hang", 0.0))
+        if "nan" in self.modes:
+            return np.full_like(statistics, np.nan), loss
+        if "flip" in self.modes:  # the losses stay plausible; the gradient and the matrix change sign
+            statistics = np.concatenate([statistics[:2], -statistics[2:]])
+        return statistics, loss
 
     def _answer(self, key: str, value: np.ndarray, meta: dict, **extra) -> bytes:
         """The honest upload, its facts rewritten: ``count`` claims another example count, ``pad`` bloats it."""

@@ -315,6 +315,8 @@ class Federation:
         # every client that computed vectors gets the global ones (a rejected client may still calibrate)
         receivers = [u.client_id for u in updates if u.client_id in self.alive]
         acks = self.pool.call("broadcast", 0, "set_global_vectors", {cid: broadcast for cid in receivers})
+        for cid in sorted(self.alive - set(acks.answers)):  # no global vectors: nothing to calibrate or score with
+            self.pool.exclude(cid)
         outcome = RoundOutcome.collect(
             0, plan.clients, result.used, started,
             dropped=[self.load_dropped, asked.dropped, rejected, result.dropped, acks.dropped],

@@ -121,10 +121,11 @@ def curvature_stats(
         prompts = [client.task.prompt(client.data.texts[i]) for i in batch]
         classes = torch.as_tensor([client.data.labels[i] for i in batch], device=client.device)  # [B]
         if previous is not None:
-            before = _label_logits(client, vec, [torch.as_tensor(previous, dtype=torch.float32)], prompts)
+            at_previous = [torch.as_tensor(previous, dtype=torch.float32)]
+            before = _label_logits(client, vec, at_previous, prompts, per_example=False)
             previous_loss += float(torch.nn.functional.cross_entropy(before.double(), classes, reduction="sum"))
         per_example = base.unsqueeze(0).repeat(len(batch), 1, 1, 1).requires_grad_(True)  # [B, L, 2, 2]
-        logits = _label_logits(client, vec, list(per_example.unbind(0)), prompts)  # [B, C], row b on its own Λ
+        logits = _label_logits(client, vec, list(per_example.unbind(0)), prompts, per_example=True)  # [B, C]
         detached = logits.detach().double()
         loss += float(torch.nn.functional.cross_entropy(detached, classes, reduction="sum"))
         probs = torch.softmax(detached, dim=-1)  # [B, C]
@@ -139,15 +140,18 @@ def curvature_stats(
     return CurvatureStats(loss / n, previous_loss / n, (gradient / n).numpy(), (matrix / n).numpy())
 
 
-def _label_logits(client: Client, vec: torch.Tensor, coefficients: list[torch.Tensor], prompts: list[str]):
-    """Label logits [B, C] with prompt b injected with ``coefficients[b]`` (or all with the one given)."""
+def _label_logits(
+    client: Client, vec: torch.Tensor, coefficients: list[torch.Tensor], prompts: list[str], per_example: bool
+) -> torch.Tensor:
+    """Label logits [B, C]: ``per_example``, prompt b injected with ``coefficients[b]`` (differentiable per
+    example); else every prompt with the one set given, without a graph (the previous Λ's loss)."""
     tables = InjectionTables.build([vec] * len(coefficients), coefficients)
-    if len(coefficients) == 1:
-        task_row = torch.ones(len(prompts), dtype=torch.long)  # [B] all on row 1
-        with torch.no_grad():
-            return label_logits(client.ctx, client.tokenizer, prompts, client.label_ids, tables, task_row)[1]
-    task_row = torch.arange(1, len(prompts) + 1)  # [B] row b reads its own copy of Λ
-    return label_logits(client.ctx, client.tokenizer, prompts, client.label_ids, tables, task_row)[1]
+    if per_example:
+        task_row = torch.arange(1, len(prompts) + 1)  # [B] row b reads its own copy of Λ
+        return label_logits(client.ctx, client.tokenizer, prompts, client.label_ids, tables, task_row)[1]
+    task_row = torch.ones(len(prompts), dtype=torch.long)  # [B] all on row 1
+    with torch.no_grad():
+        return label_logits(client.ctx, client.tokenizer, prompts, client.label_ids, tables, task_row)[1]
 
 
 def _rows_of(logits: torch.Tensor, per_example: torch.Tensor, weights: torch.Tensor, keep: bool) -> torch.Tensor:

@@ -74,6 +74,8 @@ def test_the_clients_statistics_are_the_label_only_losss_gradient_and_gauss_newt
     start = initial_coefficients(client.ctx.num_layers).numpy()
     moved = start + np.random.default_rng(0).normal(0, 0.05, start.shape).astype(np.float32)
     stats = curvature_stats(client, vectors, moved, list(range(len(client.data))), previous=start, batch_size=4)
+    ragged = curvature_stats(client, vectors, moved, list(range(len(client.data))), previous=start, batch_size=5)
+    np.testing.assert_allclose(ragged.pack(), stats.pack(), rtol=1e-5, atol=1e-8)  # a last batch of one example
     loss, gradient, curvature = _reference_stats(client, vectors, moved)
     assert stats.loss == pytest.approx(loss, rel=1e-4)
     np.testing.assert_allclose(stats.gradient, gradient, rtol=1e-3, atol=1e-6)
@@ -227,3 +229,25 @@ def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_sessi
     for name in ("gradient", "curvature"):
         np.testing.assert_allclose(masked_state[name], plain_state[name], rtol=1e-5, atol=4 * resolution)
     np.testing.assert_allclose(masked.coefficients, result.coefficients, atol=1e-4)
+
+
+def test_tampered_curvature_uploads_are_rejected_by_name_and_the_rounds_go_on(
+    ray_session, llama_dir, task_dir, tmp_path
+):
+    """Three clients: one flips its statistics (an uphill gradient and a negative definite matrix) and is
+    rejected and recorded every round; one sends NaNs from stage 1 on: rejected there, it gets no global vectors
+    and is never asked again. The honest client's statistics make every step."""
+    from ifedicl.federation_job.driver import Federation
+
+    settings = FederationOptions(
+        clients=3, rounds=2, local_epochs=0.5, min_shard=4, stage2="gauss-newton", objective="label-only",
+        actors=3,
+    ).settings(1.0, 0)  # fmt: skip
+    settings = dataclasses.replace(settings, adversaries={1: "flip", 2: "nan"})
+    source = DataSource(str(task_dir), max_train=36, max_test=8)
+    result = Federation(str(llama_dir), source, str(tmp_path / "store"), settings).run()
+    assert result.rounds[0].dropped[2].startswith("rejected update")
+    for record in (r for r in result.rounds if r.round > 0):
+        assert "positive semi-definite" in record.dropped[1]
+        assert record.clients_sampled == [0, 1] and record.clients_answered == [0]  # answered: used
+    assert np.all(np.isfinite(result.coefficients))
