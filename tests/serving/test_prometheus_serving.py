@@ -25,8 +25,8 @@ import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 from serving_helpers import SHORT_TEXTS, TASKS, free_port, publish_run, running_server
 
-from ifedicl.federation_job.recalibrate import RecalibrationCollector
 from ifedicl.storage.recalibrations import Attempt, record_attempt
+from ifedicl.storage.store_metrics import RecalibrationCollector
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
