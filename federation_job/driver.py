@@ -43,8 +43,7 @@ from ifedicl.federation_job.ray_pool import (
     put_shared_weights,
 )
 from ifedicl.federation_job.run_summary import federated_accuracy, held_out_accuracy, summarize
-from ifedicl.federation_job.second_order import TrustRegionNewton, stats_size
-from ifedicl.federation_job.strategies import Aggregate, ClientUpdate, Reader, RoundId, Strategy
+from ifedicl.federation_job.strategies import Aggregate, ClientUpdate, RoundId
 from ifedicl.federation_job.vector_coding import decode_vectors, upload_reader
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import canonical_model_id, fingerprint, load_config, load_model, load_tokenizer
@@ -66,26 +65,6 @@ class ClassUpload(ClientUpdate):
     """A class-balanced stage-1 upload: ``values`` are the client's class means [C, L, 2, d]."""
 
     counts: np.ndarray | None = None  # [C] its examples per class
-
-
-@dataclass(frozen=True)
-class Stage2Upload:
-    """What a round asks each client for and how its upload reads: calibrated Λ in the clear (a fixed binary
-    frame), or a second-order round's statistics (:mod:`~ifedicl.federation_job.second_order`)."""
-
-    method: str  # the client request
-    key: str
-    shape: tuple[int, ...]
-    read: Reader | None
-    extra: dict[str, np.ndarray]  # arrays the request carries beside Λ
-    meta: dict[str, object]  # and its metadata beside the round's
-
-    @classmethod
-    def of(cls, strategy: Strategy, coefficients: np.ndarray) -> Stage2Upload:
-        if isinstance(strategy, TrustRegionNewton):
-            shape = (stats_size(coefficients.size),)
-            return cls("curvature", "curvature", shape, None, strategy.probe(), strategy.request_meta())
-        return cls("calibrate", "coefficients", coefficients.shape, wire.decode_coefficients, {}, {})
 
 
 @dataclass
@@ -335,7 +314,7 @@ class Federation:
         config = dataclasses.replace(
             s.calibration, epochs=s.local_epochs, round_index=round_index, rounds_total=s.rounds
         )
-        upload = Stage2Upload.of(strategy, coefficients)
+        upload = strategy.round_upload(coefficients)
         request = wire.encode(
             {"coefficients": coefficients, **upload.extra}, round=round_index, seed=s.seed + round_index,
             config=dataclasses.asdict(config), batch_size=s.capture_batch_size, **upload.meta, **plan.instructions,

@@ -315,10 +315,12 @@ def _warm_start(attempt: Attempt, live_run_id: str | None, live, in_use: ModelFi
 
 
 def _live_server_state(store: Store, live_run_id: str, settings) -> dict[str, np.ndarray] | None:
-    """The live run's last server optimizer state, if it kept one with the optimizer this run uses (another
-    optimizer's moments mean something else: that recalibration starts its optimizer afresh)."""
+    """The live run's last server state, if it kept one with the round method and optimizer this run uses
+    (another optimizer's moments, or a trust region's radius, mean something else: that recalibration starts
+    its server step afresh)."""
     live_settings = json.loads(store.run_row(live_run_id)["settings"] or "{}")
-    if live_settings.get("server_optimizer", "sgd") != settings.server_optimizer:
+    same_kind = (live_settings.get("stage2", "local-steps"), live_settings.get("server_optimizer", "sgd"))
+    if same_kind != (settings.stage2, settings.server_optimizer):
         return None
     stored = store.server_state(live_run_id)
     return stored[1] if stored is not None else None

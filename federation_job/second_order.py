@@ -33,7 +33,15 @@ import numpy as np
 import torch
 
 from ifedicl.federation_job.client import Client
-from ifedicl.federation_job.strategies import Aggregate, ClientUpdate, Reader, RoundId, RoundPlan, Strategy
+from ifedicl.federation_job.strategies import (
+    Aggregate,
+    ClientUpdate,
+    Reader,
+    RoundId,
+    RoundUpload,
+    Strategy,
+    WrappedStrategy,
+)
 from ifedicl.kernel.errors import FederationError
 from ifedicl.model_patches.inference import label_logits
 from ifedicl.model_patches.injection import InjectionTables
@@ -256,33 +264,27 @@ def trust_region_step(gradient: np.ndarray, curvature: np.ndarray, radius: float
     return step(high)
 
 
-class TrustRegionNewton(Strategy):
+class TrustRegionNewton(WrappedStrategy):
     """The inner rule's weighted mean of the clients' curvature uploads is the pooled objective's loss, gradient
     and Gauss-Newton matrix; this object turns it into the round's Λ (a trust-region step)."""
 
     def __init__(self, inner: Strategy, settings: TrustRegionSettings = TrustRegionSettings()):
-        super().__init__(inner.selection, inner.weighted)
-        self.masked = inner.masked
-        self.inner = inner
+        super().__init__(inner)
         self.settings = settings
         self.state = TrustRegionState(settings.radius)
 
-    def configure(self, available: list[int] | set[int], rng: np.random.Generator) -> RoundPlan:
-        return self.inner.configure(available, rng)
-
-    def request_meta(self) -> dict[str, object]:
-        """What the round's request tells the clients beside Λ: how to compute the curvature."""
-        return {"curvature": self.settings.curvature}
-
-    def probe(self) -> dict[str, np.ndarray]:
-        """Arrays the round's request carries beside Λ: the previous Λ, whose loss tests the last step."""
-        return {} if self.state.accepted is None else {"previous": self.state.accepted.astype(np.float32)}
+    def round_upload(self, coefficients: np.ndarray) -> RoundUpload:
+        """Each client's statistics at Λ; the request also carries the previous Λ (its loss tests the last
+        step) and how to compute the curvature."""
+        previous = {} if self.state.accepted is None else {"previous": self.state.accepted.astype(np.float32)}
+        shape = (stats_size(coefficients.size),)
+        return RoundUpload("curvature", "curvature", shape, None, previous, {"curvature": self.settings.curvature})
 
     def decode(
         self, answers: dict[int, object], key: str, shape: tuple[int, ...], read: Reader | None = None
     ) -> tuple[list[ClientUpdate], dict[int, str]]:
         """The inner rule's checks, then each clear-text upload's own: G positive semi-definite, losses >= 0."""
-        updates, rejected = self.inner.decode(answers, key, shape, read)
+        updates, rejected = super().decode(answers, key, shape, read)
         if self.masked:
             return updates, rejected
         p = _coefficient_count(shape[0])

@@ -24,7 +24,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ifedicl.federation_job.strategies import Aggregate, ClientUpdate, Reader, RoundId, RoundPlan, Strategy
+from ifedicl.federation_job.strategies import (
+    Aggregate,
+    ClientUpdate,
+    RoundId,
+    Strategy,
+    WrappedStrategy,
+)
 from ifedicl.kernel.errors import FederationError
 
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -119,27 +125,17 @@ class ServerOptimizerState:
         return cls(int(steps[0]), moments["first_moment"], moments["second_moment"])
 
 
-class ServerOptimizer(Strategy):
+class ServerOptimizer(WrappedStrategy):
     """Any rule's round value as a pseudo-gradient: Λ ← Λ + step(aggregate − Λ), per :class:`ServerOptimizerSettings`.
 
     Clients, uploads and the rule itself are the inner strategy's; only the step is this object's.
     """
 
     def __init__(self, inner: Strategy, settings: ServerOptimizerSettings):
-        super().__init__(inner.selection, inner.weighted)
+        super().__init__(inner)
         settings.validate()
-        self.masked = inner.masked
-        self.inner = inner
         self.settings = settings
         self.state = ServerOptimizerState()
-
-    def configure(self, available: list[int] | set[int], rng: np.random.Generator) -> RoundPlan:
-        return self.inner.configure(available, rng)
-
-    def decode(
-        self, answers: dict[int, object], key: str, shape: tuple[int, ...], read: Reader | None = None
-    ) -> tuple[list[ClientUpdate], dict[int, str]]:
-        return self.inner.decode(answers, key, shape, read)
 
     def state_arrays(self) -> dict[str, np.ndarray] | None:
         return None if self.settings.stateless else self.state.to_arrays()

@@ -114,6 +114,19 @@ class RoundPlan:
         return {cid: payload for cid in self.clients}
 
 
+@dataclass(frozen=True)
+class RoundUpload:
+    """What a Λ round asks each client for and how its upload reads: calibrated Λ in the clear (a fixed binary
+    frame) by default, or what a wrapping rule needs instead (a second-order round's statistics)."""
+
+    method: str  # the client request
+    key: str
+    shape: tuple[int, ...]
+    read: Reader | None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # arrays the request carries beside Λ
+    meta: dict[str, object] = field(default_factory=dict)  # and its metadata beside the round's
+
+
 @dataclass
 class Aggregate:
     """``aggregate``'s answer: the round's value, the updates in it, and what it cost or dropped on the way."""
@@ -170,6 +183,10 @@ class Strategy(ABC):
                 rejected[cid] = f"rejected update: {type(err).__name__}: {err}"
         return updates, rejected
 
+    def round_upload(self, coefficients: np.ndarray) -> RoundUpload:
+        """What a Λ round at ``coefficients`` [L, 2, 2] asks of each client: calibrated Λ, by default."""
+        return RoundUpload("calibrate", "coefficients", coefficients.shape, wire.decode_coefficients)
+
     def upload_limit(self, shape: tuple[int, ...]) -> int:
         """The most bytes one upload for a value of ``shape`` may take: float32 values in up to two tensors
         (int8 vectors and their scales), or under masking only the count (the value follows masked)."""
@@ -189,6 +206,27 @@ class Strategy(ABC):
     def resume(self, arrays: dict[str, np.ndarray], shape: tuple[int, ...]) -> None:
         """Continue from stored :meth:`state_arrays` (checked against Λ's ``shape``): FederationError if unfit."""
         raise FederationError(f"{type(self).__name__} keeps no state to resume")
+
+
+class WrappedStrategy(Strategy):
+    """A rule around an ``inner`` one: clients, uploads and their checks are the inner rule's, so a subclass
+    only changes what the round's value is (a server optimizer's step, a trust-region step)."""
+
+    def __init__(self, inner: Strategy):
+        super().__init__(inner.selection, inner.weighted)
+        self.masked = inner.masked
+        self.inner = inner
+
+    def configure(self, available: list[int] | set[int], rng: np.random.Generator) -> RoundPlan:
+        return self.inner.configure(available, rng)
+
+    def decode(
+        self, answers: dict[int, object], key: str, shape: tuple[int, ...], read: Reader | None = None
+    ) -> tuple[list[ClientUpdate], dict[int, str]]:
+        return self.inner.decode(answers, key, shape, read)
+
+    def round_upload(self, coefficients: np.ndarray) -> RoundUpload:
+        return self.inner.round_upload(coefficients)
 
 
 class ClearTextStrategy(Strategy):

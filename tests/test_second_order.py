@@ -197,7 +197,9 @@ def test_the_stage2_setting_builds_a_trust_region_over_a_weighted_mean():
     options = FederationOptions(stage2="gauss-newton", objective="label-only", curvature="sampled")
     built = build_strategies(options.settings(0.5, 0), None)
     assert isinstance(built.coefficients, TrustRegionNewton) and built.coefficients.inner.weighted
-    assert built.coefficients.request_meta() == {"curvature": "sampled"}
+    upload = built.coefficients.round_upload(np.zeros((3, 2, 2), np.float32))
+    assert (upload.method, upload.shape, upload.meta) == ("curvature", (stats_size(12),), {"curvature": "sampled"})
+    assert upload.extra == {}  # no previous Λ before the first step
 
 
 def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_session, llama_dir, task_dir, tmp_path):
