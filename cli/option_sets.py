@@ -34,15 +34,16 @@ HELP = {
     "cpus_per_client": "CPUs per client actor (default: the machine's split over the clients)",
     "gpus_per_client": "GPUs per client actor",
     "calib_batch_size": "calibration batch size (I2CL: 2)",
-    "objective": "training loss: full-vocab (I2CL) or label-only cross-entropy of the label word "
-    "(default: full-vocab for the Λ methods, label-only for FedAvg-LoRA)",
+    "objective": "training loss: label-only cross-entropy of the label word against the other label words, or "
+    "full-vocab (I2CL's; needs --stage2 local-steps)",
     "prior_correction": "add each client's label log-prior to the label logits in the training loss "
     "(logit adjustment: under label skew a client then learns the balanced classifier, not its own label mix)",
     "stage1": "how the server averages the context vectors: mean (of each client's mean, the paper's) or "
     "class-balanced (each class pooled over all clients, then the classes averaged: I2CL's balance under skew)",
-    "stage2": "how each round moves Λ: local-steps (clients calibrate with AdamW, the server averages: the paper) "
-    "or gauss-newton (clients send the label-only loss's gradient and Gauss-Newton matrix at the global Λ, "
-    "the server takes a trust-region step on the pooled objective; needs --objective label-only)",
+    "stage2": "how each round moves Λ: gauss-newton (clients send the label-only loss's gradient and Gauss-Newton "
+    "matrix at the global Λ, the server takes a trust-region step on the pooled objective) or local-steps (clients "
+    "calibrate with AdamW, the server averages: the paper's; needed by --objective full-vocab, DP on Λ, robust "
+    "aggregators, --server-* and --prior-correction)",
     "curvature": "gauss-newton: exact (the whole Jacobian: C-1 backward passes per example) or sampled (two, "
     "whatever the classes: the exact gradient and an unbiased Gauss-Newton estimate from one label drawn per example)",
     "extract_dtype": "stage-1 autocast dtype",

@@ -65,6 +65,14 @@ class GridSpec:
     # Ablation: named overrides of the base settings (a "recipe" dict is merged into the base recipe);
     # {"": {}} = the report (no variants). Each variant's cells live in their own folder.
     variants: dict[str, dict] = field(default_factory=lambda: {"": {}})
+    # The task names (a location's last component) a model is reported on, where not every task: a model
+    # missing here gets them all.
+    model_tasks: dict[str, list[str]] = field(default_factory=dict)
+
+    def tasks_of(self, model: str) -> list[str]:
+        if model not in self.model_tasks:
+            return list(self.tasks)
+        return [t for t in self.tasks if safe_name(t) in self.model_tasks[model]]
 
     def groups(self, out: Path) -> list[Group]:
         groups = []
@@ -79,7 +87,7 @@ class GridSpec:
                         fields[merged] = {**self.base.get(merged, {}), **overrides.get(merged, {})}
                     settings = EvalSettings(
                         model=model,
-                        tasks=list(self.tasks),
+                        tasks=self.tasks_of(model),
                         seeds=list(self.seeds),
                         methods=methods,
                         objective=objective,
@@ -107,8 +115,9 @@ def finished_cells(groups: list[Group]) -> tuple[list[dict], list[tuple[Group, C
     finished, todo, total = [], [], 0
     for seed in groups[0].settings.seeds if groups else []:
         for model in dict.fromkeys(g.model for g in groups):
-            for task in groups[0].settings.tasks:
-                for g in (g for g in groups if g.model == model):
+            mine = [g for g in groups if g.model == model]
+            for task in mine[0].settings.tasks:
+                for g in mine:
                     for cell in plan_cells(_seed_major(g, seed, task)):
                         total += 1
                         record = stores[g.name].get(cell)

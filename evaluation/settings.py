@@ -72,8 +72,9 @@ class EvalSettings:
     lora_alpha: int = 16
     lora_lr: float = 5e-4
     weighted: bool = FEDERATION.weighted  # paper: unweighted FedAvg of vectors, Λ (and, for parity, LoRA weights)
-    # Training loss of every trainable method: "full-vocab" | "label-only" (ifedicl.federation_job.objective);
-    # None keeps each method's own: full-vocab for I2CL, local-only and IFed-ICL (I2CL's), label-only for LoRA.
+    # Training loss of every trainable method: "label-only" (the default, as federate's) | "full-vocab"
+    # (ifedicl.federation_job.objective); None, in older cells, kept each method's own: full-vocab for I2CL,
+    # local-only and IFed-ICL (I2CL's), label-only for LoRA.
     objective: str | None = FEDERATION.objective
     batch_size: int = 16
     dtype: str = "float32"
@@ -160,13 +161,16 @@ class EvalSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def federation_for_hash(self) -> dict:
-        """The federation flags by their effective values, less those equal to :data:`FEDERATION_HASH_BASELINE`."""
+    def federation_for_hash(self, method: str | None = None) -> dict:
+        """The federation flags by their effective values, less those equal to :data:`FEDERATION_HASH_BASELINE`
+        and, for a method other than IFed-ICL, less how IFed-ICL's rounds move Λ (:data:`IFEDICL_ROUND_FIELDS`)."""
         from ifedicl.federation_job.vector_coding import default_coding
 
-        effective = {**self.federation}
+        effective = {"stage2": FEDERATION.stage2, **self.federation}
         if effective.get("vector_coding") is None:
             effective["vector_coding"] = default_coding(bool(effective.get("secagg")))
+        if method is not None and method != "ifedicl":
+            effective = {k: v for k, v in effective.items() if k not in IFEDICL_ROUND_FIELDS}
         return {
             k: v for k, v in effective.items() if k not in FEDERATION_HASH_BASELINE or FEDERATION_HASH_BASELINE[k] != v
         }
@@ -176,7 +180,7 @@ class EvalSettings:
         a prompt-only method's leaves out :data:`TRAINING_ONLY`, one that trains alone names its passes."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("tasks", "alphas", "seeds", "methods")}
         data.pop("threads")
-        data["federation"] = self.federation_for_hash()
+        data["federation"] = self.federation_for_hash(method)
         for optional in ("recipe", "inference_dtype", "federation", "data"):
             if not data[optional]:
                 del data[optional]  # the defaults: the same hash as before these settings existed
@@ -190,7 +194,10 @@ class EvalSettings:
 
 # What the federation computed with when the cell hash first covered it. A default changed since enters the
 # hash as its effective value (a new default makes older cells stale); naming this value keeps them current.
-FEDERATION_HASH_BASELINE = {"vector_coding": "float32"}
+# stage2: the cells before the second-order round became the default (issue 30) moved Λ by local AdamW steps.
+FEDERATION_HASH_BASELINE = {"vector_coding": "float32", "stage2": "local-steps"}
+# The flags only IFed-ICL's rounds read: the other methods' cells do not depend on them.
+IFEDICL_ROUND_FIELDS = ("stage2", "curvature")
 
 
 # How a task's data is read unless EvalSettings.data says otherwise (DataSource's defaults).

@@ -36,7 +36,7 @@ class CalibrationConfig:
     # Passes over the local data per round. A fraction f < 1 trains on the next ⌈f·n⌉ examples of one fixed
     # order of the shard each round, so 1/f rounds make one pass: more, cheaper rounds at the same compute.
     epochs: float = 1
-    objective: str = "full-vocab"  # or "label-only" (ifedicl.federation_job.objective)
+    objective: str = "label-only"  # or "full-vocab", I2CL's (ifedicl.federation_job.objective)
     prior_correction: bool = False  # add the local label log-prior to the label logits in the loss (objective.py)
     # "per-round": warm-up and cosine decay restart in every round (I2CL's schedule, per local run);
     # "global": one warm-up/cosine schedule across all rounds, each round continuing where the last stopped.
@@ -205,7 +205,7 @@ class Client:
         coefficients: torch.Tensor,  # [L, 2, 2], requires grad
         indices: list[int],
         noise_scale: float,
-        objective: str = "full-vocab",
+        objective: str = "label-only",
         prior_correction: bool = False,
     ) -> torch.Tensor:
         """Mean cross-entropy of the label word's first token at the prompt's last position (``objective``,
@@ -242,7 +242,7 @@ class Client:
 
     @torch.no_grad()
     def evaluate_loss(
-        self, vectors: np.ndarray, coefficients: np.ndarray, batch_size: int = 16, objective: str = "full-vocab"
+        self, vectors: np.ndarray, coefficients: np.ndarray, batch_size: int = 16, objective: str = "label-only"
     ) -> float:
         """Mean label cross-entropy on the local shard without noise (for logging)."""
         vec = torch.as_tensor(vectors, dtype=torch.float32, device=self.device)

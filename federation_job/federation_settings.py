@@ -148,15 +148,30 @@ class FederationSettings:
         from uploads of statistics (second_order.py), so it is its own server step and has no DP noise model."""
         if self.stage2 != "gauss-newton":
             return [(self.curvature == "exact", "--curvature applies to --stage2 gauss-newton")]
-        needs = "--stage2 gauss-newton"
+        needs, other = "--stage2 gauss-newton (the default)", "; with --stage2 local-steps it"
         c = self.calibration
         return [
-            (c.objective == "label-only", f"{needs} needs --objective label-only (got {c.objective})"),
-            (not c.prior_correction, f"{needs} steps on the pooled loss: --prior-correction does not apply"),
-            (c.modules == "both", f"{needs} calibrates both blocks (got modules {c.modules!r})"),
-            (self.aggregator == "mean", f"{needs} goes with --aggregator mean (got {self.aggregator})"),
-            (not self.privacy.coefficient_epsilon, f"{needs} has no DP noise model: drop --dp-coefficient-epsilon"),
-            (self.server_step().stateless and self.server_lr == 1, f"{needs} is its own server step: drop --server-*"),
+            (
+                c.objective == "label-only",
+                f"{needs} steps on the label-only loss (got --objective {c.objective}{other} applies)",
+            ),
+            (
+                not c.prior_correction,
+                f"{needs} steps on the pooled loss: --prior-correction does not apply{other} does",
+            ),
+            (c.modules == "both", f"{needs} calibrates both blocks (got modules {c.modules!r}{other} applies)"),
+            (
+                self.aggregator == "mean",
+                f"{needs} pools statistics by their mean (got --aggregator {self.aggregator}{other} applies)",
+            ),
+            (
+                not self.privacy.coefficient_epsilon,
+                f"{needs} has no DP noise model for --dp-coefficient-epsilon{other} applies",
+            ),
+            (
+                self.server_step().stateless and self.server_lr == 1,
+                f"{needs} is its own server step: --server-* do not apply{other} does",
+            ),
             (self.curvature in CURVATURES, f"--curvature must be one of {CURVATURES} (got {self.curvature!r})"),
         ]
 

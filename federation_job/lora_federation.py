@@ -38,8 +38,10 @@ class LoraFederation(Federation):
     ``states[r]`` holds the global adapters after round r (0: the initial ones).
     """
 
-    def __init__(self, *args, lora: LoraSettings | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model_id, clients, store_uri, settings, *args, lora: LoraSettings | None = None, **kwargs):
+        # Its rounds train the adapters locally and average them by definition: the second-order round is Λ's.
+        settings = dataclasses.replace(settings, stage2="local-steps", curvature="exact")
+        super().__init__(model_id, clients, store_uri, settings, *args, **kwargs)
         s = self.settings
         if s.secagg or self.privacy.vectors_on or self.privacy.coefficients_on:
             raise IfediclError("FedAvg-LoRA runs without --secagg and differential privacy (defined for vectors and Λ)")

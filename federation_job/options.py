@@ -55,10 +55,13 @@ class FederationOptions:
     cpus_per_client: float | None = None
     gpus_per_client: float = 0.0
     calib_batch_size: int = 2  # I2CL's
-    objective: Objective | None = None  # None: full-vocab for the Λ methods (I2CL's), label-only for FedAvg-LoRA
+    # The recipe (issue 30, docs/recipe.md): the label-only loss, and each round a trust-region step on the pooled
+    # loss from the clients' gradients and Gauss-Newton matrices (SmolLM2, 4 tasks, seed 0: 77.5% mean, 8-9 points
+    # over local AdamW steps on Subj and Emotion, 1.2 under centralized I2CL).
+    objective: Objective = "label-only"
     prior_correction: bool = False  # logit adjustment by each client's label prior in the training loss
     stage1: Stage1 = "mean"  # how the server averages the vectors: mean of client means, or class-balanced
-    stage2: Stage2 = "local-steps"  # how each round moves Λ: clients' local AdamW runs averaged, or Gauss-Newton
+    stage2: Stage2 = "gauss-newton"  # how each round moves Λ: a trust-region step, or local AdamW runs averaged
     curvature: Curvature = "exact"  # gauss-newton: the whole Jacobian (C-1 backward passes) or one sampled label
     extract_dtype: Dtype = "float32"
     vector_coding: VectorCoding | None = None  # stage-1 upload of v_k (None: int8; under secagg float32)
@@ -97,7 +100,7 @@ class FederationOptions:
 
         calibration = CalibrationConfig(
             batch_size=self.calib_batch_size,
-            objective=self.objective or "full-vocab",
+            objective=self.objective,
             prior_correction=self.prior_correction,
         )
         return FederationSettings(

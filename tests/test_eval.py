@@ -69,9 +69,8 @@ def test_every_method_produces_numbers_in_range(run):
         assert len(_cell(results, method)["per_client"]) == CLIENTS
     ifed = _cell(results, "ifedicl")["comm"]
     assert ifed["stage1_up_per_client"] > ifed["round_up_per_client"] > 0  # vectors once, then 4L scalars
-    for method in ("i2cl_central", "local_calibration", "ifedicl"):
-        assert _cell(results, method)["objective"] == "full-vocab", method
-    assert _cell(results, "fedavg_lora")["objective"] == "label-only"  # each method's own, unless --objective
+    for method in ("i2cl_central", "local_calibration", "ifedicl", "fedavg_lora"):  # one default loss for all
+        assert _cell(results, method)["objective"] == "label-only", method
 
 
 def test_federated_client_time_is_what_the_actors_measured(run):
@@ -177,11 +176,11 @@ def test_resume_skips_finished_cells_and_adds_only_new_ones(run):
     changed = _settings(settings.model, settings.tasks[0], test_size=8, methods=["zero_shot"])
     assert evaluate(changed, out)["run"] == {"cells": 1, "resumed": 0, "computed": 1}
     # --objective applies to every trainable method and is a setting like the others.
-    label_only = _settings(settings.model, settings.tasks[0], objective="label-only", methods=["i2cl_central"])
-    relabelled = evaluate(label_only, out)
+    full_vocab = _settings(settings.model, settings.tasks[0], objective="full-vocab", methods=["i2cl_central"])
+    relabelled = evaluate(full_vocab, out)
     assert relabelled["run"] == {"cells": 1, "resumed": 0, "computed": 1}
-    assert _cell(relabelled, "i2cl_central")["objective"] == "label-only"
-    assert "label-only cross-entropy for every trainable method" in (out / "results.md").read_text()
+    assert _cell(relabelled, "i2cl_central")["objective"] == "full-vocab"
+    assert "full-vocab cross-entropy for every trainable method" in (out / "results.md").read_text()
 
 
 def test_hf_dataset_saved_to_disk_through_the_cli(ray_session, llama_dir, task_dir, tmp_path):

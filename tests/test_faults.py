@@ -69,7 +69,8 @@ def test_clients_killed_at_every_stage(ray_session, llama_dir, task_dir, tmp_pat
             events.append("after upload")
 
     settings = FederationSettings(
-        clients=6, actors=6, alpha=100.0, rounds=2, local_epochs=25, min_clients=2, round_timeout_s=120, min_shard=4
+        clients=6, actors=6, alpha=100.0, rounds=2, local_epochs=25, min_clients=2, round_timeout_s=120, min_shard=4,
+        stage2="local-steps",  # 25 local epochs keep client 2 busy long enough to be killed mid-calibration
     )  # one host per client (--actors 6): each kill takes one client
     store_dir = tmp_path / "store"
     fed = Federation(

@@ -12,6 +12,7 @@ import ray
 from actor_kills import kill_and_wait
 
 from ifedicl.federation_job.driver import Federation, FederationSettings
+from ifedicl.federation_job.second_order import stats_size
 from ifedicl.kernel.errors import FederationError
 from ifedicl.kernel.sources import DataSource
 from ifedicl.storage.store import Store
@@ -45,10 +46,11 @@ def test_client_killed_between_rounds_is_dropped_and_recorded(ray_session, llama
     rows = stored.rounds(result.run_id)
     assert json.loads(rows[1]["dropped"]) == {"1": round1.dropped[1]}
     assert stored.published_run_id(fed.task.name) == result.run_id
-    # stage-2 uploads are 4L float32 plus a small header; stage-1 uploads carry L*2*d int8 (the default coding)
+    # stage-2 uploads: the second-order round's statistics of 4L coefficients plus a header;
+    # stage-1 uploads carry L*2*d int8 (the default coding)
     # and a float32 scale per (layer, block)
     L, d = fed.fingerprint.num_layers, fed.fingerprint.hidden_size
-    assert all(16 * L < b < 16 * L + 256 for r in result.rounds[1:] for b in r.bytes_up)
+    assert all(4 * stats_size(4 * L) < b < 4 * stats_size(4 * L) + 512 for r in result.rounds[1:] for b in r.bytes_up)
     assert all(2 * L * d + 8 * L < b < 2 * L * d + 8 * L + 256 for b in result.rounds[0].bytes_up)
 
 
@@ -146,7 +148,7 @@ def test_int8_vector_coding_quarters_stage_one_and_lambda_travels_as_a_frame(
         if stage == "extract":
             uploads.update(results)
 
-    settings = _settings(clients=2, rounds=1, min_clients=2, vector_coding="int8")
+    settings = _settings(clients=2, rounds=1, min_clients=2, vector_coding="int8", stage2="local-steps")
     fed = Federation(
         str(llama_dir), DataSource(str(task_dir), max_test=0), str(tmp_path / "store"), settings, None, keep_uploads
     )

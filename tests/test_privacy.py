@@ -79,7 +79,8 @@ def test_clipping_really_bounds_each_example_in_the_captured_sum(llama_dir, task
 def test_dp_federation_records_its_privacy_parameters(ray_session, llama_dir, task_dir, tmp_path):
     privacy = PrivacySettings(vector_epsilon=4.0, vector_clip=0.5, coefficient_epsilon=2.0, coefficient_clip=0.05)
     settings = FederationSettings(
-        clients=2, alpha=1.0, rounds=2, min_clients=2, round_timeout_s=120, min_shard=4, privacy=privacy
+        clients=2, alpha=1.0, rounds=2, min_clients=2, round_timeout_s=120, min_shard=4, privacy=privacy,
+        stage2="local-steps",  # DP on Λ noises local steps' uploads (the second-order round has no noise model)
     )
     store = tmp_path / "store"
     fed = Federation(str(llama_dir), DataSource(str(task_dir), max_train=30, max_test=0), str(store), settings)
@@ -134,7 +135,7 @@ def _uploaded_vectors(actor) -> np.ndarray:
     return arrays["vectors"].astype(np.float64)
 
 
-CALIBRATION = {"epochs": 1, "batch_size": 2}
+CALIBRATION = {"epochs": 1, "batch_size": 2, "objective": "full-vocab"}  # its larger step: the clip is active
 
 
 def _uploaded_coefficients(actor, start: np.ndarray, seed: int = 3) -> np.ndarray:
@@ -263,7 +264,9 @@ def test_epsilon_counts_every_release_the_server_received_not_only_the_used_ones
     from ifedicl.federation_job.run_summary import privacy_summary
     from ifedicl.storage.records import RoundRecord
 
-    settings = FederationSettings(clients=2, rounds=2, privacy=PrivacySettings(coefficient_epsilon=2.0))
+    settings = FederationSettings(
+        clients=2, rounds=2, privacy=PrivacySettings(coefficient_epsilon=2.0), stage2="local-steps"
+    )
     policy = settings.privacy.client_policy(settings.rounds)
     rounds = [RoundRecord(r, [0, 1], [1] if r == 1 else [], {0: "rejected update"}, None, [], [], 0.0)
               for r in range(3)]  # fmt: skip

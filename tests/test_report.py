@@ -98,7 +98,7 @@ def test_a_new_training_recipe_leaves_the_prompt_only_cells_finished(tmp_path):
     for cell in cells.values():
         store.put(cell, "subj", done)
     changes = {"rounds": 12, "local_epochs": 0.25, "recipe": {"lr": 3e-2}, "weighted": True,
-               "objective": "label-only", "federation": {"vector_coding": "float16"}}  # fmt: skip
+               "objective": "full-vocab", "federation": {"vector_coding": "float16"}}  # fmt: skip
     for name, value in changes.items():
         changed = CellStore(tmp_path, dataclasses.replace(settings, **{name: value}))
         for method, cell in cells.items():
@@ -120,7 +120,7 @@ def test_a_new_split_of_the_same_passes_leaves_the_cells_that_train_alone_finish
     same_passes = CellStore(tmp_path, dataclasses.replace(settings, rounds=12, local_epochs=0.25))
     for method, cell in cells.items():
         assert (same_passes.get(cell) is None) == (method == "ifedicl"), method
-    for changes in ({"rounds": 6}, {"local_epochs": 0.5}, {"recipe": {"lr": 3e-2}}, {"objective": "label-only"}):
+    for changes in ({"rounds": 6}, {"local_epochs": 0.5}, {"recipe": {"lr": 3e-2}}, {"objective": "full-vocab"}):
         changed = CellStore(tmp_path, dataclasses.replace(settings, **changes))
         assert all(changed.get(cell) is None for cell in cells.values()), changes
 
@@ -288,21 +288,36 @@ def test_recalibration_cells_start_from_the_live_or_the_initial_coefficients(
         _spec(llama_dir, task_dir, base={**BASE, "recipe": {"recalibrate": "tepid"}}).groups(out)
 
 
-def test_the_report_computes_in_bfloat16_and_the_ablation_keeps_its_float32_base(tmp_path):
-    """What ``ifedicl report`` and ``ifedicl ablate`` compute with (dtype, budget) unless told otherwise
-    (render-only: no cell)."""
+def test_a_model_can_be_reported_on_some_of_the_tasks(tmp_path):
+    """``model_tasks``: Gemma 3 on the paper's tasks only, the other model on every task, seed-major as ever."""
+    spec = GridSpec(
+        models=["a", "b"], tasks=["/d/subj", "/d/sst2"], seeds=[0, 1], objectives=["label-only"],
+        methods=["zero_shot"], base=dict(BASE), model_tasks={"b": ["subj"]},
+    )  # fmt: skip
+    groups = spec.groups(tmp_path)
+    assert {g.model: g.settings.tasks for g in groups} == {"a": ["/d/subj", "/d/sst2"], "b": ["/d/subj"]}
+    _, todo, total = finished_cells(groups)
+    assert total == 6
+    seed_0 = [(0, "a", "/d/subj"), (0, "a", "/d/sst2"), (0, "b", "/d/subj")]
+    assert [(c.seed, g.model, c.task) for g, c in todo][:3] == seed_0
+
+
+def test_the_report_and_the_ablation_compute_with_their_own_defaults(tmp_path):
+    """What ``ifedicl report`` and ``ifedicl ablate`` compute with (dtype, budget, test size, hosting, the
+    ablation's local-steps base) unless told otherwise (render-only: no cell); Gemma 3 gets the paper's tasks."""
     from typer.testing import CliRunner
 
     from ifedicl.cli.main import app
     from ifedicl.evaluation.variants import REPORT_DEFAULTS
 
     data = tmp_path / "data"
-    report_recipe = {k: REPORT_DEFAULTS[k] for k in ("rounds", "local_epochs")}
+    report_recipe = {k: REPORT_DEFAULTS[k] for k in ("rounds", "local_epochs", "test_size")}
+    ablation_base = {"vector_coding": "float32", "stage2": "local-steps"}
     for command, expected in (
-        (["report"], {"dtype": "bfloat16", "federation": {}, **report_recipe}),
-        (["ablate"], {"dtype": "float32", "federation": {"vector_coding": "float32"}, "rounds": 3, "local_epochs": 1}),
-        (["ablate", "--dtype", "bfloat16"], {"dtype": "bfloat16", "federation": {"vector_coding": "float32"}}),
-        (["report", "--rounds", "6", "--local-epochs", "0.5"], {"rounds": 6, "local_epochs": 0.5}),
+        (["report"], {"dtype": "float32", "federation": {"actors": 2}, **report_recipe}),
+        (["ablate"], {"federation": ablation_base, "rounds": 3, "local_epochs": 1, "test_size": 200}),
+        (["ablate", "--dtype", "bfloat16"], {"dtype": "bfloat16", "federation": ablation_base}),
+        (["report", "--rounds", "6", "--local-epochs", "0.5", "--test-size", "100"], {"rounds": 6, "test_size": 100}),
     ):
         out = tmp_path / "_".join(command)
         args = [*command, "--out", str(out), "--data-dir", str(data), "--render-only"]
@@ -310,6 +325,10 @@ def test_the_report_computes_in_bfloat16_and_the_ablation_keeps_its_float32_base
         assert result.exit_code == 0, result.output
         base = json.loads((out / "results.json").read_text())["spec"]["base"]
         assert {k: base.get(k, {}) for k in expected} == expected, command
+        if command == ["report"]:
+            spec = json.loads((out / "results.json").read_text())["spec"]
+            assert spec["objectives"] == ["label-only"]
+            assert spec["model_tasks"] == {"gemma3-270m": ["subj", "emotion", "agnews"]}
     bad = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "x"), "--workers", "0", "--render-only"])
     assert bad.exit_code == 2 and "--workers must be >= 1" in bad.output
 

@@ -65,7 +65,9 @@ def test_the_norm_screen_wraps_any_strategy_and_records_what_it_rejected():
 
 def test_one_factory_builds_the_strategies_the_settings_ask_for():
     def built(**kw):
-        strategies = build_strategies(FederationSettings(clients=4, min_clients=2, **kw), transport=None)
+        # robust rules aggregate local steps' Λ (the second-order round pools statistics by their mean)
+        settings = FederationSettings(clients=4, min_clients=2, stage2="local-steps", **kw)
+        strategies = build_strategies(settings, transport=None)
         return strategies.vectors, strategies.coefficients
 
     vectors, coefficients = built(fraction=0.5, aggregator="trimmed-mean", trim_fraction=0.2)
@@ -92,6 +94,7 @@ def _settings(**kw) -> FederationSettings:
         round_timeout_s=120,
         min_shard=4,
         adversaries={4: "scale:50,flip"},
+        stage2="local-steps",  # the robust rules' Λ rounds
     )
     return FederationSettings(**{**base, **kw})
 

@@ -558,6 +558,7 @@ def test_the_threshold_flag_reaches_the_strategy_and_a_bad_one_names_the_flag():
 
     options = FederationOptions(secagg=True, min_clients=2, secagg_threshold=0.75)
     built = build_strategies(options.settings(0.5, 0), None)
-    assert built.coefficients.threshold == 0.75 and built.vectors.threshold == 0.75
+    # the default round: a trust-region step over the securely aggregated statistics
+    assert built.coefficients.inner.threshold == 0.75 and built.vectors.threshold == 0.75
     with pytest.raises(IfediclError, match="--secagg-threshold must be in"):
         FederationOptions(secagg=True, min_clients=2, secagg_threshold=0.4).settings(0.5, 0).validate()

@@ -179,22 +179,50 @@ def test_a_step_that_raised_the_pooled_loss_is_taken_back_with_a_smaller_radius(
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({}, "needs --objective label-only"),
-        ({"objective": "label-only", "aggregator": "median"}, "goes with --aggregator mean"),
-        ({"objective": "label-only", "server_optimizer": "adam"}, "its own server step"),
-        ({"objective": "label-only", "prior_correction": True}, "--prior-correction does not apply"),
-        ({"objective": "label-only", "dp_coefficient_epsilon": 1.0}, "no DP noise model"),
+        ({"objective": "full-vocab"}, "steps on the label-only loss"),
+        ({"aggregator": "median"}, "pools statistics by their mean"),
+        ({"server_optimizer": "adam"}, "its own server step"),
+        ({"prior_correction": True}, "--prior-correction does not apply"),
+        ({"dp_coefficient_epsilon": 1.0}, "no DP noise model"),
     ],
 )
-def test_gauss_newton_refuses_what_it_does_not_go_with(fields, message):
-    with pytest.raises(IfediclError, match=message):
-        FederationOptions(stage2="gauss-newton", **fields).settings(0.5, 0).validate()
+def test_gauss_newton_refuses_what_it_does_not_go_with_and_names_the_way_out(fields, message):
+    """The second-order round is the default: what only local steps support says to choose them, and works then."""
+    with pytest.raises(IfediclError, match=message) as refused:
+        FederationOptions(**fields).settings(0.5, 0).validate()
+    assert "(the default)" in str(refused.value) and "with --stage2 local-steps it" in str(refused.value)
+    FederationOptions(stage2="local-steps", **fields).settings(0.5, 0).validate()
     with pytest.raises(IfediclError, match="--curvature applies to --stage2 gauss-newton"):
-        FederationOptions(curvature="sampled").settings(0.5, 0).validate()
+        FederationOptions(stage2="local-steps", curvature="sampled").settings(0.5, 0).validate()
+
+
+def test_the_default_recipe_is_the_second_order_round_on_the_label_only_loss():
+    """federate, recalibrate and eval share FederationOptions; the library's own defaults agree with it."""
+    from ifedicl.evaluation.settings import EvalSettings
+    from ifedicl.federation_job.federation_settings import FederationSettings
+
+    for settings in (FederationOptions().settings(0.5, 0), FederationSettings()):
+        settings.validate()
+        assert (settings.stage2, settings.calibration.objective) == ("gauss-newton", "label-only")
+    assert EvalSettings("m", ["t"]).objective_for("i2cl_central") == "label-only"
+
+
+def test_an_evaluation_cell_names_the_effective_stage2():
+    """Cells computed before the switch (local steps, no stage2 in their settings) keep their hash; an IFed-ICL
+    cell under the new default does not share it, and the methods that have no rounds of Λ ignore stage2."""
+    from ifedicl.evaluation.settings import EvalSettings
+
+    new_default = EvalSettings("m", ["t"])
+    pinned = EvalSettings("m", ["t"], federation={"stage2": "local-steps"})
+    explicit = EvalSettings("m", ["t"], federation={"stage2": "gauss-newton"})
+    assert pinned.federation_for_hash("ifedicl") == {"vector_coding": "int8"}  # as before stage2 existed
+    assert new_default.cell_hash("ifedicl") == explicit.cell_hash("ifedicl") != pinned.cell_hash("ifedicl")
+    for method in ("fedavg_lora", "i2cl_central", "local_calibration", "zero_shot"):
+        assert new_default.cell_hash(method) == pinned.cell_hash(method)
 
 
 def test_the_stage2_setting_builds_a_trust_region_over_a_weighted_mean():
-    options = FederationOptions(stage2="gauss-newton", objective="label-only", curvature="sampled")
+    options = FederationOptions(curvature="sampled")
     built = build_strategies(options.settings(0.5, 0), None)
     assert isinstance(built.coefficients, TrustRegionNewton) and built.coefficients.inner.weighted
     upload = built.coefficients.round_upload(np.zeros((3, 2, 2), np.float32))

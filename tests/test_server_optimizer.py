@@ -80,9 +80,11 @@ def test_the_server_lr_warms_up_then_decays_on_a_cosine():
 
 
 def test_plain_fedavg_builds_no_optimizer_and_each_setting_builds_its_own():
-    plain = build_strategies(FederationOptions().settings(0.5, 0), transport=None)
+    local = FederationOptions(stage2="local-steps")  # a server optimizer steps on local steps' aggregate
+    plain = build_strategies(local.settings(0.5, 0), transport=None)
     assert not isinstance(plain.coefficients, ServerOptimizer)
-    adam = build_strategies(FederationOptions(server_optimizer="adam", server_lr=0.05).settings(0.5, 0), None)
+    adam_options = dataclasses.replace(local, server_optimizer="adam", server_lr=0.05)
+    adam = build_strategies(adam_options.settings(0.5, 0), None)
     assert isinstance(adam.coefficients, ServerOptimizer) and adam.coefficients.settings.kind == "adam"
     assert adam.coefficients.settings.lr == 0.05
     assert not isinstance(adam.vectors, ServerOptimizer)  # stage 1 is one mean, not a step
@@ -100,7 +102,7 @@ def test_plain_fedavg_builds_no_optimizer_and_each_setting_builds_its_own():
 )
 def test_bad_server_optimizer_settings_name_their_flag(fields, message):
     with pytest.raises(IfediclError, match=message):
-        FederationSettings(**fields).validate()
+        FederationSettings(stage2="local-steps", **fields).validate()
 
 
 @pytest.mark.parametrize(
@@ -141,7 +143,7 @@ def test_a_warm_started_run_continues_the_live_runs_optimizer(ray_session, llama
     source = DataSource(str(task_dir), max_train=32, max_test=12)
     settings = FederationSettings(
         clients=2, alpha=1.0, rounds=2, min_clients=1, round_timeout_s=120, min_shard=4,
-        server_optimizer="adam", server_lr=0.02, actors=1,
+        server_optimizer="adam", server_lr=0.02, actors=1, stage2="local-steps",
     )  # fmt: skip
     store_dir = tmp_path / "store"
     live = Federation(str(llama_dir), source, str(store_dir), settings).run()

@@ -130,8 +130,8 @@ def test_the_coding_is_part_of_an_evaluation_cell():
     assert EvalSettings("m", ["t"], federation={"vector_coding": "int8"}).cell_hash() == base.cell_hash()
     as_before = EvalSettings("m", ["t"], federation=changed)
     assert as_before.cell_hash() != base.cell_hash()  # a float32 cell is not an int8 one...
-    assert as_before.federation_for_hash() == {}  # ...and hashes as the cells made before int8 was the default
-    assert EvalSettings("m", ["t"], federation={"secagg": True}).federation_for_hash() == {"secagg": True}
+    assert as_before.federation_for_hash("fedavg_lora") == {}  # ...hashes as the cells before int8
+    assert EvalSettings("m", ["t"], federation={"secagg": True}).federation_for_hash("fedavg_lora") == {"secagg": True}
     assert EvalSettings("m", ["t"], federation=FederationOptions().changed()).cell_hash() == base.cell_hash()
 
 
