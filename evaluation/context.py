@@ -66,14 +66,28 @@ def federated_compute(summary: dict) -> dict:
     }
 
 
+def client_cpu_through_round(summary: dict) -> dict[int, float]:
+    """{round: the client CPU seconds spent up to and including it, mean per client}: what a run stopped after
+    that round would have cost its clients (the last round's value is the cell's ``client_cpu_seconds``)."""
+    clients = max(1, len(summary["client_seconds_per_client"]))
+    spent, through = 0.0, {}
+    for record in sorted(summary["rounds"], key=lambda r: r["round"]):
+        by_stage = record["client_seconds"].values()
+        spent += sum(report["cpu_s"] for by_client in by_stage for report in by_client.values()) / clients
+        through[record["round"]] = round(spent, 4)
+    return through
+
+
 def federated_cell(result, per_round: list[dict], objective: str) -> dict:
     """What a federated method's cell records (IFed-ICL and FedAvg-LoRA alike, so they compare): the final and
-    per-round accuracy, the run, client compute, the driver's stage seconds, drops and bytes."""
+    per-round accuracy with the client CPU seconds spent so far, the run, client compute, the driver's stage
+    seconds, drops and bytes."""
     final = per_round[-1]
+    spent = client_cpu_through_round(result.summary)
     return {
         "accuracy": final["accuracy"],
         "macro_f1": final["macro_f1"],
-        "per_round": per_round,
+        "per_round": [{**p, "client_cpu_seconds": spent.get(p["round"])} for p in per_round],
         "run_id": result.run_id,
         "objective": objective,
         **federated_compute(result.summary),

@@ -70,6 +70,30 @@ def accuracy_vs_round(summary: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def accuracy_vs_client_cpu(summary: dict, out_dir: Path) -> list[Path]:
+    """IFed-ICL and FedAvg-LoRA: accuracy after each round against the client CPU seconds spent by then (mean
+    per client): every round is a budget, so one run draws the whole curve."""
+    plt = _pyplot()
+    paths = []
+    for task, per_alpha in summary.items():
+        for a, by_method in per_alpha.items():
+            curves = {
+                m: [p for p in by_method[m]["per_round"] if "client_cpu_seconds_mean" in p]
+                for m in ("ifedicl", "fedavg_lora")
+                if m in by_method
+            }
+            if not any(curves.values()):
+                continue
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for m, per in curves.items():
+                x = [p["client_cpu_seconds_mean"] for p in per]
+                ax.plot(x, [100 * p["accuracy_mean"] for p in per], marker="o", label=METHOD_LABELS[m])
+            ax.set(xlabel="client CPU seconds (mean per client)", ylabel="accuracy (%)", title=f"{task}, α={a}")
+            ax.legend(fontsize=7)
+            paths.append(_save(fig, out_dir / f"accuracy_vs_client_cpu_{_safe(task)}_a{a}.png"))
+    return paths
+
+
 def accuracy_vs_alpha(summary: dict, alphas: list[float], out_dir: Path) -> list[Path]:
     """Only meaningful with several α: how each method degrades as the split gets more skewed."""
     if len(alphas) < 2:
@@ -130,6 +154,7 @@ def write_plots(results: dict, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     return (
         accuracy_vs_round(results["summary"], out_dir)
+        + accuracy_vs_client_cpu(results["summary"], out_dir)
         + accuracy_vs_alpha(results["summary"], results["settings"]["alphas"], out_dir)
         + global_vs_local_coefficients(results["cells"], out_dir)
     )

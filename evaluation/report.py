@@ -83,9 +83,11 @@ def _summarize_method(records: list[dict]) -> dict:
             accs = [p["accuracy"] for r in records for p in r["per_round"] if p["round"] == rnd]
             f1s = [p["macro_f1"] for r in records for p in r["per_round"] if p["round"] == rnd]
             m, s = mean_std(accs)
-            out["per_round"].append(
-                {"round": rnd, "accuracy_mean": m, "accuracy_std": s, "macro_f1_mean": mean_std(f1s)[0]}
-            )
+            row = {"round": rnd, "accuracy_mean": m, "accuracy_std": s, "macro_f1_mean": mean_std(f1s)[0]}
+            cpu = [p.get("client_cpu_seconds") for r in records for p in r["per_round"] if p["round"] == rnd]
+            if cpu and all(c is not None for c in cpu):  # cells before it was recorded per round have none
+                row["client_cpu_seconds_mean"] = mean_std(cpu)[0]
+            out["per_round"].append(row)
     return out
 
 

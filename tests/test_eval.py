@@ -86,6 +86,10 @@ def test_federated_client_time_is_what_the_actors_measured(run):
         assert cell["client_seconds"] == pytest.approx(sum(c["wall"] for c in per_client.values()) / CLIENTS)
         assert cell["client_cpu_seconds"] == pytest.approx(sum(c["cpu"] for c in per_client.values()) / CLIENTS)
         assert reported["client_cpu_seconds"] == pytest.approx(sum(c["cpu"] for c in per_client.values()), abs=1e-3)
+        # every round is a budget: the CPU spent by then, growing to the whole run's
+        spent = [p["client_cpu_seconds"] for p in cell["per_round"]]
+        assert spent == sorted(spent) and spent[-1] == pytest.approx(cell["client_cpu_seconds"], abs=1e-3)
+        assert spent[ROUNDS] > spent[1] > 0
     assert results["model_id"] and results["code_version"] and results["settings"]["rounds"] == ROUNDS
 
 
@@ -127,6 +131,7 @@ def test_plots_are_valid_pngs(run):
     names = sorted(p.name for p in out.glob("*.png"))
     assert any(n.startswith("accuracy_vs_round_") for n in names)
     assert any(n.startswith("coefficients_") for n in names)
+    assert any(n.startswith("accuracy_vs_client_cpu_") for n in names)
     for path in out.glob("*.png"):
         data = path.read_bytes()
         assert data[:8] == PNG_MAGIC
