@@ -31,6 +31,7 @@ import numpy as np
 
 from ifedicl.evaluation.cells import CellStore, write_atomic
 from ifedicl.evaluation.columns import TRAINABLE, column_key, columns_of, safe_name
+from ifedicl.evaluation.comparison import paired_differences
 from ifedicl.evaluation.progress import Progress
 from ifedicl.evaluation.render import render_ablation, render_report
 from ifedicl.evaluation.settings import FEDERATED, METHODS, Cell, EvalSettings, plan_cells
@@ -344,6 +345,7 @@ def write_report(spec: GridSpec, out: str | Path, command: str) -> dict:
         },
         "groups": group_names,
         "summary": summary,
+        "paired": paired_differences(records),
     }
     write_atomic(out / "results.json", json.dumps(results, indent=1, default=float))
     ablation = list(spec.variants) != [""]

@@ -216,6 +216,7 @@ def render_report(results: dict) -> str:
         ],
         rows,
     )
+    lines += _recipe_targets(results)
     lines += [
         "",
         "Per group (model × objective), the harness's own tables (communication, client compute, global vs local "
@@ -224,6 +225,82 @@ def render_report(results: dict) -> str:
     ]
     lines += [f"- [{g}]({g}/results.md)" for g in results["groups"]]
     return "\n".join(lines) + "\n"
+
+
+def _recipe_targets(results: dict) -> list[str]:
+    """Issue 30's targets on the finished cells: paired per-seed differences, the task mean against
+    centralized I2CL, and the client CPU against FedAvg-LoRA's at the full budget and at the fewest rounds
+    that reach its accuracy."""
+    paired, summary = results.get("paired", {}), results["summary"]
+    if not paired:
+        return []
+    lines = [
+        "",
+        "## The recipe's targets (issue 30): differences per seed, and client CPU per round budget",
+        "",
+    ]
+    rows = []
+    for model, by_task in paired.items():
+        for task, by_objective in by_task.items():
+            for objective, entry in by_objective.items():
+                by_col = summary.get(model, {}).get(task, {})
+                ifed, lora = by_col.get(f"ifedicl@{objective}"), by_col.get(f"fedavg_lora@{objective}")
+                budget = entry.get("budget") or {}
+                reached = budget.get("round")
+                rows.append(
+                    [
+                        model,
+                        task,
+                        objective,
+                        _paired(entry.get("vs fedavg_lora")),
+                        _paired(entry.get("vs i2cl_central")),
+                        f"{ifed['client_cpu_seconds_mean'] / lora['client_cpu_seconds_mean']:.2f}×"
+                        if ifed and lora and lora["client_cpu_seconds_mean"]
+                        else "–",
+                        "–" if not budget else (f"{reached}" if reached else "not reached"),
+                        f"{budget['cpu_ratio']:.2f}×" if reached and budget.get("cpu_ratio") is not None else "–",
+                    ]
+                )
+    lines += _table(
+        [
+            "model",
+            "task",
+            "objective",
+            "IFed-ICL − FedAvg-LoRA (points, per seed)",
+            "IFed-ICL − I2CL central",
+            "client CPU, IFed-ICL / LoRA",
+            "rounds to LoRA's accuracy",
+            "client CPU there / LoRA's",
+        ],
+        rows,
+    )
+    means = []
+    for model, by_task in summary.items():
+        for objective in results["spec"]["objectives"]:
+            pairs = [
+                (by_col[f"ifedicl@{objective}"]["accuracy_mean"], by_col[f"i2cl_central@{objective}"]["accuracy_mean"])
+                for by_col in by_task.values()
+                if f"ifedicl@{objective}" in by_col and f"i2cl_central@{objective}" in by_col
+            ]
+            if pairs:
+                ifed, central = (100 * float(np.mean(x)) for x in zip(*pairs))
+                means.append(f"{model} [{objective}], {len(pairs)} tasks: IFed-ICL {ifed:.1f}, I2CL central "
+                             f"{central:.1f} ({ifed - central:+.1f}; target ≥ −1)")  # fmt: skip
+    lines += ["", *[f"- Mean over tasks: {m}." for m in means]]
+    lines += [
+        "",
+        "Differences are IFed-ICL's accuracy minus the other method's on the same split and test sample, per seed, "
+        "mean ± std over the seeds both finished. A round budget: IFed-ICL's second-order round keeps no schedule "
+        "and FedAvg-LoRA restarts its schedule every round, so a cell's first k rounds are a k-round run; its client "
+        "CPU seconds are those the clients had spent by then (stage 1 included), against FedAvg-LoRA's whole run.",
+    ]
+    return lines
+
+
+def _paired(entry: dict | None) -> str:
+    if not entry:
+        return "–"
+    return f"{entry['mean']:+.1f} ± {entry['std']:.1f} (n={len(entry['seeds'])})"
 
 
 def render_ablation(results: dict) -> str:

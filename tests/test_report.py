@@ -353,3 +353,47 @@ def test_the_report_warns_before_computing_in_a_dtype_this_cpu_is_slow_in(tmp_pa
     assert ("warning: bfloat16" in stderr_of("--dtype", "bfloat16")) == (slow is not None)
     assert "warning" not in stderr_of("--dtype", "float32")
     assert slow_dtype_reason("float32") is None and slow_dtype_reason("bfloat16", device="cuda") is None
+
+
+def _record(method: str, seed: int, accuracy: float, curve: list[tuple[float, float]] | None = None) -> dict:
+    """A finished cell as the grid tags it; ``curve``: (accuracy, client CPU seconds spent) after each round."""
+    record = {"method": method, "task": "subj", "seed": seed, "accuracy": accuracy, "_group_model": "m",
+              "_group_objective": "label-only", "_group_column": f"{method}@label-only"}  # fmt: skip
+    if curve is not None:
+        record["per_round"] = [{"round": r, "accuracy": a, "client_cpu_seconds": c} for r, (a, c) in enumerate(curve)]
+        record["client_cpu_seconds"] = curve[-1][1]
+    return record
+
+
+def test_paired_differences_and_the_round_budget_that_reaches_lora():
+    """Per seed: IFed-ICL minus each baseline on the same split; the budget: the first round whose mean over
+    seeds reaches LoRA's final mean, and the CPU spent by then against LoRA's whole run."""
+    from ifedicl.evaluation.comparison import paired_differences
+
+    records = [
+        _record("ifedicl", 0, 0.80, [(0.5, 10.0), (0.70, 20.0), (0.80, 30.0), (0.80, 40.0)]),
+        _record("ifedicl", 1, 0.84, [(0.5, 12.0), (0.74, 22.0), (0.82, 32.0), (0.84, 42.0)]),
+        _record("fedavg_lora", 0, 0.78, [(0.5, 0.0), (0.78, 50.0)]),
+        _record("fedavg_lora", 1, 0.80, [(0.5, 0.0), (0.80, 50.0)]),
+        _record("i2cl_central", 0, 0.85),  # seed 1 not finished: only seed 0 is paired
+    ]
+    entry = paired_differences(records)["m"]["subj"]["label-only"]
+    assert entry["vs fedavg_lora"]["differences"] == pytest.approx([2.0, 4.0])
+    assert entry["vs fedavg_lora"]["mean"] == pytest.approx(3.0) and entry["vs fedavg_lora"]["std"] > 0
+    assert entry["vs i2cl_central"]["seeds"] == [0] and entry["vs i2cl_central"]["mean"] == pytest.approx(-5.0)
+    budget = entry["budget"]  # LoRA's mean: 0.79; IFed-ICL's mean curve: 0.5, 0.72, 0.81, 0.82
+    assert budget["round"] == 2 and budget["client_cpu_seconds"] == pytest.approx(31.0)
+    assert budget["cpu_ratio"] == pytest.approx(31.0 / 50.0)
+    stronger_lora = [r if r["method"] != "fedavg_lora" else {**r, "accuracy": 0.9} for r in records]
+    assert paired_differences(stronger_lora)["m"]["subj"]["label-only"]["budget"]["round"] is None
+    from ifedicl.evaluation.render import _recipe_targets
+
+    summary = {"m": {"subj": {
+        "ifedicl@label-only": {"accuracy_mean": 0.82, "client_cpu_seconds_mean": 41.0},
+        "fedavg_lora@label-only": {"accuracy_mean": 0.79, "client_cpu_seconds_mean": 50.0},
+        "i2cl_central@label-only": {"accuracy_mean": 0.85},
+    }}}  # fmt: skip
+    results = {"paired": paired_differences(records), "summary": summary, "spec": {"objectives": ["label-only"]}}
+    text = "\n".join(_recipe_targets(results))
+    assert "| m | subj | label-only | +3.0 ± 1.4 (n=2) | -5.0 ± 0.0 (n=1) | 0.82× | 2 | 0.62× |" in text
+    assert "IFed-ICL 82.0, I2CL central 85.0 (-3.0; target ≥ −1)" in text

@@ -1,0 +1,91 @@
+"""IFed-ICL against its alternatives, seed by seed and budget by budget (the recipe's targets, issue 30).
+
+Why paired differences: every method of a (model, task, seed) sees the same split and the same test
+sample, so the difference per seed cancels what the seed changes for all of them; its mean ± std over
+seeds says whether a 1-point gap is real where two means ± std cannot. Why round budgets: the
+second-order round keeps no schedule and FedAvg-LoRA restarts its schedule every round, so the first k
+rounds of a cell are a k-round run, and the cell's per-round accuracy and client CPU seconds give the
+accuracy every budget buys without another cell.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+BASELINES = ("fedavg_lora", "i2cl_central")
+
+
+def paired_differences(records: list[dict]) -> dict:
+    """``{model: {task: {objective: {"vs <baseline>": {...}, "budget": {...}}}}}`` from finished cell records
+    (tagged with their group's model, objective and column, as :func:`grid.finished_cells` returns them).
+
+    "vs <baseline>": IFed-ICL minus the baseline, per seed both finished (accuracy, points). "budget": the
+    fewest IFed-ICL rounds whose mean accuracy reaches FedAvg-LoRA's final mean, and the client CPU seconds
+    spent by then against FedAvg-LoRA's whole run (None when no round reaches it)."""
+    accuracy: dict[tuple, dict[int, float]] = defaultdict(dict)
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        key = (r["_group_model"], r["task"], r["_group_objective"], r["method"])
+        accuracy[key][r["seed"]] = r["accuracy"]
+        cells[key].append(r)
+    out: dict = {}
+    for (model, task, objective, method), by_seed in sorted(accuracy.items()):
+        if method != "ifedicl":
+            continue
+        entry = {}
+        for baseline in BASELINES:
+            other = accuracy.get((model, task, objective, baseline), {})
+            seeds = sorted(set(by_seed) & set(other))
+            if seeds:
+                diffs = [100 * (by_seed[s] - other[s]) for s in seeds]
+                entry[f"vs {baseline}"] = {
+                    "seeds": seeds,
+                    "differences": diffs,
+                    "mean": float(np.mean(diffs)),
+                    "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
+                }
+        lora = cells.get((model, task, objective, "fedavg_lora"), [])
+        if lora:
+            entry["budget"] = round_budget(cells[(model, task, objective, method)], lora)
+        out.setdefault(model, {}).setdefault(task, {})[objective] = entry
+    return out
+
+
+def round_budget(ifedicl: list[dict], lora: list[dict]) -> dict | None:
+    """The fewest rounds at which IFed-ICL's accuracy, averaged over its seeds, reaches FedAvg-LoRA's final
+    accuracy (averaged over its seeds), with the client CPU seconds (mean per client) each had spent."""
+    curve = _mean_curve(ifedicl)
+    if curve is None:
+        return None
+    target = float(np.mean([r["accuracy"] for r in lora]))
+    lora_cpu = float(np.mean([r["client_cpu_seconds"] for r in lora]))
+    for rnd, acc, cpu in curve:
+        if rnd > 0 and acc >= target:
+            return {
+                "round": rnd,
+                "accuracy": acc,
+                "lora_accuracy": target,
+                "client_cpu_seconds": cpu,
+                "lora_client_cpu_seconds": lora_cpu,
+                "cpu_ratio": cpu / lora_cpu if lora_cpu else None,
+            }
+    return {"round": None, "lora_accuracy": target, "lora_client_cpu_seconds": lora_cpu}
+
+
+def _mean_curve(records: list[dict]) -> list[tuple[int, float, float]] | None:
+    """[(round, mean accuracy, mean client CPU seconds spent by then)] over the rounds every record has;
+    None when a record lacks per-round client CPU (cells computed before it was recorded)."""
+    per = [{p["round"]: p for p in r["per_round"]} for r in records]
+    rounds = sorted(set.intersection(*(set(p) for p in per)))
+    if any(per_record[rnd].get("client_cpu_seconds") is None for per_record in per for rnd in rounds):
+        return None
+    return [
+        (
+            rnd,
+            float(np.mean([p[rnd]["accuracy"] for p in per])),
+            float(np.mean([p[rnd]["client_cpu_seconds"] for p in per])),
+        )
+        for rnd in rounds
+    ]
