@@ -44,6 +44,10 @@ HELP = {
     "matrix at the global Λ, the server takes a trust-region step on the pooled objective) or local-steps (clients "
     "calibrate with AdamW, the server averages: the paper's; needed by --objective full-vocab, DP on Λ, robust "
     "aggregators, --server-* and --prior-correction)",
+    "holdout_fraction": "early stopping: each client keeps this fraction of its shard out of the rounds and "
+    "reports the loss of each round's starting Λ on it; the run stops after --patience rounds without a new best "
+    "pooled loss and ends on the best Λ (0: off)",
+    "patience": "with --holdout-fraction: rounds without a new best pooled held-out loss before the run stops",
     "curvature": "gauss-newton: exact (the whole Jacobian: C-1 backward passes per example) or sampled (two, "
     "whatever the classes: the exact gradient and an unbiased Gauss-Newton estimate from one label drawn per example)",
     "extract_dtype": "stage-1 autocast dtype",

@@ -70,6 +70,11 @@ ABLATION_VARIANTS: dict[str, dict] = {
     # 12-round one, whose per-round accuracy every cell records.)
     # The curvature from one label drawn per example: two backward passes whatever the classes (C - 1 exact).
     "gauss-newton sampled": {"federation": {"stage2": "gauss-newton", "curvature": "sampled"}},
+    # Early stopping on the clients' held-out loss (a fifth of each shard kept out of the rounds; two rounds
+    # without a new best end the run on the best Λ): fewer rounds, and no drift past the best one.
+    "gauss-newton early stopping": {
+        "federation": {"stage2": "gauss-newton", "holdout_fraction": 0.2, "patience": 2}
+    },
     # Server optimizers on the aggregate's change (FedAdam: every coefficient moves ~lr per round; FedAvgM).
     "server adam lr 0.02": {"federation": {"server_optimizer": "adam", "server_lr": 0.02, "server_decay": "cosine"}},
     "server momentum 0.8": {

@@ -36,6 +36,7 @@ import torch
 from ifedicl.federation_job import wire
 from ifedicl.federation_job.client import CalibrationConfig, Client, class_counts, round_passes
 from ifedicl.federation_job.compute import measured
+from ifedicl.federation_job.early_stopping import holdout_rows
 from ifedicl.federation_job.privacy import ClientPrivacy
 from ifedicl.federation_job.secagg import MaskingClient
 from ifedicl.federation_job.vector_coding import encode_vectors
@@ -196,11 +197,12 @@ class HostedClient:
         self._require_method(lora=False)
         with measured() as compute:
             arrays, meta = wire.decode(payload)
-            statistics, loss = self._curvature(arrays, meta)
-        return self._answer("curvature", statistics, meta, loss=loss, compute=compute)
+            statistics, loss, report = self._curvature(arrays, meta)
+        return self._answer("curvature", statistics, meta, loss=loss, compute=compute, **report)
 
-    def _curvature(self, arrays: dict, meta: dict) -> tuple[np.ndarray, float]:
-        """The packed statistics [stats_size(P)] of this round's window, and the loss at the global Λ."""
+    def _curvature(self, arrays: dict, meta: dict) -> tuple[np.ndarray, float, dict]:
+        """The packed statistics [stats_size(P)] of this round's window, the loss at the global Λ, and (early
+        stopping) the held-out report."""
         from ifedicl.federation_job.second_order import curvature_stats
 
         if self.vectors is None:
@@ -208,13 +210,27 @@ class HostedClient:
         if self.privacy.coefficients_on:
             raise FederationError(f"client {self.client_id}: a second-order round has no differential privacy")
         config, seed = self._round_config(meta)
-        passes = round_passes(len(self.client.data), config, random.Random(seed))
-        rows = sorted({i for order in passes for i in order})  # this round's window, each example once
+        train, held = self._holdout_split(meta)
+        passes = round_passes(len(train), config, random.Random(seed))
+        rows = sorted({train[i] for order in passes for i in order})  # this round's window, each example once
+        batch_size = int(meta.get("batch_size", 8))
         stats = curvature_stats(
             self.client, self.vectors, arrays["coefficients"], rows, arrays.get("previous"),
-            int(meta.get("batch_size", 8)), str(meta.get("curvature", "exact")), seed,
+            batch_size, str(meta.get("curvature", "exact")), seed,
         )  # fmt: skip
-        return stats.pack(), stats.loss
+        report = {}
+        if held:  # early stopping: the round's starting Λ scored on rows no round trains on
+            held_loss = self.client.evaluate_loss(self.vectors, arrays["coefficients"], batch_size, rows=held)
+            report = {"holdout_loss": held_loss, "holdout_examples": len(held)}
+        return stats.pack(), stats.loss, report
+
+    def _holdout_split(self, meta: dict) -> tuple[list[int], list[int]]:
+        """(rows the rounds train on, held-out rows): the whole shard and none unless the run stops early."""
+        spec = meta.get("holdout")
+        if not isinstance(spec, dict):
+            return list(range(len(self.client.data))), []
+        seed = int(spec["seed"]) * 1000 + self.client_id  # the same split every round of the run
+        return holdout_rows(len(self.client.data), float(spec["fraction"]), seed)
 
     def train_lora(self, payload: bytes) -> bytes:
         """FedAvg-LoRA: start from the global adapters received, train them locally, upload them (named tensors)."""

@@ -59,16 +59,16 @@ class AdversarialClient(HostedClient):
             return np.full_like(coefficients, np.nan), loss
         return (-coefficients if "flip" in self.modes else coefficients), loss
 
-    def _curvature(self, arrays: dict, meta: dict) -> tuple[np.ndarray, float]:
+    def _curvature(self, arrays: dict, meta: dict) -> tuple[np.ndarray, float, dict]:
         """A second-order round's statistics, tampered alike: ``flip`` negates them (an uphill gradient, a
-        negative definite matrix), ``nan`` replaces them, ``hang`` stalls."""
-        statistics, loss = super()._curvature(arrays, meta)
+        negative definite matrix), ``nan`` replaces them, ``hang`` stalls. A held-out report stays honest."""
+        statistics, loss, report = super()._curvature(arrays, meta)
         time.sleep(self.modes.get("hang", 0.0))
         if "nan" in self.modes:
-            return np.full_like(statistics, np.nan), loss
+            return np.full_like(statistics, np.nan), loss, report
         if "flip" in self.modes:  # the losses stay plausible; the gradient and the matrix change sign
             statistics = np.concatenate([statistics[:2], -statistics[2:]])
-        return statistics, loss
+        return statistics, loss, report
 
     def _answer(self, key: str, value: np.ndarray, meta: dict, **extra) -> bytes:
         """The honest upload, its facts rewritten: ``count`` claims another example count, ``pad`` bloats it."""

@@ -242,16 +242,22 @@ class Client:
 
     @torch.no_grad()
     def evaluate_loss(
-        self, vectors: np.ndarray, coefficients: np.ndarray, batch_size: int = 16, objective: str = "label-only"
+        self,
+        vectors: np.ndarray,
+        coefficients: np.ndarray,
+        batch_size: int = 16,
+        objective: str = "label-only",
+        rows: list[int] | None = None,
     ) -> float:
-        """Mean label cross-entropy on the local shard without noise (for logging)."""
+        """Mean label cross-entropy without noise on ``rows`` of the local shard (None: all of it)."""
         vec = torch.as_tensor(vectors, dtype=torch.float32, device=self.device)
         coeffs = torch.as_tensor(coefficients, dtype=torch.float32, device=self.device)
+        rows = list(range(len(self.data))) if rows is None else rows
         losses = []
-        for start in range(0, len(self.data), batch_size):
-            rows = list(range(start, min(start + batch_size, len(self.data))))
-            losses.append(float(self.calibration_loss(vec, coeffs, rows, 0.0, objective)) * len(rows))
-        return sum(losses) / len(self.data)
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            losses.append(float(self.calibration_loss(vec, coeffs, batch, 0.0, objective)) * len(batch))
+        return sum(losses) / len(rows)
 
 
 def class_counts(

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ifedicl.federation_job import liveness, wire
 from ifedicl.federation_job.class_balanced import check_class_upload, pooled_mean
+from ifedicl.federation_job.early_stopping import EarlyStopping, pooled_holdout_loss
 from ifedicl.federation_job.exchange import RoundOutcome, log_event, log_round
 from ifedicl.federation_job.federation_settings import FederationSettings, build_strategies
 from ifedicl.federation_job.population import Population
@@ -118,6 +119,8 @@ class Federation:
         self._driver_model = None
         self.shared_weights: ray.ObjectRef | None = None  # --weights shared: the object each node keeps one copy of
         self.server_state_resume: dict | None = None  # whether a warm start continued a stored optimizer state
+        self.holdout_losses: dict[int, float | None] = {}  # round whose Λ was scored -> pooled held-out loss
+        self.early_stopping: dict | None = None  # what early stopping saw and decided (the run summary's)
 
     def start_from(self, coefficients: np.ndarray, server_state: dict[str, np.ndarray] | None = None) -> None:
         """Stage 2 starts from ``coefficients`` [L, 2, 2] instead of the initial Λ (λ=0.1, β=1): a recalibration
@@ -176,6 +179,8 @@ class Federation:
             summary["client_names"] = {str(cid): name for cid, name in self.population.names.items()}
             if self.server_state_resume is not None:
                 summary["server_optimizer_resume"] = self.server_state_resume
+            if self.early_stopping is not None:
+                summary["early_stopping"] = self.early_stopping
             summary.update(self._evaluate(vectors, coefficients))
             summary.update(federated)
             refused = self._publish_refusal(summary) if publish else None
@@ -223,11 +228,23 @@ class Federation:
         coefficients = self.start_coefficients
         self.store.write_coefficients(self.run_id, self.task.name, 0, coefficients)
         rng = np.random.default_rng(self.settings.seed)
+        stopping = EarlyStopping(self.settings.patience) if self.settings.holdout_fraction else None
+        by_round = {0: coefficients}
         for r in tqdm(range(1, self.settings.rounds + 1), desc="rounds", unit="round"):
             coefficients, record = self.stage_two_round(r, coefficients, rng)
+            if stopping is not None:
+                stopping.observe(r - 1, self.holdout_losses.get(r - 1))  # the round scored the Λ it started from
+                if stopping.stop:  # this round ends the run on the best Λ, recorded as its own
+                    coefficients = by_round[stopping.best_round]
             self._record(record)
             self.store.write_coefficients(self.run_id, self.task.name, r, coefficients)
             self._store_server_state(r)
+            by_round[r] = coefficients
+            if stopping is not None and stopping.stop:
+                log_event("early_stop", run=self.run_id, round=r, best_round=stopping.best_round)
+                break
+        if stopping is not None:
+            self.early_stopping = stopping.summary(stopped_at=r if stopping.stop else None)
         return vectors, coefficients
 
     def _store_server_state(self, round_index: int) -> None:
@@ -315,15 +332,18 @@ class Federation:
             s.calibration, epochs=s.local_epochs, round_index=round_index, rounds_total=s.rounds
         )
         upload = strategy.round_upload(coefficients)
+        holdout = {"holdout": {"fraction": s.holdout_fraction, "seed": s.seed}} if s.holdout_fraction else {}
         request = wire.encode(
             {"coefficients": coefficients, **upload.extra}, round=round_index, seed=s.seed + round_index,
             config=dataclasses.asdict(config), batch_size=s.capture_batch_size, **upload.meta, **plan.instructions,
+            **holdout,
         )  # fmt: skip
         asked = self.pool.call(at.stage, at.index, upload.method, plan.requests(request))
         for cid in asked.answers:  # a released upload spends privacy whether the server then uses it or not
             self.releases[cid] = self.releases.get(cid, 0) + 1
         updates, rejected = self._as_joined(*strategy.decode(asked.answers, upload.key, upload.shape, upload.read))
         result = strategy.aggregate(at, updates, reference=coefficients)
+        self.holdout_losses[round_index - 1] = pooled_holdout_loss(result.used)
         outcome = RoundOutcome.collect(
             round_index, plan.clients, result.used, started,
             dropped=[asked.dropped, rejected, result.dropped], traffic=[asked.traffic, result.traffic],

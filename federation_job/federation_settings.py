@@ -53,6 +53,9 @@ class FederationSettings:
     stage1: str = DEFAULTS.stage1  # mean of client means (the paper) | class-balanced (class_balanced.py)
     stage2: str = DEFAULTS.stage2  # local-steps (clients calibrate, server averages) | gauss-newton (second_order.py)
     curvature: str = DEFAULTS.curvature  # gauss-newton: exact | sampled (second_order.curvature_stats)
+    # early stopping (early_stopping.py): each client keeps this fraction of its shard out of the rounds
+    holdout_fraction: float = DEFAULTS.holdout_fraction
+    patience: int = DEFAULTS.patience  # rounds without a new best pooled held-out loss before the run stops
     extract_dtype: str = DEFAULTS.extract_dtype  # stage-1 forwards under autocast, e.g. bfloat16 on GPUs
     # stage-1 upload of v_k on the wire: float32 | float16 | int8; None: int8, float32 under secagg (vector_coding)
     vector_coding: str | None = DEFAULTS.vector_coding
@@ -114,6 +117,12 @@ class FederationSettings:
             ),
             (self.stage2 in STAGE2_METHODS, f"--stage2 must be one of {STAGE2_METHODS} (got {self.stage2!r})"),
             *self._second_order_checks(),
+            (0 <= self.holdout_fraction < 1, f"--holdout-fraction must be in [0, 1) (got {self.holdout_fraction})"),
+            (self.patience >= 1, f"--patience must be >= 1 (got {self.patience})"),
+            (
+                not (self.holdout_fraction and (self.privacy.vector_epsilon or self.privacy.coefficient_epsilon)),
+                "--holdout-fraction reports a held-out loss that has no DP noise model: drop it or --dp-*",
+            ),
             (0 <= self.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
             (self.reject_norm_factor >= 0, "--reject-norm-factor must be >= 0 (0: off)"),
             (
@@ -147,7 +156,10 @@ class FederationSettings:
         """What --stage2 gauss-newton goes with: it steps on the pooled label-only loss of every coefficient,
         from uploads of statistics (second_order.py), so it is its own server step and has no DP noise model."""
         if self.stage2 != "gauss-newton":
-            return [(self.curvature == "exact", "--curvature applies to --stage2 gauss-newton")]
+            return [
+                (self.curvature == "exact", "--curvature applies to --stage2 gauss-newton"),
+                (not self.holdout_fraction, "--holdout-fraction (early stopping) goes with --stage2 gauss-newton"),
+            ]
         needs, other = "--stage2 gauss-newton (the default)", "; with --stage2 local-steps it"
         c = self.calibration
         return [

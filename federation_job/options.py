@@ -63,6 +63,8 @@ class FederationOptions:
     stage1: Stage1 = "mean"  # how the server averages the vectors: mean of client means, or class-balanced
     stage2: Stage2 = "gauss-newton"  # how each round moves Λ: a trust-region step, or local AdamW runs averaged
     curvature: Curvature = "exact"  # gauss-newton: the whole Jacobian (C-1 backward passes) or one sampled label
+    holdout_fraction: float = 0.0  # of each shard kept out of the rounds to score Λ on (early stopping; 0: off)
+    patience: int = 2  # with a held-out fraction: rounds without a new best pooled held-out loss before stopping
     extract_dtype: Dtype = "float32"
     vector_coding: VectorCoding | None = None  # stage-1 upload of v_k (None: int8; under secagg float32)
     aggregator: Aggregator = "mean"
@@ -124,6 +126,8 @@ class FederationOptions:
                 "stage1": self.stage1,
                 "stage2": self.stage2,
                 "curvature": self.curvature,
+                "holdout_fraction": self.holdout_fraction,
+                "patience": self.patience,
                 "extract_dtype": self.extract_dtype,
                 "vector_coding": self.vector_coding,
                 "aggregator": self.aggregator,

@@ -33,6 +33,7 @@ class ClientUpdate:
     values: np.ndarray  # [L, 2, d] vectors or [L, 2, 2] coefficients
     num_examples: int
     loss: float | None = None
+    holdout: tuple[int, float] | None = None  # (held-out examples, loss of the round's starting Λ on them)
 
 
 # How a strategy reads one upload in the clear: (payload, client id) -> (values, wire metadata).
@@ -174,7 +175,7 @@ class Strategy(ABC):
                     arrays, meta = wire.decode(payload)
                     values = arrays[key]
                 num_examples, loss = wire.upload_facts(meta, cid)
-                update = ClientUpdate(cid, values, num_examples, loss)
+                update = ClientUpdate(cid, values, num_examples, loss, wire.holdout_facts(meta, cid))
                 check_update(update, shape)
                 updates.append(update)
             except IfediclError as err:

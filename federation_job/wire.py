@@ -92,6 +92,21 @@ def upload_facts(meta: object, client_id: int | None = None) -> tuple[int, float
     return count, loss
 
 
+def holdout_facts(meta: dict, client_id: int | None = None) -> tuple[int, float] | None:
+    """An upload's held-out report (early stopping), checked -> (held-out examples, loss), or None if absent."""
+    if "holdout_loss" not in meta and "holdout_examples" not in meta:
+        return None
+    who = "a client" if client_id is None else f"client {client_id}"
+    count, loss = meta.get("holdout_examples"), client_compute.finite_number(meta.get("holdout_loss"))
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_EXAMPLES:
+        expected = f"expected an integer in 1..{MAX_EXAMPLES}"
+        raise FederationError(f"{who} reported holdout_examples {_show(count)}; {expected}")
+    if loss is None or not 0 <= loss <= MAX_LOSS:
+        shown = _show(meta.get("holdout_loss"))
+        raise FederationError(f"{who} reported holdout_loss {shown}; expected a finite number in [0, {MAX_LOSS:g}]")
+    return count, loss
+
+
 def _show(value: object) -> str:
     """A reported value for an error message, never longer than a line."""
     text = repr(value)
