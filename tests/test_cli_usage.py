@@ -60,6 +60,9 @@ WRONG_INVOCATIONS = [
     (["federate", "--model", "smollm2-135m", "--store", "s", "--task-dir", "t", "--revision", "main"],
      "--revision: applies to a hub model id (owner/name), not to 'smollm2-135m'"),
     (["serve", "--model", "acme/tiny", "--store", "s", "--revision", "a b"], "--revision: 'a b' is not a revision"),
+    # what the default second-order round cannot do names the round that can
+    (["federate", "--model", "smollm2-135m", "--store", "s", "--task-dir", str(DEMO_TASK_DIR), "--aggregator",
+      "median"], "(got --aggregator median; with --stage2 local-steps it applies)"),
 ]
 
 
