@@ -44,8 +44,9 @@ DIFFERENCES = [
     "IFed-ICL's rounds: each round is a trust-region step on the pooled label-only loss from the sampled clients' "
     "gradients and Gauss-Newton matrices of Λ (`--stage2 gauss-newton`, the default since issue 30; "
     "`docs/recipe.md`), where the paper averages the clients' local AdamW runs (`--stage2 local-steps`).",
-    "Hosting: the federated methods' 10 clients run on 2 Ray actor processes (`--actors 2`, one per core), so "
-    "the client CPU seconds each actor measures are not inflated by 10 processes contending for 2 cores.",
+    "Hosting: the federated methods' 10 clients run on 2 Ray actor processes (`--actors 2`, one per core) rather "
+    "than 10 contending for 2 cores, which inflated the CPU seconds each measured; with `--workers 2` one cell "
+    "that trains alone may still run beside a federated one, for IFed-ICL and FedAvg-LoRA alike.",
     "Budget parity: I2CL central and local-only calibration run rounds × local epochs passes over their data, the "
     "passes a federated client makes; FedAvg-LoRA (rank 8 on q/v) uses the same rounds and local epochs as IFed-ICL.",
     "Training noise: the Λ methods calibrate with I2CL's training-only noise (1e-3 × the block output's norm) on "
