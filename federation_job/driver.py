@@ -364,7 +364,7 @@ class Federation:
                 means = flat.reshape(classes, *shape) if flat.size == classes * math.prod(shape) else flat
                 joined = self.pool.profiles[cid].examples
                 check_class_upload(means, counts, shape, joined)
-                updates.append(ClassUpload(cid, means, joined, None, counts))
+                updates.append(ClassUpload(cid, means, joined, counts=counts))
             except (IfediclError, KeyError, ValueError, TypeError) as err:
                 rejected[cid] = f"rejected update: {err}"
         return updates, rejected

@@ -42,8 +42,11 @@ def test_the_run_stops_after_patience_rounds_without_a_new_best_and_knows_the_be
 
 
 def test_held_out_losses_pool_by_their_counts_and_malformed_reports_are_refused():
-    updates = [ClientUpdate(0, np.zeros(1), 5, 0.5, (3, 1.0)), ClientUpdate(1, np.zeros(1), 5, 0.5, (1, 3.0)),
-               ClientUpdate(2, np.zeros(1), 5, 0.5)]  # fmt: skip
+    updates = [
+        ClientUpdate(0, np.zeros(1), 5, 0.5, holdout=(3, 1.0)),
+        ClientUpdate(1, np.zeros(1), 5, 0.5, holdout=(1, 3.0)),
+        ClientUpdate(2, np.zeros(1), 5, 0.5),
+    ]
     assert pooled_holdout_loss(updates) == pytest.approx(1.5)
     assert pooled_holdout_loss(updates[2:]) is None
     assert wire.holdout_facts({"num_examples": 3}) is None
