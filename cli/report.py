@@ -95,8 +95,7 @@ grid_options = option_set(
         "shots": "demonstrations in few-shot and local ICL prompts",
         "batch_size": "inference batch size",
         "threads": "torch threads in the driver (0: torch's default); 1 is fastest when shared",
-        "dtype": "model dtype of every cell (default: bfloat16 for the report, float32 for the "
-        "ablation, whose recipes were measured in it)",
+        "dtype": "model dtype of every cell (default: float32; bfloat16 only on a CPU with bf16 kernels)",
         "inference_dtype": "dtype of the prompt-only methods (default: --dtype, as the rest)",
         "workers": "cells computed at once, each in its own process (federated cells one at a time)",
         "max_cells": "compute at most this many cells, then stop (resume later)",

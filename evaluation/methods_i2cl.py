@@ -22,9 +22,9 @@ from ifedicl.evaluation.context import (
     federation_settings,
     no_communication,
 )
+from ifedicl.evaluation.per_client import client_test_indices, per_client_cell
 from ifedicl.evaluation.scoring import score
-from ifedicl.evaluation.settings import Cell
-from ifedicl.evaluation.statistics import mean_std
+from ifedicl.evaluation.settings import Cell, scored_rounds
 from ifedicl.evaluation.tasks import PreparedTask
 from ifedicl.federation_job.class_balanced import pooled_mean
 from ifedicl.federation_job.client import Client
@@ -77,19 +77,17 @@ def local_calibration(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict
     """Each client's own vectors and Λ, no federation (the paper's global-vs-local comparison)."""
     s = mc.settings
     objective = s.objective_for(cell.method)
+    slices = client_test_indices(task.test, s.clients, s.client_test)
     per_client, local_coeffs = [], []
     for cid, shard in enumerate(task.shards(s.clients, cell.alpha, cell.seed, s.min_shard)):
         vectors, coeffs, info = _calibrate_alone(mc, task, shard, cell.seed * 1000 + cid, objective)
-        result = score(mc.ctx, mc.tokenizer, task.spec, task.test, None, vectors, coeffs, s.batch_size)
+        test = task.test.subset(slices[cid])
+        result = score(mc.ctx, mc.tokenizer, task.spec, test, None, vectors, coeffs, s.batch_size, True)
         timing = {"seconds": info["seconds"], "cpu_seconds": info["cpu_seconds"]}
         per_client.append({"client": cid, "examples": len(shard), **timing, **result})
         local_coeffs.append(coeffs.tolist())
-    acc = [c["accuracy"] for c in per_client]
     return {
-        "accuracy": float(np.mean(acc)),
-        "macro_f1": float(np.mean([c["macro_f1"] for c in per_client])),
-        "client_accuracy_std": mean_std(acc)[1],
-        "per_client": per_client,
+        **per_client_cell(per_client, task.test, slices, len(task.spec.labels)),
         "objective": objective,
         "client_seconds": float(np.mean([c["seconds"] for c in per_client])),
         "client_cpu_seconds": float(np.mean([c["cpu_seconds"] for c in per_client])),
@@ -135,7 +133,8 @@ def _federate(mc: MethodContext, task: PreparedTask, cell: Cell) -> tuple[object
 
 
 def _per_round(mc: MethodContext, task: PreparedTask, result) -> list[dict]:
-    """Test accuracy of the run's Λ after every round, read back from the store (round 0 = its starting Λ)."""
+    """Test accuracy of the run's Λ after every scored round (``settings.scored_rounds``), read back from the store
+    (round 0 = its starting Λ)."""
     from ifedicl.storage.store import Store
 
     by_round = Store(mc.store_uri).coefficients_by_round(result.run_id)
@@ -145,7 +144,7 @@ def _per_round(mc: MethodContext, task: PreparedTask, result) -> list[dict]:
             "round": int(r),
             **score(mc.ctx, mc.tokenizer, task.spec, task.test, None, result.vectors, by_round[r], s.batch_size),
         }
-        for r in sorted(by_round)
+        for r in scored_rounds(sorted(by_round), s.scored_rounds)
     ]
 
 

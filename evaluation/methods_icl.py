@@ -9,12 +9,10 @@ from __future__ import annotations
 import random
 import time
 
-import numpy as np
-
 from ifedicl.evaluation.context import MethodContext, no_communication
+from ifedicl.evaluation.per_client import client_test_indices, per_client_cell
 from ifedicl.evaluation.scoring import max_positions, score, score_shared_prefix
 from ifedicl.evaluation.settings import Cell
-from ifedicl.evaluation.statistics import mean_std
 from ifedicl.evaluation.tasks import PreparedTask
 from ifedicl.kernel.data import Split
 from ifedicl.kernel.task import TaskSpec
@@ -92,19 +90,18 @@ def local_icl(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     s = mc.settings
     start = time.monotonic()
     ctx, tokenizer = mc.prompt_only()
+    slices = client_test_indices(task.test, s.clients, s.client_test)
     per_client = []
     for cid, shard in enumerate(task.shards(s.clients, cell.alpha, cell.seed, s.min_shard)):
         demos = select_demos(shard, s.shots, cell.seed * 1000 + cid)
-        prefixes, queries = icl_parts(task.spec, demos, task.test.texts, tokenizer, max_positions(mc.model))
-        result = score_shared_prefix(ctx, tokenizer, task.spec, task.test, prefixes, queries, batch_size=s.batch_size)
+        test = task.test.subset(slices[cid])
+        prefixes, queries = icl_parts(task.spec, demos, test.texts, tokenizer, max_positions(mc.model))
+        result = score_shared_prefix(
+            ctx, tokenizer, task.spec, test, prefixes, queries, batch_size=s.batch_size, with_predictions=True
+        )
         per_client.append({"client": cid, "examples": len(shard), "classes": len(set(shard.labels)), **result})
-    acc = [c["accuracy"] for c in per_client]
-    f1 = [c["macro_f1"] for c in per_client]
     return {
-        "accuracy": float(np.mean(acc)),
-        "macro_f1": float(np.mean(f1)),
-        "client_accuracy_std": mean_std(acc)[1],
-        "per_client": per_client,
+        **per_client_cell(per_client, task.test, slices, len(task.spec.labels)),
         "client_seconds": 0.0,
         "eval_seconds": time.monotonic() - start,
         "comm": no_communication(),

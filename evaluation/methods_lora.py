@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ifedicl.evaluation.context import MethodContext, federated_cell, federation_settings
 from ifedicl.evaluation.scoring import score
-from ifedicl.evaluation.settings import Cell
+from ifedicl.evaluation.settings import Cell, scored_rounds
 from ifedicl.evaluation.tasks import PreparedTask
 from ifedicl.federation_job.lora import LoraSettings, attach_lora, load_trainable, target_modules, trainable_bytes
 from ifedicl.kernel.modeling import load_model
@@ -27,7 +27,8 @@ from ifedicl.model_patches.hf import HFContextModel
 
 
 def fedavg_lora(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
-    """The Ray FedAvg-LoRA run, then accuracy of the global adapters after every round (round 0 = base model)."""
+    """The Ray FedAvg-LoRA run, then accuracy of the global adapters after every scored round (round 0 = base
+    model)."""
     from ifedicl.federation_job.lora_federation import LoraFederation
 
     s = mc.settings
@@ -43,8 +44,8 @@ def fedavg_lora(mc: MethodContext, task: PreparedTask, cell: Cell) -> dict:
     try:
         model = attach_lora(base, lora)
         per_round = []
-        for r, state in enumerate(fed.states):
-            load_trainable(model, state)
+        for r in scored_rounds(list(range(len(fed.states))), s.scored_rounds):
+            load_trainable(model, fed.states[r])
             scored = score(ctx, mc.tokenizer, task.spec, task.test, batch_size=s.batch_size)
             per_round.append({"round": r, **scored, **({"mean_loss": result.rounds[r].mean_loss} if r else {})})
         param_bytes = trainable_bytes(model)

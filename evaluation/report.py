@@ -240,15 +240,19 @@ def render_markdown(results: dict) -> str:
             )
     lines += _table(["dataset", "α", "global (IFed-ICL)", "local mean", "client spread (std)", "gap (points)"], gl_rows)
 
-    lines += ["", "## Accuracy after every round (%)", ""]
-    round_rows = []
-    for task, a, by_method in rows_of:
-        for m in ("ifedicl", "fedavg_lora"):
-            if m in by_method:
-                per = by_method[m]["per_round"]
-                round_rows.append([task, a, METHOD_LABELS[m]] + [f"{100 * p['accuracy_mean']:.1f}" for p in per])
-    width = max((len(r) - 3 for r in round_rows), default=0)
-    lines += _table(["dataset", "α", "method"] + [f"r{i}" for i in range(width)], round_rows)
+    lines += ["", "## Accuracy after every scored round (%)", ""]
+    curves = [
+        (task, a, m, {p["round"]: p["accuracy_mean"] for p in by_method[m]["per_round"]})
+        for task, a, by_method in rows_of
+        for m in ("ifedicl", "fedavg_lora")
+        if m in by_method
+    ]
+    rounds = sorted({r for *_, curve in curves for r in curve})
+    round_rows = [
+        [task, a, METHOD_LABELS[m]] + [f"{100 * curve[r]:.1f}" if r in curve else "" for r in rounds]
+        for task, a, m, curve in curves
+    ]
+    lines += _table(["dataset", "α", "method"] + [f"r{r}" for r in rounds], round_rows)
     return "\n".join(lines) + "\n"
 
 

@@ -24,11 +24,13 @@ def score(
     vectors: np.ndarray | None = None,
     coefficients: np.ndarray | None = None,
     batch_size: int = 16,
-) -> dict[str, float]:
+    with_predictions: bool = False,
+) -> dict:
     """Accuracy and macro-F1 of argmax over the label words' first-token logits.
 
     ``prompts`` defaults to the zero-shot ``template(x)``; with ``vectors`` and
     ``coefficients`` the context vectors are injected (IFed-ICL / I2CL inference).
+    ``with_predictions`` adds the predicted class of every test example (to pool predictions across clients).
     """
     prompts = list(prompts) if prompts is not None else [task.prompt(t) for t in test.texts]
     tables, index = None, None
@@ -36,7 +38,7 @@ def score(
         tables = InjectionTables.build([torch.from_numpy(vectors)], [torch.from_numpy(np.asarray(coefficients))])
         index = [1] * len(prompts)
     probs = predict_proba(ctx, tokenizer, prompts, label_token_ids(task, tokenizer), tables, index, batch_size)
-    return _metrics(probs, test, task)
+    return _metrics(probs, test, task, with_predictions)
 
 
 def score_shared_prefix(
@@ -47,6 +49,7 @@ def score_shared_prefix(
     prefixes: Sequence[str],
     queries: Sequence[str],
     batch_size: int = 16,
+    with_predictions: bool = False,
 ) -> dict:
     """:func:`score` for prompts ``prefixes[i] + queries[i]`` whose prefixes (the demonstrations) repeat:
     each distinct prefix is run once (:mod:`.prefix`). Adds ``prefix_cache`` counts to the metrics."""
@@ -56,14 +59,15 @@ def score_shared_prefix(
     probs = predict_proba_shared_prefix(
         ctx, tokenizer, prefixes, queries, label_token_ids(task, tokenizer), batch_size, stats
     )
-    return {**_metrics(probs, test, task), "prefix_cache": stats}
+    return {**_metrics(probs, test, task, with_predictions), "prefix_cache": stats}
 
 
-def _metrics(probs: np.ndarray, test: Split, task: TaskSpec) -> dict:
+def _metrics(probs: np.ndarray, test: Split, task: TaskSpec, with_predictions: bool = False) -> dict:
     predictions = probs.argmax(axis=1)
     return {
         "accuracy": statistics.accuracy(predictions, test.labels),
         "macro_f1": statistics.macro_f1(predictions, test.labels, len(task.labels)),
+        **({"predictions": [int(p) for p in predictions]} if with_predictions else {}),
     }
 
 

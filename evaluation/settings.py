@@ -39,6 +39,7 @@ HARNESS_RECIPE_KEYS = ("stage1_examples", "rounds_total", "recalibrate")
 RECALIBRATION_STARTS = ("warm", "cold")
 SPLIT_FREE = frozenset({"zero_shot", "few_shot_icl", "i2cl_central"})  # do not depend on α
 FEDERATED = frozenset({"fedavg_lora", "ifedicl"})
+PER_CLIENT = frozenset({"local_icl", "local_calibration"})  # scored per client; the cell is their mean
 PROMPT_ONLY = frozenset({"zero_shot", "few_shot_icl", "local_icl"})  # no training: no recipe, no federation
 # The settings only training reads: a prompt-only cell's hash leaves them out, so a new recipe or budget
 # leaves the zero-shot and ICL cells current.
@@ -91,6 +92,14 @@ class EvalSettings:
     # on a shared machine 1 thread avoids OpenMP spin-waits (measured 4.7x faster zero-shot under load).
     threads: int | None = None
     test_seed: int = 0  # the test sample is the same for every seed: spread over seeds is the split's and training's
+    # Where the costly scorings spend less, for a grid that must finish (issue 33); neither changes what a cell
+    # measures, only how densely. "every" | "doubling": a federated cell scores its Λ after every round, or after
+    # rounds 0, 1, 2, 4, 8, … and its last (the accuracy-per-round curve at log spacing; 6 scorings for 12 rounds).
+    scored_rounds: str = "every"
+    # "full" | "split": local ICL and local-only calibration score every client on the whole test set, or each on
+    # its own class-stratified 1/clients of it: the mean over clients from the same test examples at 1/clients
+    # of the cost (:func:`ifedicl.evaluation.tasks.client_test_slices`).
+    client_test: str = "full"
     # How every task's data is read, where it differs from DATA_DEFAULTS: text_field, label_field, split, test_split
     # (kernel.sources.DataSource's fields, the flags of the same names).
     data: dict = field(default_factory=dict)
@@ -128,6 +137,9 @@ class EvalSettings:
             raise ValueError(
                 f"unknown recipe field(s) {wrong}; choose from {sorted(allowed | set(HARNESS_RECIPE_KEYS))}"
             )
+        for name, allowed_values in (("scored_rounds", SCORED_ROUNDS), ("client_test", CLIENT_TESTS)):
+            if getattr(self, name) not in allowed_values:
+                raise ValueError(f"{name} must be one of {list(allowed_values)} (got {getattr(self, name)!r})")
         if self.recipe.get("recalibrate", "warm") not in RECALIBRATION_STARTS:
             raise ValueError(f"recipe 'recalibrate' must be one of {list(RECALIBRATION_STARTS)}")
         from ifedicl.kernel.modeling import DTYPES
@@ -149,6 +161,10 @@ class EvalSettings:
             (self.seeds, "--seeds must be >= 1"),
             (self.test_size >= 1, "--test-size must be >= 1"),
             (self.shots >= 1, "--shots must be >= 1"),
+            (
+                self.client_test == "full" or self.test_size >= self.clients,
+                "client_test 'split' gives each client its own slice of the test set: --test-size must be >= --clients",
+            ),
             (valid_epochs(self.local_epochs), f"--local-epochs must be {EPOCHS_RULE}"),
             (
                 float(self.rounds * self.local_epochs).is_integer(),
@@ -184,6 +200,9 @@ class EvalSettings:
         for optional in ("recipe", "inference_dtype", "federation", "data"):
             if not data[optional]:
                 del data[optional]  # the defaults: the same hash as before these settings existed
+        for name, readers in SCORING_READERS.items():
+            if data[name] == SCORING_DEFAULTS[name] or (method is not None and method not in readers):
+                del data[name]  # the full scoring, or a method that never reads it: the hash it had before
         if method in PROMPT_ONLY:
             data = {k: v for k, v in data.items() if k not in TRAINING_ONLY}
         if method in TRAINS_ALONE:
@@ -198,6 +217,21 @@ class EvalSettings:
 FEDERATION_HASH_BASELINE = {"vector_coding": "float32", "stage2": "local-steps"}
 # The flags only IFed-ICL's rounds read: the other methods' cells do not depend on them.
 IFEDICL_ROUND_FIELDS = ("stage2", "curvature")
+
+
+SCORED_ROUNDS = ("every", "doubling")
+CLIENT_TESTS = ("full", "split")
+# Which methods read each scoring density, and its full (default) value: only those cells' hashes name a sparser one.
+SCORING_READERS = {"scored_rounds": FEDERATED, "client_test": PER_CLIENT}
+SCORING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalSettings) if f.name in SCORING_READERS}
+
+
+def scored_rounds(rounds: list[int], density: str) -> list[int]:
+    """The rounds (of ``rounds``, sorted) a federated cell scores: all, or 0, 1, 2, 4, 8, … and the last."""
+    if density == "every" or not rounds:
+        return list(rounds)
+    last = rounds[-1]
+    return [r for r in rounds if r == last or r == 0 or (r & (r - 1)) == 0]
 
 
 # How a task's data is read unless EvalSettings.data says otherwise (DataSource's defaults).

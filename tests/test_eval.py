@@ -117,7 +117,7 @@ def test_json_and_markdown_agree(run):
         by_method["fedavg_lora"]["comm"]["round_up_per_client"] / by_method["ifedicl"]["comm"]["round_up_per_client"]
     )
     assert f"{ratio:,.1f}×" in table2
-    rounds_table = markdown.split("## Accuracy after every round")[1]
+    rounds_table = markdown.split("## Accuracy after every scored round")[1]
     ifed_line = next(x for x in rounds_table.splitlines() if "| IFed-ICL |" in x)
     assert re.findall(r"\d+\.\d", ifed_line) == [
         f"{100 * p['accuracy_mean']:.1f}" for p in by_method["ifedicl"]["per_round"]
