@@ -24,19 +24,21 @@ def paired_differences(records: list[dict]) -> dict:
     "vs <baseline>": IFed-ICL minus the baseline, per seed both finished (accuracy, points). "budget": the
     fewest IFed-ICL rounds whose mean accuracy reaches FedAvg-LoRA's final mean, and the client CPU seconds
     spent by then against FedAvg-LoRA's whole run (None when no round reaches it)."""
-    accuracy: dict[tuple, dict[int, float]] = defaultdict(dict)
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        key = (r["_group_model"], r["task"], r["_group_objective"], r["method"])
-        accuracy[key][r["seed"]] = r["accuracy"]
-        cells[key].append(r)
+        cells[(r["_group_model"], r["task"], r["_group_objective"], r["method"])].append(r)
+
+    def accuracy_by_seed(key: tuple) -> dict[int, float]:
+        return {r["seed"]: r["accuracy"] for r in cells.get(key, [])}
+
     out: dict = {}
-    for (model, task, objective, method), by_seed in sorted(accuracy.items()):
+    for model, task, objective, method in sorted(cells):
         if method != "ifedicl":
             continue
+        by_seed = accuracy_by_seed((model, task, objective, method))
         entry = {}
         for baseline in BASELINES:
-            other = accuracy.get((model, task, objective, baseline), {})
+            other = accuracy_by_seed((model, task, objective, baseline))
             seeds = sorted(set(by_seed) & set(other))
             if seeds:
                 diffs = [100 * (by_seed[s] - other[s]) for s in seeds]
