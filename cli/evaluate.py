@@ -13,6 +13,7 @@ import typer
 
 from ifedicl.cli.option_sets import data_options, federation_options, model_spec, revision_option
 from ifedicl.cli.run_config import ConfigError, RunConfig, config_option
+from ifedicl.evaluation.settings import ClientTest, ScoredRounds
 from ifedicl.federation_job.options import Dtype
 
 # Federation options EvalSettings holds as its own fields (hashed since before the shared option set).
@@ -39,6 +40,12 @@ def eval_command(
     lora_lr: float = typer.Option(5e-4, help="FedAvg-LoRA learning rate"),
     batch_size: int = typer.Option(16, help="inference batch size"),
     dtype: Dtype = typer.Option("float32", help="model dtype"),
+    scored_rounds: ScoredRounds = typer.Option(
+        "every", help="rounds a federated method is scored after: every one, or doubling (0, 1, 2, 4, 8, ..., the last)"
+    ),
+    client_test: ClientTest = typer.Option(
+        "full", help="local ICL and local-only: each client on the whole test set, or on its own slice (split)"
+    ),
     config: Path | None = config_option(),
 ) -> None:
     """Run (or resume) the evaluation: the paper's tables and plots for your model and data."""
@@ -76,6 +83,8 @@ def eval_command(
         federation=federation.changed(exclude=EVAL_FIELDS),
         batch_size=batch_size,
         dtype=dtype,
+        scored_rounds=scored_rounds,
+        client_test=client_test,
         data={k: v for k, v in dataclasses.asdict(data).items() if v != DATA_DEFAULTS[k]},
     )
     try:

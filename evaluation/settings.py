@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from ifedicl.federation_job.options import FederationOptions
 
@@ -51,6 +52,8 @@ TRAINS_ALONE = frozenset({"i2cl_central", "local_calibration"})
 
 
 FEDERATION = FederationOptions()
+ScoredRounds = Literal["every", "doubling"]
+ClientTest = Literal["full", "split"]
 
 
 @dataclass
@@ -95,11 +98,11 @@ class EvalSettings:
     # Where the costly scorings spend less, for a grid that must finish (issue 33); neither changes what a cell
     # measures, only how densely. "every" | "doubling": a federated cell scores its Λ after every round, or after
     # rounds 0, 1, 2, 4, 8, … and its last (the accuracy-per-round curve at log spacing; 6 scorings for 12 rounds).
-    scored_rounds: str = "every"
+    scored_rounds: ScoredRounds = "every"
     # "full" | "split": local ICL and local-only calibration score every client on the whole test set, or each on
     # its own class-stratified 1/clients of it: the mean over clients from the same test examples at 1/clients
     # of the cost (:func:`ifedicl.evaluation.tasks.client_test_slices`).
-    client_test: str = "full"
+    client_test: ClientTest = "full"
     # How every task's data is read, where it differs from DATA_DEFAULTS: text_field, label_field, split, test_split
     # (kernel.sources.DataSource's fields, the flags of the same names).
     data: dict = field(default_factory=dict)
@@ -219,8 +222,8 @@ FEDERATION_HASH_BASELINE = {"vector_coding": "float32", "stage2": "local-steps"}
 IFEDICL_ROUND_FIELDS = ("stage2", "curvature")
 
 
-SCORED_ROUNDS = ("every", "doubling")
-CLIENT_TESTS = ("full", "split")
+SCORED_ROUNDS: tuple[str, ...] = get_args(ScoredRounds)
+CLIENT_TESTS: tuple[str, ...] = get_args(ClientTest)
 # Which methods read each scoring density, and its full (default) value: only those cells' hashes name a sparser one.
 SCORING_READERS = {"scored_rounds": FEDERATED, "client_test": PER_CLIENT}
 SCORING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalSettings) if f.name in SCORING_READERS}
