@@ -50,6 +50,8 @@ HELP = {
     "patience": "with --holdout-fraction: rounds without a new best pooled held-out loss before the run stops",
     "curvature": "gauss-newton: exact (the whole Jacobian: C-1 backward passes per example) or sampled (two, "
     "whatever the classes: the exact gradient and an unbiased Gauss-Newton estimate from one label drawn per example)",
+    "curvature_memory": "gauss-newton: weight of the past rounds' quadratic models in each step, each re-centred at "
+    "the current Λ (0: this round's window alone; 0.5 halves a round's weight every round)",
     "extract_dtype": "stage-1 autocast dtype",
     "vector_coding": "stage-1 upload of the context vectors on the wire: float16 is half the bytes of float32, "
     "int8 a quarter (one scale per layer and block; the default); the server decodes to float32. "

@@ -53,6 +53,7 @@ class FederationSettings:
     stage1: str = DEFAULTS.stage1  # mean of client means (the paper) | class-balanced (class_balanced.py)
     stage2: str = DEFAULTS.stage2  # local-steps (clients calibrate, server averages) | gauss-newton (second_order.py)
     curvature: str = DEFAULTS.curvature  # gauss-newton: exact | sampled (second_order.curvature_stats)
+    curvature_memory: float = DEFAULTS.curvature_memory  # gauss-newton: γ of the past rounds' models (0: none)
     # early stopping (early_stopping.py): each client keeps this fraction of its shard out of the rounds
     holdout_fraction: float = DEFAULTS.holdout_fraction
     patience: int = DEFAULTS.patience  # rounds without a new best pooled held-out loss before the run stops
@@ -158,6 +159,7 @@ class FederationSettings:
         if self.stage2 != "gauss-newton":
             return [
                 (self.curvature == "exact", "--curvature applies to --stage2 gauss-newton"),
+                (not self.curvature_memory, "--curvature-memory applies to --stage2 gauss-newton"),
                 (not self.holdout_fraction, "--holdout-fraction (early stopping) goes with --stage2 gauss-newton"),
             ]
         needs, other = "--stage2 gauss-newton (the default)", "; with --stage2 local-steps it"
@@ -185,6 +187,10 @@ class FederationSettings:
                 f"{needs} is its own server step: --server-* do not apply{other} does",
             ),
             (self.curvature in CURVATURES, f"--curvature must be one of {CURVATURES} (got {self.curvature!r})"),
+            (
+                0 <= self.curvature_memory < 1,
+                f"--curvature-memory must be in [0, 1) (got {self.curvature_memory})",
+            ),
         ]
 
     def server_step(self) -> ServerOptimizerSettings:
@@ -236,5 +242,6 @@ def _round_strategy(settings: FederationSettings, build) -> Strategy:
     """Each round's Λ: a trust-region step on the pooled statistics (means weighted by examples: the pooled
     objective's), or the server optimizer on the aggregate of local runs. Stage 1's vectors are one mean."""
     if settings.stage2 == "gauss-newton":
-        return TrustRegionNewton(build(settings.fraction, True), TrustRegionSettings(curvature=settings.curvature))
+        trust_region = TrustRegionSettings(curvature=settings.curvature, memory=settings.curvature_memory)
+        return TrustRegionNewton(build(settings.fraction, True), trust_region)
     return server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step())

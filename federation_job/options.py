@@ -63,6 +63,7 @@ class FederationOptions:
     stage1: Stage1 = "mean"  # how the server averages the vectors: mean of client means, or class-balanced
     stage2: Stage2 = "gauss-newton"  # how each round moves Λ: a trust-region step, or local AdamW runs averaged
     curvature: Curvature = "exact"  # gauss-newton: the whole Jacobian (C-1 backward passes) or one sampled label
+    curvature_memory: float = 0.0  # gauss-newton: weight γ of the past rounds' quadratic models in each step
     holdout_fraction: float = 0.0  # of each shard kept out of the rounds to score Λ on (early stopping; 0: off)
     patience: int = 2  # with a held-out fraction: rounds without a new best pooled held-out loss before stopping
     extract_dtype: Dtype = "float32"
@@ -126,6 +127,7 @@ class FederationOptions:
                 "stage1": self.stage1,
                 "stage2": self.stage2,
                 "curvature": self.curvature,
+                "curvature_memory": self.curvature_memory,
                 "holdout_fraction": self.holdout_fraction,
                 "patience": self.patience,
                 "extract_dtype": self.extract_dtype,

@@ -200,6 +200,11 @@ class TrustRegionSettings:
     radius: float = 0.5  # initial ‖step‖ bound on Λ (λ starts at 0.1, β at 1)
     min_radius: float = 1e-3
     max_radius: float = 8.0
+    # Weight γ of the past rounds' quadratic models in the step (0: this round's statistics alone). Each round's
+    # window is a different sample of the clients' data; with memory the step minimises the decayed sum of every
+    # window's model, each re-centred at the current Λ (g_k + G_k(Λ − Λ_k)), so it follows the objective over
+    # all the data seen rather than the last window's noise.
+    memory: float = 0.0
 
 
 @dataclass
@@ -210,21 +215,44 @@ class TrustRegionState:
     curvature: np.ndarray | None = None  # [P, P] there
     predicted: float = 0.0  # the quadratic model's predicted decrease of the last step
     last_step: float = 0.0  # ‖last step‖
+    # The decayed sum of the rounds' models (with memory): Σγᵏ·G_k [P, P], Σγᵏ·(g_k − G_k·Λ_k) [P] and Σγᵏ, so
+    # the summed model's gradient at Λ is (offset + curvature_sum·Λ) / weight and its curvature curvature_sum / weight.
+    curvature_sum: np.ndarray | None = None
+    offset: np.ndarray | None = None
+    weight: float = 0.0
+
+    def remember(self, stats: CurvatureStats, at: np.ndarray, decay: float) -> None:
+        """Adds a round's model (statistics taken at Λ = ``at``) to the decayed sum."""
+        point = at.reshape(-1)
+        if self.curvature_sum is None:
+            self.curvature_sum, self.offset = np.zeros_like(stats.curvature), np.zeros_like(stats.gradient)
+        self.curvature_sum = decay * self.curvature_sum + stats.curvature
+        self.offset = decay * self.offset + stats.gradient - stats.curvature @ point
+        self.weight = decay * self.weight + 1.0
+
+    def remembered(self, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The summed model's (gradient [P], curvature [P, P]) at Λ = ``at``."""
+        curvature = self.curvature_sum / self.weight
+        return self.offset / self.weight + curvature @ at.reshape(-1), curvature
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"radius": np.asarray([self.radius]), "predicted": np.asarray([self.predicted, self.last_step])}
         if self.accepted is not None:
             arrays.update(accepted=self.accepted, gradient=self.gradient, curvature=self.curvature)
+        if self.curvature_sum is not None:
+            arrays.update(curvature_sum=self.curvature_sum, offset=self.offset, weight=np.asarray([self.weight]))
         return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], shape: tuple[int, ...]) -> TrustRegionState:
-        known = {"radius", "predicted", "accepted", "gradient", "curvature"}
-        stepped = {"accepted", "gradient", "curvature"}
-        if set(arrays) - known or not {"radius", "predicted"} <= set(arrays) or 0 < len(stepped & set(arrays)) < 3:
+        stepped, remembered = {"accepted", "gradient", "curvature"}, {"curvature_sum", "offset", "weight"}
+        known = {"radius", "predicted"} | stepped | remembered
+        partial = any(0 < len(group & set(arrays)) < len(group) for group in (stepped, remembered))
+        if set(arrays) - known or not {"radius", "predicted"} <= set(arrays) or partial:
             raise FederationError(f"trust-region state has fields {sorted(arrays)}, expected {sorted(known)}")
         p = math.prod(shape)
-        expected = {"radius": (1,), "predicted": (2,), "accepted": shape, "gradient": (p,), "curvature": (p, p)}
+        expected = {"radius": (1,), "predicted": (2,), "accepted": shape, "gradient": (p,), "curvature": (p, p),
+                    "curvature_sum": (p, p), "offset": (p,), "weight": (1,)}  # fmt: skip
         values = {}
         for name, value in arrays.items():
             value = np.asarray(value, dtype=np.float64)
@@ -238,6 +266,11 @@ class TrustRegionState:
         if "accepted" in values:
             state.accepted, state.gradient = values["accepted"], values["gradient"]
             state.curvature = values["curvature"]
+        if "weight" in values:
+            if values["weight"][0] <= 0:
+                raise FederationError("trust-region state's weight must be > 0")
+            state.curvature_sum, state.offset = values["curvature_sum"], values["offset"]
+            state.weight = float(values["weight"][0])
         return state
 
 
@@ -320,6 +353,9 @@ class TrustRegionNewton(WrappedStrategy):
                 state.radius = min(self.settings.max_radius, state.radius * 2)
             elif ratio < 0.25:
                 state.radius = max(self.settings.min_radius, state.radius / 4)
+        if self.settings.memory > 0:  # this window's model joins the sum (taken at the round's Λ, even if rejected)
+            state.remember(stats, reference.astype(np.float64), self.settings.memory)
+            gradient, curvature = state.remembered(start)
         step = trust_region_step(gradient, curvature, state.radius)
         state.accepted, state.gradient, state.curvature = start, gradient, curvature
         state.predicted = float(-(gradient @ step) - 0.5 * step @ curvature @ step)

@@ -16,6 +16,8 @@ from ifedicl.federation_job.options import FederationOptions
 from ifedicl.federation_job.second_order import (
     CurvatureStats,
     TrustRegionNewton,
+    TrustRegionSettings,
+    TrustRegionState,
     curvature_stats,
     stats_size,
     trust_region_step,
@@ -176,6 +178,46 @@ def test_a_step_that_raised_the_pooled_loss_is_taken_back_with_a_smaller_radius(
         resumed.resume({**newton.state_arrays(), "curvature": np.zeros((3, 3))}, (2, 2, 2))
 
 
+def test_curvature_memory_sums_the_rounds_models_recentred_at_the_current_coefficients():
+    """On a quadratic loss every window's model is exact, so the decayed sum re-centred at any Λ has the loss's
+    own gradient and curvature wherever each window's statistics were taken; the newest window weighs 1, the
+    one before γ; and the sum is part of the stored state, resumed as it was."""
+    rng = np.random.default_rng(0)
+    root, mixing = rng.normal(size=P), rng.normal(size=(P, P))
+    hessian = mixing @ mixing.T + np.eye(P)
+    state = TrustRegionState(0.5)
+    for _ in range(3):
+        point = rng.normal(size=P)
+        state.remember(CurvatureStats(1.0, 0.0, hessian @ (point - root), hessian), point.reshape(2, 2, 2), 0.5)
+    at = rng.normal(size=P)
+    gradient, curvature = state.remembered(at.reshape(2, 2, 2))
+    np.testing.assert_allclose(gradient, hessian @ (at - root), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(curvature, hessian, rtol=1e-12)
+    decayed = TrustRegionState(0.5)
+    for scale in (1.0, 3.0):
+        decayed.remember(CurvatureStats(1.0, 0.0, np.zeros(P), scale * np.eye(P)), np.zeros((2, 2, 2)), 0.5)
+    np.testing.assert_allclose(decayed.remembered(np.zeros(P))[1], (0.5 * 1 + 3) / 1.5 * np.eye(P))
+    resumed = TrustRegionState.from_arrays(state.to_arrays(), (2, 2, 2))
+    np.testing.assert_allclose(resumed.remembered(at)[0], gradient)
+    with pytest.raises(FederationError, match="trust-region state has fields"):
+        TrustRegionState.from_arrays({k: v for k, v in state.to_arrays().items() if k != "offset"}, (2, 2, 2))
+
+
+def test_with_memory_the_step_follows_every_window_not_the_last_one():
+    """Two windows disagree (gradients +1 and -1 at the same Λ): without memory round 2 steps along the second
+    window's gradient; with memory 0.9 along their weighted sum, a tenth as long in the same direction."""
+    reference = np.zeros((2, 2, 2), np.float32)
+    steps = {}
+    for memory in (0.0, 0.9):
+        newton = TrustRegionNewton(FedAvg(weighted=True), TrustRegionSettings(radius=100.0, memory=memory))
+        newton.aggregate(RoundId("calibrate", 1, "r1"), [_upload(0, np.eye(P), np.ones(P))], reference)
+        newton.state.accepted, newton.state.predicted = None, 0.0  # the same start again: no ratio test
+        second = [_upload(0, np.eye(P), -np.ones(P))]
+        steps[memory] = newton.aggregate(RoundId("calibrate", 2, "r2"), second, reference).value.reshape(-1)
+    np.testing.assert_allclose(steps[0.0], np.ones(P), rtol=1e-5)  # Newton on window 2 alone: -G⁻¹g
+    np.testing.assert_allclose(steps[0.9], (1 - 0.9) / 1.9 * np.ones(P), rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -194,6 +236,10 @@ def test_gauss_newton_refuses_what_it_does_not_go_with_and_names_the_way_out(fie
     FederationOptions(stage2="local-steps", **fields).settings(0.5, 0).validate()
     with pytest.raises(IfediclError, match="--curvature applies to --stage2 gauss-newton"):
         FederationOptions(stage2="local-steps", curvature="sampled").settings(0.5, 0).validate()
+    with pytest.raises(IfediclError, match="--curvature-memory applies to --stage2 gauss-newton"):
+        FederationOptions(stage2="local-steps", curvature_memory=0.5).settings(0.5, 0).validate()
+    with pytest.raises(IfediclError, match=r"--curvature-memory must be in \[0, 1\) \(got 1.0\)"):
+        FederationOptions(curvature_memory=1.0).settings(0.5, 0).validate()
 
 
 def test_the_default_recipe_is_the_second_order_round_on_the_label_only_loss():
