@@ -128,24 +128,29 @@ def _federate(mc: MethodContext, task: PreparedTask, cell: Cell) -> tuple[object
 
     objective = mc.settings.objective_for(cell.method)
     result = Federation(mc.model_id, task.source, mc.store_uri, federation_settings(mc, cell)).run(publish=False)
-    per_round = _per_round(mc, task, result)
-    return result, {**federated_cell(result, per_round, objective), "coefficients": result.coefficients.tolist()}
+    return result, _run_record(mc, task, result, objective)
 
 
-def _per_round(mc: MethodContext, task: PreparedTask, result) -> list[dict]:
-    """Test accuracy of the run's Λ after every scored round (``settings.scored_rounds``), read back from the store
-    (round 0 = its starting Λ)."""
+def _run_record(mc: MethodContext, task: PreparedTask, result, objective: str) -> dict:
+    """A run's cell record: test accuracy of its Λ after every scored round (``settings.scored_rounds``), read
+    back from the store (round 0 = its starting Λ), and Λ after every round, scored or not (4L numbers each),
+    so a round left unscored can be scored later without running the federation again."""
     from ifedicl.storage.store import Store
 
     by_round = Store(mc.store_uri).coefficients_by_round(result.run_id)
     s = mc.settings
-    return [
+    per_round = [
         {
             "round": int(r),
             **score(mc.ctx, mc.tokenizer, task.spec, task.test, None, result.vectors, by_round[r], s.batch_size),
         }
         for r in scored_rounds(sorted(by_round), s.scored_rounds)
     ]
+    return {
+        **federated_cell(result, per_round, objective),
+        "coefficients": result.coefficients.tolist(),
+        "coefficients_by_round": {str(r): by_round[r].tolist() for r in sorted(by_round)},
+    }
 
 
 def _recalibrated(mc: MethodContext, task: PreparedTask, cell: Cell, live, live_record: dict, start: str) -> dict:
@@ -160,10 +165,8 @@ def _recalibrated(mc: MethodContext, task: PreparedTask, cell: Cell, live, live_
     if start == "warm":
         fed.start_from(live.coefficients)
     result = fed.run(publish=False)
-    record = federated_cell(result, _per_round(mc, task, result), live_record["objective"])
     live_summary = {k: live_record[k] for k in ("accuracy", "run_id", "per_round", "client_cpu_seconds", "comm")}
     return {
-        **record,
-        "coefficients": result.coefficients.tolist(),
+        **_run_record(mc, task, result, live_record["objective"]),
         "recalibration": {"start": start, "live": live_summary},
     }

@@ -87,6 +87,9 @@ def test_a_sparse_run_scores_the_doubling_rounds_and_each_client_on_its_slice(
     results = evaluate(settings, tmp_path)
     cells = {c["method"]: c for c in results["cells"]}
     assert [p["round"] for p in cells["ifedicl"]["per_round"]] == [0, 1, 2, 4]
+    by_round = cells["ifedicl"]["coefficients_by_round"]  # every round's Λ, round 3 too: scorable later
+    assert sorted(by_round, key=int) == ["0", "1", "2", "3", "4"]
+    assert by_round["4"] == cells["ifedicl"]["coefficients"] and by_round["3"] != by_round["4"]
     assert cells["ifedicl"]["accuracy"] == cells["ifedicl"]["per_round"][-1]["accuracy"]
     for method in ("local_icl", "local_calibration"):
         per_client = cells[method]["per_client"]
