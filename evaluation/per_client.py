@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from ifedicl.evaluation import statistics
-from ifedicl.evaluation.statistics import mean_std
 from ifedicl.kernel.data import Split
 
 
@@ -47,7 +46,7 @@ def per_client_cell(per_client: list[dict], test: Split, slices: list[list[int]]
     if whole:
         accuracy = float(np.mean(accuracies))
         macro_f1 = float(np.mean([c["macro_f1"] for c in per_client]))
-        spread = mean_std(accuracies)[1]
+        spread = statistics.mean_std(accuracies)[1]
     else:
         pooled = np.empty(len(test), dtype=int)
         for rows, predicted in zip(slices, predictions):

@@ -101,7 +101,7 @@ class EvalSettings:
     scored_rounds: ScoredRounds = "every"
     # "full" | "split": local ICL and local-only calibration score every client on the whole test set, or each on
     # its own class-stratified 1/clients of it: the mean over clients from the same test examples at 1/clients
-    # of the cost (:func:`ifedicl.evaluation.tasks.client_test_slices`).
+    # of the cost (:func:`ifedicl.evaluation.per_client.client_test_indices`).
     client_test: ClientTest = "full"
     # How every task's data is read, where it differs from DATA_DEFAULTS: text_field, label_field, split, test_split
     # (kernel.sources.DataSource's fields, the flags of the same names).
