@@ -57,6 +57,10 @@ class CellStore:
             "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             **result,
         }
+        return self.replace(cell, record)
+
+    def replace(self, cell: Cell, record: dict) -> dict:
+        """Writes a finished cell's whole record (a new one, or one with rounds scored later)."""
         write_atomic(self.path(cell), json.dumps(record, indent=1, default=float))
         return record
 

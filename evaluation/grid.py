@@ -34,7 +34,7 @@ from ifedicl.evaluation.columns import TRAINABLE, column_key, columns_of, safe_n
 from ifedicl.evaluation.comparison import paired_differences
 from ifedicl.evaluation.progress import Progress
 from ifedicl.evaluation.render import render_ablation, render_report
-from ifedicl.evaluation.settings import FEDERATED, METHODS, Cell, EvalSettings, plan_cells
+from ifedicl.evaluation.settings import FEDERATED, METHODS, Cell, EvalSettings, plan_cells, rounds_to_score
 
 
 @dataclass
@@ -122,7 +122,7 @@ def finished_cells(groups: list[Group]) -> tuple[list[dict], list[tuple[Group, C
                     for cell in plan_cells(_seed_major(g, seed, task)):
                         total += 1
                         record = stores[g.name].get(cell)
-                        if record is None:
+                        if record is None or rounds_to_score(g.settings, record):  # to compute, or to top up
                             todo.append((g, cell))
                         else:
                             tags = {"_group_model": g.model, "_group_objective": g.objective}

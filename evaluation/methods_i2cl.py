@@ -11,6 +11,7 @@ Every method trains with ``settings.objective_for(method)``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import replace
 
@@ -24,11 +25,13 @@ from ifedicl.evaluation.context import (
 )
 from ifedicl.evaluation.per_client import client_test_indices, per_client_cell
 from ifedicl.evaluation.scoring import score
-from ifedicl.evaluation.settings import Cell, scored_rounds
+from ifedicl.evaluation.settings import Cell, rounds_to_score, scored_rounds
 from ifedicl.evaluation.tasks import PreparedTask
 from ifedicl.federation_job.class_balanced import pooled_mean
 from ifedicl.federation_job.client import Client
 from ifedicl.model_patches.injection import initial_coefficients
+
+log = logging.getLogger("ifedicl.eval")
 
 
 def _calibrate_alone(
@@ -132,25 +135,51 @@ def _federate(mc: MethodContext, task: PreparedTask, cell: Cell) -> tuple[object
 
 
 def _run_record(mc: MethodContext, task: PreparedTask, result, objective: str) -> dict:
-    """A run's cell record: test accuracy of its Λ after every scored round (``settings.scored_rounds``), read
-    back from the store (round 0 = its starting Λ), and Λ after every round, scored or not (4L numbers each),
-    so a round left unscored can be scored later without running the federation again."""
+    """A run's cell record: test accuracy of its Λ after every scored round (``settings.scored_rounds`` and
+    ``also_scored_rounds``), read back from the store (round 0 = its starting Λ), and Λ after every round, scored
+    or not (4L numbers each), so a round left unscored can be scored later without running the federation again."""
     from ifedicl.storage.store import Store
 
     by_round = Store(mc.store_uri).coefficients_by_round(result.run_id)
-    s = mc.settings
-    per_round = [
-        {
-            "round": int(r),
-            **score(mc.ctx, mc.tokenizer, task.spec, task.test, None, result.vectors, by_round[r], s.batch_size),
-        }
-        for r in scored_rounds(sorted(by_round), s.scored_rounds)
-    ]
+    rounds = scored_rounds(sorted(by_round), mc.settings.scored_rounds, mc.settings.also_scored_rounds)
     return {
-        **federated_cell(result, per_round, objective),
+        **federated_cell(result, _scores(mc, task, result.vectors, by_round, rounds), objective),
         "coefficients": result.coefficients.tolist(),
         "coefficients_by_round": {str(r): by_round[r].tolist() for r in sorted(by_round)},
     }
+
+
+def _scores(mc: MethodContext, task: PreparedTask, vectors, by_round: dict, rounds: list[int]) -> list[dict]:
+    """[{round, accuracy, macro_f1}] of Λ after each of ``rounds`` on the test set."""
+    s = mc.settings
+    return [
+        {"round": r, **score(mc.ctx, mc.tokenizer, task.spec, task.test, None, vectors, by_round[r], s.batch_size)}
+        for r in rounds
+    ]
+
+
+def score_kept_rounds(mc: MethodContext, task: PreparedTask, record: dict) -> dict:
+    """``record`` with the rounds :func:`rounds_to_score` names scored: their Λ from the cell, the context vectors
+    and the client CPU spent by each round from the run in the federation store. The scores are those the
+    federation's own cell would have recorded (same vectors, Λ and test set); ``scored_later`` says which rounds
+    came afterwards and by which code, or why they could not (the store is local: a clean checkout has none)."""
+    from ifedicl.evaluation.context import client_cpu_through_round
+    from ifedicl.evaluation.report import code_version
+    from ifedicl.storage.store import Store, StoreError
+
+    rounds = rounds_to_score(mc.settings, record)
+    later = {"rounds": rounds, "code_version": code_version()}
+    try:
+        run = Store(mc.store_uri).load_run(record["task"], record["run_id"])
+    except StoreError as err:
+        log.warning("%s %s seed %s keeps its scored rounds: %s", record["method"], record["task"], record["seed"], err)
+        return {**record, "scored_later": record.get("scored_later", []) + [{**later, "not_scored": str(err)}]}
+    by_round = {r: np.asarray(record["coefficients_by_round"][str(r)], dtype=np.float32) for r in rounds}
+    spent = client_cpu_through_round(run.summary)
+    scores = _scores(mc, task, run.vectors, by_round, rounds)
+    added = [{**p, "client_cpu_seconds": spent.get(p["round"])} for p in scores]
+    per_round = sorted(record["per_round"] + added, key=lambda p: p["round"])
+    return {**record, "per_round": per_round, "scored_later": record.get("scored_later", []) + [later]}
 
 
 def _recalibrated(mc: MethodContext, task: PreparedTask, cell: Cell, live, live_record: dict, start: str) -> dict:

@@ -39,6 +39,11 @@ SCORING_NOTES = {
     "the paper scores every client on the whole test set; the clients' spread is corrected for the slices' "
     "sampling noise.",
 }
+ALSO_SCORED_NOTE = (
+    "Scored besides: IFed-ICL after round(s) {rounds} too (`also_scored_rounds`), where a round budget decides the "
+    "client-CPU target against FedAvg-LoRA; a cell computed before that was topped up from the Λ it kept (its "
+    "`scored_later`)."
+)
 
 DIFFERENCES = [
     "Models: SmolLM2-135M-Instruct and Gemma-3-270M (4-bit GGUF weights dequantized to float32), not Llama-3-8B / "
@@ -118,6 +123,7 @@ def render_report(results: dict) -> str:
         *([f"- {BFLOAT16_NOTE}"] if base.get("dtype") == "bfloat16" else []),
         *([f"- {RECIPE_NOTE}"] if all(base.get(k) == REPORT_DEFAULTS[k] for k in ("rounds", "local_epochs")) else []),
         *[f"- {note}" for (name, value), note in SCORING_NOTES.items() if base.get(name) == value],
+        *([f"- {ALSO_SCORED_NOTE.format(rounds=also)}"] if (also := base.get("also_scored_rounds")) else []),
         "",
         "## Accuracy (%), mean ± std over seeds",
         "",

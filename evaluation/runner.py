@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ifedicl.evaluation import methods_i2cl, methods_icl, methods_lora
 from ifedicl.evaluation.cells import CellStore
 from ifedicl.evaluation.context import MethodContext
-from ifedicl.evaluation.settings import FEDERATED, Cell, EvalSettings, plan_cells
+from ifedicl.evaluation.settings import FEDERATED, Cell, EvalSettings, plan_cells, rounds_to_score
 from ifedicl.evaluation.tasks import PreparedTask, prepare_task
 
 log = logging.getLogger("ifedicl.eval")
@@ -93,12 +93,18 @@ def run_cells(
     todo = [c for c in cells if c not in records]
     if max_cells is not None:
         todo = todo[: max(0, max_cells)]
+    topup = [c for c in records if rounds_to_score(settings, records[c])]
     stats = {"cells": len(cells), "resumed": len(records), "computed": 0}
-    if todo:
-        if settings.threads:
-            import torch
+    if (todo or topup) and settings.threads:
+        import torch
 
-            torch.set_num_threads(settings.threads)
+        torch.set_num_threads(settings.threads)
+    if topup:
+        stats["topped_up"] = len(topup)
+        mc = _load_context(settings, out_dir)
+        for cell in topup:
+            records[cell] = store.replace(cell, methods_i2cl.score_kept_rounds(mc, tasks[cell.task], records[cell]))
+    if todo:
         mc = _load_context(settings, out_dir)
         started_ray = False
         if any(c.method in FEDERATED for c in todo):

@@ -103,6 +103,10 @@ class EvalSettings:
     # its own class-stratified 1/clients of it: the mean over clients from the same test examples at 1/clients
     # of the cost (:func:`ifedicl.evaluation.per_client.client_test_indices`).
     client_test: ClientTest = "full"
+    # Rounds an IFed-ICL cell scores besides ``scored_rounds``' (the report's: round 3, where issue 30's client-CPU
+    # target is decided). Not hashed: a round's score changes no other number, and a finished cell without one is
+    # topped up from the Λ it kept for every round (:func:`ifedicl.evaluation.methods_i2cl.score_kept_rounds`).
+    also_scored_rounds: list[int] = field(default_factory=list)
     # How every task's data is read, where it differs from DATA_DEFAULTS: text_field, label_field, split, test_split
     # (kernel.sources.DataSource's fields, the flags of the same names).
     data: dict = field(default_factory=dict)
@@ -165,6 +169,10 @@ class EvalSettings:
             (self.test_size >= 1, "--test-size must be >= 1"),
             (self.shots >= 1, "--shots must be >= 1"),
             (
+                all(type(r) is int and r >= 0 for r in self.also_scored_rounds),
+                f"also_scored_rounds must be round numbers >= 0 (got {self.also_scored_rounds!r})",
+            ),
+            (
                 self.client_test == "full" or self.test_size >= self.clients,
                 "client_test 'split' gives each client its own slice of the test set: --test-size must be >= --clients",
             ),
@@ -199,6 +207,7 @@ class EvalSettings:
         a prompt-only method's leaves out :data:`TRAINING_ONLY`, one that trains alone names its passes."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("tasks", "alphas", "seeds", "methods")}
         data.pop("threads")
+        data.pop("also_scored_rounds")
         data["federation"] = self.federation_for_hash(method)
         for optional in ("recipe", "inference_dtype", "federation", "data"):
             if not data[optional]:
@@ -229,12 +238,22 @@ SCORING_READERS = {"scored_rounds": FEDERATED, "client_test": PER_CLIENT}
 SCORING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalSettings) if f.name in SCORING_READERS}
 
 
-def scored_rounds(rounds: list[int], density: str) -> list[int]:
-    """The rounds (of ``rounds``, sorted) a federated cell scores: all, or 0, 1, 2, 4, 8, … and the last."""
+def scored_rounds(rounds: list[int], density: str, also: list[int] = ()) -> list[int]:
+    """The rounds (of ``rounds``, sorted) a federated cell scores: all, or 0, 1, 2, 4, 8, … and the last; and
+    those of ``also`` it has."""
     if density == "every" or not rounds:
         return list(rounds)
     last = rounds[-1]
-    return [r for r in rounds if r == last or r == 0 or (r & (r - 1)) == 0]
+    return [r for r in rounds if r == last or r == 0 or (r & (r - 1)) == 0 or r in also]
+
+
+def rounds_to_score(settings: EvalSettings, record: dict) -> list[int]:
+    """The rounds of ``settings.also_scored_rounds`` a finished IFed-ICL cell kept Λ for but did not score (nor
+    tried to: a round whose run had left the store is not tried again)."""
+    kept = {int(r) for r in record.get("coefficients_by_round", {})}
+    scored = {p["round"] for p in record.get("per_round", [])}
+    tried = {r for later in record.get("scored_later", []) for r in later["rounds"]}
+    return sorted((set(settings.also_scored_rounds) & kept) - scored - tried)
 
 
 # How a task's data is read unless EvalSettings.data says otherwise (DataSource's defaults).

@@ -3,12 +3,16 @@ methods scored each on its own slice of the test set. Same numbers measured, few
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
+
 import numpy as np
 import pytest
 
 from ifedicl.evaluation.per_client import client_test_indices, per_client_cell
 from ifedicl.evaluation.runner import evaluate
-from ifedicl.evaluation.settings import METHODS, EvalSettings, scored_rounds
+from ifedicl.evaluation.settings import METHODS, EvalSettings, rounds_to_score, scored_rounds
 from ifedicl.kernel.data import Split
 
 
@@ -97,3 +101,33 @@ def test_a_sparse_run_scores_the_doubling_rounds_and_each_client_on_its_slice(
         weighted = sum(c["accuracy"] * c["test_examples"] for c in per_client) / 12
         assert cells[method]["accuracy"] == pytest.approx(weighted)
     assert "r3 |" not in (tmp_path / "results.md").read_text()  # the per-round table names the scored rounds
+    # round 3 asked for later: topped up from the Λ the cell kept and the run's vectors in the store, not rerun
+    also = dataclasses.replace(settings, also_scored_rounds=[2, 3])
+    assert also.cell_hash("ifedicl") == settings.cell_hash("ifedicl")  # a round's score changes no other number
+    path = next((tmp_path / "cells").glob("ifedicl__*.json"))
+    record = json.loads(path.read_text())
+    round_2 = next(p for p in record["per_round"] if p["round"] == 2)
+    record["per_round"] = [p for p in record["per_round"] if p["round"] != 2]  # as if round 2 had not been scored
+    path.write_text(json.dumps(record))
+    topped = {c["method"]: c for c in evaluate(also, tmp_path)["cells"]}["ifedicl"]
+    assert topped["run_id"] == record["run_id"]
+    assert [p["round"] for p in topped["per_round"]] == [0, 1, 2, 3, 4]
+    assert next(p for p in topped["per_round"] if p["round"] == 2) == round_2  # the score its own cell gave
+    spent = [p["client_cpu_seconds"] for p in topped["per_round"]]
+    assert spent == sorted(spent) and spent[2] < spent[3] < spent[4]
+    assert [later["rounds"] for later in topped["scored_later"]] == [[2, 3]]
+    # a run no longer in the (local) store: the cell keeps its rounds and says why, and is not tried again
+    topped["per_round"] = [p for p in topped["per_round"] if p["round"] != 1]
+    path.write_text(json.dumps(topped))
+    shutil.rmtree(tmp_path / "federation_store")
+    kept = {c["method"]: c for c in evaluate(dataclasses.replace(also, also_scored_rounds=[1]), tmp_path)["cells"]}
+    assert [p["round"] for p in kept["ifedicl"]["per_round"]] == [0, 2, 3, 4]
+    assert "does not exist" in kept["ifedicl"]["scored_later"][-1]["not_scored"]
+    assert rounds_to_score(dataclasses.replace(also, also_scored_rounds=[1]), kept["ifedicl"]) == []
+
+
+def test_also_scored_rounds_are_added_to_the_density_and_validated():
+    assert scored_rounds(list(range(13)), "doubling", [3]) == [0, 1, 2, 3, 4, 8, 12]
+    assert scored_rounds(list(range(3)), "doubling", [3]) == [0, 1, 2]  # a round the run did not reach
+    with pytest.raises(ValueError, match="also_scored_rounds must be round numbers"):
+        EvalSettings(model="m", tasks=["t"], also_scored_rounds=[-1]).validate()
