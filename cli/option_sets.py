@@ -52,6 +52,9 @@ HELP = {
     "whatever the classes: the exact gradient and an unbiased Gauss-Newton estimate from one label drawn per example)",
     "curvature_memory": "gauss-newton: weight of the past rounds' quadratic models in each step, each re-centred at "
     "the current Λ (0: this round's window alone; 0.5 halves a round's weight every round)",
+    "step_check": "gauss-newton: how the trust region measures the last step's decrease: loss (the clients also "
+    "evaluate the previous Λ on the round's examples: one more forward pass each) or model (read from the new "
+    "statistics: L(Λ - s) ≈ L(Λ) - g·s + ½ sᵀGs, no extra pass)",
     "extract_dtype": "stage-1 autocast dtype",
     "vector_coding": "stage-1 upload of the context vectors on the wire: float16 is half the bytes of float32, "
     "int8 a quarter (one scale per layer and block; the default); the server decodes to float32. "

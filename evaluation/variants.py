@@ -84,6 +84,8 @@ ABLATION_VARIANTS: dict[str, dict] = {
     # window's weight falls to a third after 4 rounds, one pass over the data at ¼ epoch per round), not on the
     # last window's alone: SST-2 and Emotion peaked early and drifted with each new window.
     "gauss-newton memory 0.75": {"federation": {"stage2": "gauss-newton", "curvature_memory": 0.75}},
+    # The trust-region test from the new end's statistics, not a forward at the previous Λ: a round's passes -¼ (C=2).
+    "gauss-newton model check": {"federation": {"stage2": "gauss-newton", "step_check": "model"}},
     # Early stopping on the clients' held-out loss (a fifth of each shard kept out of the rounds; two rounds
     # without a new best end the run on the best Λ): fewer rounds, and no drift past the best one.
     "gauss-newton early stopping": {

@@ -17,7 +17,13 @@ from ifedicl.federation_job.options import FederationOptions
 from ifedicl.federation_job.privacy import PrivacySettings
 from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
 from ifedicl.federation_job.secagg import MIN_COHORT, SecureFedAvg, Transport
-from ifedicl.federation_job.second_order import CURVATURES, STAGE2_METHODS, TrustRegionNewton, TrustRegionSettings
+from ifedicl.federation_job.second_order import (
+    CURVATURES,
+    STAGE2_METHODS,
+    STEP_CHECKS,
+    TrustRegionNewton,
+    TrustRegionSettings,
+)
 from ifedicl.federation_job.server_optimizer import ServerOptimizerSettings, server_optimizer
 from ifedicl.federation_job.strategies import ClientSelection, FedAvg, Strategy
 from ifedicl.federation_job.vector_coding import CODINGS, default_coding
@@ -54,6 +60,7 @@ class FederationSettings:
     stage2: str = DEFAULTS.stage2  # local-steps (clients calibrate, server averages) | gauss-newton (second_order.py)
     curvature: str = DEFAULTS.curvature  # gauss-newton: exact | sampled (second_order.curvature_stats)
     curvature_memory: float = DEFAULTS.curvature_memory  # gauss-newton: γ of the past rounds' models (0: none)
+    step_check: str = DEFAULTS.step_check  # gauss-newton: loss | model (second_order.TrustRegionNewton._decrease)
     # early stopping (early_stopping.py): each client keeps this fraction of its shard out of the rounds
     holdout_fraction: float = DEFAULTS.holdout_fraction
     patience: int = DEFAULTS.patience  # rounds without a new best pooled held-out loss before the run stops
@@ -160,6 +167,7 @@ class FederationSettings:
             return [
                 (self.curvature == "exact", "--curvature applies to --stage2 gauss-newton"),
                 (not self.curvature_memory, "--curvature-memory applies to --stage2 gauss-newton"),
+                (self.step_check == DEFAULTS.step_check, "--step-check applies to --stage2 gauss-newton"),
                 (not self.holdout_fraction, "--holdout-fraction (early stopping) goes with --stage2 gauss-newton"),
             ]
         needs, other = "--stage2 gauss-newton (the default)", "; with --stage2 local-steps it"
@@ -191,6 +199,7 @@ class FederationSettings:
                 0 <= self.curvature_memory < 1,
                 f"--curvature-memory must be in [0, 1) (got {self.curvature_memory})",
             ),
+            (self.step_check in STEP_CHECKS, f"--step-check must be one of {STEP_CHECKS} (got {self.step_check!r})"),
         ]
 
     def server_step(self) -> ServerOptimizerSettings:
@@ -242,6 +251,8 @@ def _round_strategy(settings: FederationSettings, build) -> Strategy:
     """Each round's Λ: a trust-region step on the pooled statistics (means weighted by examples: the pooled
     objective's), or the server optimizer on the aggregate of local runs. Stage 1's vectors are one mean."""
     if settings.stage2 == "gauss-newton":
-        trust_region = TrustRegionSettings(curvature=settings.curvature, memory=settings.curvature_memory)
+        trust_region = TrustRegionSettings(
+            curvature=settings.curvature, memory=settings.curvature_memory, step_check=settings.step_check
+        )
         return TrustRegionNewton(build(settings.fraction, True), trust_region)
     return server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step())

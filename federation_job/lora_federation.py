@@ -40,7 +40,14 @@ class LoraFederation(Federation):
 
     def __init__(self, model_id, clients, store_uri, settings, *args, lora: LoraSettings | None = None, **kwargs):
         # Its rounds train the adapters locally and average them by definition: the second-order round is Λ's.
-        settings = dataclasses.replace(settings, stage2="local-steps", curvature="exact", holdout_fraction=0.0)
+        settings = dataclasses.replace(
+            settings,
+            stage2="local-steps",
+            curvature="exact",
+            curvature_memory=0.0,
+            step_check="loss",
+            holdout_fraction=0.0,
+        )
         super().__init__(model_id, clients, store_uri, settings, *args, **kwargs)
         s = self.settings
         if s.secagg or self.privacy.vectors_on or self.privacy.coefficients_on:

@@ -30,6 +30,7 @@ Aggregator = Literal["mean", "trimmed-mean", "median"]
 Stage1 = Literal["mean", "class-balanced"]  # federation_job.class_balanced.ESTIMATORS
 Stage2 = Literal["local-steps", "gauss-newton"]  # federation_job.second_order.STAGE2_METHODS
 Curvature = Literal["exact", "sampled"]  # federation_job.second_order.CURVATURES
+StepCheck = Literal["loss", "model"]  # federation_job.second_order.STEP_CHECKS
 ServerOptimizerKind = Literal["sgd", "momentum", "adam"]  # federation_job.server_optimizer.SERVER_OPTIMIZERS
 ServerDecay = Literal["constant", "cosine"]  # federation_job.server_optimizer.DECAYS
 
@@ -64,6 +65,7 @@ class FederationOptions:
     stage2: Stage2 = "gauss-newton"  # how each round moves Λ: a trust-region step, or local AdamW runs averaged
     curvature: Curvature = "exact"  # gauss-newton: the whole Jacobian (C-1 backward passes) or one sampled label
     curvature_memory: float = 0.0  # gauss-newton: weight γ of the past rounds' quadratic models in each step
+    step_check: StepCheck = "loss"  # gauss-newton: the last step's decrease measured (loss) or from the model
     holdout_fraction: float = 0.0  # of each shard kept out of the rounds to score Λ on (early stopping; 0: off)
     patience: int = 2  # with a held-out fraction: rounds without a new best pooled held-out loss before stopping
     extract_dtype: Dtype = "float32"
@@ -128,6 +130,7 @@ class FederationOptions:
                 "stage2": self.stage2,
                 "curvature": self.curvature,
                 "curvature_memory": self.curvature_memory,
+                "step_check": self.step_check,
                 "holdout_fraction": self.holdout_fraction,
                 "patience": self.patience,
                 "extract_dtype": self.extract_dtype,

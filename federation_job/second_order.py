@@ -12,16 +12,19 @@ epochs do.
 Cost, per example of the window: one forward with a copy of Λ per example in the batch (the multi-task
 injection tables give each row its own Λ, so one backward yields every example's gradient) and C − 1
 backward passes (the loss depends on the logits only through C − 1 differences: one for binary tasks,
-as much as a training step), plus one forward at the previous Λ for the trust-region test. Upload: the loss
-twice, g and the upper triangle of G (G is symmetric: a client cannot send an asymmetric one), float32:
-29.5 KB for L = 30.
+as much as a training step), plus, under ``step_check="loss"``, one forward at the previous Λ for the
+trust-region test. Upload: the loss twice, g and the upper triangle of G (G is symmetric: a client cannot
+send an asymmetric one), float32: 29.5 KB for L = 30.
 
 The server keeps a trust region (Moré–Sorensen, by eigendecomposition): the step minimises the quadratic
-model g·s + ½ sᵀGs within ‖s‖ ≤ radius. The next round's clients also report the loss at the previous Λ
-on the same examples, so ρ = actual / predicted decrease is measured on one sample: ρ < 0 rejects the step
-(back to the previous Λ, a quarter of the radius, a new step from the stored g and G), ρ > ¾ at the
-boundary doubles the radius, ρ < ¼ quarters it. The state (radius, accepted Λ, g, G, prediction) is stored
-with every round like any server optimizer's.
+model g·s + ½ sᵀGs within ‖s‖ ≤ radius. ρ = actual / predicted decrease tests the last step on the next
+round's examples: ρ < 0 rejects it (back to the previous Λ, a quarter of the radius, a new step from the
+stored g and G), ρ > ¾ at the boundary doubles the radius, ρ < ¼ quarters it. The actual decrease is
+either measured (``step_check="loss"``: the clients also report the loss at the previous Λ on the same
+examples, one more forward pass each) or read from the new end's own statistics (``"model"``:
+L(Λ − s) ≈ L(Λ) − g·s + ½ sᵀGs, exact on a quadratic, free: for a binary task a quarter of a round's
+passes). The state (radius, accepted Λ, g, G, prediction) is stored with every round like any server
+optimizer's.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from ifedicl.model_patches.inference import label_logits
 from ifedicl.model_patches.injection import InjectionTables
 
 STAGE2_METHODS = ("local-steps", "gauss-newton")
+STEP_CHECKS = ("loss", "model")  # how the trust region measures the last step's decrease (module docstring)
 PSD_TOLERANCE = 1e-4  # an eigenvalue below -tol·max(1, ‖G‖) is not rounding: the matrix is not a Gauss-Newton one
 
 
@@ -205,6 +209,7 @@ class TrustRegionSettings:
     # window's model, each re-centred at the current Λ (g_k + G_k(Λ − Λ_k)), so it follows the objective over
     # all the data seen rather than the last window's noise.
     memory: float = 0.0
+    step_check: str = "loss"  # the last step's actual decrease: loss | model (STEP_CHECKS)
 
 
 @dataclass
@@ -307,9 +312,10 @@ class TrustRegionNewton(WrappedStrategy):
         self.state = TrustRegionState(settings.radius)
 
     def round_upload(self, coefficients: np.ndarray) -> RoundUpload:
-        """Each client's statistics at Λ; the request also carries the previous Λ (its loss tests the last
-        step) and how to compute the curvature."""
-        previous = {} if self.state.accepted is None else {"previous": self.state.accepted.astype(np.float32)}
+        """Each client's statistics at Λ; the request also carries how to compute the curvature and, under
+        ``step_check="loss"``, the previous Λ (its loss on the same examples measures the last step)."""
+        measured = self.state.accepted is not None and self.settings.step_check == "loss"
+        previous = {"previous": self.state.accepted.astype(np.float32)} if measured else {}
         shape = (stats_size(coefficients.size),)
         return RoundUpload("curvature", "curvature", shape, None, previous, {"curvature": self.settings.curvature})
 
@@ -345,7 +351,7 @@ class TrustRegionNewton(WrappedStrategy):
         state, start = self.state, reference.astype(np.float64)
         gradient, curvature = stats.gradient, stats.curvature
         if state.accepted is not None and state.predicted > 0:
-            ratio = (stats.previous_loss - stats.loss) / state.predicted
+            ratio = self._decrease(stats, reference) / state.predicted
             if ratio < 0:  # the last step made the pooled loss worse: retry from where it started, closer in
                 start, gradient, curvature = state.accepted, state.gradient, state.curvature
                 state.radius = max(self.settings.min_radius, state.radius / 4)
@@ -362,6 +368,14 @@ class TrustRegionNewton(WrappedStrategy):
         state.last_step = float(np.linalg.norm(step))
         value = (start.reshape(-1) + step).reshape(reference.shape)  # [L, 2, 2]
         return replace(result, value=value.astype(np.float32))
+
+    def _decrease(self, stats: CurvatureStats, reference: np.ndarray) -> float:
+        """The pooled loss's decrease over the last step s (accepted -> ``reference``) on this round's examples:
+        measured at both ends, or L(Λ) − L(Λ − s) from this round's model at Λ (no forward at the previous Λ)."""
+        if self.settings.step_check == "loss":
+            return stats.previous_loss - stats.loss
+        step = reference.reshape(-1).astype(np.float64) - self.state.accepted.reshape(-1)  # [P]
+        return float(-(stats.gradient @ step) + 0.5 * step @ stats.curvature @ step)
 
 
 def _coefficient_count(size: int) -> int:

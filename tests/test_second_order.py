@@ -218,6 +218,50 @@ def test_with_memory_the_step_follows_every_window_not_the_last_one():
     np.testing.assert_allclose(steps[0.9], (1 - 0.9) / 1.9 * np.ones(P), rtol=1e-5)
 
 
+def _quadratic_upload(hessian: np.ndarray, root: np.ndarray, at: np.ndarray, previous: np.ndarray | None = None):
+    """A client's exact statistics at ``at`` of the loss ½(Λ - root)ᵀH(Λ - root) + 0.1, with the loss at
+    ``previous`` as the loss check measures it."""
+    loss = lambda x: 0.5 * (x - root) @ hessian @ (x - root) + 0.1  # noqa: E731
+    before = 0.0 if previous is None else loss(previous.reshape(-1))
+    return _upload(0, hessian, hessian @ (at.reshape(-1) - root), loss=loss(at.reshape(-1)), previous=before)
+
+
+def test_the_model_step_check_needs_no_forward_at_the_previous_coefficients_and_agrees_on_a_quadratic():
+    """On a quadratic loss the model check reads the decrease the loss check measures, so both take the same
+    rounds; its requests carry no previous Λ (the clients' extra forward pass is gone)."""
+    rng = np.random.default_rng(1)
+    root, mixing = rng.normal(size=P), rng.normal(size=(P, P))
+    hessian = mixing @ mixing.T + np.eye(P)
+    runs = {}
+    for check in ("loss", "model"):
+        newton = TrustRegionNewton(FedAvg(weighted=True), TrustRegionSettings(radius=0.3, step_check=check))
+        at, path = np.zeros((2, 2, 2)), []
+        for r in range(1, 5):
+            request = newton.round_upload(at.astype(np.float32))
+            assert ("previous" in request.extra) == (check == "loss" and r > 1)
+            upload = _quadratic_upload(hessian, root, at, newton.state.accepted if check == "loss" else None)
+            at = newton.aggregate(RoundId("calibrate", r, f"r{r}"), [upload], at.astype(np.float32)).value
+            path.append((at.copy(), newton.state.radius))
+        runs[check] = path
+    for (loss_at, loss_radius), (model_at, model_radius) in zip(runs["loss"], runs["model"], strict=True):
+        np.testing.assert_allclose(model_at, loss_at, rtol=1e-4, atol=1e-5)
+        assert model_radius == loss_radius
+    assert runs["model"][-1][1] > 0.3  # steps the model predicted well grew the radius
+
+
+def test_the_model_step_check_takes_back_a_step_whose_new_gradient_says_it_overshot():
+    """Round 2's statistics at the new Λ: the gradient points back along the step, steeply (the loss curved up
+    far more than round 1's model said), so the decrease read from them is negative: rejected, radius / 4."""
+    newton = TrustRegionNewton(FedAvg(weighted=True), TrustRegionSettings(step_check="model"))
+    reference = np.zeros((2, 2, 2), np.float32)
+    first = newton.aggregate(RoundId("calibrate", 1, "r1"), [_upload(0, 0.01 * np.eye(P), -np.ones(P))], reference)
+    step = first.value.reshape(-1)
+    overshot = [_upload(0, np.eye(P), 10 * step / np.linalg.norm(step))]  # g·s > 0 and larger than ½ sᵀGs
+    newton.aggregate(RoundId("calibrate", 2, "r2"), overshot, first.value)
+    np.testing.assert_allclose(newton.state.accepted, reference)
+    assert newton.state.radius == pytest.approx(0.125)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -240,6 +284,10 @@ def test_gauss_newton_refuses_what_it_does_not_go_with_and_names_the_way_out(fie
         FederationOptions(stage2="local-steps", curvature_memory=0.5).settings(0.5, 0).validate()
     with pytest.raises(IfediclError, match=r"--curvature-memory must be in \[0, 1\) \(got 1.0\)"):
         FederationOptions(curvature_memory=1.0).settings(0.5, 0).validate()
+    with pytest.raises(IfediclError, match="--step-check applies to --stage2 gauss-newton"):
+        FederationOptions(stage2="local-steps", step_check="model").settings(0.5, 0).validate()
+    with pytest.raises(IfediclError, match="--step-check must be one of"):
+        FederationOptions(step_check="guess").settings(0.5, 0).validate()
 
 
 def test_the_default_recipe_is_the_second_order_round_on_the_label_only_loss():
@@ -305,6 +353,13 @@ def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_sessi
     for name in ("gradient", "curvature"):
         np.testing.assert_allclose(masked_state[name], plain_state[name], rtol=1e-5, atol=4 * resolution)
     np.testing.assert_allclose(masked.coefficients, result.coefficients, atol=1e-4)
+    # the model step check: the clients are not sent the previous Λ; round 1 (no step to check yet) is the same
+    model_settings = dataclasses.replace(settings, step_check="model")
+    checked = Federation(str(llama_dir), source, str(tmp_path / "model"), model_settings).run()
+    assert len([r for r in checked.rounds if r.round > 0]) == 3
+    first = {name: Store(tmp_path / name).coefficients_by_round(run)[1] for name, run in
+             (("store", result.run_id), ("model", checked.run_id))}  # fmt: skip
+    np.testing.assert_allclose(first["model"], first["store"], rtol=1e-5, atol=1e-6)
 
 
 def test_tampered_curvature_uploads_are_rejected_by_name_and_the_rounds_go_on(
