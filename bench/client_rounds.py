@@ -1,0 +1,107 @@
+"""A client's round, per way of moving Λ, against a FedAvg-LoRA local pass over the same examples.
+
+Client CPU seconds are what issue 30's target compares (IFed-ICL at most half of FedAvg-LoRA's), and the
+report's cells measure them inside the actors of runs computed at different times on a shared machine, where
+contention inflates them unevenly. Here every method runs in this one process, on the same model, examples
+and threads, interleaved over ``--repeats`` so drifting load hits each alike, and the figures are ratios to
+the LoRA pass. Prints figures, asserts nothing.
+
+- ``gauss-newton, loss check``: the statistics a second-order round uploads (loss, gradient, Gauss-Newton
+  matrix of Λ at C − 1 backward passes per example) plus the loss at the previous Λ (one more forward);
+- ``gauss-newton, model check``: the same statistics without that forward (``--step-check model``);
+- ``gauss-newton sampled``: two backward passes whatever C (``--curvature sampled``), model check;
+- ``local steps (AdamW)``: the paper's round, one pass of I2CL's AdamW steps on Λ (batch 2);
+- ``FedAvg-LoRA``: one pass of local training of rank-8 q/v adapters (batch 2), the baseline;
+- ``stage 1 (vectors)``: extracting the context vectors once, the fixed cost every IFed-ICL run adds.
+
+    python bench/client_rounds.py --model smollm2-135m --task ../shared/data/subj --examples 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from ifedicl.federation_job.client import CalibrationConfig, Client
+from ifedicl.federation_job.lora import LoraClient, LoraSettings, trainable_state
+from ifedicl.federation_job.second_order import curvature_stats
+from ifedicl.kernel.data import load_task_dir
+from ifedicl.kernel.modeling import load_model, load_tokenizer
+from ifedicl.model_patches.hf import HFContextModel
+from ifedicl.model_patches.injection import initial_coefficients
+
+
+def cpu_seconds(work) -> float:
+    """Process CPU seconds of one call (every thread of this process)."""
+    start = time.process_time()
+    work()
+    return time.process_time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="../shared/data/subj", help="a task directory (ifedicl's data format)")
+    parser.add_argument("--examples", type=int, default=32, help="a round's window of one client")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8, help="the second-order round's batch (the driver's)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    data = load_task_dir(args.task)
+    window = data.train.head(args.examples)
+    ctx = HFContextModel(load_model(args.model, "float32"))
+    client = Client(ctx, load_tokenizer(args.model), data.task, window)
+    rows = list(range(len(window)))
+    vectors = client.extract_vectors(batch_size=args.batch_size)  # [L, 2, d]
+    start = initial_coefficients(ctx.num_layers).numpy()  # [L, 2, 2]
+    previous = start + np.float32(0.01)
+    config = CalibrationConfig(epochs=1)
+
+    def second_order(curvature: str, check_previous: bool):
+        return lambda: curvature_stats(
+            client, vectors, start, rows, previous if check_previous else None, args.batch_size, curvature
+        )
+
+    methods = {
+        "stage 1 (vectors)": lambda: client.extract_vectors(batch_size=args.batch_size),
+        "gauss-newton, loss check": second_order("exact", True),
+        "gauss-newton, model check": second_order("exact", False),
+        "gauss-newton sampled": second_order("sampled", False),
+        "local steps (AdamW)": lambda: client.calibrate(vectors, start, config, seed=0),
+    }
+    lora_client: LoraClient | None = None
+    lora_state: dict | None = None
+
+    def lora_pass():
+        nonlocal lora_client, lora_state
+        if lora_client is None:  # attaches adapters to the shared model: everything else ran without them first
+            lora_client = LoraClient(client, LoraSettings())
+            lora_state = trainable_state(lora_client.model)
+        lora_client.train(lora_state, dataclasses.replace(config, lr=5e-4), seed=0)
+
+    seconds: dict[str, list[float]] = {name: [] for name in [*methods, "FedAvg-LoRA"]}
+    for _ in range(args.repeats):
+        for name, work in methods.items():
+            seconds[name].append(cpu_seconds(work))
+    for _ in range(args.repeats):  # after the adapters are attached, which changes the model for the rest
+        seconds["FedAvg-LoRA"].append(cpu_seconds(lora_pass))
+
+    baseline = statistics.median(seconds["FedAvg-LoRA"])
+    classes = len(data.task.labels)
+    print(f"{args.model} on {data.task.name} ({classes} classes), {len(rows)} examples, {args.threads} thread(s), "
+          f"median of {args.repeats}")  # fmt: skip
+    print(f"{'method':<28} {'CPU s':>8} {'ms/example':>11} {'× LoRA':>8}")
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        print(f"{name:<28} {median:>8.2f} {1000 * median / len(rows):>11.1f} {median / baseline:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
