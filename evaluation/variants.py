@@ -84,6 +84,9 @@ ABLATION_VARIANTS: dict[str, dict] = {
     # window's weight falls to a third after 4 rounds, one pass over the data at ¼ epoch per round), not on the
     # last window's alone: SST-2 and Emotion peaked early and drifted with each new window.
     "gauss-newton memory 0.75": {"federation": {"stage2": "gauss-newton", "curvature_memory": 0.75}},
+    # Half the examples per round (each round the next ⅛ of every shard; 16 rounds: 2 whole passes): is a second-
+    # order round limited by its steps or by its window's data? Each round costs half of a "gauss-newton" round.
+    "gauss-newton ⅛ window": {"federation": {"stage2": "gauss-newton"}, "rounds": 16, "local_epochs": 0.125},
     # The trust-region test from the new end's statistics, not a forward at the previous Λ: a round's passes -¼ (C=2).
     "gauss-newton model check": {"federation": {"stage2": "gauss-newton", "step_check": "model"}},
     # Early stopping on the clients' held-out loss (a fifth of each shard kept out of the rounds; two rounds
