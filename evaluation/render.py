@@ -102,6 +102,11 @@ def render_report(results: dict) -> str:
         results["command"],
         "```",
         "",
+        "Check one cell of a complete grid: delete its file "
+        "(`<out>/<model>/<objective>/cells/<method>__<task>__a<α>__s<seed>.json`) and run the command above with "
+        "`--max-cells 1`: every other cell resumes, that one is computed again from its seed; `git diff` shows "
+        "what moved.",
+        "",
         f"Code version of this summary: `{results['code_version']}`; the cells were computed with "
         + ", ".join(f"`{v}`" for v in results["cell_code_versions"])
         + f". Written {results['created']}.  ",
