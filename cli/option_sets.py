@@ -55,6 +55,8 @@ HELP = {
     "step_check": "gauss-newton: how the trust region measures the last step's decrease: loss (the clients also "
     "evaluate the previous Λ on the round's examples: one more forward pass each) or model (read from the new "
     "statistics: L(Λ - s) ≈ L(Λ) - g·s + ½ sᵀGs, no extra pass)",
+    "step_check_fraction": "gauss-newton, --step-check loss: the fraction of each round's rows also scored at the "
+    "previous Λ; the decrease is the window's loss plus their paired difference (1: every row)",
     "extract_dtype": "stage-1 autocast dtype",
     "vector_coding": "stage-1 upload of the context vectors on the wire: float16 is half the bytes of float32, "
     "int8 a quarter (one scale per layer and block; the default); the server decodes to float32. "

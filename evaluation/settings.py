@@ -228,7 +228,7 @@ class EvalSettings:
 # stage2: the cells before the second-order round became the default (issue 30) moved Λ by local AdamW steps.
 FEDERATION_HASH_BASELINE = {"vector_coding": "float32", "stage2": "local-steps"}
 # The flags only IFed-ICL's rounds read: the other methods' cells do not depend on them.
-IFEDICL_ROUND_FIELDS = ("stage2", "curvature", "curvature_memory", "step_check")
+IFEDICL_ROUND_FIELDS = ("stage2", "curvature", "curvature_memory", "step_check", "step_check_fraction")
 
 
 SCORED_ROUNDS: tuple[str, ...] = get_args(ScoredRounds)

@@ -216,7 +216,7 @@ class HostedClient:
         batch_size = int(meta.get("batch_size", 8))
         stats = curvature_stats(
             self.client, self.vectors, arrays["coefficients"], rows, arrays.get("previous"),
-            batch_size, str(meta.get("curvature", "exact")), seed,
+            batch_size, str(meta.get("curvature", "exact")), seed, float(meta.get("check_fraction", 1.0)),
         )  # fmt: skip
         report = {}
         if held:  # early stopping: the round's starting Λ scored on rows no round trains on

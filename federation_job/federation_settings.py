@@ -61,6 +61,7 @@ class FederationSettings:
     curvature: str = DEFAULTS.curvature  # gauss-newton: exact | sampled (second_order.curvature_stats)
     curvature_memory: float = DEFAULTS.curvature_memory  # gauss-newton: γ of the past rounds' models (0: none)
     step_check: str = DEFAULTS.step_check  # gauss-newton: loss | model (second_order.TrustRegionNewton._decrease)
+    step_check_fraction: float = DEFAULTS.step_check_fraction  # loss check: of each window (second_order.checked_rows)
     # early stopping (early_stopping.py): each client keeps this fraction of its shard out of the rounds
     holdout_fraction: float = DEFAULTS.holdout_fraction
     patience: int = DEFAULTS.patience  # rounds without a new best pooled held-out loss before the run stops
@@ -168,6 +169,7 @@ class FederationSettings:
                 (self.curvature == "exact", "--curvature applies to --stage2 gauss-newton"),
                 (not self.curvature_memory, "--curvature-memory applies to --stage2 gauss-newton"),
                 (self.step_check == DEFAULTS.step_check, "--step-check applies to --stage2 gauss-newton"),
+                (self.step_check_fraction == 1, "--step-check-fraction applies to --stage2 gauss-newton"),
                 (not self.holdout_fraction, "--holdout-fraction (early stopping) goes with --stage2 gauss-newton"),
             ]
         needs, other = "--stage2 gauss-newton (the default)", "; with --stage2 local-steps it"
@@ -200,6 +202,14 @@ class FederationSettings:
                 f"--curvature-memory must be in [0, 1) (got {self.curvature_memory})",
             ),
             (self.step_check in STEP_CHECKS, f"--step-check must be one of {STEP_CHECKS} (got {self.step_check!r})"),
+            (
+                0 < self.step_check_fraction <= 1,
+                f"--step-check-fraction must be in (0, 1] (got {self.step_check_fraction})",
+            ),
+            (
+                self.step_check == "loss" or self.step_check_fraction == 1,
+                "--step-check-fraction is of the rows the loss check scores: it goes with --step-check loss",
+            ),
         ]
 
     def server_step(self) -> ServerOptimizerSettings:
@@ -252,7 +262,10 @@ def _round_strategy(settings: FederationSettings, build) -> Strategy:
     objective's), or the server optimizer on the aggregate of local runs. Stage 1's vectors are one mean."""
     if settings.stage2 == "gauss-newton":
         trust_region = TrustRegionSettings(
-            curvature=settings.curvature, memory=settings.curvature_memory, step_check=settings.step_check
+            curvature=settings.curvature,
+            memory=settings.curvature_memory,
+            step_check=settings.step_check,
+            check_fraction=settings.step_check_fraction,
         )
         return TrustRegionNewton(build(settings.fraction, True), trust_region)
     return server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step())

@@ -46,6 +46,7 @@ class LoraFederation(Federation):
             curvature="exact",
             curvature_memory=0.0,
             step_check="loss",
+            step_check_fraction=1.0,
             holdout_fraction=0.0,
         )
         super().__init__(model_id, clients, store_uri, settings, *args, **kwargs)

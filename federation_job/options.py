@@ -66,6 +66,7 @@ class FederationOptions:
     curvature: Curvature = "exact"  # gauss-newton: the whole Jacobian (C-1 backward passes) or one sampled label
     curvature_memory: float = 0.0  # gauss-newton: weight γ of the past rounds' quadratic models in each step
     step_check: StepCheck = "loss"  # gauss-newton: the last step's decrease measured (loss) or from the model
+    step_check_fraction: float = 1.0  # gauss-newton, loss check: of each window's rows scored at the previous Λ
     holdout_fraction: float = 0.0  # of each shard kept out of the rounds to score Λ on (early stopping; 0: off)
     patience: int = 2  # with a held-out fraction: rounds without a new best pooled held-out loss before stopping
     extract_dtype: Dtype = "float32"
@@ -131,6 +132,7 @@ class FederationOptions:
                 "curvature": self.curvature,
                 "curvature_memory": self.curvature_memory,
                 "step_check": self.step_check,
+                "step_check_fraction": self.step_check_fraction,
                 "holdout_fraction": self.holdout_fraction,
                 "patience": self.patience,
                 "extract_dtype": self.extract_dtype,

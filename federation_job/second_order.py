@@ -30,6 +30,7 @@ optimizer's.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -110,8 +111,13 @@ def curvature_stats(
     batch_size: int = 8,
     curvature: str = "exact",
     seed: int = 0,
+    check_fraction: float = 1.0,
 ) -> CurvatureStats:
     """Mean label-only loss, gradient and Gauss-Newton matrix of Λ over ``rows`` (no training noise).
+
+    ``previous``: also the loss at the previous Λ, for the trust region's test of the last step; on every row,
+    or (``check_fraction`` < 1) on :func:`checked_rows` only, reported as the window's loss plus the paired
+    difference on those rows (the same rows at both Λ: its noise is the step's, not the sample's).
 
     ``curvature``: ``exact`` takes C − 1 backward passes per batch (one per logit difference: the whole
     per-example Jacobian); ``sampled`` takes two whatever C: one for the exact gradient and one for
@@ -127,19 +133,23 @@ def curvature_stats(
     p = base.numel()
     gradient = torch.zeros(p, dtype=torch.float64)  # [P]
     matrix = torch.zeros(p, p, dtype=torch.float64)  # [P, P]
-    loss = previous_loss = 0.0
+    checked = set(checked_rows(rows, check_fraction, seed)) if previous is not None else set()
+    loss = previous_sum = checked_sum = 0.0  # sums: all rows at Λ; checked rows at the previous Λ and at Λ
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         prompts = [client.task.prompt(client.data.texts[i]) for i in batch]
         classes = torch.as_tensor([client.data.labels[i] for i in batch], device=client.device)  # [B]
-        if previous is not None:
+        mine = [j for j, i in enumerate(batch) if i in checked]  # this batch's checked rows
+        if mine:
             at_previous = [torch.as_tensor(previous, dtype=torch.float32)]
-            before = _label_logits(client, vec, at_previous, prompts, per_example=False)
-            previous_loss += float(torch.nn.functional.cross_entropy(before.double(), classes, reduction="sum"))
+            before = _label_logits(client, vec, at_previous, [prompts[j] for j in mine], per_example=False)
+            previous_sum += float(torch.nn.functional.cross_entropy(before.double(), classes[mine], reduction="sum"))
         per_example = base.unsqueeze(0).repeat(len(batch), 1, 1, 1).requires_grad_(True)  # [B, L, 2, 2]
         logits = _label_logits(client, vec, list(per_example.unbind(0)), prompts, per_example=True)  # [B, C]
         detached = logits.detach().double()
         loss += float(torch.nn.functional.cross_entropy(detached, classes, reduction="sum"))
+        if mine:
+            checked_sum += float(torch.nn.functional.cross_entropy(detached[mine], classes[mine], reduction="sum"))
         probs = torch.softmax(detached, dim=-1)  # [B, C]
         residual = probs - torch.nn.functional.one_hot(classes, probs.shape[1]).double()  # [B, C] dℓ/dz per example
         if curvature == "exact":
@@ -149,7 +159,20 @@ def curvature_stats(
         gradient += batch_gradient
         matrix += batch_matrix
     n = max(1, len(rows))
-    return CurvatureStats(loss / n, previous_loss / n, (gradient / n).numpy(), (matrix / n).numpy())
+    if len(checked) == len(rows):  # every row checked: the measured mean itself
+        previous_loss = previous_sum / n
+    else:  # the window's loss plus the checked rows' paired difference (0 without a previous Λ)
+        previous_loss = max(0.0, loss / n + (previous_sum - checked_sum) / len(checked)) if checked else 0.0
+    return CurvatureStats(loss / n, previous_loss, (gradient / n).numpy(), (matrix / n).numpy())
+
+
+def checked_rows(rows: list[int], fraction: float, seed: int) -> list[int]:
+    """The rows whose loss at the previous Λ tests the last step: all, or a seeded ⌈fraction·n⌉ of them (≥ 1)."""
+    if not 0 < fraction <= 1:
+        raise FederationError(f"the step check's fraction must be in (0, 1] (got {fraction})")
+    if fraction == 1:
+        return list(rows)
+    return sorted(random.Random(seed).sample(list(rows), max(1, math.ceil(fraction * len(rows)))))
 
 
 def _label_logits(
@@ -210,6 +233,7 @@ class TrustRegionSettings:
     # all the data seen rather than the last window's noise.
     memory: float = 0.0
     step_check: str = "loss"  # the last step's actual decrease: loss | model (STEP_CHECKS)
+    check_fraction: float = 1.0  # with the loss check: of each window's rows scored at the previous Λ too
 
 
 @dataclass
@@ -317,7 +341,10 @@ class TrustRegionNewton(WrappedStrategy):
         measured = self.state.accepted is not None and self.settings.step_check == "loss"
         previous = {"previous": self.state.accepted.astype(np.float32)} if measured else {}
         shape = (stats_size(coefficients.size),)
-        return RoundUpload("curvature", "curvature", shape, None, previous, {"curvature": self.settings.curvature})
+        meta = {"curvature": self.settings.curvature}
+        if measured and self.settings.check_fraction < 1:
+            meta["check_fraction"] = self.settings.check_fraction
+        return RoundUpload("curvature", "curvature", shape, None, previous, meta)
 
     def decode(
         self, answers: dict[int, object], key: str, shape: tuple[int, ...], read: Reader | None = None

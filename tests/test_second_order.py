@@ -18,6 +18,7 @@ from ifedicl.federation_job.second_order import (
     TrustRegionNewton,
     TrustRegionSettings,
     TrustRegionState,
+    checked_rows,
     curvature_stats,
     stats_size,
     trust_region_step,
@@ -86,6 +87,15 @@ def test_the_clients_statistics_are_the_label_only_losss_gradient_and_gauss_newt
     back = CurvatureStats.unpack(stats.pack(), start.size)  # the upload carries the upper triangle only
     np.testing.assert_allclose(back.curvature, stats.curvature, rtol=1e-12)
     back.check()
+    # the loss check on half the rows: the window's loss plus those rows' paired difference; the rest unchanged
+    rows = list(range(len(client.data)))
+    half = curvature_stats(client, vectors, moved, rows, previous=start, batch_size=4, seed=3, check_fraction=0.5)
+    checked = checked_rows(rows, 0.5, 3)
+    assert len(checked) == 3 and set(checked) < set(rows)
+    paired = client.evaluate_loss(vectors, start, rows=checked) - client.evaluate_loss(vectors, moved, rows=checked)
+    assert half.previous_loss == pytest.approx(stats.loss + paired, rel=1e-4)
+    np.testing.assert_allclose(half.pack()[2:], stats.pack()[2:], rtol=1e-6, atol=1e-9)
+    assert half.loss == pytest.approx(stats.loss, rel=1e-6)
 
 
 def test_the_sampled_curvature_has_the_exact_gradient_and_estimates_the_gauss_newton_matrix_unbiased(
@@ -249,6 +259,16 @@ def test_the_model_step_check_needs_no_forward_at_the_previous_coefficients_and_
     assert runs["model"][-1][1] > 0.3  # steps the model predicted well grew the radius
 
 
+def test_the_loss_check_on_a_fraction_is_asked_for_only_when_there_is_a_step_to_check():
+    newton = TrustRegionNewton(FedAvg(weighted=True), TrustRegionSettings(check_fraction=0.25))
+    at = np.zeros((2, 2, 2), np.float32)
+    assert "check_fraction" not in newton.round_upload(at).meta  # round 1: no previous Λ, nothing to check
+    newton.aggregate(RoundId("calibrate", 1, "r1"), [_upload(0, np.eye(P), np.ones(P))], at)
+    request = newton.round_upload(at)
+    assert request.meta["check_fraction"] == 0.25 and "previous" in request.extra
+    assert "check_fraction" not in TrustRegionNewton(FedAvg()).round_upload(at).meta  # every row: as before
+
+
 def test_the_model_step_check_takes_back_a_step_whose_new_gradient_says_it_overshot():
     """Round 2's statistics at the new Λ: the gradient points back along the step, steeply (the loss curved up
     far more than round 1's model said), so the decrease read from them is negative: rejected, radius / 4."""
@@ -284,6 +304,13 @@ def test_gauss_newton_refuses_what_it_does_not_go_with_and_names_the_way_out(fie
         FederationOptions(stage2="local-steps", curvature_memory=0.5).settings(0.5, 0).validate()
     with pytest.raises(IfediclError, match=r"--curvature-memory must be in \[0, 1\) \(got 1.0\)"):
         FederationOptions(curvature_memory=1.0).settings(0.5, 0).validate()
+    for fields, refused in (
+        ({"stage2": "local-steps", "step_check_fraction": 0.5}, "--step-check-fraction applies to --stage2"),
+        ({"step_check_fraction": 0.0}, r"--step-check-fraction must be in \(0, 1\] \(got 0.0\)"),
+        ({"step_check": "model", "step_check_fraction": 0.5}, "it goes with --step-check loss"),
+    ):
+        with pytest.raises(IfediclError, match=refused):
+            FederationOptions(**fields).settings(0.5, 0).validate()
     with pytest.raises(IfediclError, match="--step-check applies to --stage2 gauss-newton"):
         FederationOptions(stage2="local-steps", step_check="model").settings(0.5, 0).validate()
     with pytest.raises(IfediclError, match="--step-check must be one of"):
@@ -353,13 +380,14 @@ def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_sessi
     for name in ("gradient", "curvature"):
         np.testing.assert_allclose(masked_state[name], plain_state[name], rtol=1e-5, atol=4 * resolution)
     np.testing.assert_allclose(masked.coefficients, result.coefficients, atol=1e-4)
-    # the model step check: the clients are not sent the previous Λ; round 1 (no step to check yet) is the same
-    model_settings = dataclasses.replace(settings, step_check="model")
-    checked = Federation(str(llama_dir), source, str(tmp_path / "model"), model_settings).run()
-    assert len([r for r in checked.rounds if r.round > 0]) == 3
-    first = {name: Store(tmp_path / name).coefficients_by_round(run)[1] for name, run in
-             (("store", result.run_id), ("model", checked.run_id))}  # fmt: skip
-    np.testing.assert_allclose(first["model"], first["store"], rtol=1e-5, atol=1e-6)
+    # the model step check (no previous Λ sent) and the loss check on half the rows (the fraction sent): round 1,
+    # with no step to check yet, is the same
+    for name, fields in (("model", {"step_check": "model"}), ("half", {"step_check_fraction": 0.5})):
+        variant = dataclasses.replace(settings, **fields)
+        checked = Federation(str(llama_dir), source, str(tmp_path / name), variant).run()
+        assert len([r for r in checked.rounds if r.round > 0]) == 3 and not any(r.dropped for r in checked.rounds)
+        first = Store(tmp_path / name).coefficients_by_round(checked.run_id)[1]
+        np.testing.assert_allclose(first, Store(tmp_path / "store").coefficients_by_round(result.run_id)[1], atol=1e-6)
 
 
 def test_tampered_curvature_uploads_are_rejected_by_name_and_the_rounds_go_on(
