@@ -100,15 +100,17 @@ class HostedClient:
         autocast = DTYPES[extract] if extract and self.dtype == "float32" and extract != "float32" else None
         clip = self.privacy.vector_clip if self.privacy.vectors_on else None
         limit = meta.get("max_examples")
+        train, _ = self._holdout_split(meta)  # early stopping's held-out rows stay out of the vectors too
         vectors = self.client.extract_vectors(
             int(meta.get("batch_size", 8)),
             autocast_dtype=autocast,
             clip_norm=clip,
             max_examples=None if limit is None else int(limit),
+            rows=train,
         )
         if self.privacy.vectors_on:
             self._release("vectors")
-            used = len(self.client.data) if limit is None else min(len(self.client.data), int(limit))
+            used = len(train) if limit is None else min(len(train), int(limit))
             std = self.privacy.vector_noise_std(used)
             vectors = (vectors + self.noise_rng.normal(0.0, std, vectors.shape)).astype(np.float32)
         return vectors
@@ -174,8 +176,9 @@ class HostedClient:
         limit = meta.get("max_examples")
         extract = meta.get("extract_dtype")
         autocast = DTYPES[extract] if extract and self.dtype == "float32" and extract != "float32" else None
+        train, _ = self._holdout_split(meta)
         return self.client.extract_class_means(
-            int(meta.get("batch_size", 8)), autocast, None if limit is None else int(limit)
+            int(meta.get("batch_size", 8)), autocast, None if limit is None else int(limit), rows=train
         )
 
     def set_global_vectors(self, payload: bytes) -> bool:

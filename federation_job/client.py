@@ -172,23 +172,30 @@ class Client:
         autocast_dtype: torch.dtype | None = None,
         clip_norm: float | None = None,
         max_examples: int | None = None,
+        rows: list[int] | None = None,
     ) -> np.ndarray:
         """Local context vector v_k: mean over demonstrations of each block's last-token output. [L, 2, d].
 
         ``clip_norm`` bounds each demonstration's [L, 2, d] contribution (differential privacy);
-        ``max_examples`` uses only the first that many local examples (stage-1 ablation).
+        ``max_examples`` uses only the first that many local examples (stage-1 ablation); ``rows``: of these
+        examples only (None: all; early stopping keeps its held-out rows out).
         """
-        pairs = list(zip(self.data.texts, self.data.labels))[:max_examples]
+        pairs = self._pairs(rows)[:max_examples]
         demos = [self.task.demonstration(t, y) for t, y in pairs]
         total = capture_sum(self.ctx, self.tokenizer, demos, batch_size, progress, autocast_dtype, clip_norm)
         return (total / len(demos)).numpy()
 
     def extract_class_means(
-        self, batch_size: int = 8, autocast_dtype: torch.dtype | None = None, max_examples: int | None = None
+        self,
+        batch_size: int = 8,
+        autocast_dtype: torch.dtype | None = None,
+        max_examples: int | None = None,
+        rows: list[int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Class-balanced stage 1 (:mod:`~ifedicl.federation_job.class_balanced`): each class's mean over its
-        demonstrations here, and how many each had. -> (means [C, L, 2, d], counts [C] int64)."""
-        pairs = list(zip(self.data.texts, self.data.labels))[:max_examples]
+        demonstrations here (``rows`` of them, None: all), and how many each had. -> (means [C, L, 2, d],
+        counts [C] int64)."""
+        pairs = self._pairs(rows)[:max_examples]
         classes = len(self.task.labels)
         sums = torch.zeros(classes, self.ctx.num_layers, 2, self.ctx.hidden_size)  # [C, L, 2, d]
         counts = np.zeros(classes, dtype=np.int64)  # [C]
@@ -198,6 +205,11 @@ class Client:
             if demos:
                 sums[c] = capture_sum(self.ctx, self.tokenizer, demos, batch_size, None, autocast_dtype)
         return class_means(sums.numpy(), counts), counts
+
+    def _pairs(self, rows: list[int] | None) -> list[tuple[str, int]]:
+        """(text, label) of ``rows`` of the local data, in their order (None: every example)."""
+        indices = range(len(self.data)) if rows is None else rows
+        return [(self.data.texts[i], self.data.labels[i]) for i in indices]
 
     def calibration_loss(
         self,

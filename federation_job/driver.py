@@ -286,6 +286,11 @@ class Federation:
         self.load_dropped = self.pool.start(plans, host_args, join_args, options, timeout)
         self.strategies.vectors.selection.require(len(self.alive), "loading")
 
+    def _holdout(self) -> dict:
+        """Early stopping's held-out split, in every request: its rows stay out of stage 1 and of every round."""
+        s = self.settings
+        return {"holdout": {"fraction": s.holdout_fraction, "seed": s.seed}} if s.holdout_fraction else {}
+
     def stage_one(self) -> tuple[np.ndarray, RoundRecord]:
         """Every client's context vectors, aggregated once and sent back to each client that made one."""
         started, s = time.monotonic(), self.settings
@@ -296,7 +301,7 @@ class Federation:
         balanced = {"stage1": s.stage1} if s.stage1 != "mean" else {}
         request = wire.encode(
             {}, batch_size=s.capture_batch_size, extract_dtype=s.extract_dtype, max_examples=s.stage1_examples,
-            **coding, **balanced, **plan.instructions,
+            **coding, **balanced, **plan.instructions, **self._holdout(),
         )  # fmt: skip
         asked = self.pool.call(at.stage, at.index, "extract", plan.requests(request))
         shape = (self.fingerprint.num_layers, 2, self.fingerprint.hidden_size)
@@ -332,11 +337,10 @@ class Federation:
             s.calibration, epochs=s.local_epochs, round_index=round_index, rounds_total=s.rounds
         )
         upload = strategy.round_upload(coefficients)
-        holdout = {"holdout": {"fraction": s.holdout_fraction, "seed": s.seed}} if s.holdout_fraction else {}
         request = wire.encode(
             {"coefficients": coefficients, **upload.extra}, round=round_index, seed=s.seed + round_index,
             config=dataclasses.asdict(config), batch_size=s.capture_batch_size, **upload.meta, **plan.instructions,
-            **holdout,
+            **self._holdout(),
         )  # fmt: skip
         asked = self.pool.call(at.stage, at.index, upload.method, plan.requests(request))
         for cid in asked.answers:  # a released upload spends privacy whether the server then uses it or not

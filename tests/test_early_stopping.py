@@ -97,3 +97,27 @@ def test_a_federation_records_the_held_out_losses_and_ends_on_the_best_lambda(
         assert np.array_equal(result.coefficients, by_round[best])
     else:
         assert np.array_equal(result.coefficients, by_round[settings.rounds])
+    # the held-out rows stay out of stage 1 too: the same clients and shards without a held-out split make
+    # other context vectors
+    import dataclasses
+
+    whole = dataclasses.replace(settings, holdout_fraction=0.0, rounds=1)
+    unsplit = Federation(str(llama_dir), source, str(tmp_path / "unsplit"), whole).run()
+    assert unsplit.vectors.shape == result.vectors.shape and not np.allclose(unsplit.vectors, result.vectors)
+
+
+def test_stage_one_of_some_rows_is_stage_one_of_a_client_holding_only_those(llama_dir, task_dir):
+    from ifedicl.federation_job.client import Client
+    from ifedicl.kernel.data import load_task_dir
+    from ifedicl.kernel.modeling import load_model, load_tokenizer
+    from ifedicl.model_patches.hf import HFContextModel
+
+    data = load_task_dir(task_dir)
+    ctx, tokenizer = HFContextModel(load_model(str(llama_dir))), load_tokenizer(str(llama_dir))
+    shard = data.train.head(6)
+    rows = [0, 2, 3, 5]
+    subset = shard.subset(rows)
+    whole, alone = Client(ctx, tokenizer, data.task, shard), Client(ctx, tokenizer, data.task, subset)
+    np.testing.assert_allclose(whole.extract_vectors(rows=rows), alone.extract_vectors(), rtol=1e-5, atol=1e-7)
+    for mine, theirs in zip(whole.extract_class_means(rows=rows), alone.extract_class_means(), strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-7)
