@@ -95,17 +95,17 @@ def run_cells(
         todo = todo[: max(0, max_cells)]
     topup = [c for c in records if rounds_to_score(settings, records[c])]
     stats = {"cells": len(cells), "resumed": len(records), "computed": 0}
-    if (todo or topup) and settings.threads:
-        import torch
+    if todo or topup:
+        if settings.threads:
+            import torch
 
-        torch.set_num_threads(settings.threads)
+            torch.set_num_threads(settings.threads)
+        mc = _load_context(settings, out_dir)
     if topup:
         stats["topped_up"] = len(topup)
-        mc = _load_context(settings, out_dir)
         for cell in topup:
             records[cell] = store.replace(cell, methods_i2cl.score_kept_rounds(mc, tasks[cell.task], records[cell]))
     if todo:
-        mc = _load_context(settings, out_dir)
         started_ray = False
         if any(c.method in FEDERATED for c in todo):
             from ifedicl.federation_job.driver import ensure_ray  # one Ray for all federation cells

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from ifedicl.federation_job.options import FederationOptions
+from ifedicl.federation_job.options import LAMBDA_ROUND_FIELDS, FederationOptions
 
 # Display order = the paper's table order, cheap methods first.
 METHODS: tuple[str, ...] = (
@@ -190,14 +190,14 @@ class EvalSettings:
 
     def federation_for_hash(self, method: str | None = None) -> dict:
         """The federation flags by their effective values, less those equal to :data:`FEDERATION_HASH_BASELINE`
-        and, for a method other than IFed-ICL, less how IFed-ICL's rounds move Λ (:data:`IFEDICL_ROUND_FIELDS`)."""
+        and, for a method other than IFed-ICL, less how IFed-ICL's rounds move Λ (:data:`LAMBDA_ROUND_FIELDS`)."""
         from ifedicl.federation_job.vector_coding import default_coding
 
         effective = {"stage2": FEDERATION.stage2, **self.federation}
         if effective.get("vector_coding") is None:
             effective["vector_coding"] = default_coding(bool(effective.get("secagg")))
         if method is not None and method != "ifedicl":
-            effective = {k: v for k, v in effective.items() if k not in IFEDICL_ROUND_FIELDS}
+            effective = {k: v for k, v in effective.items() if k not in LAMBDA_ROUND_FIELDS}
         return {
             k: v for k, v in effective.items() if k not in FEDERATION_HASH_BASELINE or FEDERATION_HASH_BASELINE[k] != v
         }
@@ -227,8 +227,6 @@ class EvalSettings:
 # hash as its effective value (a new default makes older cells stale); naming this value keeps them current.
 # stage2: the cells before the second-order round became the default (issue 30) moved Λ by local AdamW steps.
 FEDERATION_HASH_BASELINE = {"vector_coding": "float32", "stage2": "local-steps"}
-# The flags only IFed-ICL's rounds read: the other methods' cells do not depend on them.
-IFEDICL_ROUND_FIELDS = ("stage2", "curvature", "curvature_memory", "step_check", "step_check_fraction")
 
 
 SCORED_ROUNDS: tuple[str, ...] = get_args(ScoredRounds)

@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 from ifedicl.federation_job import wire
 from ifedicl.federation_job.driver import Federation
 from ifedicl.federation_job.exchange import RoundOutcome, Traffic
+from ifedicl.federation_job.federation_settings import DEFAULTS
 from ifedicl.federation_job.lora import LoraSettings, attach_lora, flatten, load_trainable, trainable_state, unflatten
+from ifedicl.federation_job.options import LAMBDA_ROUND_FIELDS
 from ifedicl.federation_job.strategies import ClientUpdate, RoundId, check_update
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import load_model, model_from_weights
@@ -40,15 +42,9 @@ class LoraFederation(Federation):
 
     def __init__(self, model_id, clients, store_uri, settings, *args, lora: LoraSettings | None = None, **kwargs):
         # Its rounds train the adapters locally and average them by definition: the second-order round is Λ's.
-        settings = dataclasses.replace(
-            settings,
-            stage2="local-steps",
-            curvature="exact",
-            curvature_memory=0.0,
-            step_check="loss",
-            step_check_fraction=1.0,
-            holdout_fraction=0.0,
-        )
+        lambda_rounds = {name: getattr(DEFAULTS, name) for name in LAMBDA_ROUND_FIELDS}
+        lambda_rounds.update(stage2="local-steps", holdout_fraction=0.0)
+        settings = dataclasses.replace(settings, **lambda_rounds)
         super().__init__(model_id, clients, store_uri, settings, *args, **kwargs)
         s = self.settings
         if s.secagg or self.privacy.vectors_on or self.privacy.coefficients_on:

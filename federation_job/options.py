@@ -34,6 +34,10 @@ StepCheck = Literal["loss", "model"]  # federation_job.second_order.STEP_CHECKS
 ServerOptimizerKind = Literal["sgd", "momentum", "adam"]  # federation_job.server_optimizer.SERVER_OPTIMIZERS
 ServerDecay = Literal["constant", "cosine"]  # federation_job.server_optimizer.DECAYS
 
+# The options only IFed-ICL's rounds of Λ read (how a round moves Λ): FedAvg-LoRA's run leaves them at their
+# defaults, and an evaluation cell of another method does not depend on them.
+LAMBDA_ROUND_FIELDS = ("stage2", "curvature", "curvature_memory", "step_check", "step_check_fraction")
+
 
 @dataclass(frozen=True)
 class FederationOptions:

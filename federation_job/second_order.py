@@ -22,9 +22,9 @@ round's examples: ρ < 0 rejects it (back to the previous Λ, a quarter of the r
 stored g and G), ρ > ¾ at the boundary doubles the radius, ρ < ¼ quarters it. The actual decrease is
 either measured (``step_check="loss"``: the clients also report the loss at the previous Λ on the same
 examples, one more forward pass each) or read from the new end's own statistics (``"model"``:
-L(Λ − s) ≈ L(Λ) − g·s + ½ sᵀGs, exact on a quadratic, free: for a binary task a quarter of a round's
-passes). The state (radius, accepted Λ, g, G, prediction) is stored with every round like any server
-optimizer's.
+L(Λ − s) ≈ L(Λ) − g·s + ½ sᵀGs, exact on a quadratic, with no extra forward: a third less client CPU in
+a binary round, but on Subj it stalled the trust region, docs/recipe.md). The state (radius, accepted Λ,
+g, G, prediction) is stored with every round like any server optimizer's.
 """
 
 from __future__ import annotations
@@ -398,7 +398,7 @@ class TrustRegionNewton(WrappedStrategy):
 
     def _decrease(self, stats: CurvatureStats, reference: np.ndarray) -> float:
         """The pooled loss's decrease over the last step s (accepted -> ``reference``) on this round's examples:
-        measured at both ends, or L(Λ) − L(Λ − s) from this round's model at Λ (no forward at the previous Λ)."""
+        measured at both ends, or L(Λ − s) − L(Λ) read from this round's model at Λ (no forward at the previous Λ)."""
         if self.settings.step_check == "loss":
             return stats.previous_loss - stats.loss
         step = reference.reshape(-1).astype(np.float64) - self.state.accepted.reshape(-1)  # [P]
