@@ -271,7 +271,10 @@ class ClassificationService:
         whose directory vanished as an empty database: read through the old connection,
         that would mean "nothing is published" and the reload would unload every task.
         """
-        return Store(self.store.uri).published_runs()
+        store = Store(self.store.uri)
+        published = store.published_runs()
+        store.require_present()  # moved away during the read: the empty listing is not the store's state
+        return published
 
     def _rebuild_router(self) -> None:
         """model="auto": route over every published task's signature, read from the store in one query."""

@@ -123,15 +123,23 @@ class Store:
 
     def __init__(self, uri: str | Path, create: bool = False):
         self.uri = str(uri)
+        self.require_present(create=create)
+        try:
+            self.db = lancedb.connect(self.uri)
+        except Exception as err:
+            raise StoreError(f"cannot open store {self.uri}: {err}") from None
+
+    def require_present(self, create: bool = False) -> None:
+        """Raise :class:`StoreError` unless a local store's directory is there (``create``: or can be made).
+
+        Called again after a read that must not mistake a vanished store for an empty one: LanceDB lists
+        a local store whose directory was moved away mid-read as a database with no tables.
+        """
         local = _local_path(self.uri)
         if local is not None and local.exists() and not local.is_dir():
             raise StoreError(f"store {self.uri} is a file, not a store directory (nothing was read or written)")
         if local is not None and not create and not local.is_dir():
             raise StoreError(f"store {self.uri} does not exist (run `ifedicl federate --store {self.uri}` first)")
-        try:
-            self.db = lancedb.connect(self.uri)
-        except Exception as err:
-            raise StoreError(f"cannot open store {self.uri}: {err}") from None
 
     # ------------------------------------------------------------------ tables
     def _table_names(self) -> set[str]:

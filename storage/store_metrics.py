@@ -48,6 +48,7 @@ class RecalibrationCollector:
             rows = attempts(store)
             published = store.published()
             pub_rows = store.publication_log()
+            store.require_present()  # moved away mid-read: the empty tables are not the store's state
         except Exception as err:
             log.warning("recalibration metrics: cannot read store %s: %s", self.store_uri, err)
             up.add_metric([], 0.0)

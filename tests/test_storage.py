@@ -81,6 +81,21 @@ def test_missing_store_is_a_clear_error(tmp_path):
         Store(tmp_path / "nowhere")
 
 
+def test_a_store_moved_away_after_opening_reads_empty_so_presence_is_checked_after_the_read(tmp_path):
+    """LanceDB lists an opened store whose directory was moved away as a database with no tables: a reader
+    that served that listing would unpublish every task, so readers call ``require_present`` after reading."""
+    store = Store(tmp_path / "s", create=True)
+    run_id, *_ = _complete_run(store, 0)
+    assert set(store.published_runs()) == {"t1"}
+    (tmp_path / "s").rename(tmp_path / "s.moved")
+    assert store.published_runs() == {}  # the read alone cannot tell "moved" from "nothing published"
+    with pytest.raises(StoreError, match="does not exist"):
+        store.require_present()
+    (tmp_path / "s.moved").rename(tmp_path / "s")
+    store.require_present()
+    assert store.published_runs()["t1"].run_id == run_id
+
+
 @pytest.mark.parametrize("create", [False, True])
 def test_a_store_path_that_is_a_file_is_a_clear_error(tmp_path, create):
     path = tmp_path / "store"
