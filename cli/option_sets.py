@@ -57,6 +57,9 @@ HELP = {
     "statistics: L(Λ - s) ≈ L(Λ) - g·s + ½ sᵀGs, no extra pass)",
     "step_check_fraction": "gauss-newton, --step-check loss: the fraction of each round's rows also scored at the "
     "previous Λ; the decrease is the window's loss plus their paired difference (1: every row)",
+    "step_check_confidence": "gauss-newton, --step-check loss: standard errors of the measured decrease the trust "
+    "region needs before it shrinks or undoes a step (the clients also upload the paired differences' variance: "
+    "one number); 0: the point estimate decides, as in the classic rule",
     "extract_dtype": "stage-1 autocast dtype",
     "vector_coding": "stage-1 upload of the context vectors on the wire: float16 is half the bytes of float32, "
     "int8 a quarter (one scale per layer and block; the default); the server decodes to float32. "

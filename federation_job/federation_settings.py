@@ -8,6 +8,7 @@ its aggregation fields into strategy objects (the driver never dispatches on a s
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ifedicl.federation_job.class_balanced import ESTIMATORS
@@ -62,6 +63,7 @@ class FederationSettings:
     curvature_memory: float = DEFAULTS.curvature_memory  # gauss-newton: γ of the past rounds' models (0: none)
     step_check: str = DEFAULTS.step_check  # gauss-newton: loss | model (second_order.TrustRegionNewton._decrease)
     step_check_fraction: float = DEFAULTS.step_check_fraction  # loss check: of each window (second_order.checked_rows)
+    step_check_confidence: float = DEFAULTS.step_check_confidence  # loss check: TrustRegionSettings.confidence
     # early stopping (early_stopping.py): each client keeps this fraction of its shard out of the rounds
     holdout_fraction: float = DEFAULTS.holdout_fraction
     patience: int = DEFAULTS.patience  # rounds without a new best pooled held-out loss before the run stops
@@ -170,6 +172,7 @@ class FederationSettings:
                 (not self.curvature_memory, "--curvature-memory applies to --stage2 gauss-newton"),
                 (self.step_check == DEFAULTS.step_check, "--step-check applies to --stage2 gauss-newton"),
                 (self.step_check_fraction == 1, "--step-check-fraction applies to --stage2 gauss-newton"),
+                (not self.step_check_confidence, "--step-check-confidence applies to --stage2 gauss-newton"),
                 (not self.holdout_fraction, "--holdout-fraction (early stopping) goes with --stage2 gauss-newton"),
             ]
         needs, other = "--stage2 gauss-newton (the default)", "; with --stage2 local-steps it"
@@ -209,6 +212,14 @@ class FederationSettings:
             (
                 self.step_check == "loss" or self.step_check_fraction == 1,
                 "--step-check-fraction is of the rows the loss check scores: it goes with --step-check loss",
+            ),
+            (
+                math.isfinite(self.step_check_confidence) and self.step_check_confidence >= 0,
+                f"--step-check-confidence must be a finite number >= 0 (got {self.step_check_confidence})",
+            ),
+            (
+                self.step_check == "loss" or not self.step_check_confidence,
+                "--step-check-confidence is about the measured decrease's error: it goes with --step-check loss",
             ),
         ]
 
@@ -266,6 +277,7 @@ def _round_strategy(settings: FederationSettings, build) -> Strategy:
             memory=settings.curvature_memory,
             step_check=settings.step_check,
             check_fraction=settings.step_check_fraction,
+            confidence=settings.step_check_confidence,
         )
         return TrustRegionNewton(build(settings.fraction, True), trust_region)
     return server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step())

@@ -36,7 +36,14 @@ ServerDecay = Literal["constant", "cosine"]  # federation_job.server_optimizer.D
 
 # The options only IFed-ICL's rounds of Λ read (how a round moves Λ): FedAvg-LoRA's run leaves them at their
 # defaults, and an evaluation cell of another method does not depend on them.
-LAMBDA_ROUND_FIELDS = ("stage2", "curvature", "curvature_memory", "step_check", "step_check_fraction")
+LAMBDA_ROUND_FIELDS = (
+    "stage2",
+    "curvature",
+    "curvature_memory",
+    "step_check",
+    "step_check_fraction",
+    "step_check_confidence",
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ class FederationOptions:
     curvature_memory: float = 0.0  # gauss-newton: weight γ of the past rounds' quadratic models in each step
     step_check: StepCheck = "loss"  # gauss-newton: the last step's decrease measured (loss) or from the model
     step_check_fraction: float = 1.0  # gauss-newton, loss check: of each window's rows scored at the previous Λ
+    step_check_confidence: float = 0.0  # gauss-newton, loss check: standard errors a shrink needs (0: point test)
     holdout_fraction: float = 0.0  # of each shard kept out of the rounds to score Λ on (early stopping; 0: off)
     patience: int = 2  # with a held-out fraction: rounds without a new best pooled held-out loss before stopping
     extract_dtype: Dtype = "float32"
@@ -137,6 +145,7 @@ class FederationOptions:
                 "curvature_memory": self.curvature_memory,
                 "step_check": self.step_check,
                 "step_check_fraction": self.step_check_fraction,
+                "step_check_confidence": self.step_check_confidence,
                 "holdout_fraction": self.holdout_fraction,
                 "patience": self.patience,
                 "extract_dtype": self.extract_dtype,

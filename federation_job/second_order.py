@@ -55,9 +55,10 @@ STEP_CHECKS = ("loss", "model")  # how the trust region measures the last step's
 PSD_TOLERANCE = 1e-4  # an eigenvalue below -tol·max(1, ‖G‖) is not rounding: the matrix is not a Gauss-Newton one
 
 
-def stats_size(num_coefficients: int) -> int:
-    """Elements of one upload: loss now, loss at the previous Λ, g [P], upper triangle of G [P(P+1)/2]."""
-    return 2 + num_coefficients + num_coefficients * (num_coefficients + 1) // 2
+def stats_size(num_coefficients: int, spread: bool = False) -> int:
+    """Elements of one upload: loss now, loss at the previous Λ, g [P], upper triangle of G [P(P+1)/2], and
+    (``spread``, for a confidence test of the last step) the measured decrease's variance."""
+    return 2 + num_coefficients + num_coefficients * (num_coefficients + 1) // 2 + int(spread)
 
 
 @dataclass
@@ -68,29 +69,38 @@ class CurvatureStats:
     previous_loss: float  # at the previous Λ (0 when there is none)
     gradient: np.ndarray  # [P] float64
     curvature: np.ndarray  # [P, P] float64, symmetric PSD
+    # n × the variance of this client's measured decrease (previous_loss − loss: a mean of m paired differences,
+    # variance s²/m), n its example count, the weight its upload is averaged with: the weighted mean of these over
+    # clients, divided by their total count, is the variance of the pooled decrease (None: not asked for).
+    decrease_variance: float | None = None
 
     def pack(self) -> np.ndarray:
-        """-> [stats_size(P)] float64: the upload (the upper triangle of G only)."""
+        """-> [stats_size(P, spread)] float64: the upload (the upper triangle of G only)."""
         upper = self.curvature[np.triu_indices(len(self.gradient))]
-        return np.concatenate([[self.loss, self.previous_loss], self.gradient, upper])
+        spread = [] if self.decrease_variance is None else [self.decrease_variance]
+        return np.concatenate([[self.loss, self.previous_loss], self.gradient, upper, spread])
 
     @classmethod
-    def unpack(cls, flat: np.ndarray, num_coefficients: int) -> CurvatureStats:
+    def unpack(cls, flat: np.ndarray, num_coefficients: int, spread: bool = False) -> CurvatureStats:
         """An upload (or a mean of uploads) -> stats; G rebuilt symmetric from its upper triangle."""
-        p = num_coefficients
-        if flat.shape != (stats_size(p),):
-            raise FederationError(f"curvature upload has shape {flat.shape}, expected ({stats_size(p)},)")
+        p, size = num_coefficients, stats_size(num_coefficients, spread)
+        if flat.shape != (size,):
+            raise FederationError(f"curvature upload has shape {flat.shape}, expected ({size},)")
         flat = flat.astype(np.float64)
+        end = stats_size(p)
         curvature = np.zeros((p, p))
-        curvature[np.triu_indices(p)] = flat[2 + p :]
+        curvature[np.triu_indices(p)] = flat[2 + p : end]
         curvature = curvature + np.triu(curvature, 1).T
-        return cls(float(flat[0]), float(flat[1]), flat[2 : 2 + p], curvature)
+        variance = float(flat[end]) if spread else None
+        return cls(float(flat[0]), float(flat[1]), flat[2 : 2 + p], curvature, variance)
 
     def check(self) -> None:
-        """A Gauss-Newton matrix is positive semi-definite; losses are non-negative."""
+        """A Gauss-Newton matrix is positive semi-definite; losses and the decrease's variance are non-negative."""
         if self.loss < 0 or self.previous_loss < 0:
             losses = f"{self.loss:.3g}, {self.previous_loss:.3g}"
             raise FederationError(f"curvature upload reports a negative loss ({losses})")
+        if self.decrease_variance is not None and not self.decrease_variance >= 0:
+            raise FederationError(f"curvature upload reports a negative variance ({self.decrease_variance:.3g})")
         eigenvalues = np.linalg.eigvalsh(self.curvature)
         floor = -PSD_TOLERANCE * max(1.0, float(np.abs(eigenvalues).max()))
         if eigenvalues.min() < floor:
@@ -112,12 +122,15 @@ def curvature_stats(
     curvature: str = "exact",
     seed: int = 0,
     check_fraction: float = 1.0,
+    spread: bool = False,
 ) -> CurvatureStats:
     """Mean label-only loss, gradient and Gauss-Newton matrix of Λ over ``rows`` (no training noise).
 
     ``previous``: also the loss at the previous Λ, for the trust region's test of the last step; on every row,
     or (``check_fraction`` < 1) on :func:`checked_rows` only, reported as the window's loss plus the paired
-    difference on those rows (the same rows at both Λ: its noise is the step's, not the sample's).
+    difference on those rows (the same rows at both Λ: its noise is the step's, not the sample's); ``spread``:
+    also that measured decrease's variance (:attr:`CurvatureStats.decrease_variance`), so the server knows how
+    sure the measurement is.
 
     ``curvature``: ``exact`` takes C − 1 backward passes per batch (one per logit difference: the whole
     per-example Jacobian); ``sampled`` takes two whatever C: one for the exact gradient and one for
@@ -135,6 +148,7 @@ def curvature_stats(
     matrix = torch.zeros(p, p, dtype=torch.float64)  # [P, P]
     checked = set(checked_rows(rows, check_fraction, seed)) if previous is not None else set()
     loss = previous_sum = checked_sum = 0.0  # sums: all rows at Λ; checked rows at the previous Λ and at Λ
+    differences: list[torch.Tensor] = []  # [B'] per batch: the checked rows' loss at the previous Λ minus at Λ
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         prompts = [client.task.prompt(client.data.texts[i]) for i in batch]
@@ -143,13 +157,16 @@ def curvature_stats(
         if mine:
             at_previous = [torch.as_tensor(previous, dtype=torch.float32)]
             before = _label_logits(client, vec, at_previous, [prompts[j] for j in mine], per_example=False)
-            previous_sum += float(torch.nn.functional.cross_entropy(before.double(), classes[mine], reduction="sum"))
+            before_rows = torch.nn.functional.cross_entropy(before.double(), classes[mine], reduction="none")  # [B']
+            previous_sum += float(before_rows.sum())
         per_example = base.unsqueeze(0).repeat(len(batch), 1, 1, 1).requires_grad_(True)  # [B, L, 2, 2]
         logits = _label_logits(client, vec, list(per_example.unbind(0)), prompts, per_example=True)  # [B, C]
         detached = logits.detach().double()
         loss += float(torch.nn.functional.cross_entropy(detached, classes, reduction="sum"))
         if mine:
-            checked_sum += float(torch.nn.functional.cross_entropy(detached[mine], classes[mine], reduction="sum"))
+            after_rows = torch.nn.functional.cross_entropy(detached[mine], classes[mine], reduction="none")  # [B']
+            checked_sum += float(after_rows.sum())
+            differences.append(before_rows - after_rows)
         probs = torch.softmax(detached, dim=-1)  # [B, C]
         residual = probs - torch.nn.functional.one_hot(classes, probs.shape[1]).double()  # [B, C] dℓ/dz per example
         if curvature == "exact":
@@ -163,7 +180,16 @@ def curvature_stats(
         previous_loss = previous_sum / n
     else:  # the window's loss plus the checked rows' paired difference (0 without a previous Λ)
         previous_loss = max(0.0, loss / n + (previous_sum - checked_sum) / len(checked)) if checked else 0.0
-    return CurvatureStats(loss / n, previous_loss, (gradient / n).numpy(), (matrix / n).numpy())
+    variance = _decrease_variance(differences, len(client.data)) if spread else None
+    return CurvatureStats(loss / n, previous_loss, (gradient / n).numpy(), (matrix / n).numpy(), variance)
+
+
+def _decrease_variance(differences: list[torch.Tensor], weight: int) -> float:
+    """``weight`` × the variance of the mean of the paired differences (s²/m, sample variance s²); 0 for < 2."""
+    paired = torch.cat(differences) if differences else torch.zeros(0, dtype=torch.float64)  # [m]
+    if len(paired) < 2:
+        return 0.0
+    return weight * float(paired.var(correction=1)) / len(paired)
 
 
 def checked_rows(rows: list[int], fraction: float, seed: int) -> list[int]:
@@ -234,6 +260,15 @@ class TrustRegionSettings:
     memory: float = 0.0
     step_check: str = "loss"  # the last step's actual decrease: loss | model (STEP_CHECKS)
     check_fraction: float = 1.0  # with the loss check: of each window's rows scored at the previous Λ too
+    # Standard errors the measured decrease must clear before the radius shrinks or the step is rejected (0: the
+    # point estimate decides). A ratio from a sample is noisy; the classic rule (quarter on ρ < ¼, double only on
+    # ρ > ¾ at the boundary) turns that noise into a radius that collapses and never grows back (docs/recipe.md).
+    confidence: float = 0.0
+
+    @property
+    def spread(self) -> bool:
+        """Whether the clients also upload their measured decrease's variance (the confidence test needs it)."""
+        return self.confidence > 0
 
 
 @dataclass
@@ -340,10 +375,12 @@ class TrustRegionNewton(WrappedStrategy):
         ``step_check="loss"``, the previous Λ (its loss on the same examples measures the last step)."""
         measured = self.state.accepted is not None and self.settings.step_check == "loss"
         previous = {"previous": self.state.accepted.astype(np.float32)} if measured else {}
-        shape = (stats_size(coefficients.size),)
+        shape = (stats_size(coefficients.size, self.settings.spread),)
         meta = {"curvature": self.settings.curvature}
         if measured and self.settings.check_fraction < 1:
             meta["check_fraction"] = self.settings.check_fraction
+        if self.settings.spread:
+            meta["spread"] = True
         return RoundUpload("curvature", "curvature", shape, None, previous, meta)
 
     def decode(
@@ -353,11 +390,12 @@ class TrustRegionNewton(WrappedStrategy):
         updates, rejected = super().decode(answers, key, shape, read)
         if self.masked:
             return updates, rejected
-        p = _coefficient_count(shape[0])
+        spread = self.settings.spread
+        p = _coefficient_count(shape[0] - spread)
         kept = []
         for update in updates:
             try:
-                CurvatureStats.unpack(update.values, p).check()
+                CurvatureStats.unpack(update.values, p, spread).check()
                 kept.append(update)
             except FederationError as err:
                 rejected[update.client_id] = f"rejected update: client {update.client_id}: {err}"
@@ -373,18 +411,20 @@ class TrustRegionNewton(WrappedStrategy):
         if reference is None:
             raise FederationError("a trust-region step needs the round's Λ")
         result = self.inner.aggregate(at, updates)  # a mean of statistics, not a step from Λ: no reference
-        stats = CurvatureStats.unpack(result.value.astype(np.float64), reference.size)
+        stats = CurvatureStats.unpack(result.value.astype(np.float64), reference.size, self.settings.spread)
         stats.check()  # under secure aggregation the sum is the first thing the server can check
         state, start = self.state, reference.astype(np.float64)
         gradient, curvature = stats.gradient, stats.curvature
         if state.accepted is not None and state.predicted > 0:
             ratio = self._decrease(stats, reference) / state.predicted
-            if ratio < 0:  # the last step made the pooled loss worse: retry from where it started, closer in
+            # ρ's upper confidence bound: the radius shrinks (or the step is undone) only on evidence
+            optimistic = ratio + self.settings.confidence * self._error(stats, result.used) / state.predicted
+            if optimistic < 0:  # the last step made the pooled loss worse: retry from where it started, closer in
                 start, gradient, curvature = state.accepted, state.gradient, state.curvature
                 state.radius = max(self.settings.min_radius, state.radius / 4)
             elif ratio > 0.75 and state.last_step >= 0.99 * state.radius:
                 state.radius = min(self.settings.max_radius, state.radius * 2)
-            elif ratio < 0.25:
+            elif optimistic < 0.25:
                 state.radius = max(self.settings.min_radius, state.radius / 4)
         if self.settings.memory > 0:  # this window's model joins the sum (taken at the round's Λ, even if rejected)
             state.remember(stats, reference.astype(np.float64), self.settings.memory)
@@ -395,6 +435,15 @@ class TrustRegionNewton(WrappedStrategy):
         state.last_step = float(np.linalg.norm(step))
         value = (start.reshape(-1) + step).reshape(reference.shape)  # [L, 2, 2]
         return replace(result, value=value.astype(np.float32))
+
+    @staticmethod
+    def _error(stats: CurvatureStats, used: list[ClientUpdate]) -> float:
+        """The measured decrease's standard error: the pooled variance is Σ(nₖ/N)²·varₖ, which is the weighted
+        mean of the uploaded nₖ·varₖ divided by N (0 when the clients were not asked for it)."""
+        total = sum(update.num_examples for update in used)
+        if stats.decrease_variance is None or total == 0:
+            return 0.0
+        return math.sqrt(stats.decrease_variance / total)
 
     def _decrease(self, stats: CurvatureStats, reference: np.ndarray) -> float:
         """The pooled loss's decrease over the last step s (accepted -> ``reference``) on this round's examples:

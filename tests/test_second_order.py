@@ -96,6 +96,15 @@ def test_the_clients_statistics_are_the_label_only_losss_gradient_and_gauss_newt
     assert half.previous_loss == pytest.approx(stats.loss + paired, rel=1e-4)
     np.testing.assert_allclose(half.pack()[2:], stats.pack()[2:], rtol=1e-6, atol=1e-9)
     assert half.loss == pytest.approx(stats.loss, rel=1e-6)
+    # spread: the same statistics plus n × the variance of the paired mean, from the rows' own differences
+    spread = curvature_stats(client, vectors, moved, rows, start, 4, seed=3, check_fraction=0.5, spread=True)
+    one_row = [client.evaluate_loss(vectors, start, rows=[i]) - client.evaluate_loss(vectors, moved, rows=[i])
+               for i in checked]  # fmt: skip
+    assert spread.decrease_variance == pytest.approx(len(rows) * np.var(one_row, ddof=1) / len(checked), rel=1e-3)
+    packed = spread.pack()
+    assert packed.shape == (stats_size(start.size, spread=True),)
+    np.testing.assert_allclose(packed[:-1], half.pack(), rtol=1e-9)
+    assert CurvatureStats.unpack(packed, start.size, spread=True).decrease_variance == spread.decrease_variance
 
 
 def test_the_sampled_curvature_has_the_exact_gradient_and_estimates_the_gauss_newton_matrix_unbiased(
@@ -269,6 +278,52 @@ def test_the_loss_check_on_a_fraction_is_asked_for_only_when_there_is_a_step_to_
     assert "check_fraction" not in TrustRegionNewton(FedAvg()).round_upload(at).meta  # every row: as before
 
 
+def _measured(cid: int, examples: int, decrease: float, variance: float) -> ClientUpdate:
+    """A client's round-2 upload: the loss fell by ``decrease`` on its checked rows, with that measurement's
+    variance ``variance`` (uploaded times the client's example count, as curvature_stats does)."""
+    stats = CurvatureStats(0.5, 0.5 + decrease, np.ones(P), np.eye(P), examples * variance)
+    return ClientUpdate(cid, stats.pack().astype(np.float32), examples, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("decrease_of_predicted", "error_of_predicted", "confidence", "outcome"),
+    [
+        (0.1, 0.5, 0.0, "shrunk"),  # ρ = 0.1: the classic rule quarters the radius
+        (0.1, 0.5, 1.0, "kept"),  # ... but 0.1 + 1 s.e. = 0.6 ≥ ¼: not evidence that the model was poor
+        (0.1, 0.1, 1.0, "shrunk"),  # 0.1 + 0.1 < ¼: it was
+        (-0.5, 0.2, 1.0, "rejected"),  # the loss rose, 2.5 s.e. clear of 0: the step is undone
+        (-0.5, 0.8, 1.0, "kept"),  # within 1 s.e. of no change (and of ¼): neither undone nor shrunk
+    ],
+)
+def test_with_a_confidence_the_trust_region_shrinks_or_undoes_a_step_only_on_evidence(
+    decrease_of_predicted, error_of_predicted, confidence, outcome
+):
+    """The measured decrease over the last step comes with its standard error (pooled from two clients of 10 and
+    30 examples: Σ(nₖ/N)²·varₖ); the radius is quartered only if ρ's upper bound is under ¼, the step undone only
+    if it is under 0. Confidence 0 is the classic rule."""
+    settings = TrustRegionSettings(check_fraction=0.25, confidence=confidence)
+    newton = TrustRegionNewton(FedAvg(weighted=True), settings)
+    reference = np.zeros((2, 2, 2), np.float32)
+    spread = confidence > 0
+    assert newton.round_upload(reference).shape == (stats_size(P, spread),)
+    assert newton.round_upload(reference).meta.get("spread", False) == spread
+    round_one = CurvatureStats(0.5, 0.0, np.linspace(-1, 1, P), 0.01 * np.eye(P), 0.0 if spread else None)
+    first = newton.aggregate(
+        RoundId("calibrate", 1, "r1"), [ClientUpdate(0, round_one.pack().astype(np.float32), 10, 0.5)], reference
+    ).value
+    predicted = newton.state.predicted
+    error = error_of_predicted * predicted  # the pooled s.e. wanted: each client's variance gives it
+    variance = error**2 / ((10 / 40) ** 2 + (30 / 40) ** 2)  # the same varₖ at both clients
+    decrease = decrease_of_predicted * predicted
+    uploads = [_measured(0, 10, decrease, variance), _measured(1, 30, decrease, variance)]
+    if not spread:
+        uploads = [ClientUpdate(u.client_id, u.values[:-1], u.num_examples, u.loss) for u in uploads]
+    newton.aggregate(RoundId("calibrate", 2, "r2"), uploads, first)
+    undone = outcome == "rejected"  # the next step starts again from round 1's start
+    np.testing.assert_allclose(newton.state.accepted, reference if undone else first, atol=1e-7)
+    assert newton.state.radius == pytest.approx(0.5 if outcome == "kept" else 0.125, rel=1e-6)
+
+
 def test_the_model_step_check_takes_back_a_step_whose_new_gradient_says_it_overshot():
     """Round 2's statistics at the new Λ: the gradient points back along the step, steeply (the loss curved up
     far more than round 1's model said), so the decrease read from them is negative: rejected, radius / 4."""
@@ -308,6 +363,10 @@ def test_gauss_newton_refuses_what_it_does_not_go_with_and_names_the_way_out(fie
         ({"stage2": "local-steps", "step_check_fraction": 0.5}, "--step-check-fraction applies to --stage2"),
         ({"step_check_fraction": 0.0}, r"--step-check-fraction must be in \(0, 1\] \(got 0.0\)"),
         ({"step_check": "model", "step_check_fraction": 0.5}, "it goes with --step-check loss"),
+        ({"stage2": "local-steps", "step_check_confidence": 1.0}, "--step-check-confidence applies to --stage2"),
+        ({"step_check_confidence": -1.0}, r"--step-check-confidence must be a finite number >= 0 \(got -1.0\)"),
+        ({"step_check_confidence": float("nan")}, "--step-check-confidence must be a finite number"),
+        ({"step_check": "model", "step_check_confidence": 1.0}, "it goes with --step-check loss"),
     ):
         with pytest.raises(IfediclError, match=refused):
             FederationOptions(**fields).settings(0.5, 0).validate()
@@ -380,12 +439,16 @@ def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_sessi
     for name in ("gradient", "curvature"):
         np.testing.assert_allclose(masked_state[name], plain_state[name], rtol=1e-5, atol=4 * resolution)
     np.testing.assert_allclose(masked.coefficients, result.coefficients, atol=1e-4)
-    # the model step check (no previous Λ sent) and the loss check on half the rows (the fraction sent): round 1,
-    # with no step to check yet, is the same
-    for name, fields in (("model", {"step_check": "model"}), ("half", {"step_check_fraction": 0.5})):
+    # the model step check (no previous Λ sent), the loss check on half the rows (the fraction sent) and with a
+    # confidence test (its uploads carry one more number): round 1, with no step to check yet, is the same
+    confident = {"step_check_fraction": 0.5, "step_check_confidence": 1.0}
+    for name, fields in (("model", {"step_check": "model"}), ("half", {"step_check_fraction": 0.5}),
+                         ("confident", confident)):  # fmt: skip
         variant = dataclasses.replace(settings, **fields)
         checked = Federation(str(llama_dir), source, str(tmp_path / name), variant).run()
         assert len([r for r in checked.rounds if r.round > 0]) == 3 and not any(r.dropped for r in checked.rounds)
+        size = stats_size(p, spread=name == "confident") * 4
+        assert all(size < b < size + 2048 for r in checked.rounds if r.round > 0 for b in r.bytes_up)
         first = Store(tmp_path / name).coefficients_by_round(checked.run_id)[1]
         np.testing.assert_allclose(first, Store(tmp_path / "store").coefficients_by_round(result.run_id)[1], atol=1e-6)
 
