@@ -92,7 +92,7 @@ ABLATION_VARIANTS: dict[str, dict] = {
     # The loss check on a quarter of each window's rows, paired with their loss at the new Λ: the previous Λ's
     # forward on ¼ of the examples (a binary round: 1.37× a LoRA pass -> about 1.0×, bench/client_rounds.py).
     "gauss-newton check on ¼": {"federation": {"stage2": "gauss-newton", "step_check_fraction": 0.25}},
-    "gauss-newton check on ¼, 1 s.e.": {
+    "gauss-newton check on ¼ within 1 s.e.": {
         "federation": {"stage2": "gauss-newton", "step_check_fraction": 0.25, "step_check_confidence": 1.0}
     },
     # Early stopping on the clients' held-out loss (a fifth of each shard kept out of the rounds; two rounds
