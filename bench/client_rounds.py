@@ -8,6 +8,8 @@ the LoRA pass. Prints figures, asserts nothing.
 
 - ``gauss-newton, loss check``: the statistics a second-order round uploads (loss, gradient, Gauss-Newton
   matrix of Λ at C − 1 backward passes per example) plus the loss at the previous Λ (one more forward);
+- ``gauss-newton, check on ¼``: the default round: that forward on a quarter of the rows, plus the paired
+  differences' variance for the confidence test (``--step-check-fraction 0.25 --step-check-confidence 1``);
 - ``gauss-newton, model check``: the same statistics without that forward (``--step-check model``);
 - ``gauss-newton sampled``: two backward passes whatever C (``--curvature sampled``), model check;
 - ``local steps (AdamW)``: the paper's round, one pass of I2CL's AdamW steps on Λ (batch 2);
@@ -64,16 +66,19 @@ def main() -> None:
     previous = start + np.float32(0.01)
     config = CalibrationConfig(epochs=1)
 
-    def second_order(curvature: str, check_previous: bool):
+    def second_order(curvature: str, checked: float | None):
+        """A round's statistics; ``checked``: the fraction of rows also scored at the previous Λ (None: none)."""
         return lambda: curvature_stats(
-            client, vectors, start, rows, previous if check_previous else None, args.batch_size, curvature
-        )
+            client, vectors, start, rows, previous if checked else None, args.batch_size, curvature,
+            check_fraction=checked or 1.0, spread=checked is not None and checked < 1,
+        )  # fmt: skip
 
     methods = {
         "stage 1 (vectors)": lambda: client.extract_vectors(batch_size=args.batch_size),
-        "gauss-newton, loss check": second_order("exact", True),
-        "gauss-newton, model check": second_order("exact", False),
-        "gauss-newton sampled": second_order("sampled", False),
+        "gauss-newton, loss check": second_order("exact", 1.0),
+        "gauss-newton, check on ¼": second_order("exact", 0.25),
+        "gauss-newton, model check": second_order("exact", None),
+        "gauss-newton sampled": second_order("sampled", None),
         "local steps (AdamW)": lambda: client.calibrate(vectors, start, config, seed=0),
     }
     lora_client: LoraClient | None = None

@@ -193,11 +193,14 @@ class EvalSettings:
         and, for a method other than IFed-ICL, less how IFed-ICL's rounds move Λ (:data:`LAMBDA_ROUND_FIELDS`)."""
         from ifedicl.federation_job.vector_coding import default_coding
 
-        effective = {"stage2": FEDERATION.stage2, **self.federation}
+        defaults = {name: getattr(FEDERATION, name) for name in FEDERATION_HASH_BASELINE if name != "vector_coding"}
+        effective = {**defaults, **self.federation}
         if effective.get("vector_coding") is None:
             effective["vector_coding"] = default_coding(bool(effective.get("secagg")))
         if method is not None and method != "ifedicl":
             effective = {k: v for k, v in effective.items() if k not in LAMBDA_ROUND_FIELDS}
+        if effective.get("stage2") != "gauss-newton" or effective.get("step_check") == "model":
+            effective = {k: v for k, v in effective.items() if k not in LOSS_CHECK_FIELDS}  # nothing reads them
         return {
             k: v for k, v in effective.items() if k not in FEDERATION_HASH_BASELINE or FEDERATION_HASH_BASELINE[k] != v
         }
@@ -225,8 +228,16 @@ class EvalSettings:
 
 # What the federation computed with when the cell hash first covered it. A default changed since enters the
 # hash as its effective value (a new default makes older cells stale); naming this value keeps them current.
-# stage2: the cells before the second-order round became the default (issue 30) moved Λ by local AdamW steps.
-FEDERATION_HASH_BASELINE = {"vector_coding": "float32", "stage2": "local-steps"}
+# stage2: the cells before the second-order round became the default (issue 30) moved Λ by local AdamW steps;
+# step_check_*: before the sampled loss check with a confidence test did, the trust region checked every row.
+FEDERATION_HASH_BASELINE = {
+    "vector_coding": "float32",
+    "stage2": "local-steps",
+    "step_check_fraction": 1.0,
+    "step_check_confidence": 0.0,
+}
+# What only the trust region's loss check reads: out of the hash of a cell whose rounds do not check that way.
+LOSS_CHECK_FIELDS = ("step_check_fraction", "step_check_confidence")
 
 
 SCORED_ROUNDS: tuple[str, ...] = get_args(ScoredRounds)

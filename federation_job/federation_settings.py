@@ -171,8 +171,14 @@ class FederationSettings:
                 (self.curvature == "exact", "--curvature applies to --stage2 gauss-newton"),
                 (not self.curvature_memory, "--curvature-memory applies to --stage2 gauss-newton"),
                 (self.step_check == DEFAULTS.step_check, "--step-check applies to --stage2 gauss-newton"),
-                (self.step_check_fraction == 1, "--step-check-fraction applies to --stage2 gauss-newton"),
-                (not self.step_check_confidence, "--step-check-confidence applies to --stage2 gauss-newton"),
+                (
+                    self.step_check_fraction == DEFAULTS.step_check_fraction,
+                    "--step-check-fraction applies to --stage2 gauss-newton",
+                ),
+                (
+                    self.step_check_confidence == DEFAULTS.step_check_confidence,
+                    "--step-check-confidence applies to --stage2 gauss-newton",
+                ),
                 (not self.holdout_fraction, "--holdout-fraction (early stopping) goes with --stage2 gauss-newton"),
             ]
         needs, other = "--stage2 gauss-newton (the default)", "; with --stage2 local-steps it"
@@ -210,7 +216,7 @@ class FederationSettings:
                 f"--step-check-fraction must be in (0, 1] (got {self.step_check_fraction})",
             ),
             (
-                self.step_check == "loss" or self.step_check_fraction == 1,
+                self.step_check == "loss" or self.step_check_fraction == DEFAULTS.step_check_fraction,
                 "--step-check-fraction is of the rows the loss check scores: it goes with --step-check loss",
             ),
             (
@@ -218,7 +224,7 @@ class FederationSettings:
                 f"--step-check-confidence must be a finite number >= 0 (got {self.step_check_confidence})",
             ),
             (
-                self.step_check == "loss" or not self.step_check_confidence,
+                self.step_check == "loss" or self.step_check_confidence == DEFAULTS.step_check_confidence,
                 "--step-check-confidence is about the measured decrease's error: it goes with --step-check loss",
             ),
         ]

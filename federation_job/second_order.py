@@ -99,13 +99,13 @@ class CurvatureStats:
         if self.loss < 0 or self.previous_loss < 0:
             losses = f"{self.loss:.3g}, {self.previous_loss:.3g}"
             raise FederationError(f"curvature upload reports a negative loss ({losses})")
-        if self.decrease_variance is not None and not self.decrease_variance >= 0:
-            raise FederationError(f"curvature upload reports a negative variance ({self.decrease_variance:.3g})")
         eigenvalues = np.linalg.eigvalsh(self.curvature)
         floor = -PSD_TOLERANCE * max(1.0, float(np.abs(eigenvalues).max()))
         if eigenvalues.min() < floor:
             lowest = f"{eigenvalues.min():.3g}"
             raise FederationError(f"curvature matrix is not positive semi-definite (eigenvalue {lowest})")
+        if self.decrease_variance is not None and not self.decrease_variance >= 0:
+            raise FederationError(f"curvature upload reports a negative variance ({self.decrease_variance:.3g})")
 
 
 # ---------------------------------------------------------------------------------------------- client side
@@ -268,7 +268,7 @@ class TrustRegionSettings:
     @property
     def spread(self) -> bool:
         """Whether the clients also upload their measured decrease's variance (the confidence test needs it)."""
-        return self.confidence > 0
+        return self.confidence > 0 and self.step_check == "loss"
 
 
 @dataclass

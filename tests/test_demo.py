@@ -44,6 +44,7 @@ def test_demo_federates_serves_and_beats_zero_shot(tmp_path, real_models):
     assert result["served_accuracy"] >= result["zero_shot_accuracy"] + MEASURED_GAIN - SLACK
     # A round's upload: the loss twice, the gradient and the upper triangle of the Gauss-Newton matrix of the
     # 120 coefficients (30 layers x 2 blocks x 2), float32, plus its framing (216 B measured).
-    assert 4 * stats_size(120) <= result["round_bytes_up_per_client"] <= 4 * stats_size(120) + 256
+    stats_bytes = 4 * stats_size(120, spread=True)  # the default check also sends its decrease's variance
+    assert stats_bytes <= result["round_bytes_up_per_client"] <= stats_bytes + 256
     store = Store(workdir / "store")
     assert store.published_run_id("subj") == result["run_id"]

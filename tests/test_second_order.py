@@ -324,6 +324,16 @@ def test_with_a_confidence_the_trust_region_shrinks_or_undoes_a_step_only_on_evi
     assert newton.state.radius == pytest.approx(0.5 if outcome == "kept" else 0.125, rel=1e-6)
 
 
+def test_an_upload_with_a_negative_variance_is_rejected_by_name():
+    newton = TrustRegionNewton(FedAvg(weighted=True), TrustRegionSettings(confidence=1.0))
+    from ifedicl.federation_job import wire
+
+    answers = {0: wire.encode({"curvature": _measured(0, 10, 0.1, 0.01).values}, num_examples=10),
+               1: wire.encode({"curvature": _measured(1, 10, 0.1, -0.01).values}, num_examples=10)}  # fmt: skip
+    updates, rejected = newton.decode(answers, "curvature", (stats_size(P, spread=True),))
+    assert [u.client_id for u in updates] == [0] and "negative variance" in rejected[1]
+
+
 def test_the_model_step_check_takes_back_a_step_whose_new_gradient_says_it_overshot():
     """Round 2's statistics at the new Λ: the gradient points back along the step, steeply (the loss curved up
     far more than round 1's model said), so the decrease read from them is negative: rejected, radius / 4."""
@@ -363,10 +373,10 @@ def test_gauss_newton_refuses_what_it_does_not_go_with_and_names_the_way_out(fie
         ({"stage2": "local-steps", "step_check_fraction": 0.5}, "--step-check-fraction applies to --stage2"),
         ({"step_check_fraction": 0.0}, r"--step-check-fraction must be in \(0, 1\] \(got 0.0\)"),
         ({"step_check": "model", "step_check_fraction": 0.5}, "it goes with --step-check loss"),
-        ({"stage2": "local-steps", "step_check_confidence": 1.0}, "--step-check-confidence applies to --stage2"),
+        ({"stage2": "local-steps", "step_check_confidence": 2.0}, "--step-check-confidence applies to --stage2"),
         ({"step_check_confidence": -1.0}, r"--step-check-confidence must be a finite number >= 0 \(got -1.0\)"),
         ({"step_check_confidence": float("nan")}, "--step-check-confidence must be a finite number"),
-        ({"step_check": "model", "step_check_confidence": 1.0}, "it goes with --step-check loss"),
+        ({"step_check": "model", "step_check_confidence": 2.0}, "it goes with --step-check loss"),
     ):
         with pytest.raises(IfediclError, match=refused):
             FederationOptions(**fields).settings(0.5, 0).validate()
@@ -401,12 +411,37 @@ def test_an_evaluation_cell_names_the_effective_stage2():
         assert new_default.cell_hash(method) == pinned.cell_hash(method)
 
 
+def test_cells_of_the_every_row_check_keep_their_hash_and_the_sampled_default_gets_its_own():
+    """The default trust-region test became a quarter of the rows within one standard error: a second-order cell
+    computed before (every row, point test: nothing named) keeps its hash when it names that check, an IFed-ICL
+    cell under the new default does not share it, and cells whose rounds do not read the loss check (local steps,
+    the model check, the methods without rounds of Λ) are unchanged."""
+    from ifedicl.evaluation.settings import EvalSettings
+    from ifedicl.evaluation.variants import EVERY_ROW_CHECKED
+
+    before = EvalSettings("m", ["t"], federation={"stage2": "gauss-newton"}).federation_for_hash("ifedicl")
+    assert before == {"stage2": "gauss-newton", "vector_coding": "int8", "step_check_fraction": 0.25,
+                      "step_check_confidence": 1.0}  # fmt: skip
+    every_row = EvalSettings("m", ["t"], federation={"stage2": "gauss-newton", **EVERY_ROW_CHECKED})
+    assert every_row.federation_for_hash("ifedicl") == {"stage2": "gauss-newton", "vector_coding": "int8"}
+    assert EvalSettings("m", ["t"]).cell_hash("ifedicl") != every_row.cell_hash("ifedicl")
+    model = EvalSettings("m", ["t"], federation={"step_check": "model"}).federation_for_hash("ifedicl")
+    assert model == {"stage2": "gauss-newton", "vector_coding": "int8", "step_check": "model"}
+    steps = EvalSettings("m", ["t"], federation={"stage2": "local-steps"})
+    assert steps.federation_for_hash("ifedicl") == {"vector_coding": "int8"}
+    assert EvalSettings("m", ["t"]).cell_hash("fedavg_lora") == every_row.cell_hash("fedavg_lora")
+    # the model check takes the loss check's defaults silently, and refuses them named otherwise
+    FederationOptions(step_check="model").settings(0.5, 0).validate()
+    assert not TrustRegionSettings(step_check="model", confidence=1.0).spread
+
+
 def test_the_stage2_setting_builds_a_trust_region_over_a_weighted_mean():
     options = FederationOptions(curvature="sampled")
     built = build_strategies(options.settings(0.5, 0), None)
     assert isinstance(built.coefficients, TrustRegionNewton) and built.coefficients.inner.weighted
     upload = built.coefficients.round_upload(np.zeros((3, 2, 2), np.float32))
-    assert (upload.method, upload.shape, upload.meta) == ("curvature", (stats_size(12),), {"curvature": "sampled"})
+    meta = {"curvature": "sampled", "spread": True}  # the default check's confidence test needs the spread
+    assert (upload.method, upload.shape, upload.meta) == ("curvature", (stats_size(12, spread=True),), meta)
     assert upload.extra == {}  # no previous Λ before the first step
 
 
@@ -439,15 +474,15 @@ def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_sessi
     for name in ("gradient", "curvature"):
         np.testing.assert_allclose(masked_state[name], plain_state[name], rtol=1e-5, atol=4 * resolution)
     np.testing.assert_allclose(masked.coefficients, result.coefficients, atol=1e-4)
-    # the model step check (no previous Λ sent), the loss check on half the rows (the fraction sent) and with a
-    # confidence test (its uploads carry one more number): round 1, with no step to check yet, is the same
-    confident = {"step_check_fraction": 0.5, "step_check_confidence": 1.0}
+    # the model step check (no previous Λ sent), the loss check on half the rows (the fraction sent) and on every
+    # row with the point test (no spread uploaded): round 1, with no step to check yet, is the same
+    every_row = {"step_check_fraction": 1.0, "step_check_confidence": 0.0}
     for name, fields in (("model", {"step_check": "model"}), ("half", {"step_check_fraction": 0.5}),
-                         ("confident", confident)):  # fmt: skip
+                         ("every row", every_row)):  # fmt: skip
         variant = dataclasses.replace(settings, **fields)
         checked = Federation(str(llama_dir), source, str(tmp_path / name), variant).run()
         assert len([r for r in checked.rounds if r.round > 0]) == 3 and not any(r.dropped for r in checked.rounds)
-        size = stats_size(p, spread=name == "confident") * 4
+        size = stats_size(p, spread=name == "half") * 4
         assert all(size < b < size + 2048 for r in checked.rounds if r.round > 0 for b in r.bytes_up)
         first = Store(tmp_path / name).coefficients_by_round(checked.run_id)[1]
         np.testing.assert_allclose(first, Store(tmp_path / "store").coefficients_by_round(result.run_id)[1], atol=1e-6)
