@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from ifedicl.federation_job.options import LAMBDA_ROUND_FIELDS, FederationOptions
+from ifedicl.federation_job.options import LAMBDA_ROUND_FIELDS, LOSS_CHECK_FIELDS, FederationOptions
 
 # Display order = the paper's table order, cheap methods first.
 METHODS: tuple[str, ...] = (
@@ -200,7 +200,7 @@ class EvalSettings:
         if method is not None and method != "ifedicl":
             effective = {k: v for k, v in effective.items() if k not in LAMBDA_ROUND_FIELDS}
         if effective.get("stage2") != "gauss-newton" or effective.get("step_check") == "model":
-            effective = {k: v for k, v in effective.items() if k not in LOSS_CHECK_FIELDS}  # nothing reads them
+            effective = {k: v for k, v in effective.items() if k not in LOSS_CHECK_FIELDS}  # no round reads them
         return {
             k: v for k, v in effective.items() if k not in FEDERATION_HASH_BASELINE or FEDERATION_HASH_BASELINE[k] != v
         }
@@ -236,8 +236,6 @@ FEDERATION_HASH_BASELINE = {
     "step_check_fraction": 1.0,
     "step_check_confidence": 0.0,
 }
-# What only the trust region's loss check reads: out of the hash of a cell whose rounds do not check that way.
-LOSS_CHECK_FIELDS = ("step_check_fraction", "step_check_confidence")
 
 
 SCORED_ROUNDS: tuple[str, ...] = get_args(ScoredRounds)

@@ -6,6 +6,9 @@ and ``ifedicl ablate`` (:mod:`ifedicl.cli.report`) read them, the renderers quot
 
 from __future__ import annotations
 
+from ifedicl.evaluation.settings import FEDERATION_HASH_BASELINE
+from ifedicl.federation_job.options import LOSS_CHECK_FIELDS
+
 # What `ifedicl report` computes with unless --dtype/--rounds/--local-epochs/--test-size say otherwise (the
 # ablation's: ABLATION_DEFAULTS). float32: the machines this project gets (2-core AVX2) have no bfloat16 kernels,
 # where bfloat16 runs far slower; the first report's cells (docs/report-bfloat16) were bfloat16 on a CPU that had
@@ -38,7 +41,7 @@ REPORT_BASE: dict = {
 ABLATION_BASE: dict = {"federation": {"vector_coding": "float32", "stage2": "local-steps"}}
 # The trust region's test as it was before the sampled check with a confidence test became the default: the
 # second-order variants measured then keep their cells (and say what they computed).
-EVERY_ROW_CHECKED = {"step_check_fraction": 1.0, "step_check_confidence": 0.0}
+EVERY_ROW_CHECKED = {name: FEDERATION_HASH_BASELINE[name] for name in LOSS_CHECK_FIELDS}
 # Its cells' model dtype and budget unless --dtype/--rounds/--local-epochs say otherwise: the recipe every
 # variant was first measured against (the report's own: REPORT_DEFAULTS).
 ABLATION_DEFAULTS = {"dtype": "float32", "rounds": 3, "local_epochs": 1.0, "test_size": 200}

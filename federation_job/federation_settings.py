@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ifedicl.federation_job.class_balanced import ESTIMATORS
 from ifedicl.federation_job.client import EPOCHS_RULE, CalibrationConfig, valid_epochs
 from ifedicl.federation_job.objective import OBJECTIVES
-from ifedicl.federation_job.options import FederationOptions
+from ifedicl.federation_job.options import LAMBDA_ROUND_FIELDS, FederationOptions
 from ifedicl.federation_job.privacy import PrivacySettings
 from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
 from ifedicl.federation_job.secagg import MIN_COHORT, SecureFedAvg, Transport
@@ -167,18 +167,9 @@ class FederationSettings:
         """What --stage2 gauss-newton goes with: it steps on the pooled label-only loss of every coefficient,
         from uploads of statistics (second_order.py), so it is its own server step and has no DP noise model."""
         if self.stage2 != "gauss-newton":
+            unchanged = [(getattr(self, n) == getattr(DEFAULTS, n), n) for n in LAMBDA_ROUND_FIELDS if n != "stage2"]
             return [
-                (self.curvature == "exact", "--curvature applies to --stage2 gauss-newton"),
-                (not self.curvature_memory, "--curvature-memory applies to --stage2 gauss-newton"),
-                (self.step_check == DEFAULTS.step_check, "--step-check applies to --stage2 gauss-newton"),
-                (
-                    self.step_check_fraction == DEFAULTS.step_check_fraction,
-                    "--step-check-fraction applies to --stage2 gauss-newton",
-                ),
-                (
-                    self.step_check_confidence == DEFAULTS.step_check_confidence,
-                    "--step-check-confidence applies to --stage2 gauss-newton",
-                ),
+                *((ok, f"--{_flag(name)} applies to --stage2 gauss-newton") for ok, name in unchanged),
                 (not self.holdout_fraction, "--holdout-fraction (early stopping) goes with --stage2 gauss-newton"),
             ]
         needs, other = "--stage2 gauss-newton (the default)", "; with --stage2 local-steps it"
@@ -287,3 +278,8 @@ def _round_strategy(settings: FederationSettings, build) -> Strategy:
         )
         return TrustRegionNewton(build(settings.fraction, True), trust_region)
     return server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step())
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a federation option: ``step_check_fraction`` -> ``step-check-fraction``."""
+    return name.replace("_", "-")

@@ -44,6 +44,8 @@ LAMBDA_ROUND_FIELDS = (
     "step_check_fraction",
     "step_check_confidence",
 )
+# Of those, what only the trust region's loss check reads (--step-check loss).
+LOSS_CHECK_FIELDS = ("step_check_fraction", "step_check_confidence")
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,8 @@ class FederationOptions:
     step_check: StepCheck = "loss"  # gauss-newton: the last step's decrease measured (loss) or from the model
     # gauss-newton, loss check: of each window's rows scored at the previous Λ, and the standard errors of that
     # measured decrease a shrink needs (0: the point estimate decides). A quarter within one standard error kept
-    # the full check's accuracy on Subj for 21% less client CPU; the full check with the point test collapsed the
-    # radius once it was sampled (docs/recipe.md).
+    # the full check's accuracy on Subj for 21% less client CPU; the point test on a sampled check collapsed the
+    # radius (docs/recipe.md).
     step_check_fraction: float = 0.25
     step_check_confidence: float = 1.0
     holdout_fraction: float = 0.0  # of each shard kept out of the rounds to score Λ on (early stopping; 0: off)
