@@ -92,6 +92,11 @@ ABLATION_VARIANTS: dict[str, dict] = {
     "gauss-newton memory 0.75": {
         "federation": {"stage2": "gauss-newton", "curvature_memory": 0.75, **EVERY_ROW_CHECKED}
     },
+    # Both, under the default check: one drawn label's curvature is noisy in a window (Emotion stalled at 50%), and
+    # memory averages about four windows' worth of it; two backward passes per round instead of C - 1.
+    "gauss-newton sampled with memory 0.75": {
+        "federation": {"stage2": "gauss-newton", "curvature": "sampled", "curvature_memory": 0.75}
+    },
     # Half the examples per round (each round the next ⅛ of every shard; 16 rounds: 2 whole passes): is a second-
     # order round limited by its steps or by its window's data? Each round costs half of a "gauss-newton" round.
     "gauss-newton ⅛ window": {
