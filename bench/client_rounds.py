@@ -8,8 +8,10 @@ the LoRA pass. Prints figures, asserts nothing.
 
 - ``gauss-newton, loss check``: the statistics a second-order round uploads (loss, gradient, Gauss-Newton
   matrix of Λ at C − 1 backward passes per example) plus the loss at the previous Λ (one more forward);
-- ``gauss-newton, check on ¼``: the default round: that forward on a quarter of the rows, plus the paired
-  differences' variance for the confidence test (``--step-check-fraction 0.25 --step-check-confidence 1``);
+- ``gauss-newton, check on ¼``: that forward on a quarter of the rows, plus the paired differences' variance
+  for the confidence test (``--step-check-fraction 0.25 --step-check-confidence 1``, the default);
+- ``gauss-newton sampled, check on ¼``: the same with two backward passes whatever C (``--curvature sampled``):
+  the default round above 4 classes (``--curvature auto``); the one above it up to 4;
 - ``gauss-newton, model check``: the same statistics without that forward (``--step-check model``);
 - ``gauss-newton sampled``: two backward passes whatever C (``--curvature sampled``), model check;
 - ``local steps (AdamW)``: the paper's round, one pass of I2CL's AdamW steps on Λ (batch 2);
@@ -31,6 +33,7 @@ import torch
 
 from ifedicl.federation_job.client import CalibrationConfig, Client
 from ifedicl.federation_job.lora import LoraClient, LoraSettings, trainable_state
+from ifedicl.federation_job.options import resolve_curvature
 from ifedicl.federation_job.second_order import curvature_stats
 from ifedicl.kernel.data import load_task_dir
 from ifedicl.kernel.modeling import load_model, load_tokenizer
@@ -77,6 +80,7 @@ def main() -> None:
         "stage 1 (vectors)": lambda: client.extract_vectors(batch_size=args.batch_size),
         "gauss-newton, loss check": second_order("exact", 1.0),
         "gauss-newton, check on ¼": second_order("exact", 0.25),
+        "gauss-newton sampled, check on ¼": second_order("sampled", 0.25),
         "gauss-newton, model check": second_order("exact", None),
         "gauss-newton sampled": second_order("sampled", None),
         "local steps (AdamW)": lambda: client.calibrate(vectors, start, config, seed=0),
@@ -100,12 +104,13 @@ def main() -> None:
 
     baseline = statistics.median(seconds["FedAvg-LoRA"])
     classes = len(data.task.labels)
+    default = "gauss-newton sampled" if resolve_curvature("auto", None, classes)[0] == "sampled" else "gauss-newton"
     print(f"{args.model} on {data.task.name} ({classes} classes), {len(rows)} examples, {args.threads} thread(s), "
-          f"median of {args.repeats}")  # fmt: skip
-    print(f"{'method':<28} {'CPU s':>8} {'ms/example':>11} {'× LoRA':>8}")
+          f"median of {args.repeats}; the default round here: {default}, check on ¼")  # fmt: skip
+    print(f"{'method':<34} {'CPU s':>8} {'ms/example':>11} {'× LoRA':>8}")
     for name, values in seconds.items():
         median = statistics.median(values)
-        print(f"{name:<28} {median:>8.2f} {1000 * median / len(rows):>11.1f} {median / baseline:>8.2f}")
+        print(f"{name:<34} {median:>8.2f} {1000 * median / len(rows):>11.1f} {median / baseline:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -48,10 +48,12 @@ HELP = {
     "reports the loss of each round's starting Λ on it; the run stops after --patience rounds without a new best "
     "pooled loss and ends on the best Λ (0: off)",
     "patience": "with --holdout-fraction: rounds without a new best pooled held-out loss before the run stops",
-    "curvature": "gauss-newton: exact (the whole Jacobian: C-1 backward passes per example) or sampled (two, "
-    "whatever the classes: the exact gradient and an unbiased Gauss-Newton estimate from one label drawn per example)",
+    "curvature": "gauss-newton: exact (the whole Jacobian: C-1 backward passes per example), sampled (two, "
+    "whatever the classes: the exact gradient and an unbiased Gauss-Newton estimate from one label drawn per "
+    "example) or auto (exact up to 4 classes, sampled above)",
     "curvature_memory": "gauss-newton: weight of the past rounds' quadratic models in each step, each re-centred at "
-    "the current Λ (0: this round's window alone; 0.5 halves a round's weight every round)",
+    "the current Λ (0: this round's window alone; 0.5 halves a round's weight every round; default: 0.75 with "
+    "sampled curvature, whose draws it averages, 0 with exact)",
     "step_check": "gauss-newton: how the trust region measures the last step's decrease: loss (the clients also "
     "evaluate the previous Λ on the round's examples: one more forward pass each) or model (read from the new "
     "statistics: L(Λ - s) ≈ L(Λ) - g·s + ½ sᵀGs, no extra pass)",

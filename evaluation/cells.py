@@ -12,6 +12,7 @@ Each cell records the code version it was computed with and what it cost.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import tempfile
@@ -43,7 +44,11 @@ class CellStore:
             return None
         if not isinstance(record, dict) or any(k not in record for k in REQUIRED):
             return None
-        return record if record.get("settings_hash") == self.settings.cell_hash(cell.method) else None
+        return record if record.get("settings_hash") == self.hash(cell) else None
+
+    def hash(self, cell: Cell) -> str:
+        """The settings hash ``cell``'s record must carry: its method's, on its task's classes."""
+        return self.settings.cell_hash(cell.method, task_classes(cell.task))
 
     def put(self, cell: Cell, task_name: str, result: dict) -> dict:
         record = {
@@ -52,7 +57,7 @@ class CellStore:
             "location": cell.task,
             "alpha": cell.alpha,
             "seed": cell.seed,
-            "settings_hash": self.settings.cell_hash(cell.method),
+            "settings_hash": self.hash(cell),
             "code_version": self.code_version,
             "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             **result,
@@ -63,6 +68,16 @@ class CellStore:
         """Writes a finished cell's whole record (a new one, or one with rounds scored later)."""
         write_atomic(self.path(cell), json.dumps(record, indent=1, default=float))
         return record
+
+
+@functools.cache
+def task_classes(location: str) -> int | None:
+    """How many labels the task at ``location`` has (its ``task.json``), or None where there is none to read (a hub
+    dataset): a cell's hash names what ``--curvature auto`` computed on it."""
+    from ifedicl.kernel.data import read_task_json
+
+    spec = read_task_json(location) if Path(location).is_dir() else None
+    return None if spec is None else len(spec.labels)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -13,7 +13,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from ifedicl.federation_job.options import LAMBDA_ROUND_FIELDS, LOSS_CHECK_FIELDS, FederationOptions
+from ifedicl.federation_job.options import (
+    LAMBDA_ROUND_FIELDS,
+    LOSS_CHECK_FIELDS,
+    FederationOptions,
+    resolve_curvature,
+)
 
 # Display order = the paper's table order, cheap methods first.
 METHODS: tuple[str, ...] = (
@@ -188,9 +193,12 @@ class EvalSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def federation_for_hash(self, method: str | None = None) -> dict:
+    def federation_for_hash(self, method: str | None = None, num_classes: int | None = None) -> dict:
         """The federation flags by their effective values, less those equal to :data:`FEDERATION_HASH_BASELINE`
-        and, for a method other than IFed-ICL, less how IFed-ICL's rounds move Λ (:data:`LAMBDA_ROUND_FIELDS`)."""
+        and, for a method other than IFed-ICL, less how IFed-ICL's rounds move Λ (:data:`LAMBDA_ROUND_FIELDS`).
+
+        ``num_classes``: the cell's task's, so ``--curvature auto`` is named by what it computes there (a binary
+        cell's exact curvature hashes as it did before auto existed); None: named as the rule."""
         from ifedicl.federation_job.vector_coding import default_coding
 
         defaults = {name: getattr(FEDERATION, name) for name in FEDERATION_HASH_BASELINE if name != "vector_coding"}
@@ -199,19 +207,25 @@ class EvalSettings:
             effective["vector_coding"] = default_coding(bool(effective.get("secagg")))
         if method is not None and method != "ifedicl":
             effective = {k: v for k, v in effective.items() if k not in LAMBDA_ROUND_FIELDS}
-        if effective.get("stage2") != "gauss-newton" or effective.get("step_check") == "model":
+        if effective.get("stage2") != "gauss-newton":  # local steps read none of the trust region's settings
+            effective = {k: v for k, v in effective.items() if k == "stage2" or k not in LAMBDA_ROUND_FIELDS}
+        elif effective.get("step_check") == "model":
             effective = {k: v for k, v in effective.items() if k not in LOSS_CHECK_FIELDS}  # no round reads them
+        if num_classes is not None and "curvature" in effective:
+            chosen = resolve_curvature(effective["curvature"], effective["curvature_memory"], num_classes)
+            effective["curvature"], effective["curvature_memory"] = chosen
         return {
             k: v for k, v in effective.items() if k not in FEDERATION_HASH_BASELINE or FEDERATION_HASH_BASELINE[k] != v
         }
 
-    def cell_hash(self, method: str | None = None) -> str:
-        """Hash of the settings ``method``'s cells depend on (not which tasks/α/seeds/methods were asked for);
-        a prompt-only method's leaves out :data:`TRAINING_ONLY`, one that trains alone names its passes."""
+    def cell_hash(self, method: str | None = None, num_classes: int | None = None) -> str:
+        """Hash of the settings ``method``'s cells depend on (not which tasks/α/seeds/methods were asked for) on a
+        task of ``num_classes`` labels (None: not known); a prompt-only method's leaves out :data:`TRAINING_ONLY`,
+        one that trains alone names its passes."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("tasks", "alphas", "seeds", "methods")}
         data.pop("threads")
         data.pop("also_scored_rounds")
-        data["federation"] = self.federation_for_hash(method)
+        data["federation"] = self.federation_for_hash(method, num_classes)
         for optional in ("recipe", "inference_dtype", "federation", "data"):
             if not data[optional]:
                 del data[optional]  # the defaults: the same hash as before these settings existed
@@ -229,12 +243,15 @@ class EvalSettings:
 # What the federation computed with when the cell hash first covered it. A default changed since enters the
 # hash as its effective value (a new default makes older cells stale); naming this value keeps them current.
 # stage2: the cells before the second-order round became the default (issue 30) moved Λ by local AdamW steps;
-# step_check_*: before the sampled loss check with a confidence test did, the trust region checked every row.
+# step_check_*: before the sampled loss check with a confidence test did, the trust region checked every row;
+# curvature*: before --curvature auto did, it took the exact curvature with no memory.
 FEDERATION_HASH_BASELINE = {
     "vector_coding": "float32",
     "stage2": "local-steps",
     "step_check_fraction": 1.0,
     "step_check_confidence": 0.0,
+    "curvature": "exact",
+    "curvature_memory": 0.0,
 }
 
 

@@ -44,6 +44,7 @@ from ifedicl.federation_job.ray_pool import (
     put_shared_weights,
 )
 from ifedicl.federation_job.run_summary import federated_accuracy, held_out_accuracy, summarize
+from ifedicl.federation_job.second_order import TrustRegionNewton
 from ifedicl.federation_job.strategies import Aggregate, ClientUpdate, RoundId
 from ifedicl.federation_job.vector_coding import decode_vectors, upload_reader
 from ifedicl.kernel.errors import IfediclError
@@ -104,7 +105,7 @@ class Federation:
         self.settings = settings
         self.privacy: ClientPrivacy = settings.privacy.client_policy(settings.rounds)
         self.pool = ClientPool(settings.round_timeout_s, after_dispatch, after_gather)
-        self.strategies = build_strategies(settings, self.pool)
+        self.strategies = build_strategies(settings, self.pool, len(self.task.labels))
         self.tokenizer = load_tokenizer(model_id)
         label_token_ids(self.task, self.tokenizer)  # fail early on labels sharing a first token
         self.fingerprint = fingerprint(self.model_id, load_config(model_id))
@@ -181,6 +182,9 @@ class Federation:
                 summary["server_optimizer_resume"] = self.server_state_resume
             if self.early_stopping is not None:
                 summary["early_stopping"] = self.early_stopping
+            if isinstance(self.strategies.coefficients, TrustRegionNewton):  # what --curvature auto chose
+                trust_region = self.strategies.coefficients.settings
+                summary["curvature"] = {"computed": trust_region.curvature, "memory": trust_region.memory}
             summary.update(self._evaluate(vectors, coefficients))
             summary.update(federated)
             refused = self._publish_refusal(summary) if publish else None

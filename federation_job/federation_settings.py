@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from ifedicl.federation_job.class_balanced import ESTIMATORS
 from ifedicl.federation_job.client import EPOCHS_RULE, CalibrationConfig, valid_epochs
 from ifedicl.federation_job.objective import OBJECTIVES
-from ifedicl.federation_job.options import LAMBDA_ROUND_FIELDS, FederationOptions
+from ifedicl.federation_job.options import LAMBDA_ROUND_FIELDS, FederationOptions, resolve_curvature
 from ifedicl.federation_job.privacy import PrivacySettings
 from ifedicl.federation_job.robust import AGGREGATORS, CoordinateMedian, NormScreen, Screened, TrimmedMean
 from ifedicl.federation_job.secagg import MIN_COHORT, SecureFedAvg, Transport
 from ifedicl.federation_job.second_order import (
-    CURVATURES,
+    CURVATURE_CHOICES,
     STAGE2_METHODS,
     STEP_CHECKS,
     TrustRegionNewton,
@@ -59,8 +59,8 @@ class FederationSettings:
     dtype: str = "float32"  # weights; calibration needs float32 (I2CL)
     stage1: str = DEFAULTS.stage1  # mean of client means (the paper) | class-balanced (class_balanced.py)
     stage2: str = DEFAULTS.stage2  # local-steps (clients calibrate, server averages) | gauss-newton (second_order.py)
-    curvature: str = DEFAULTS.curvature  # gauss-newton: exact | sampled (second_order.curvature_stats)
-    curvature_memory: float = DEFAULTS.curvature_memory  # gauss-newton: γ of the past rounds' models (0: none)
+    curvature: str = DEFAULTS.curvature  # gauss-newton: auto | exact | sampled (options.resolve_curvature)
+    curvature_memory: float | None = DEFAULTS.curvature_memory  # gauss-newton: γ of the past rounds' models (0: none)
     step_check: str = DEFAULTS.step_check  # gauss-newton: loss | model (second_order.TrustRegionNewton._decrease)
     step_check_fraction: float = DEFAULTS.step_check_fraction  # loss check: of each window (second_order.checked_rows)
     step_check_confidence: float = DEFAULTS.step_check_confidence  # loss check: TrustRegionSettings.confidence
@@ -196,9 +196,12 @@ class FederationSettings:
                 self.server_step().stateless and self.server_lr == 1,
                 f"{needs} is its own server step: --server-* do not apply{other} does",
             ),
-            (self.curvature in CURVATURES, f"--curvature must be one of {CURVATURES} (got {self.curvature!r})"),
             (
-                0 <= self.curvature_memory < 1,
+                self.curvature in CURVATURE_CHOICES,
+                f"--curvature must be one of {CURVATURE_CHOICES} (got {self.curvature!r})",
+            ),
+            (
+                self.curvature_memory is None or 0 <= self.curvature_memory < 1,
                 f"--curvature-memory must be in [0, 1) (got {self.curvature_memory})",
             ),
             (self.step_check in STEP_CHECKS, f"--step-check must be one of {STEP_CHECKS} (got {self.step_check!r})"),
@@ -243,8 +246,9 @@ class RoundStrategies:
     coefficients: Strategy
 
 
-def build_strategies(settings: FederationSettings, transport: Transport) -> RoundStrategies:
-    """The strategies ``settings`` ask for; ``transport`` reaches the clients for secure aggregation."""
+def build_strategies(settings: FederationSettings, transport: Transport, num_classes: int) -> RoundStrategies:
+    """The strategies ``settings`` ask for on a task of ``num_classes`` labels (what ``--curvature auto`` reads);
+    ``transport`` reaches the clients for secure aggregation."""
 
     def build(fraction: float, weighted: bool) -> Strategy:
         selection = ClientSelection(fraction, settings.min_clients)
@@ -261,17 +265,18 @@ def build_strategies(settings: FederationSettings, transport: Transport) -> Roun
 
     return RoundStrategies(
         vectors=build(1.0, settings.weighted_vectors),  # stage 1 asks every client that loaded
-        coefficients=_round_strategy(settings, build),
+        coefficients=_round_strategy(settings, build, num_classes),
     )
 
 
-def _round_strategy(settings: FederationSettings, build) -> Strategy:
+def _round_strategy(settings: FederationSettings, build, num_classes: int) -> Strategy:
     """Each round's Λ: a trust-region step on the pooled statistics (means weighted by examples: the pooled
     objective's), or the server optimizer on the aggregate of local runs. Stage 1's vectors are one mean."""
     if settings.stage2 == "gauss-newton":
+        curvature, memory = resolve_curvature(settings.curvature, settings.curvature_memory, num_classes)
         trust_region = TrustRegionSettings(
-            curvature=settings.curvature,
-            memory=settings.curvature_memory,
+            curvature=curvature,
+            memory=memory,
             step_check=settings.step_check,
             check_fraction=settings.step_check_fraction,
             confidence=settings.step_check_confidence,

@@ -109,7 +109,8 @@ class CurvatureStats:
 
 
 # ---------------------------------------------------------------------------------------------- client side
-CURVATURES = ("exact", "sampled")
+CURVATURES = ("exact", "sampled")  # what a client computes
+CURVATURE_CHOICES = ("auto", *CURVATURES)  # what a user may ask for (auto: options.resolve_curvature)
 
 
 def curvature_stats(

@@ -136,7 +136,7 @@ def test_the_choices_are_the_values_the_code_accepts():
     from ifedicl.federation_job.objective import OBJECTIVES
     from ifedicl.federation_job.recalibrate import MODES
     from ifedicl.federation_job.robust import AGGREGATORS
-    from ifedicl.federation_job.second_order import CURVATURES, STAGE2_METHODS, STEP_CHECKS
+    from ifedicl.federation_job.second_order import CURVATURE_CHOICES, STAGE2_METHODS, STEP_CHECKS
     from ifedicl.federation_job.vector_coding import CODINGS
     from ifedicl.kernel.errors import IfediclError
     from ifedicl.kernel.modeling import DTYPES
@@ -147,7 +147,7 @@ def test_the_choices_are_the_values_the_code_accepts():
         (options.Objective, OBJECTIVES),
         (options.Stage1, ESTIMATORS),
         (options.Stage2, STAGE2_METHODS),
-        (options.Curvature, CURVATURES),
+        (options.Curvature, CURVATURE_CHOICES),
         (options.StepCheck, STEP_CHECKS),
         (options.Dtype, tuple(DTYPES)),
         (Mode, MODES),

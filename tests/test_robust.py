@@ -67,7 +67,7 @@ def test_one_factory_builds_the_strategies_the_settings_ask_for():
     def built(**kw):
         # robust rules aggregate local steps' Λ (the second-order round pools statistics by their mean)
         settings = FederationSettings(clients=4, min_clients=2, stage2="local-steps", **kw)
-        strategies = build_strategies(settings, transport=None)
+        strategies = build_strategies(settings, transport=None, num_classes=2)
         return strategies.vectors, strategies.coefficients
 
     vectors, coefficients = built(fraction=0.5, aggregator="trimmed-mean", trim_fraction=0.2)

@@ -557,7 +557,7 @@ def test_the_threshold_flag_reaches_the_strategy_and_a_bad_one_names_the_flag():
     from ifedicl.kernel.errors import IfediclError
 
     options = FederationOptions(secagg=True, min_clients=2, secagg_threshold=0.75)
-    built = build_strategies(options.settings(0.5, 0), None)
+    built = build_strategies(options.settings(0.5, 0), None, 2)
     # the default round: a trust-region step over the securely aggregated statistics
     assert built.coefficients.inner.threshold == 0.75 and built.vectors.threshold == 0.75
     with pytest.raises(IfediclError, match="--secagg-threshold must be in"):

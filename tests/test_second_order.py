@@ -12,7 +12,7 @@ import torch
 
 from ifedicl.federation_job.client import Client
 from ifedicl.federation_job.federation_settings import build_strategies
-from ifedicl.federation_job.options import FederationOptions
+from ifedicl.federation_job.options import FederationOptions, resolve_curvature
 from ifedicl.federation_job.second_order import (
     CurvatureStats,
     TrustRegionNewton,
@@ -420,13 +420,24 @@ def test_cells_of_the_every_row_check_keep_their_hash_and_the_sampled_default_ge
     from ifedicl.evaluation.variants import EVERY_ROW_CHECKED
 
     before = EvalSettings("m", ["t"], federation={"stage2": "gauss-newton"}).federation_for_hash("ifedicl")
+    auto = {"curvature": "auto", "curvature_memory": None}  # the rule, named: older cells computed exact
     assert before == {"stage2": "gauss-newton", "vector_coding": "int8", "step_check_fraction": 0.25,
-                      "step_check_confidence": 1.0}  # fmt: skip
-    every_row = EvalSettings("m", ["t"], federation={"stage2": "gauss-newton", **EVERY_ROW_CHECKED})
+                      "step_check_confidence": 1.0, **auto}  # fmt: skip
+    every_row = EvalSettings("m", ["t"], federation={"stage2": "gauss-newton", **EVERY_ROW_CHECKED,
+                                                     "curvature": "exact", "curvature_memory": 0.0})  # fmt: skip
     assert every_row.federation_for_hash("ifedicl") == {"stage2": "gauss-newton", "vector_coding": "int8"}
     assert EvalSettings("m", ["t"]).cell_hash("ifedicl") != every_row.cell_hash("ifedicl")
+    # on a known task, auto is named by what it computes: exact (as every cell before auto) up to 4 classes
+    binary = {"stage2": "gauss-newton", "vector_coding": "int8", "step_check_fraction": 0.25,
+              "step_check_confidence": 1.0}  # fmt: skip
+    assert EvalSettings("m", ["t"]).federation_for_hash("ifedicl", 2) == binary
+    assert EvalSettings("m", ["t"]).federation_for_hash("ifedicl", 6) == {
+        **binary, "curvature": "sampled", "curvature_memory": 0.75}  # fmt: skip
+    named = EvalSettings("m", ["t"], federation={"curvature": "exact", "curvature_memory": 0.0})
+    assert named.cell_hash("ifedicl", 2) == EvalSettings("m", ["t"]).cell_hash("ifedicl", 2)
+    assert named.cell_hash("ifedicl", 6) != EvalSettings("m", ["t"]).cell_hash("ifedicl", 6)
     model = EvalSettings("m", ["t"], federation={"step_check": "model"}).federation_for_hash("ifedicl")
-    assert model == {"stage2": "gauss-newton", "vector_coding": "int8", "step_check": "model"}
+    assert model == {"stage2": "gauss-newton", "vector_coding": "int8", "step_check": "model", **auto}
     steps = EvalSettings("m", ["t"], federation={"stage2": "local-steps"})
     assert steps.federation_for_hash("ifedicl") == {"vector_coding": "int8"}
     assert EvalSettings("m", ["t"]).cell_hash("fedavg_lora") == every_row.cell_hash("fedavg_lora")
@@ -435,14 +446,52 @@ def test_cells_of_the_every_row_check_keep_their_hash_and_the_sampled_default_ge
     assert not TrustRegionSettings(step_check="model", confidence=1.0).spread
 
 
+def test_a_stored_cell_is_found_by_what_auto_computes_on_its_task(task_dir, tmp_path):
+    """The cell store reads the task's classes from its task.json: a binary cell computed with the exact curvature
+    named is current under the auto default, which computes the same; a hub dataset's cell names the rule."""
+    from ifedicl.evaluation.cells import CellStore, task_classes
+    from ifedicl.evaluation.settings import Cell, EvalSettings
+
+    assert task_classes(str(task_dir)) == 2 and task_classes("not/a/dir") is None
+    cell = Cell("ifedicl", str(task_dir), 0.5, 0)
+    named = EvalSettings("m", [str(task_dir)], federation={"curvature": "exact", "curvature_memory": 0.0})
+    result = {"accuracy": 0.5, "macro_f1": 0.5, "cost": {}}
+    CellStore(tmp_path, named).put(cell, "sentiment", result)
+    assert CellStore(tmp_path, EvalSettings("m", [str(task_dir)])).get(cell)["accuracy"] == 0.5
+    sampled = EvalSettings("m", [str(task_dir)], federation={"curvature": "sampled"})
+    assert CellStore(tmp_path, sampled).get(cell) is None
+
+
 def test_the_stage2_setting_builds_a_trust_region_over_a_weighted_mean():
     options = FederationOptions(curvature="sampled")
-    built = build_strategies(options.settings(0.5, 0), None)
+    built = build_strategies(options.settings(0.5, 0), None, 2)
     assert isinstance(built.coefficients, TrustRegionNewton) and built.coefficients.inner.weighted
     upload = built.coefficients.round_upload(np.zeros((3, 2, 2), np.float32))
     meta = {"curvature": "sampled", "spread": True}  # the default check's confidence test needs the spread
     assert (upload.method, upload.shape, upload.meta) == ("curvature", (stats_size(12, spread=True),), meta)
     assert upload.extra == {}  # no previous Λ before the first step
+
+
+def test_auto_curvature_is_exact_up_to_four_classes_and_sampled_with_memory_above():
+    """``--curvature auto`` (the default) takes the exact matrix while it costs at most 3 backward passes and
+    sampled's two above, and a sampled curvature gets memory 0.75 unless one is given; what the clients are asked
+    for follows."""
+    assert resolve_curvature("auto", None, 2) == ("exact", 0.0)
+    assert resolve_curvature("auto", None, 4) == ("exact", 0.0)
+    assert resolve_curvature("auto", None, 5) == ("sampled", 0.75)
+    assert resolve_curvature("auto", None, 6) == ("sampled", 0.75)
+    assert resolve_curvature("auto", 0.0, 6) == ("sampled", 0.0)  # a given memory stands
+    assert resolve_curvature("exact", None, 6) == ("exact", 0.0)
+    assert resolve_curvature("sampled", 0.5, 2) == ("sampled", 0.5)
+    for classes, curvature, memory in ((2, "exact", 0.0), (6, "sampled", 0.75)):
+        built = build_strategies(FederationOptions().settings(0.5, 0), None, classes).coefficients
+        assert (built.settings.curvature, built.settings.memory) == (curvature, memory)
+        assert built.round_upload(np.zeros((3, 2, 2), np.float32)).meta["curvature"] == curvature
+    FederationOptions(curvature_memory=0.5).settings(0.5, 0).validate()
+    for bad, message in (({"curvature_memory": 1.0}, "--curvature-memory must be in"),
+                         ({"curvature": "diagonal"}, "--curvature must be one of")):  # fmt: skip
+        with pytest.raises(IfediclError, match=message):
+            FederationOptions(**bad).settings(0.5, 0).validate()
 
 
 def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_session, llama_dir, task_dir, tmp_path):
@@ -463,6 +512,7 @@ def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_sessi
     assert all(stats_size(p) * 4 < b < stats_size(p) * 4 + 2048 for r in stage2 for b in r.bytes_up)
     round_index, state = Store(tmp_path / "store").server_state(result.run_id)
     assert round_index == 3 and state["curvature"].shape == (p, p)
+    assert result.summary["curvature"] == {"computed": "exact", "memory": 0.0}  # auto, on a binary task
     start = initial_coefficients(result.coefficients.shape[0]).numpy()
     assert not np.allclose(result.coefficients, start)
     # under secure aggregation the server sees only the sum of the statistics, and steps to the same Λ

@@ -81,10 +81,10 @@ def test_the_server_lr_warms_up_then_decays_on_a_cosine():
 
 def test_plain_fedavg_builds_no_optimizer_and_each_setting_builds_its_own():
     local = FederationOptions(stage2="local-steps")  # a server optimizer steps on local steps' aggregate
-    plain = build_strategies(local.settings(0.5, 0), transport=None)
+    plain = build_strategies(local.settings(0.5, 0), transport=None, num_classes=2)
     assert not isinstance(plain.coefficients, ServerOptimizer)
     adam_options = dataclasses.replace(local, server_optimizer="adam", server_lr=0.05)
-    adam = build_strategies(adam_options.settings(0.5, 0), None)
+    adam = build_strategies(adam_options.settings(0.5, 0), None, 2)
     assert isinstance(adam.coefficients, ServerOptimizer) and adam.coefficients.settings.kind == "adam"
     assert adam.coefficients.settings.lr == 0.05
     assert not isinstance(adam.vectors, ServerOptimizer)  # stage 1 is one mean, not a step
