@@ -27,6 +27,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 STARTED = "Ray runtime started."
 # What a node's log says when a port it was given is already bound.
 _PORT_TAKEN = ("Address already in use", "Failed to start the grpc server")
+# A GCS too busy to answer a joining node within Ray's own RPC deadline (seen on a loaded 2-core CI machine, the
+# head alive): the node's start failed, not the cluster, so it is tried again like a taken port.
+_GCS_BUSY = ("Deadline Exceeded", "timed out during startup")
 
 
 def _stats() -> dict[int, list[str]]:
@@ -160,14 +163,15 @@ class LocalRayCluster:
         self, name: str, node_args: Callable[[], list[str]], env: dict | None = None, attempts: int = 3
     ) -> RayNode:
         """Start a node (``env``: variables of this node only, which its workers inherit); a port taken between
-        :func:`free_port`'s pick and the bind means fresh ports, not a failure."""
+        :func:`free_port`'s pick and the bind means fresh ports, and a GCS too busy to answer in time another try,
+        not a failure."""
         node_env = {**self.env, **(env or {})}
         for _ in range(attempts - 1):
             try:
                 node = RayNode(name, node_args(), node_env, self.root / f"{name}.log")
                 break
             except RuntimeError as error:
-                if not any(sign in str(error) for sign in _PORT_TAKEN):
+                if not any(sign in str(error) for sign in (*_PORT_TAKEN, *_GCS_BUSY)):
                     raise
         else:
             node = RayNode(name, node_args(), node_env, self.root / f"{name}.log")  # the last try: its error is final
