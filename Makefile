@@ -51,13 +51,14 @@ test:
 	$(MAKE) --no-print-directory -j3 lint system-deps models
 	$(BIN)/python -m pytest -q -n 2
 
-# The issue-11 report: SmolLM2-135M and Gemma-3-270M x Subj, Emotion, AG News, SST-2, TREC x every method x
-# 3 seeds x both objectives (10 clients, alpha 0.5). Hours of CPU: it resumes from the committed cells in
+# The report: SmolLM2-135M x Subj, Emotion, AG News, SST-2, TREC and Gemma-3-270M x Subj, Emotion, AG News, every
+# method x 3 seeds, label-only (10 clients, alpha 0.5). Hours of CPU: it resumes from the committed cells in
 # docs/report/ (one JSON per finished cell) and never recomputes one; REPORT_ARGS="--max-cells 20" bounds a session.
+# It also rewrites the README's headline table from the cells.
 DATA ?= ../shared/data
 REPORT_ARGS ?=
 report: install models
-	$(BIN)/ifedicl report --out docs/report --data-dir $(DATA) $(REPORT_ARGS)
+	$(BIN)/ifedicl report --out docs/report --data-dir $(DATA) --readme README.md $(REPORT_ARGS)
 
 # IFed-ICL's recipe ablation (docs/ablation/), resumable the same way.
 ABLATION_ARGS ?=

@@ -107,8 +107,8 @@ grid_options = option_set(
 
 
 def _reproducing(args: list[str]) -> list[str]:
-    """The command line minus what only shapes one session (--max-cells N, --workers N, --render-only)."""
-    session = ("--max-cells", "--workers")
+    """The command line minus what only shapes one session (--max-cells N, --workers N, --readme F, --render-only)."""
+    session = ("--max-cells", "--workers", "--readme")
     out, skip = [], False
     for arg in args:
         if skip:
@@ -131,7 +131,7 @@ def _warn_slow_dtypes(spec) -> None:
             typer.echo(f"warning: {dtype}: {reason}", err=True)
 
 
-def _run(spec, out: Path, grid: GridSizes) -> None:
+def _run(spec, out: Path, grid: GridSizes) -> dict:
     from ifedicl.evaluation.grid import run_grid, write_report
 
     try:
@@ -146,6 +146,21 @@ def _run(spec, out: Path, grid: GridSizes) -> None:
     run = write_report if grid.render_only else lambda *a: run_grid(*a, max_cells=grid.max_cells, workers=grid.workers)
     results = run(spec, out, command)
     typer.echo(f"{results['finished']}/{results['total']} cells finished; wrote {out / 'results.md'}")
+    return results
+
+
+def _headline_text(readme: Path) -> str:
+    """The Markdown file's text; it must hold the headline block (checked before any cell is computed, and read
+    again after the cells, so edits made meanwhile are kept)."""
+    from ifedicl.evaluation.render import HEADLINE_BEGIN, HEADLINE_END
+
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError as err:
+        raise typer.BadParameter(f"--readme: cannot read {readme}: {err.strerror or err}") from None
+    if HEADLINE_BEGIN not in text or HEADLINE_END not in text:
+        raise typer.BadParameter(f"--readme: {readme} has no headline block ({HEADLINE_BEGIN} ... {HEADLINE_END})")
+    return text
 
 
 @grid_options
@@ -159,14 +174,24 @@ def report_command(
     methods: str = typer.Option(
         "zero_shot,few_shot_icl,local_icl,i2cl_central,local_calibration,fedavg_lora,ifedicl", help="methods"
     ),
+    readme: Path | None = typer.Option(
+        None, help="also rewrite this Markdown file's headline block: the accuracy table over the whole grid"
+    ),
 ) -> None:
     """Run (or resume) the report; finished cells are never recomputed. Gemma-3-270M is reported on the
     paper's tasks (Subj, Emotion, AG News) only."""
+    from ifedicl.evaluation.cells import write_atomic
+    from ifedicl.evaluation.render import with_headline
     from ifedicl.evaluation.variants import REPORT_BASE, REPORT_MODEL_TASKS
 
+    if readme is not None:
+        _headline_text(readme)
     spec = grid.spec(models, tasks, seeds, objectives, methods, model_tasks=REPORT_MODEL_TASKS)
     spec.base.update(REPORT_BASE)
-    _run(spec, out, grid)
+    results = _run(spec, out, grid)
+    if readme is not None:
+        write_atomic(readme, with_headline(_headline_text(readme), results))
+        typer.echo(f"rewrote the headline table in {readme}")
 
 
 @grid_options

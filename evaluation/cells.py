@@ -15,6 +15,7 @@ import datetime as dt
 import functools
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -80,8 +81,19 @@ def task_classes(location: str) -> int | None:
     return None if spec is None else len(spec.labels)
 
 
+def _mode_for(path: Path) -> int:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """``path`` holds either its old content or all of ``text``, never a part (same-directory rename)."""
+    """``path`` holds either its old content or all of ``text``, never a part (same-directory rename). The file
+    keeps its permissions, or gets the umask's for a new file (``mkstemp`` would leave it readable by its owner
+    only)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -89,6 +101,7 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

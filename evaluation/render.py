@@ -83,15 +83,55 @@ def fmt_duration(seconds: float | None) -> str:
 def _pct(s: dict | None, seeds: int) -> str:
     if s is None:
         return "–"
-    text = f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_std']:.1f}"
     n = len(s["seeds"])
+    spread = f" ± {100 * s['accuracy_std']:.1f}" if n > 1 else ""  # one seed has no spread
+    text = f"{100 * s['accuracy_mean']:.1f}{spread}"
     return text if n >= seeds else f"{text} ({n}/{seeds} seeds)"
+
+
+def accuracy_table(results: dict, *, planned: bool = False, objective_in_header: bool = True) -> list[str]:
+    """The report's accuracy table: one row per model × task, one column per method, mean ± std over seeds and how
+    many seeds finished where not all. ``planned``: a row for every model × task pair of the spec, finished cells
+    or not, so a reader sees the whole grid."""
+    spec, summary, columns = results["spec"], results["summary"], results["columns"]
+    seeds = len(spec["seeds"])
+    if objective_in_header:
+        labels = [column_label(c) for c in columns]
+    else:
+        labels = [column_label(c.partition("@")[0]) for c in columns]
+    pairs = [(m, t) for m, by_task in summary.items() for t in by_task]
+    if planned:
+        model_tasks = spec.get("model_tasks", {})
+        pairs = [
+            (m, t)
+            for m in spec["models"]
+            for t in (safe_name(t) for t in spec["tasks"])
+            if m not in model_tasks or t in model_tasks[m]
+        ]
+    rows = [[m, t] + [_pct(summary.get(m, {}).get(t, {}).get(c), seeds) for c in columns] for m, t in pairs]
+    return _table(["model", "task", *labels], rows)
+
+
+HEADLINE_BEGIN = "<!-- headline: docs/report's accuracy table; `ifedicl report --render-only --readme README.md` -->"
+HEADLINE_END = "<!-- end of headline -->"
+
+
+def with_headline(markdown: str, results: dict) -> str:
+    """``markdown`` with the text between :data:`HEADLINE_BEGIN` and :data:`HEADLINE_END` replaced by the report's
+    accuracy table over the whole planned grid (the README's evaluation section), so it is rebuilt from the cells
+    like ``results.md`` and cannot drift from them."""
+    begin, end = markdown.find(HEADLINE_BEGIN), markdown.find(HEADLINE_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"no headline block: put the lines {HEADLINE_BEGIN!r} and {HEADLINE_END!r} where it goes")
+    objectives = results["spec"]["objectives"]
+    table = accuracy_table(results, planned=True, objective_in_header=len(objectives) > 1)
+    block = "\n".join([HEADLINE_BEGIN, *table, HEADLINE_END])
+    return markdown[:begin] + block + markdown[end + len(HEADLINE_END) :]
 
 
 def render_report(results: dict) -> str:
     spec, summary = results["spec"], results["summary"]
     columns = results["columns"]
-    seeds = len(spec["seeds"])
     base = spec["base"]
     lines = [
         "# IFed-ICL report: the paper's table on real models",
@@ -132,13 +172,9 @@ def render_report(results: dict) -> str:
         "",
         "## Accuracy (%), mean ± std over seeds",
         "",
+        *accuracy_table(results),
     ]
     header = ["model", "task"] + [column_label(c) for c in columns]
-    rows = []
-    for model, by_task in summary.items():
-        for task, by_col in by_task.items():
-            rows.append([model, task] + [_pct(by_col.get(c), seeds) for c in columns])
-    lines += _table(header, rows)
     lines += ["", "## What each cell cost: mean wall seconds / mean CPU seconds per cell (all clients)", ""]
     rows = []
     for model, by_task in summary.items():

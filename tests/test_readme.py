@@ -7,7 +7,8 @@
   ``ifedicl serve``, options it does not list must be ones that pass through to vLLM, and the README
   must say that they do;
 - no ``*.py`` file cites METHOD.md or DESIGN.md, which are not in the repository (docs/method.md and
-  docs/design.md are).
+  docs/design.md are);
+- the evaluation section's table is the committed report's accuracy table over its whole grid.
 """
 
 from __future__ import annotations
@@ -191,6 +192,21 @@ def readme() -> str:
 
 
 # ---------------------------------------------------------------- the checks
+
+
+def test_the_evaluation_table_is_the_committed_report_s(readme):
+    """The headline table is rebuilt from ``docs/report/results.json`` (``ifedicl report --render-only --readme``):
+    a cell committed without rewriting it, or a hand edit of a number, fails here."""
+    import json
+
+    from ifedicl.evaluation.render import with_headline
+
+    results = json.loads((ROOT / "docs" / "report" / "results.json").read_text(encoding="utf-8"))
+    assert with_headline(readme, results) == readme, (
+        "README.md's headline table is not docs/report's: run "
+        "`ifedicl report --out docs/report --data-dir ../shared/data --render-only --readme README.md`"
+    )
+    assert "| smollm2-135m | trec |" in readme and "| gemma3-270m | agnews |" in readme  # planned rows, finished or not
 
 
 def test_readme_is_short(readme):
