@@ -11,12 +11,15 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import typer
 
 from ifedicl.cli.option_sets import option_set
 from ifedicl.evaluation.variants import REPORT_MODELS, REPORT_TASKS
 from ifedicl.federation_job.options import Dtype
+
+CellOrder = Literal["seed", "model"]  # evaluation.grid.CELL_ORDERS, without importing the grid for --help
 
 
 def _csv(value: str) -> list[str]:
@@ -42,6 +45,7 @@ class GridSizes:
     dtype: Dtype | None = None  # None: the command's (the report's or the ablation's recipe)
     inference_dtype: Dtype | None = None  # None: --dtype
     workers: int = 1
+    order: CellOrder = "seed"
     max_cells: int | None = None
     render_only: bool = False
 
@@ -98,6 +102,8 @@ grid_options = option_set(
         "dtype": "model dtype of every cell (default: float32; bfloat16 only on a CPU with bf16 kernels)",
         "inference_dtype": "dtype of the prompt-only methods (default: --dtype, as the rest)",
         "workers": "cells computed at once, each in its own process (federated cells one at a time)",
+        "order": "seed: seed-major, every table fills evenly; model: the models in the order given, each complete "
+        "before the next (with --workers > 1 the next model's cells that train alone run beside the federated ones)",
         "max_cells": "compute at most this many cells, then stop (resume later)",
         "render_only": "only rewrite results.json/md and the plots from the cells",
     },
@@ -107,8 +113,9 @@ grid_options = option_set(
 
 
 def _reproducing(args: list[str]) -> list[str]:
-    """The command line minus what only shapes one session (--max-cells N, --workers N, --readme F, --render-only)."""
-    session = ("--max-cells", "--workers", "--readme")
+    """The command line minus what only shapes one session (--max-cells N, --workers N, --order O, --readme F,
+    --render-only)."""
+    session = ("--max-cells", "--workers", "--order", "--readme")
     out, skip = [], False
     for arg in args:
         if skip:
@@ -143,8 +150,10 @@ def _run(spec, out: Path, grid: GridSizes) -> dict:
     if not grid.render_only:
         _warn_slow_dtypes(spec)
     command = shlex.join(["ifedicl", *_reproducing(sys.argv[1:])])
-    run = write_report if grid.render_only else lambda *a: run_grid(*a, max_cells=grid.max_cells, workers=grid.workers)
-    results = run(spec, out, command)
+    if grid.render_only:
+        results = write_report(spec, out, command)
+    else:
+        results = run_grid(spec, out, command, max_cells=grid.max_cells, workers=grid.workers, order=grid.order)
     typer.echo(f"{results['finished']}/{results['total']} cells finished; wrote {out / 'results.md'}")
     return results
 

@@ -130,6 +130,19 @@ def finished_cells(groups: list[Group]) -> tuple[list[dict], list[tuple[Group, C
     return finished, todo, total
 
 
+CELL_ORDERS = ("seed", "model")
+
+
+def in_order(todo: list[tuple[Group, Cell]], order: str) -> list[tuple[Group, Cell]]:
+    """``todo`` (seed-major, as :func:`finished_cells` gives it) in the run order ``order`` names."""
+    if order not in CELL_ORDERS:
+        raise ValueError(f"order must be one of {CELL_ORDERS} (got {order!r})")
+    if order == "seed":
+        return list(todo)
+    models = list(dict.fromkeys(g.model for g, _ in todo))
+    return sorted(todo, key=lambda group_cell: models.index(group_cell[0].model))  # stable: seed-major within
+
+
 def run_grid(
     spec: GridSpec,
     out: str | Path,
@@ -137,9 +150,13 @@ def run_grid(
     max_cells: int | None = None,
     stream=None,
     workers: int = 1,
+    order: str = "seed",
 ) -> dict:
-    """Compute the grid's unfinished cells (at most ``max_cells``), seed-major; rewrite the report as blocks finish.
+    """Compute the grid's unfinished cells (at most ``max_cells``); rewrite the report as blocks finish.
 
+    ``order``: ``seed`` computes seed-major, so every table fills evenly; ``model`` finishes the models in the
+    order given (seed-major within each), so one model's comparison is complete first while, with ``workers``
+    > 1, the next model's cells that train alone fill the workers the one-at-a-time federated cells leave idle.
     ``workers`` > 1 computes that many cells at once, each in its own process (see :func:`_run_in_workers`).
     """
     if workers < 1:
@@ -148,6 +165,7 @@ def run_grid(
     out.mkdir(parents=True, exist_ok=True)
     groups = spec.groups(out)
     finished, todo, total = finished_cells(groups)
+    todo = in_order(todo, order)
     progress = Progress(finished, todo, total, stream)
     chosen = todo if max_cells is None else todo[: max(0, max_cells)]
     rewrite = lambda: write_report(spec, out, command)  # noqa: E731

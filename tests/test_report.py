@@ -16,7 +16,7 @@ import pytest
 
 from ifedicl.evaluation import runner
 from ifedicl.evaluation.cells import CellStore, write_atomic
-from ifedicl.evaluation.grid import GridSpec, finished_cells, run_grid, write_report
+from ifedicl.evaluation.grid import GridSpec, finished_cells, in_order, run_grid, write_report
 from ifedicl.evaluation.settings import Cell, EvalSettings
 
 BASE = dict(clients=3, alphas=[1.0], rounds=1, test_size=8, shots=2, max_train=24, min_shard=4, batch_size=8)
@@ -300,6 +300,15 @@ def test_a_model_can_be_reported_on_some_of_the_tasks(tmp_path):
     assert total == 6
     seed_0 = [(0, "a", "/d/subj"), (0, "a", "/d/sst2"), (0, "b", "/d/subj")]
     assert [(c.seed, g.model, c.task) for g, c in todo][:3] == seed_0
+    # --order model: model a's cells (seed-major among them) before model b's
+    by_model = [(g.model, c.seed, c.task) for g, c in in_order(todo, "model")]
+    assert by_model == [
+        ("a", 0, "/d/subj"), ("a", 0, "/d/sst2"), ("a", 1, "/d/subj"), ("a", 1, "/d/sst2"),
+        ("b", 0, "/d/subj"), ("b", 1, "/d/subj"),
+    ]  # fmt: skip
+    assert in_order(todo, "seed") == todo
+    with pytest.raises(ValueError, match="order must be one of"):
+        in_order(todo, "task")
 
 
 def test_the_report_and_the_ablation_compute_with_their_own_defaults(tmp_path):
@@ -358,7 +367,7 @@ def test_render_only_rewrites_a_readme_s_headline_table_and_nothing_else(tmp_pat
     # the reproducing command in results.md drops what shapes one session, --readme included
     from ifedicl.cli.report import _reproducing
 
-    session = ["--max-cells", "1", "--workers=2", "--readme", "README.md", "--render-only"]
+    session = ["--max-cells", "1", "--workers=2", "--order", "model", "--readme", "README.md", "--render-only"]
     assert _reproducing(["--out", "docs/report", *session, "--seeds", "3"]) == ["--out", "docs/report", "--seeds", "3"]
 
     plain = tmp_path / "plain.md"
