@@ -166,7 +166,7 @@ def run_grid(
     groups = spec.groups(out)
     finished, todo, total = finished_cells(groups)
     todo = in_order(todo, order)
-    progress = Progress(finished, todo, total, stream)
+    progress = Progress(finished, todo, total, stream, workers=workers)
     chosen = todo if max_cells is None else todo[: max(0, max_cells)]
     rewrite = lambda: write_report(spec, out, command)  # noqa: E731
     if workers > 1 and len(chosen) > 1:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ifedicl.evaluation.columns import column_label
 from ifedicl.evaluation.render import fmt_duration
-from ifedicl.evaluation.settings import Cell
+from ifedicl.evaluation.settings import FEDERATED, Cell
 
 
 class Group(Protocol):
@@ -27,10 +27,15 @@ class Progress:
     """One line per cell on stderr: which cell, its index in the grid, and the ETA from measured costs.
 
     A cell's expected wall time is the mean of finished cells of the same (model, method,
-    objective) when there are any, else of the same method on any model, else unknown.
+    objective) when there are any, else of the same method on any model, else unknown. With ``workers``
+    processes the ETA is the larger of the federated cells' sum (they run one at a time) and the whole
+    sum shared among the workers (the walls measured were measured sharing the machine alike).
     """
 
-    def __init__(self, finished: list[dict], todo: list[tuple[Group, Cell]], total: int, stream=None):
+    def __init__(
+        self, finished: list[dict], todo: list[tuple[Group, Cell]], total: int, stream=None, workers: int = 1
+    ):
+        self.workers = workers
         self.costs: dict[tuple, list[float]] = defaultdict(list)
         for record in finished:
             self._add(record["_group_model"], record["method"], record["_group_column"], record["cost"]["wall_s"])
@@ -52,8 +57,11 @@ class Progress:
 
     def eta(self) -> tuple[float, int]:
         """Seconds expected for the cells still to do, and how many of them have no estimate yet."""
-        guesses = [self.expected(g, c) for g, c in self.todo]
-        return float(sum(x for x in guesses if x is not None)), sum(x is None for x in guesses)
+        guesses = [(c.method in FEDERATED, self.expected(g, c)) for g, c in self.todo]
+        known = [(federated, x) for federated, x in guesses if x is not None]
+        every = sum(x for _, x in known)
+        one_at_a_time = sum(x for federated, x in known if federated)
+        return float(max(one_at_a_time, every / self.workers)), len(guesses) - len(known)
 
     def before(self, group: Group, cell: Cell, task_name: str) -> None:
         eta, unknown = self.eta()

@@ -311,6 +311,33 @@ def test_a_model_can_be_reported_on_some_of_the_tasks(tmp_path):
         in_order(todo, "task")
 
 
+def test_the_eta_shares_the_cells_among_workers_but_not_the_federated_ones():
+    """Federated cells run one at a time: with 2 workers the ETA is the larger of their sum and half of all."""
+    from ifedicl.evaluation.progress import Progress
+    from ifedicl.evaluation.settings import Cell
+
+    class G:
+        model = "m"
+
+        def column(self, method: str) -> str:
+            return method
+
+    group = G()
+    finished = [
+        {"_group_model": "m", "method": m, "_group_column": m, "cost": {"wall_s": wall}}
+        for m, wall in (("ifedicl", 100.0), ("i2cl_central", 40.0), ("zero_shot", 10.0))
+    ]
+
+    def eta(methods: list[str], workers: int) -> tuple[float, int]:
+        todo = [(group, Cell(m, "/d/subj", None, 0)) for m in methods]
+        return Progress(finished, todo, len(todo), io.StringIO(), workers=workers).eta()
+
+    assert eta(["ifedicl", "i2cl_central", "zero_shot"], workers=1) == (150.0, 0)
+    assert eta(["ifedicl", "i2cl_central", "zero_shot"], workers=2) == (100.0, 0)  # the federated cell bounds it
+    assert eta(["i2cl_central", "i2cl_central", "zero_shot", "zero_shot"], workers=2) == (50.0, 0)
+    assert eta(["ifedicl", "fedavg_lora"], workers=2) == (100.0, 1)  # LoRA not yet timed: counted apart
+
+
 def test_the_report_and_the_ablation_compute_with_their_own_defaults(tmp_path):
     """What ``ifedicl report`` and ``ifedicl ablate`` compute with (dtype, budget, test size, hosting, the
     ablation's local-steps base) unless told otherwise (render-only: no cell); Gemma 3 gets the paper's tasks."""
