@@ -360,7 +360,9 @@ def _recipe_targets(results: dict) -> list[str]:
 def _paired(entry: dict | None) -> str:
     if not entry:
         return "–"
-    return f"{entry['mean']:+.1f} ± {entry['std']:.1f} (n={len(entry['seeds'])})"
+    n = len(entry["seeds"])
+    spread = f" ± {entry['std']:.1f}" if n > 1 else ""  # one seed has no spread
+    return f"{entry['mean']:+.1f}{spread} (n={n})"
 
 
 def render_ablation(results: dict) -> str:

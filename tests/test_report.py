@@ -468,5 +468,5 @@ def test_paired_differences_and_the_round_budget_that_reaches_lora():
     }}}  # fmt: skip
     results = {"paired": paired_differences(records), "summary": summary, "spec": {"objectives": ["label-only"]}}
     text = "\n".join(_recipe_targets(results))
-    assert "| m | subj | label-only | +3.0 ± 1.4 (n=2) | -5.0 ± 0.0 (n=1) | 0.82× | 2 | 0.62× |" in text
+    assert "| m | subj | label-only | +3.0 ± 1.4 (n=2) | -5.0 (n=1) | 0.82× | 2 | 0.62× |" in text
     assert "IFed-ICL 82.0, I2CL central 85.0 (-3.0; target ≥ −1)" in text
