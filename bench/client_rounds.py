@@ -29,16 +29,12 @@ import statistics
 import time
 
 import numpy as np
-import torch
+from client_window import ClientWindow, add_window_flags
 
-from ifedicl.federation_job.client import CalibrationConfig, Client
+from ifedicl.federation_job.client import CalibrationConfig
 from ifedicl.federation_job.lora import LoraClient, LoraSettings, trainable_state
 from ifedicl.federation_job.options import resolve_curvature
 from ifedicl.federation_job.second_order import curvature_stats
-from ifedicl.kernel.data import load_task_dir
-from ifedicl.kernel.modeling import load_model, load_tokenizer
-from ifedicl.model_patches.hf import HFContextModel
-from ifedicl.model_patches.injection import initial_coefficients
 
 
 def cpu_seconds(work) -> float:
@@ -50,22 +46,11 @@ def cpu_seconds(work) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--task", default="../shared/data/subj", help="a task directory (ifedicl's data format)")
-    parser.add_argument("--examples", type=int, default=32, help="a round's window of one client")
+    add_window_flags(parser, examples=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=8, help="the second-order round's batch (the driver's)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    data = load_task_dir(args.task)
-    window = data.train.head(args.examples)
-    ctx = HFContextModel(load_model(args.model, "float32"))
-    client = Client(ctx, load_tokenizer(args.model), data.task, window)
-    rows = list(range(len(window)))
-    vectors = client.extract_vectors(batch_size=args.batch_size)  # [L, 2, d]
-    start = initial_coefficients(ctx.num_layers).numpy()  # [L, 2, 2]
+    window = ClientWindow.from_flags(args)
+    client, rows, vectors, start = window.client, window.rows, window.vectors, window.start
     previous = start + np.float32(0.01)
     config = CalibrationConfig(epochs=1)
 
@@ -103,9 +88,9 @@ def main() -> None:
         seconds["FedAvg-LoRA"].append(cpu_seconds(lora_pass))
 
     baseline = statistics.median(seconds["FedAvg-LoRA"])
-    classes = len(data.task.labels)
+    classes = len(window.task.labels)
     default = "gauss-newton sampled" if resolve_curvature("auto", None, classes)[0] == "sampled" else "gauss-newton"
-    print(f"{args.model} on {data.task.name} ({classes} classes), {len(rows)} examples, {args.threads} thread(s), "
+    print(f"{args.model} on {window.task.name} ({classes} classes), {len(rows)} examples, {args.threads} thread(s), "
           f"median of {args.repeats}; the default round here: {default}, check on ¼")  # fmt: skip
     print(f"{'method':<34} {'CPU s':>8} {'ms/example':>11} {'× LoRA':>8}")
     for name, values in seconds.items():

@@ -26,15 +26,13 @@ import time
 
 import numpy as np
 import torch
+from client_window import ClientWindow, add_window_flags
 
 from ifedicl.federation_job.client import Client
 from ifedicl.federation_job.options import resolve_curvature
 from ifedicl.federation_job.second_order import curvature_stats
-from ifedicl.kernel.data import load_task_dir
-from ifedicl.kernel.modeling import load_model, load_tokenizer
-from ifedicl.model_patches.hf import HFContextModel
 from ifedicl.model_patches.inference import label_logits
-from ifedicl.model_patches.injection import InjectionTables, initial_coefficients
+from ifedicl.model_patches.injection import InjectionTables
 
 
 def timed(work, *args):
@@ -94,25 +92,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--task", default="../shared/data/subj", help="a task directory (ifedicl's data format)")
-    parser.add_argument("--examples", type=int, default=16, help="a round's window of one client")
+    add_window_flags(parser, examples=16)
     parser.add_argument("--pairs", default="1,4,16,64", help="comma-separated K: direction pairs per estimate")
     parser.add_argument("--draws", type=int, default=3, help="seeds per K (the cosine's spread)")
     parser.add_argument("--epsilon", type=float, default=1e-3, help="the perturbation's size on each coefficient")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    data = load_task_dir(args.task)
-    window = data.train.head(args.examples)
-    ctx = HFContextModel(load_model(args.model, "float32"))
-    client = Client(ctx, load_tokenizer(args.model), data.task, window)
-    rows = list(range(len(window)))
-    vectors = torch.as_tensor(client.extract_vectors(batch_size=args.batch_size)).float()  # [L, 2, d]
-    start = initial_coefficients(ctx.num_layers)  # [L, 2, 2]
-    classes = len(data.task.labels)
+    window = ClientWindow.from_flags(args)
+    client, rows = window.client, window.rows
+    vectors, start = torch.from_numpy(window.vectors), torch.from_numpy(window.start)  # [L, 2, d], [L, 2, 2]
+    classes = len(window.task.labels)
     curvature = resolve_curvature("auto", None, classes)[0]
 
     exact, exact_seconds = timed(
@@ -120,7 +108,7 @@ def main() -> None:
     )
     _, forward_seconds = timed(lambda: mean_losses(client, vectors, [start], rows, args.batch_size))
     print(
-        f"{args.model} on {data.task.name} ({classes} classes), {len(rows)} examples, P = {start.numel()}, "
+        f"{args.model} on {window.task.name} ({classes} classes), {len(rows)} examples, P = {start.numel()}, "
         f"ε = {args.epsilon:g}, {args.threads} thread(s)"
     )
     print(f"the default round's statistics ({curvature} curvature): {exact_seconds:.2f} CPU s")
