@@ -161,14 +161,16 @@ def _run(spec, out: Path, grid: GridSizes) -> dict:
 def _headline_text(readme: Path) -> str:
     """The Markdown file's text; it must hold the headline block (checked before any cell is computed, and read
     again after the cells, so edits made meanwhile are kept)."""
-    from ifedicl.evaluation.render import HEADLINE_BEGIN, HEADLINE_END
+    from ifedicl.evaluation.render import headline_span
 
     try:
         text = readme.read_text(encoding="utf-8")
     except OSError as err:
         raise typer.BadParameter(f"--readme: cannot read {readme}: {err.strerror or err}") from None
-    if HEADLINE_BEGIN not in text or HEADLINE_END not in text:
-        raise typer.BadParameter(f"--readme: {readme} has no headline block ({HEADLINE_BEGIN} ... {HEADLINE_END})")
+    try:
+        headline_span(text)
+    except ValueError as err:
+        raise typer.BadParameter(f"--readme: {readme} {err}") from None
     return text
 
 

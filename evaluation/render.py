@@ -99,15 +99,16 @@ def accuracy_table(results: dict, *, planned: bool = False, objective_in_header:
         labels = [column_label(c) for c in columns]
     else:
         labels = [column_label(c.partition("@")[0]) for c in columns]
-    pairs = [(m, t) for m, by_task in summary.items() for t in by_task]
+    model_tasks = spec.get("model_tasks", {})
     if planned:
-        model_tasks = spec.get("model_tasks", {})
         pairs = [
             (m, t)
             for m in spec["models"]
             for t in (safe_name(t) for t in spec["tasks"])
             if m not in model_tasks or t in model_tasks[m]
         ]
+    else:
+        pairs = [(m, t) for m, by_task in summary.items() for t in by_task]
     rows = [[m, t] + [_pct(summary.get(m, {}).get(t, {}).get(c), seeds) for c in columns] for m, t in pairs]
     return _table(["model", "task", *labels], rows)
 
@@ -116,17 +117,23 @@ HEADLINE_BEGIN = "<!-- headline: docs/report's accuracy table; `ifedicl report -
 HEADLINE_END = "<!-- end of headline -->"
 
 
+def headline_span(markdown: str) -> tuple[int, int]:
+    """Where the headline block starts and ends in ``markdown`` (markers included); ValueError if it has none."""
+    begin, end = markdown.find(HEADLINE_BEGIN), markdown.find(HEADLINE_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"has no headline block ({HEADLINE_BEGIN} ... {HEADLINE_END})")
+    return begin, end + len(HEADLINE_END)
+
+
 def with_headline(markdown: str, results: dict) -> str:
     """``markdown`` with the text between :data:`HEADLINE_BEGIN` and :data:`HEADLINE_END` replaced by the report's
     accuracy table over the whole planned grid (the README's evaluation section), so it is rebuilt from the cells
     like ``results.md`` and cannot drift from them."""
-    begin, end = markdown.find(HEADLINE_BEGIN), markdown.find(HEADLINE_END)
-    if begin < 0 or end < begin:
-        raise ValueError(f"no headline block: put the lines {HEADLINE_BEGIN!r} and {HEADLINE_END!r} where it goes")
+    begin, end = headline_span(markdown)
     objectives = results["spec"]["objectives"]
     table = accuracy_table(results, planned=True, objective_in_header=len(objectives) > 1)
     block = "\n".join([HEADLINE_BEGIN, *table, HEADLINE_END])
-    return markdown[:begin] + block + markdown[end + len(HEADLINE_END) :]
+    return markdown[:begin] + block + markdown[end:]
 
 
 def render_report(results: dict) -> str:
