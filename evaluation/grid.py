@@ -133,13 +133,13 @@ def finished_cells(groups: list[Group]) -> tuple[list[dict], list[tuple[Group, C
 CELL_ORDERS = ("seed", "model")
 
 
-def in_order(todo: list[tuple[Group, Cell]], order: str) -> list[tuple[Group, Cell]]:
-    """``todo`` (seed-major, as :func:`finished_cells` gives it) in the run order ``order`` names."""
+def in_order(todo: list[tuple[Group, Cell]], order: str, models: list[str]) -> list[tuple[Group, Cell]]:
+    """``todo`` (seed-major, as :func:`finished_cells` gives it) in the run order ``order`` names; ``models``: the
+    grid's, in the order given (not their first cell's: a model whose seed 0 is done would go last)."""
     if order not in CELL_ORDERS:
         raise ValueError(f"order must be one of {CELL_ORDERS} (got {order!r})")
     if order == "seed":
         return list(todo)
-    models = list(dict.fromkeys(g.model for g, _ in todo))
     return sorted(todo, key=lambda group_cell: models.index(group_cell[0].model))  # stable: seed-major within
 
 
@@ -165,7 +165,7 @@ def run_grid(
     out.mkdir(parents=True, exist_ok=True)
     groups = spec.groups(out)
     finished, todo, total = finished_cells(groups)
-    todo = in_order(todo, order)
+    todo = in_order(todo, order, spec.models)
     progress = Progress(finished, todo, total, stream, workers=workers)
     chosen = todo if max_cells is None else todo[: max(0, max_cells)]
     rewrite = lambda: write_report(spec, out, command)  # noqa: E731

@@ -301,14 +301,19 @@ def test_a_model_can_be_reported_on_some_of_the_tasks(tmp_path):
     seed_0 = [(0, "a", "/d/subj"), (0, "a", "/d/sst2"), (0, "b", "/d/subj")]
     assert [(c.seed, g.model, c.task) for g, c in todo][:3] == seed_0
     # --order model: model a's cells (seed-major among them) before model b's
-    by_model = [(g.model, c.seed, c.task) for g, c in in_order(todo, "model")]
+    by_model = [(g.model, c.seed, c.task) for g, c in in_order(todo, "model", spec.models)]
     assert by_model == [
         ("a", 0, "/d/subj"), ("a", 0, "/d/sst2"), ("a", 1, "/d/subj"), ("a", 1, "/d/sst2"),
         ("b", 0, "/d/subj"), ("b", 1, "/d/subj"),
     ]  # fmt: skip
-    assert in_order(todo, "seed") == todo
+    # the models' order is the grid's even when model a's seed 0 is done and b's first cell comes first
+    later = [(g, c) for g, c in todo if not (g.model == "a" and c.seed == 0)]
+    assert [(g.model, c.seed) for g, c in in_order(later, "model", spec.models)] == [
+        ("a", 1), ("a", 1), ("b", 0), ("b", 1)
+    ]
+    assert in_order(todo, "seed", spec.models) == todo
     with pytest.raises(ValueError, match="order must be one of"):
-        in_order(todo, "task")
+        in_order(todo, "task", spec.models)
 
 
 def test_the_eta_shares_the_cells_among_workers_but_not_the_federated_ones():
