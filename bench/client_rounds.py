@@ -12,6 +12,8 @@ the LoRA pass. Prints figures, asserts nothing.
   for the confidence test (``--step-check-fraction 0.25 --step-check-confidence 1``, the default);
 - ``gauss-newton sampled, check on ¼``: the same with two backward passes whatever C (``--curvature sampled``):
   the default round above 4 classes (``--curvature auto``); the one above it up to 4;
+- ``matrix on ¼``: the Gauss-Newton matrix from a quarter of the rows, the gradient from all
+  (``--curvature-fraction 0.25``): 1 + ¼ × (passes − 1) backward passes per example;
 - ``gauss-newton, model check``: the same statistics without that forward (``--step-check model``);
 - ``gauss-newton sampled``: two backward passes whatever C (``--curvature sampled``), model check;
 - ``local steps (AdamW)``: the paper's round, one pass of I2CL's AdamW steps on Λ (batch 2);
@@ -54,11 +56,13 @@ def main() -> None:
     previous = start + np.float32(0.01)
     config = CalibrationConfig(epochs=1)
 
-    def second_order(curvature: str, checked: float | None):
-        """A round's statistics; ``checked``: the fraction of rows also scored at the previous Λ (None: none)."""
+    def second_order(curvature: str, checked: float | None, matrix_rows: float = 1.0):
+        """A round's statistics; ``checked``: the fraction of rows also scored at the previous Λ (None: none);
+        ``matrix_rows``: the fraction the Gauss-Newton matrix is computed on."""
         return lambda: curvature_stats(
             client, vectors, start, rows, previous if checked else None, args.batch_size, curvature,
             check_fraction=checked or 1.0, spread=checked is not None and checked < 1,
+            curvature_fraction=matrix_rows,
         )  # fmt: skip
 
     methods = {
@@ -66,6 +70,8 @@ def main() -> None:
         "gauss-newton, loss check": second_order("exact", 1.0),
         "gauss-newton, check on ¼": second_order("exact", 0.25),
         "gauss-newton sampled, check on ¼": second_order("sampled", 0.25),
+        "gauss-newton, matrix on ¼, check on ¼": second_order("exact", 0.25, 0.25),
+        "gauss-newton sampled, matrix on ¼, check on ¼": second_order("sampled", 0.25, 0.25),
         "gauss-newton, model check": second_order("exact", None),
         "gauss-newton sampled": second_order("sampled", None),
         "local steps (AdamW)": lambda: client.calibrate(vectors, start, config, seed=0),

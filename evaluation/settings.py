@@ -252,6 +252,7 @@ FEDERATION_HASH_BASELINE = {
     "step_check_confidence": 0.0,
     "curvature": "exact",
     "curvature_memory": 0.0,
+    "curvature_fraction": 1.0,
 }
 
 

@@ -220,7 +220,7 @@ class HostedClient:
         stats = curvature_stats(
             self.client, self.vectors, arrays["coefficients"], rows, arrays.get("previous"),
             batch_size, str(meta.get("curvature", "exact")), seed, float(meta.get("check_fraction", 1.0)),
-            bool(meta.get("spread", False)),
+            bool(meta.get("spread", False)), float(meta.get("curvature_fraction", 1.0)),
         )  # fmt: skip
         report = {}
         if held:  # early stopping: the round's starting Λ scored on rows no round trains on

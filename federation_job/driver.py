@@ -185,6 +185,8 @@ class Federation:
             if isinstance(self.strategies.coefficients, TrustRegionNewton):  # what --curvature auto chose
                 trust_region = self.strategies.coefficients.settings
                 summary["curvature"] = {"computed": trust_region.curvature, "memory": trust_region.memory}
+                if trust_region.curvature_fraction < 1:
+                    summary["curvature"]["fraction"] = trust_region.curvature_fraction
             summary.update(self._evaluate(vectors, coefficients))
             summary.update(federated)
             refused = self._publish_refusal(summary) if publish else None

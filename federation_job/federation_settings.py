@@ -61,6 +61,7 @@ class FederationSettings:
     stage2: str = DEFAULTS.stage2  # local-steps (clients calibrate, server averages) | gauss-newton (second_order.py)
     curvature: str = DEFAULTS.curvature  # gauss-newton: auto | exact | sampled (options.resolve_curvature)
     curvature_memory: float | None = DEFAULTS.curvature_memory  # gauss-newton: γ of the past rounds' models (0: none)
+    curvature_fraction: float = DEFAULTS.curvature_fraction  # gauss-newton: rows with the matrix (curvature_rows)
     step_check: str = DEFAULTS.step_check  # gauss-newton: loss | model (second_order.TrustRegionNewton._decrease)
     step_check_fraction: float = DEFAULTS.step_check_fraction  # loss check: of each window (second_order.checked_rows)
     step_check_confidence: float = DEFAULTS.step_check_confidence  # loss check: TrustRegionSettings.confidence
@@ -204,6 +205,10 @@ class FederationSettings:
                 self.curvature_memory is None or 0 <= self.curvature_memory < 1,
                 f"--curvature-memory must be in [0, 1) (got {self.curvature_memory})",
             ),
+            (
+                0 < self.curvature_fraction <= 1,
+                f"--curvature-fraction must be in (0, 1] (got {self.curvature_fraction})",
+            ),
             (self.step_check in STEP_CHECKS, f"--step-check must be one of {STEP_CHECKS} (got {self.step_check!r})"),
             (
                 0 < self.step_check_fraction <= 1,
@@ -276,6 +281,7 @@ def _round_strategy(settings: FederationSettings, build, num_classes: int) -> St
         curvature, memory = resolve_curvature(settings.curvature, settings.curvature_memory, num_classes)
         trust_region = TrustRegionSettings(
             curvature=curvature,
+            curvature_fraction=settings.curvature_fraction,
             memory=memory,
             step_check=settings.step_check,
             check_fraction=settings.step_check_fraction,

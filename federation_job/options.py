@@ -40,6 +40,7 @@ LAMBDA_ROUND_FIELDS = (
     "stage2",
     "curvature",
     "curvature_memory",
+    "curvature_fraction",
     "step_check",
     "step_check_fraction",
     "step_check_confidence",
@@ -99,6 +100,9 @@ class FederationOptions:
     # sampled curvature (it averages the draws' noise over about four windows), 0 with exact (resolve_curvature).
     curvature: Curvature = "auto"
     curvature_memory: float | None = None
+    # gauss-newton: of each window's rows the matrix is computed on (the gradient takes every row: one backward
+    # pass each); 1: every row. A binary exact matrix comes with the gradient's pass: every row whatever this says.
+    curvature_fraction: float = 1.0
     step_check: StepCheck = "loss"  # gauss-newton: the last step's decrease measured (loss) or from the model
     # gauss-newton, loss check: of each window's rows scored at the previous Λ, and the standard errors of that
     # measured decrease a shrink needs (0: the point estimate decides). A quarter within one standard error kept
@@ -170,6 +174,7 @@ class FederationOptions:
                 "stage2": self.stage2,
                 "curvature": self.curvature,
                 "curvature_memory": self.curvature_memory,
+                "curvature_fraction": self.curvature_fraction,
                 "step_check": self.step_check,
                 "step_check_fraction": self.step_check_fraction,
                 "step_check_confidence": self.step_check_confidence,

@@ -124,6 +124,7 @@ def curvature_stats(
     seed: int = 0,
     check_fraction: float = 1.0,
     spread: bool = False,
+    curvature_fraction: float = 1.0,
 ) -> CurvatureStats:
     """Mean label-only loss, gradient and Gauss-Newton matrix of Λ over ``rows`` (no training noise).
 
@@ -138,9 +139,21 @@ def curvature_stats(
     Jᵀ(p − e_ŷ) with ŷ drawn from the model's own prediction, whose outer product is an unbiased estimate
     of JᵀHJ (H = diag p − ppᵀ is the covariance of e_ŷ). For a task with many classes that is the difference
     between a round costing several training steps and about two.
+
+    ``curvature_fraction`` < 1: the matrix from :func:`curvature_rows` only (their own batches), the gradient
+    from every row (one backward pass for the others), so a round costs 1 + fraction × (passes − 1) backward
+    passes per example instead of all of them; the matrix is those rows' mean. A binary exact matrix comes
+    with the gradient's own pass, so it is taken from every row whatever the fraction.
     """
     if curvature not in CURVATURES:
         raise FederationError(f"curvature must be one of {CURVATURES} (got {curvature!r})")
+    if curvature == "exact" and len(client.label_ids) == 2:
+        curvature_fraction = 1.0  # the gradient's backward pass is the whole Jacobian already
+    with_matrix = curvature_rows(rows, curvature_fraction, seed)
+    chosen = set(with_matrix)
+    batches = [(with_matrix[s : s + batch_size], True) for s in range(0, len(with_matrix), batch_size)]
+    rest = [i for i in rows if i not in chosen]
+    batches += [(rest[s : s + batch_size], False) for s in range(0, len(rest), batch_size)]
     vec = torch.as_tensor(vectors, dtype=torch.float32, device=client.device)
     base = torch.as_tensor(coefficients, dtype=torch.float32, device=client.device)
     draws = torch.Generator().manual_seed(seed)
@@ -150,8 +163,7 @@ def curvature_stats(
     checked = set(checked_rows(rows, check_fraction, seed)) if previous is not None else set()
     loss = previous_sum = checked_sum = 0.0  # sums: all rows at Λ; checked rows at the previous Λ and at Λ
     differences: list[torch.Tensor] = []  # [B'] per batch: the checked rows' loss at the previous Λ minus at Λ
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
+    for batch, wants_matrix in batches:
         prompts = [client.task.prompt(client.data.texts[i]) for i in batch]
         classes = torch.as_tensor([client.data.labels[i] for i in batch], device=client.device)  # [B]
         mine = [j for j, i in enumerate(batch) if i in checked]  # this batch's checked rows
@@ -170,6 +182,9 @@ def curvature_stats(
             differences.append(before_rows - after_rows)
         probs = torch.softmax(detached, dim=-1)  # [B, C]
         residual = probs - torch.nn.functional.one_hot(classes, probs.shape[1]).double()  # [B, C] dℓ/dz per example
+        if not wants_matrix:
+            gradient += _rows_of(logits, per_example, residual, keep=False).sum(dim=0)
+            continue
         if curvature == "exact":
             batch_gradient, batch_matrix = _exact(logits, per_example, probs, residual)
         else:
@@ -182,7 +197,8 @@ def curvature_stats(
     else:  # the window's loss plus the checked rows' paired difference (0 without a previous Λ)
         previous_loss = max(0.0, loss / n + (previous_sum - checked_sum) / len(checked)) if checked else 0.0
     variance = _decrease_variance(differences, len(client.data)) if spread else None
-    return CurvatureStats(loss / n, previous_loss, (gradient / n).numpy(), (matrix / n).numpy(), variance)
+    matrix /= max(1, len(with_matrix))
+    return CurvatureStats(loss / n, previous_loss, (gradient / n).numpy(), matrix.numpy(), variance)
 
 
 def _decrease_variance(differences: list[torch.Tensor], weight: int) -> float:
@@ -195,11 +211,21 @@ def _decrease_variance(differences: list[torch.Tensor], weight: int) -> float:
 
 def checked_rows(rows: list[int], fraction: float, seed: int) -> list[int]:
     """The rows whose loss at the previous Λ tests the last step: all, or a seeded ⌈fraction·n⌉ of them (≥ 1)."""
+    return _seeded_rows(rows, fraction, random.Random(seed), "the step check's fraction")
+
+
+def curvature_rows(rows: list[int], fraction: float, seed: int) -> list[int]:
+    """The rows the Gauss-Newton matrix is computed on: all, or a seeded ⌈fraction·n⌉ of them (≥ 1), drawn
+    apart from :func:`checked_rows` (their own stream of the round's seed)."""
+    return _seeded_rows(rows, fraction, random.Random(f"curvature-{seed}"), "the curvature's fraction")
+
+
+def _seeded_rows(rows: list[int], fraction: float, draws: random.Random, name: str) -> list[int]:
     if not 0 < fraction <= 1:
-        raise FederationError(f"the step check's fraction must be in (0, 1] (got {fraction})")
-    if fraction == 1:
+        raise FederationError(f"{name} must be in (0, 1] (got {fraction})")
+    if fraction == 1 or not rows:
         return list(rows)
-    return sorted(random.Random(seed).sample(list(rows), max(1, math.ceil(fraction * len(rows)))))
+    return sorted(draws.sample(list(rows), max(1, math.ceil(fraction * len(rows)))))
 
 
 def _label_logits(
@@ -251,6 +277,7 @@ def _sampled(logits, per_example, probs, residual, draws: torch.Generator) -> tu
 @dataclass(frozen=True)
 class TrustRegionSettings:
     curvature: str = "exact"  # what the clients compute: exact | sampled (curvature_stats)
+    curvature_fraction: float = 1.0  # of each window's rows the clients compute the matrix on (curvature_rows)
     radius: float = 0.5  # initial ‖step‖ bound on Λ (λ starts at 0.1, β at 1)
     min_radius: float = 1e-3
     max_radius: float = 8.0
@@ -378,6 +405,8 @@ class TrustRegionNewton(WrappedStrategy):
         previous = {"previous": self.state.accepted.astype(np.float32)} if measured else {}
         shape = (stats_size(coefficients.size, self.settings.spread),)
         meta = {"curvature": self.settings.curvature}
+        if self.settings.curvature_fraction < 1:
+            meta["curvature_fraction"] = self.settings.curvature_fraction
         if measured and self.settings.check_fraction < 1:
             meta["check_fraction"] = self.settings.check_fraction
         if self.settings.spread:

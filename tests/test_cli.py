@@ -52,7 +52,8 @@ def test_every_option_reaches_the_federation_settings():
         "trim_fraction": 0.2, "reject_norm_factor": 0.0, "server_lr": 2.0, "secagg": True, "dp_vector_epsilon": 1.0,
         "dp_vector_clip": 2.0, "dp_coefficient_epsilon": 1.0, "dp_coefficient_clip": 0.2, "dp_delta": 1e-6,
         "server_optimizer": "adam", "server_momentum": 0.5, "server_warmup": 2, "server_decay": "cosine",
-        "stage2": "local-steps", "curvature": "sampled", "curvature_memory": 0.5, "step_check": "model",
+        "stage2": "local-steps", "curvature": "sampled", "curvature_memory": 0.5, "curvature_fraction": 0.5,
+        "step_check": "model",
         "step_check_fraction": 0.5, "step_check_confidence": 2.0,
         "holdout_fraction": 0.2, "patience": 3, "secagg_threshold": 0.75,
     }  # fmt: skip

@@ -5,6 +5,7 @@ uploads rejected and recorded, and a real federation with --stage2 gauss-newton 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from ifedicl.federation_job.second_order import (
     TrustRegionSettings,
     TrustRegionState,
     checked_rows,
+    curvature_rows,
     curvature_stats,
     stats_size,
     trust_region_step,
@@ -131,6 +133,36 @@ def test_the_sampled_curvature_has_the_exact_gradient_and_estimates_the_gauss_ne
     assert error < 0.15 and error < single / 4  # the mean of 200 draws is close, far closer than one draw
     with pytest.raises(FederationError, match="curvature must be one of"):
         curvature_stats(client, vectors, moved, rows, curvature="diagonal")
+
+
+def test_the_curvature_on_a_fraction_of_the_rows_is_their_matrix_beside_every_rows_gradient(llama_dir, task_dir):
+    """``curvature_fraction``: the gradient and loss of the whole window (one backward pass for the rows without
+    the matrix), the Gauss-Newton matrix of the seeded :func:`curvature_rows` alone, as their own window would
+    give it; a binary exact matrix is every row's whatever the fraction (it comes with the gradient's pass)."""
+    client = _client(llama_dir, task_dir, classes=3)
+    vectors = client.extract_vectors(batch_size=8)
+    start = initial_coefficients(client.ctx.num_layers).numpy()
+    moved = start + np.random.default_rng(0).normal(0, 0.05, start.shape).astype(np.float32)
+    rows = list(range(len(client.data)))
+    whole = curvature_stats(client, vectors, moved, rows, batch_size=4, seed=5)
+    part = curvature_stats(client, vectors, moved, rows, batch_size=4, seed=5, curvature_fraction=0.25)
+    chosen = curvature_rows(rows, 0.25, 5)
+    assert len(chosen) == math.ceil(0.25 * len(rows)) and chosen != checked_rows(rows, 0.25, 5)
+    alone = curvature_stats(client, vectors, moved, chosen, batch_size=4, seed=5)
+    assert part.loss == pytest.approx(whole.loss, rel=1e-6)  # other batches: float32 rounding apart
+    np.testing.assert_allclose(part.gradient, whole.gradient, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(part.curvature, alone.curvature, rtol=1e-5, atol=1e-8)
+    assert not np.allclose(part.curvature, whole.curvature, rtol=1e-3)
+    part.check()
+
+    binary = _client(llama_dir, task_dir, classes=2)
+    binary_vectors = binary.extract_vectors(batch_size=8)
+    binary_rows = list(range(len(binary.data)))
+    every = curvature_stats(binary, binary_vectors, moved, binary_rows, batch_size=4)
+    quarter = curvature_stats(binary, binary_vectors, moved, binary_rows, batch_size=4, curvature_fraction=0.25)
+    np.testing.assert_allclose(quarter.curvature, every.curvature, rtol=1e-9)
+    with pytest.raises(FederationError, match="curvature's fraction must be in"):
+        curvature_stats(client, vectors, moved, rows, curvature_fraction=0)
 
 
 def test_the_trust_region_step_is_newtons_inside_and_on_the_boundary_outside():
@@ -372,6 +404,8 @@ def test_gauss_newton_refuses_what_it_does_not_go_with_and_names_the_way_out(fie
     for fields, refused in (
         ({"stage2": "local-steps", "step_check_fraction": 0.5}, "--step-check-fraction applies to --stage2"),
         ({"step_check_fraction": 0.0}, r"--step-check-fraction must be in \(0, 1\] \(got 0.0\)"),
+        ({"stage2": "local-steps", "curvature_fraction": 0.5}, "--curvature-fraction applies to --stage2"),
+        ({"curvature_fraction": 1.5}, r"--curvature-fraction must be in \(0, 1\] \(got 1.5\)"),
         ({"step_check": "model", "step_check_fraction": 0.5}, "it goes with --step-check loss"),
         ({"stage2": "local-steps", "step_check_confidence": 2.0}, "--step-check-confidence applies to --stage2"),
         ({"step_check_confidence": -1.0}, r"--step-check-confidence must be a finite number >= 0 \(got -1.0\)"),
@@ -487,6 +521,9 @@ def test_auto_curvature_is_exact_up_to_four_classes_and_sampled_with_memory_abov
         built = build_strategies(FederationOptions().settings(0.5, 0), None, classes).coefficients
         assert (built.settings.curvature, built.settings.memory) == (curvature, memory)
         assert built.round_upload(np.zeros((3, 2, 2), np.float32)).meta["curvature"] == curvature
+    quarter = build_strategies(FederationOptions(curvature_fraction=0.25).settings(0.5, 0), None, 4).coefficients
+    assert quarter.round_upload(np.zeros((3, 2, 2), np.float32)).meta["curvature_fraction"] == 0.25
+    assert "curvature_fraction" not in built.round_upload(np.zeros((3, 2, 2), np.float32)).meta
     FederationOptions(curvature_memory=0.5).settings(0.5, 0).validate()
     for bad, message in (({"curvature_memory": 1.0}, "--curvature-memory must be in"),
                          ({"curvature": "diagonal"}, "--curvature must be one of")):  # fmt: skip
