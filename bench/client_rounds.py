@@ -95,7 +95,9 @@ def main() -> None:
 
     baseline = statistics.median(seconds["FedAvg-LoRA"])
     classes = len(window.task.labels)
-    default = "gauss-newton sampled" if resolve_curvature("auto", None, classes)[0] == "sampled" else "gauss-newton"
+    chosen = resolve_curvature("auto", None, classes)
+    default = "gauss-newton sampled" if chosen.curvature == "sampled" else "gauss-newton"
+    default += ", matrix on ¼" if chosen.fraction == 0.25 else ""
     print(f"{args.model} on {window.task.name} ({classes} classes), {len(rows)} examples, {args.threads} thread(s), "
           f"median of {args.repeats}; the default round here: {default}, check on ¼")  # fmt: skip
     print(f"{'method':<34} {'CPU s':>8} {'ms/example':>11} {'× LoRA':>8}")

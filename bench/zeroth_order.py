@@ -101,9 +101,9 @@ def main() -> None:
     client, rows = window.client, window.rows
     vectors, start = torch.from_numpy(window.vectors), torch.from_numpy(window.start)  # [L, 2, d], [L, 2, 2]
     classes = len(window.task.labels)
-    curvature = resolve_curvature("auto", None, classes)[0]
+    curvature = resolve_curvature("auto", None, classes).curvature
 
-    exact, exact_seconds = timed(
+    exact, exact_seconds = timed(  # every row's matrix: the SPSA estimate is compared with the exact gradient
         lambda: curvature_stats(client, vectors.numpy(), start.numpy(), rows, None, args.batch_size, curvature)
     )
     _, forward_seconds = timed(lambda: mean_losses(client, vectors, [start], rows, args.batch_size))

@@ -212,8 +212,11 @@ class EvalSettings:
         elif effective.get("step_check") == "model":
             effective = {k: v for k, v in effective.items() if k not in LOSS_CHECK_FIELDS}  # no round reads them
         if num_classes is not None and "curvature" in effective:
-            chosen = resolve_curvature(effective["curvature"], effective["curvature_memory"], num_classes)
-            effective["curvature"], effective["curvature_memory"] = chosen
+            chosen = resolve_curvature(
+                effective["curvature"], effective["curvature_memory"], num_classes, effective["curvature_fraction"]
+            )
+            effective["curvature"], effective["curvature_memory"] = chosen.curvature, chosen.memory
+            effective["curvature_fraction"] = chosen.fraction
         return {
             k: v for k, v in effective.items() if k not in FEDERATION_HASH_BASELINE or FEDERATION_HASH_BASELINE[k] != v
         }

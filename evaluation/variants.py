@@ -42,8 +42,11 @@ ABLATION_BASE: dict = {"federation": {"vector_coding": "float32", "stage2": "loc
 # The trust region's test as it was before the sampled check with a confidence test became the default: the
 # second-order variants measured then keep their cells (and say what they computed).
 EVERY_ROW_CHECKED = {name: FEDERATION_HASH_BASELINE[name] for name in LOSS_CHECK_FIELDS}
-# The curvature every second-order variant computed before --curvature auto (exact, no memory) unless it names one.
-EXACT_CURVATURE = {name: FEDERATION_HASH_BASELINE[name] for name in ("curvature", "curvature_memory")}
+# The curvature every second-order variant computed before --curvature auto (exact on every row, no memory) unless
+# it names one.
+EXACT_CURVATURE = {
+    name: FEDERATION_HASH_BASELINE[name] for name in ("curvature", "curvature_memory", "curvature_fraction")
+}
 
 
 def _second_order(**federation) -> dict:
@@ -108,6 +111,12 @@ ABLATION_VARIANTS: dict[str, dict] = {
     # matrix saved one pass of three and was noisier (83.0 against 85.0).
     "gauss-newton matrix on ¼ with memory 0.75": {
         "federation": _second_order(curvature_fraction=0.25, curvature_memory=0.75)
+    },
+    # Stage 1 from the first 16 examples of each shard (160 pooled; I2CL's own vectors come from 5 per class), not
+    # all ~60: stage 1 was a fifth of a client's CPU by the round where IFed-ICL passes FedAvg-LoRA. Under the
+    # default round (--curvature auto), so on each task it changes only stage 1 from that task's default row.
+    "gauss-newton stage 1: 16 examples per client": {
+        "federation": {"stage2": "gauss-newton"}, "recipe": {"stage1_examples": 16}
     },
     # Half the examples per round (each round the next ⅛ of every shard; 16 rounds: 2 whole passes): is a second-
     # order round limited by its steps or by its window's data? Each round costs half of a "gauss-newton" round.

@@ -61,7 +61,7 @@ class FederationSettings:
     stage2: str = DEFAULTS.stage2  # local-steps (clients calibrate, server averages) | gauss-newton (second_order.py)
     curvature: str = DEFAULTS.curvature  # gauss-newton: auto | exact | sampled (options.resolve_curvature)
     curvature_memory: float | None = DEFAULTS.curvature_memory  # gauss-newton: γ of the past rounds' models (0: none)
-    curvature_fraction: float = DEFAULTS.curvature_fraction  # gauss-newton: rows with the matrix (curvature_rows)
+    curvature_fraction: float | None = DEFAULTS.curvature_fraction  # gauss-newton: rows with the matrix (None: auto)
     step_check: str = DEFAULTS.step_check  # gauss-newton: loss | model (second_order.TrustRegionNewton._decrease)
     step_check_fraction: float = DEFAULTS.step_check_fraction  # loss check: of each window (second_order.checked_rows)
     step_check_confidence: float = DEFAULTS.step_check_confidence  # loss check: TrustRegionSettings.confidence
@@ -206,7 +206,7 @@ class FederationSettings:
                 f"--curvature-memory must be in [0, 1) (got {self.curvature_memory})",
             ),
             (
-                0 < self.curvature_fraction <= 1,
+                self.curvature_fraction is None or 0 < self.curvature_fraction <= 1,
                 f"--curvature-fraction must be in (0, 1] (got {self.curvature_fraction})",
             ),
             (self.step_check in STEP_CHECKS, f"--step-check must be one of {STEP_CHECKS} (got {self.step_check!r})"),
@@ -278,11 +278,13 @@ def _round_strategy(settings: FederationSettings, build, num_classes: int) -> St
     """Each round's Λ: a trust-region step on the pooled statistics (means weighted by examples: the pooled
     objective's), or the server optimizer on the aggregate of local runs. Stage 1's vectors are one mean."""
     if settings.stage2 == "gauss-newton":
-        curvature, memory = resolve_curvature(settings.curvature, settings.curvature_memory, num_classes)
+        chosen = resolve_curvature(
+            settings.curvature, settings.curvature_memory, num_classes, settings.curvature_fraction
+        )
         trust_region = TrustRegionSettings(
-            curvature=curvature,
-            curvature_fraction=settings.curvature_fraction,
-            memory=memory,
+            curvature=chosen.curvature,
+            curvature_fraction=chosen.fraction,
+            memory=chosen.memory,
             step_check=settings.step_check,
             check_fraction=settings.step_check_fraction,
             confidence=settings.step_check_confidence,

@@ -451,14 +451,14 @@ def test_cells_of_the_every_row_check_keep_their_hash_and_the_sampled_default_ge
     cell under the new default does not share it, and cells whose rounds do not read the loss check (local steps,
     the model check, the methods without rounds of Λ) are unchanged."""
     from ifedicl.evaluation.settings import EvalSettings
-    from ifedicl.evaluation.variants import EVERY_ROW_CHECKED
+    from ifedicl.evaluation.variants import EVERY_ROW_CHECKED, EXACT_CURVATURE
 
     before = EvalSettings("m", ["t"], federation={"stage2": "gauss-newton"}).federation_for_hash("ifedicl")
-    auto = {"curvature": "auto", "curvature_memory": None}  # the rule, named: older cells computed exact
+    auto = {"curvature": "auto", "curvature_memory": None, "curvature_fraction": None}  # the rule, named
     assert before == {"stage2": "gauss-newton", "vector_coding": "int8", "step_check_fraction": 0.25,
                       "step_check_confidence": 1.0, **auto}  # fmt: skip
     every_row = EvalSettings("m", ["t"], federation={"stage2": "gauss-newton", **EVERY_ROW_CHECKED,
-                                                     "curvature": "exact", "curvature_memory": 0.0})  # fmt: skip
+                                                     **EXACT_CURVATURE})  # fmt: skip
     assert every_row.federation_for_hash("ifedicl") == {"stage2": "gauss-newton", "vector_coding": "int8"}
     assert EvalSettings("m", ["t"]).cell_hash("ifedicl") != every_row.cell_hash("ifedicl")
     # on a known task, auto is named by what it computes: exact (as every cell before auto) up to 4 classes
@@ -467,9 +467,16 @@ def test_cells_of_the_every_row_check_keep_their_hash_and_the_sampled_default_ge
     assert EvalSettings("m", ["t"]).federation_for_hash("ifedicl", 2) == binary
     assert EvalSettings("m", ["t"]).federation_for_hash("ifedicl", 6) == {
         **binary, "curvature": "sampled", "curvature_memory": 0.75}  # fmt: skip
+    # from 3 classes the exact matrix of a quarter of the rows with memory: a 4-class cell under every row's is stale
+    assert EvalSettings("m", ["t"]).federation_for_hash("ifedicl", 4) == {
+        **binary, "curvature_memory": 0.75, "curvature_fraction": 0.25}  # fmt: skip
+    quarter = EvalSettings("m", ["t"], federation={"curvature": "exact", "curvature_memory": 0.75,
+                                                   "curvature_fraction": 0.25})  # fmt: skip
+    assert quarter.cell_hash("ifedicl", 4) == EvalSettings("m", ["t"]).cell_hash("ifedicl", 4)
     named = EvalSettings("m", ["t"], federation={"curvature": "exact", "curvature_memory": 0.0})
     assert named.cell_hash("ifedicl", 2) == EvalSettings("m", ["t"]).cell_hash("ifedicl", 2)
     assert named.cell_hash("ifedicl", 6) != EvalSettings("m", ["t"]).cell_hash("ifedicl", 6)
+    assert named.cell_hash("ifedicl", 4) != EvalSettings("m", ["t"]).cell_hash("ifedicl", 4)
     model = EvalSettings("m", ["t"], federation={"step_check": "model"}).federation_for_hash("ifedicl")
     assert model == {"stage2": "gauss-newton", "vector_coding": "int8", "step_check": "model", **auto}
     steps = EvalSettings("m", ["t"], federation={"stage2": "local-steps"})
@@ -506,24 +513,28 @@ def test_the_stage2_setting_builds_a_trust_region_over_a_weighted_mean():
     assert upload.extra == {}  # no previous Λ before the first step
 
 
-def test_auto_curvature_is_exact_up_to_four_classes_and_sampled_with_memory_above():
-    """``--curvature auto`` (the default) takes the exact matrix while it costs at most 3 backward passes and
-    sampled's two above, and a sampled curvature gets memory 0.75 unless one is given; what the clients are asked
-    for follows."""
-    assert resolve_curvature("auto", None, 2) == ("exact", 0.0)
-    assert resolve_curvature("auto", None, 4) == ("exact", 0.0)
-    assert resolve_curvature("auto", None, 5) == ("sampled", 0.75)
-    assert resolve_curvature("auto", None, 6) == ("sampled", 0.75)
-    assert resolve_curvature("auto", 0.0, 6) == ("sampled", 0.0)  # a given memory stands
-    assert resolve_curvature("exact", None, 6) == ("exact", 0.0)
-    assert resolve_curvature("sampled", 0.5, 2) == ("sampled", 0.5)
-    for classes, curvature, memory in ((2, "exact", 0.0), (6, "sampled", 0.75)):
+def test_auto_curvature_is_exact_up_to_four_classes_on_a_quarter_of_the_rows_and_sampled_above():
+    """``--curvature auto`` (the default) takes the exact matrix while it costs at most 3 backward passes, from
+    3 classes on a quarter of the rows, and sampled's two above 4; a sampled matrix (drawn labels or a fraction
+    of the rows) gets memory 0.75 unless one is given; what the clients are asked for follows."""
+    choice = lambda *args: dataclasses.astuple(resolve_curvature(*args))  # noqa: E731
+    assert choice("auto", None, 2) == ("exact", 0.0, 1.0)  # the binary matrix comes with the gradient's pass
+    assert choice("auto", None, 3) == ("exact", 0.75, 0.25)  # from 3 classes: a quarter of the rows, with memory
+    assert choice("auto", None, 4) == ("exact", 0.75, 0.25)
+    assert choice("auto", None, 5) == ("sampled", 0.75, 1.0)
+    assert choice("auto", None, 6) == ("sampled", 0.75, 1.0)
+    assert choice("auto", 0.0, 6) == ("sampled", 0.0, 1.0)  # a given memory stands
+    assert choice("auto", 0.5, 4, 1.0) == ("exact", 0.5, 1.0)  # and a given fraction
+    assert choice("exact", None, 6) == ("exact", 0.0, 1.0)  # an explicit exact matrix: every row unless told
+    assert choice("exact", None, 6, 0.5) == ("exact", 0.75, 0.5)
+    assert choice("sampled", 0.5, 2) == ("sampled", 0.5, 1.0)
+    for classes, curvature, memory, fraction in ((2, "exact", 0.0, 1.0), (4, "exact", 0.75, 0.25),
+                                                 (6, "sampled", 0.75, 1.0)):  # fmt: skip
         built = build_strategies(FederationOptions().settings(0.5, 0), None, classes).coefficients
         assert (built.settings.curvature, built.settings.memory) == (curvature, memory)
-        assert built.round_upload(np.zeros((3, 2, 2), np.float32)).meta["curvature"] == curvature
-    quarter = build_strategies(FederationOptions(curvature_fraction=0.25).settings(0.5, 0), None, 4).coefficients
-    assert quarter.round_upload(np.zeros((3, 2, 2), np.float32)).meta["curvature_fraction"] == 0.25
-    assert "curvature_fraction" not in built.round_upload(np.zeros((3, 2, 2), np.float32)).meta
+        assert built.settings.curvature_fraction == fraction
+        meta = built.round_upload(np.zeros((3, 2, 2), np.float32)).meta
+        assert meta["curvature"] == curvature and meta.get("curvature_fraction", 1.0) == fraction
     FederationOptions(curvature_memory=0.5).settings(0.5, 0).validate()
     for bad, message in (({"curvature_memory": 1.0}, "--curvature-memory must be in"),
                          ({"curvature": "diagonal"}, "--curvature must be one of")):  # fmt: skip
