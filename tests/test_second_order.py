@@ -586,6 +586,45 @@ def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_sessi
         np.testing.assert_allclose(first, Store(tmp_path / "store").coefficients_by_round(result.run_id)[1], atol=1e-6)
 
 
+def test_a_three_class_federation_computes_the_matrix_on_a_quarter_of_the_rows(
+    ray_session, llama_dir, task_dir, tmp_path
+):
+    """``--curvature auto`` on 3 classes: the clients are asked for the exact matrix of a quarter of their rows
+    (the request carries the fraction through the actors), the server keeps memory, the rounds complete, and the
+    summary records what was computed."""
+    import json
+
+    from ifedicl.federation_job.driver import Federation
+
+    three = tmp_path / "three-way"
+    three.mkdir()
+    task = json.loads((task_dir / "task.json").read_text())
+    (three / "task.json").write_text(json.dumps({**task, "name": "three-way", "labels": [*task["labels"], "neutral"]}))
+    for name in ("train", "test"):
+        rows = [json.loads(line) for line in (task_dir / f"{name}.jsonl").read_text().splitlines()]
+        lines = [json.dumps({**row, "label": i % 3}) for i, row in enumerate(rows)]
+        (three / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    settings = FederationOptions(
+        clients=2, rounds=2, local_epochs=0.5, min_shard=4, actors=1, vector_coding="float32"
+    ).settings(1.0, 0)
+    source = DataSource(str(three), max_train=24, max_test=8)
+    result = Federation(str(llama_dir), source, str(tmp_path / "store"), settings).run()
+    assert result.summary["curvature"] == {"computed": "exact", "memory": 0.75, "fraction": 0.25}
+    stage2 = [r for r in result.rounds if r.round > 0]
+    assert len(stage2) == 2 and all(len(r.clients_answered) == 2 and not r.dropped for r in stage2)
+    _, state = Store(tmp_path / "store").server_state(result.run_id)
+    p = result.coefficients.size
+    assert state["curvature_sum"].shape == (p, p) and np.all(np.isfinite(state["curvature_sum"]))
+    assert not np.allclose(result.coefficients, initial_coefficients(result.coefficients.shape[0]).numpy())
+    # the same run with every row's matrix: round 1 (the same Λ and rows) pools the same gradient, another matrix
+    every_row = dataclasses.replace(settings, curvature_fraction=1.0, curvature_memory=0.75)
+    full = Federation(str(llama_dir), source, str(tmp_path / "every-row"), every_row).run()
+    quarter_state = Store(tmp_path / "store").server_state(result.run_id, 1)[1]
+    full_state = Store(tmp_path / "every-row").server_state(full.run_id, 1)[1]
+    np.testing.assert_allclose(quarter_state["gradient"], full_state["gradient"], rtol=1e-4, atol=1e-6)
+    assert not np.allclose(quarter_state["curvature"], full_state["curvature"], rtol=1e-2)
+
+
 def test_tampered_curvature_uploads_are_rejected_by_name_and_the_rounds_go_on(
     ray_session, llama_dir, task_dir, tmp_path
 ):
