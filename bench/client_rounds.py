@@ -97,7 +97,7 @@ def main() -> None:
     classes = len(window.task.labels)
     chosen = resolve_curvature("auto", None, classes)
     default = "gauss-newton sampled" if chosen.curvature == "sampled" else "gauss-newton"
-    default += ", matrix on ¼" if chosen.fraction == 0.25 else ""
+    default += f", matrix on {chosen.fraction:g} of the rows" if chosen.fraction < 1 else ""
     print(f"{args.model} on {window.task.name} ({classes} classes), {len(rows)} examples, {args.threads} thread(s), "
           f"median of {args.repeats}; the default round here: {default}, check on ¼")  # fmt: skip
     print(f"{'method':<34} {'CPU s':>8} {'ms/example':>11} {'× LoRA':>8}")
