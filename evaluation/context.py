@@ -128,7 +128,8 @@ def federation_settings(mc: MethodContext, cell):
         cell.alpha,
         cell.seed,
         dtype=s.dtype,
-        stage1_examples=s.recipe.get("stage1_examples"),
+        # the ablation's recipe key (its cells' hashes name it there) stands over the option
+        **{k: v for k, v in s.recipe.items() if k == "stage1_examples"},
         calibration=s.calibration(cell.method),
     )
 

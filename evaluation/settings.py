@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from ifedicl.federation_job.options import (
+    IFEDICL_ONLY_FIELDS,
     LAMBDA_ROUND_FIELDS,
     LOSS_CHECK_FIELDS,
     FederationOptions,
@@ -195,7 +196,7 @@ class EvalSettings:
 
     def federation_for_hash(self, method: str | None = None, num_classes: int | None = None) -> dict:
         """The federation flags by their effective values, less those equal to :data:`FEDERATION_HASH_BASELINE`
-        and, for a method other than IFed-ICL, less how IFed-ICL's rounds move Λ (:data:`LAMBDA_ROUND_FIELDS`).
+        and, for a method other than IFed-ICL, less what only IFed-ICL's run reads (:data:`IFEDICL_ONLY_FIELDS`).
 
         ``num_classes``: the cell's task's, so ``--curvature auto`` is named by what it computes there (a binary
         cell's exact curvature hashes as it did before auto existed); None: named as the rule."""
@@ -206,7 +207,7 @@ class EvalSettings:
         if effective.get("vector_coding") is None:
             effective["vector_coding"] = default_coding(bool(effective.get("secagg")))
         if method is not None and method != "ifedicl":
-            effective = {k: v for k, v in effective.items() if k not in LAMBDA_ROUND_FIELDS}
+            effective = {k: v for k, v in effective.items() if k not in IFEDICL_ONLY_FIELDS}
         if effective.get("stage2") != "gauss-newton":  # local steps read none of the trust region's settings
             effective = {k: v for k, v in effective.items() if k == "stage2" or k not in LAMBDA_ROUND_FIELDS}
         elif effective.get("step_check") == "model":
@@ -247,7 +248,8 @@ class EvalSettings:
 # hash as its effective value (a new default makes older cells stale); naming this value keeps them current.
 # stage2: the cells before the second-order round became the default (issue 30) moved Λ by local AdamW steps;
 # step_check_*: before the sampled loss check with a confidence test did, the trust region checked every row;
-# curvature*: before --curvature auto did, it took the exact curvature with no memory.
+# curvature*: before --curvature auto did, it took the exact curvature with no memory; stage1_examples: every
+# client's stage 1 took every example.
 FEDERATION_HASH_BASELINE = {
     "vector_coding": "float32",
     "stage2": "local-steps",
@@ -256,6 +258,7 @@ FEDERATION_HASH_BASELINE = {
     "curvature": "exact",
     "curvature_memory": 0.0,
     "curvature_fraction": 1.0,
+    "stage1_examples": None,
 }
 
 

@@ -45,6 +45,9 @@ LAMBDA_ROUND_FIELDS = (
     "step_check_fraction",
     "step_check_confidence",
 )
+# What only IFed-ICL's own run reads: its rounds of Λ, and how many examples its clients' stage 1 takes (centralized
+# I2CL and local-only calibration take every example: the baselines at their strongest).
+IFEDICL_ONLY_FIELDS = (*LAMBDA_ROUND_FIELDS, "stage1_examples")
 # Of those, what only the trust region's loss check reads (--step-check loss).
 LOSS_CHECK_FIELDS = ("step_check_fraction", "step_check_confidence")
 
@@ -135,6 +138,10 @@ class FederationOptions:
     step_check_confidence: float = 1.0
     holdout_fraction: float = 0.0  # of each shard kept out of the rounds to score Λ on (early stopping; 0: off)
     patience: int = 2  # with a held-out fraction: rounds without a new best pooled held-out loss before stopping
+    # Stage 1 from at most this many of each client's examples (its first; None: every one). The pooled mean of
+    # ten clients' vectors moves little with fewer (bench/stage1_examples.py), and stage 1 was a fifth of a client's
+    # CPU by the round where IFed-ICL passes FedAvg-LoRA (docs/recipe.md).
+    stage1_examples: int | None = None
     extract_dtype: Dtype = "float32"
     vector_coding: VectorCoding | None = None  # stage-1 upload of v_k (None: int8; under secagg float32)
     aggregator: Aggregator = "mean"
@@ -166,7 +173,7 @@ class FederationOptions:
 
     def settings(self, alpha: float, seed: int, **fields) -> FederationSettings:
         """The run these options describe, at Dirichlet ``alpha`` and ``seed``; ``fields`` set the rest
-        (``capture_batch_size``, ``dtype``, ``stage1_examples``, or a whole ``calibration``)."""
+        (``capture_batch_size``, ``dtype``, or a whole ``calibration``)."""
         from ifedicl.federation_job.client import CalibrationConfig
         from ifedicl.federation_job.federation_settings import FederationSettings
 
@@ -203,6 +210,7 @@ class FederationOptions:
                 "step_check_confidence": self.step_check_confidence,
                 "holdout_fraction": self.holdout_fraction,
                 "patience": self.patience,
+                "stage1_examples": self.stage1_examples,
                 "extract_dtype": self.extract_dtype,
                 "vector_coding": self.vector_coding,
                 "aggregator": self.aggregator,

@@ -98,6 +98,32 @@ def test_stage1_examples_uses_the_first_n(llama_dir, task_dir):
     assert not np.allclose(client.extract_vectors(), first.extract_vectors())
 
 
+def test_stage1_examples_enter_only_ifedicl_cells_and_the_ablation_key_stands_over_the_option():
+    """``--stage1-examples`` is IFed-ICL's clients' own: centralized I2CL and local-only calibration keep every
+    example (the baselines at their strongest), so only an IFed-ICL cell's hash names it; a run pinning every
+    example hashes as the cells computed before the option existed; the ablation's recipe key wins."""
+    from types import SimpleNamespace
+
+    from ifedicl.evaluation.context import federation_settings
+    from ifedicl.evaluation.settings import Cell
+
+    default, fewer = EvalSettings("m", ["t"]), EvalSettings("m", ["t"], federation={"stage1_examples": 16})
+    assert fewer.federation_for_hash("ifedicl")["stage1_examples"] == 16
+    assert fewer.cell_hash("ifedicl") != default.cell_hash("ifedicl")
+    for method in ("fedavg_lora", "i2cl_central", "local_calibration", "zero_shot"):
+        assert fewer.cell_hash(method) == default.cell_hash(method), method
+    pinned = EvalSettings("m", ["t"], federation={"stage1_examples": None})
+    assert pinned.cell_hash("ifedicl") == default.cell_hash("ifedicl")
+    cell = Cell("ifedicl", "t", 0.5, 0)
+    assert federation_settings(SimpleNamespace(settings=fewer), cell).stage1_examples == 16
+    keyed = EvalSettings("m", ["t"], recipe={"stage1_examples": 5}, federation={"stage1_examples": 16})
+    assert federation_settings(SimpleNamespace(settings=keyed), cell).stage1_examples == 5
+    assert federation_settings(SimpleNamespace(settings=default), cell).stage1_examples is None
+    with pytest.raises(IfediclError, match="--stage1-examples must be >= 1"):
+        federation_settings(SimpleNamespace(settings=EvalSettings("m", ["t"], federation={"stage1_examples": 0})),
+                            cell).validate()  # fmt: skip
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_shared_prefix_scoring_equals_full_prompts(tiny_models, task_dir, family):
     from ifedicl.evaluation.prefix import predict_proba_shared_prefix
