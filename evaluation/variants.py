@@ -112,9 +112,11 @@ ABLATION_VARIANTS: dict[str, dict] = {
     "gauss-newton matrix on ¼ with memory 0.75": {
         "federation": _second_order(curvature_fraction=0.25, curvature_memory=0.75)
     },
-    # Stage 1 from the first 16 examples of each shard (160 pooled; I2CL's own vectors come from 5 per class), not
-    # all ~60: stage 1 was a fifth of a client's CPU by the round where IFed-ICL passes FedAvg-LoRA. Under the
-    # default round (--curvature auto), so on each task it changes only stage 1 from that task's default row.
+    # Stage 1 from 16 examples of each shard (160 pooled; I2CL's own vectors come from 5 per class), not all ~60
+    # (the cells up to 388cf00 took each shard's first 16, later ones 16 evenly spaced: on the shared data, whose
+    # files are shuffled, two draws of the same kind): stage 1 was a fifth of a client's CPU by the round where
+    # IFed-ICL passes FedAvg-LoRA. Under the default round (--curvature auto), so on each task it changes only
+    # stage 1 from that task's default row.
     "gauss-newton stage 1: 16 examples per client": {
         "federation": {"stage2": "gauss-newton"}, "recipe": {"stage1_examples": 16}
     },

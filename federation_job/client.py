@@ -153,6 +153,15 @@ class CalibrationResult:
     steps: int
 
 
+def spaced(items: list, limit: int | None) -> list:
+    """At most ``limit`` of ``items``, evenly spaced from the first (None: all). Not the first ``limit``: an
+    organization's file sorted by label would give its stage 1 one class; spaced rows give each run of the file
+    its share, and on a shuffled file they are as good as any draw, with no seed to carry."""
+    if limit is None or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
 class Client:
     """One organisation's private shard and the frozen model it runs."""
 
@@ -177,10 +186,10 @@ class Client:
         """Local context vector v_k: mean over demonstrations of each block's last-token output. [L, 2, d].
 
         ``clip_norm`` bounds each demonstration's [L, 2, d] contribution (differential privacy);
-        ``max_examples`` uses only the first that many local examples (stage-1 ablation); ``rows``: of these
+        ``max_examples`` uses only that many local examples, evenly spaced (:func:`spaced`); ``rows``: of these
         examples only (None: all; early stopping keeps its held-out rows out).
         """
-        pairs = self._pairs(rows)[:max_examples]
+        pairs = spaced(self._pairs(rows), max_examples)
         demos = [self.task.demonstration(t, y) for t, y in pairs]
         total = capture_sum(self.ctx, self.tokenizer, demos, batch_size, progress, autocast_dtype, clip_norm)
         return (total / len(demos)).numpy()
@@ -195,7 +204,7 @@ class Client:
         """Class-balanced stage 1 (:mod:`~ifedicl.federation_job.class_balanced`): each class's mean over its
         demonstrations here (``rows`` of them, None: all), and how many each had. -> (means [C, L, 2, d],
         counts [C] int64)."""
-        pairs = self._pairs(rows)[:max_examples]
+        pairs = spaced(self._pairs(rows), max_examples)
         classes = len(self.task.labels)
         sums = torch.zeros(classes, self.ctx.num_layers, 2, self.ctx.hidden_size)  # [C, L, 2, d]
         counts = np.zeros(classes, dtype=np.int64)  # [C]

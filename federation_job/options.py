@@ -138,9 +138,9 @@ class FederationOptions:
     step_check_confidence: float = 1.0
     holdout_fraction: float = 0.0  # of each shard kept out of the rounds to score Λ on (early stopping; 0: off)
     patience: int = 2  # with a held-out fraction: rounds without a new best pooled held-out loss before stopping
-    # Stage 1 from at most this many of each client's examples (its first; None: every one). The pooled mean of
-    # ten clients' vectors moves little with fewer (bench/stage1_examples.py), and stage 1 was a fifth of a client's
-    # CPU by the round where IFed-ICL passes FedAvg-LoRA (docs/recipe.md).
+    # Stage 1 from at most this many of each client's examples (evenly spaced: client.spaced; None: every one).
+    # The pooled mean of ten clients' vectors moves little with fewer (bench/stage1_examples.py), and stage 1 was
+    # a fifth of a client's CPU by the round where IFed-ICL passes FedAvg-LoRA (docs/recipe.md).
     stage1_examples: int | None = None
     extract_dtype: Dtype = "float32"
     vector_coding: VectorCoding | None = None  # stage-1 upload of v_k (None: int8; under secagg float32)

@@ -91,11 +91,18 @@ def test_one_block_only_leaves_the_other_uninjected(llama_dir, task_dir, modules
     assert not np.allclose(result[:, 1 - off], start[:, 1 - off])  # the trained block moved
 
 
-def test_stage1_examples_uses_the_first_n(llama_dir, task_dir):
+def test_stage1_examples_are_spaced_over_the_local_data(llama_dir, task_dir):
+    """Four of twelve examples are rows 0, 3, 6 and 9: a file sorted by label still gives every class its share."""
+    from ifedicl.federation_job.client import spaced
+
+    assert spaced(list(range(12)), 4) == [0, 3, 6, 9] and spaced([1, 2], 5) == [1, 2] and spaced([1], None) == [1]
+    assert spaced(list(range(7)), 3) == [0, 2, 4]
     client = _client(llama_dir, task_dir)
-    first = Client(client.ctx, client.tokenizer, client.task, client.data.head(5))
-    np.testing.assert_allclose(client.extract_vectors(max_examples=5), first.extract_vectors(), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(client.extract_vectors(), first.extract_vectors())
+    chosen = Client(client.ctx, client.tokenizer, client.task, client.data.subset([0, 3, 6, 9]))
+    np.testing.assert_allclose(client.extract_vectors(max_examples=4), chosen.extract_vectors(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(client.extract_vectors(), chosen.extract_vectors())
+    means, counts = client.extract_class_means(max_examples=4)
+    assert counts.sum() == 4 and np.array_equal(counts, chosen.extract_class_means()[1])
 
 
 def test_stage1_examples_enter_only_ifedicl_cells_and_the_ablation_key_stands_over_the_option():
