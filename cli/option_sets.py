@@ -67,7 +67,8 @@ HELP = {
     "region needs before it shrinks or undoes a step (the clients also upload the paired differences' variance: "
     "one number); 0: the point estimate decides, as in the classic rule",
     "stage1_examples": "stage 1: each client builds its context vectors from at most this many of its examples "
-    "(evenly spaced over its data, so a file sorted by label still gives each class its share; default: every one)",
+    "(evenly spaced over its data, so a file sorted by label still gives each class its share); 0: every example. "
+    "With --dp-vector-epsilon the noise shrinks as 1/examples: take more there",
     "extract_dtype": "stage-1 autocast dtype",
     "vector_coding": "stage-1 upload of the context vectors on the wire: float16 is half the bytes of float32, "
     "int8 a quarter (one scale per layer and block; the default); the server decodes to float32. "

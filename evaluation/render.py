@@ -60,6 +60,9 @@ DIFFERENCES = [
     "IFed-ICL's rounds: each round is a trust-region step on the pooled label-only loss from the sampled clients' "
     "gradients and Gauss-Newton matrices of Λ (`--stage2 gauss-newton`, the default since issue 30; "
     "`docs/recipe.md`), where the paper averages the clients' local AdamW runs (`--stage2 local-steps`).",
+    "Stage 1: each IFed-ICL client builds its context vectors from 32 of its examples, evenly spaced "
+    "(`--stage1-examples 32`, the default since issue 30: every example's accuracy for half of stage 1's CPU); "
+    "the paper's from all of them. Centralized I2CL and local-only calibration use every example.",
     "Hosting: the federated methods' 10 clients run on 2 Ray actor processes (`--actors 2`, one per core) rather "
     "than 10 contending for 2 cores, which inflated the CPU seconds each measured; with `--workers 2` one cell "
     "that trains alone may still run beside a federated one, for IFed-ICL and FedAvg-LoRA alike.",

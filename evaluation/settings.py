@@ -258,7 +258,7 @@ FEDERATION_HASH_BASELINE = {
     "curvature": "exact",
     "curvature_memory": 0.0,
     "curvature_fraction": 1.0,
-    "stage1_examples": None,
+    "stage1_examples": 0,
 }
 
 

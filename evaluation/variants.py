@@ -37,8 +37,9 @@ REPORT_BASE: dict = {
 # int8: its base keeps float32, so each variant differs from "default" by its one change ("stage 1 coded int8"
 # is the int8 row) and the cells computed before the switch stay current.
 # It also keeps the rounds of local AdamW steps (stage2 local-steps) that every variant but the second-order
-# ones changes one thing of; the second-order round became the default after them (issue 30).
-ABLATION_BASE: dict = {"federation": {"vector_coding": "float32", "stage2": "local-steps"}}
+# ones changes one thing of; the second-order round became the default after them (issue 30), and the stage 1 of
+# every client example that the stage-1 variants take fewer of (--stage1-examples became the default after them).
+ABLATION_BASE: dict = {"federation": {"vector_coding": "float32", "stage2": "local-steps", "stage1_examples": 0}}
 # The trust region's test as it was before the sampled check with a confidence test became the default: the
 # second-order variants measured then keep their cells (and say what they computed).
 EVERY_ROW_CHECKED = {name: FEDERATION_HASH_BASELINE[name] for name in LOSS_CHECK_FIELDS}

@@ -51,7 +51,7 @@ class FederationSettings:
     weighted_vectors: bool = DEFAULTS.weighted  # paper: unweighted
     weighted_coefficients: bool = DEFAULTS.weighted  # paper: unweighted
     capture_batch_size: int = 8
-    stage1_examples: int | None = None  # each client builds v_k from at most this many of its examples (None: all)
+    stage1_examples: int | None = DEFAULTS.stage1_examples or None  # v_k from at most this many examples (None: all)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     weights: str = DEFAULTS.weights  # shared: one object-store copy per node; per-actor: each loads its own
     cpus_per_client: float | None = DEFAULTS.cpus_per_client  # per host; default: the free CPUs split over hosts
@@ -118,7 +118,10 @@ class FederationSettings:
                 f"got --vector-coding {self.vector_coding})",
             ),
             (self.capture_batch_size >= 1, "--batch-size must be >= 1"),
-            (self.stage1_examples is None or self.stage1_examples >= 1, "--stage1-examples must be >= 1"),
+            (
+                self.stage1_examples is None or self.stage1_examples >= 1,
+                "--stage1-examples must be >= 1, or 0 for every example",
+            ),
             (self.aggregator in AGGREGATORS, f"--aggregator must be one of {AGGREGATORS} (got {self.aggregator})"),
             (self.stage1 in ESTIMATORS, f"--stage1 must be one of {ESTIMATORS} (got {self.stage1!r})"),
             (

@@ -138,10 +138,10 @@ class FederationOptions:
     step_check_confidence: float = 1.0
     holdout_fraction: float = 0.0  # of each shard kept out of the rounds to score Λ on (early stopping; 0: off)
     patience: int = 2  # with a held-out fraction: rounds without a new best pooled held-out loss before stopping
-    # Stage 1 from at most this many of each client's examples (evenly spaced: client.spaced; None: every one).
+    # Stage 1 from at most this many of each client's examples (evenly spaced: client.spaced; 0: every one).
     # The pooled mean of ten clients' vectors moves little with fewer (bench/stage1_examples.py), and stage 1 was
     # a fifth of a client's CPU by the round where IFed-ICL passes FedAvg-LoRA (docs/recipe.md).
-    stage1_examples: int | None = None
+    stage1_examples: int = 32
     extract_dtype: Dtype = "float32"
     vector_coding: VectorCoding | None = None  # stage-1 upload of v_k (None: int8; under secagg float32)
     aggregator: Aggregator = "mean"
@@ -210,7 +210,7 @@ class FederationOptions:
                 "step_check_confidence": self.step_check_confidence,
                 "holdout_fraction": self.holdout_fraction,
                 "patience": self.patience,
-                "stage1_examples": self.stage1_examples,
+                "stage1_examples": self.stage1_examples or None,
                 "extract_dtype": self.extract_dtype,
                 "vector_coding": self.vector_coding,
                 "aggregator": self.aggregator,

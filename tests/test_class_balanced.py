@@ -49,7 +49,8 @@ def test_the_federated_class_balanced_vectors_are_the_centralized_ones(ray_sessi
     """Three clients under strong label skew (α=0.3): the pooled vectors equal the class-balanced mean of all
     their examples computed in one place (float32 on the wire), and differ from the paper's mean of means."""
     source = DataSource(str(task_dir), max_test=0)
-    base = dict(clients=3, alpha=0.3, rounds=1, min_clients=3, min_shard=4, vector_coding="float32")
+    base = dict(clients=3, alpha=0.3, rounds=1, min_clients=3, min_shard=4, vector_coding="float32",
+                stage1_examples=None)  # every example, as the central computation
     settings = FederationSettings(**base, stage1="class-balanced")
     result = Federation(str(llama_dir), source, str(tmp_path / "b"), settings).run()
     data = load_task_dir(task_dir)

@@ -23,9 +23,10 @@ from ifedicl.storage.store import Store
 DEMO_TIMEOUT_S = 1500
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(DEMO_TIMEOUT_S + 60)]
 
-# IFed-ICL minus zero-shot measured with the second-order round (49.5% -> 78.0%, AVX2 machine; local AdamW
-# steps, the earlier default: 73.5%); asserted with slack below
-MEASURED_GAIN = 0.285
+# IFed-ICL minus zero-shot measured with the second-order round and stage 1 from 32 examples a client (49.5% ->
+# 77.5%, AVX2 machine; from every example: 78.0%; local AdamW steps, the earlier default: 73.5%); asserted with
+# slack below
+MEASURED_GAIN = 0.28
 SLACK = 0.05
 
 

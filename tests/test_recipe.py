@@ -113,21 +113,22 @@ def test_stage1_examples_enter_only_ifedicl_cells_and_the_ablation_key_stands_ov
 
     from ifedicl.evaluation.context import federation_settings
     from ifedicl.evaluation.settings import Cell
+    from ifedicl.federation_job.options import FederationOptions
 
-    default, fewer = EvalSettings("m", ["t"]), EvalSettings("m", ["t"], federation={"stage1_examples": 16})
-    assert fewer.federation_for_hash("ifedicl")["stage1_examples"] == 16
-    assert fewer.cell_hash("ifedicl") != default.cell_hash("ifedicl")
+    default, every = EvalSettings("m", ["t"]), EvalSettings("m", ["t"], federation={"stage1_examples": 0})
+    assert FederationOptions().stage1_examples == 32
+    assert default.federation_for_hash("ifedicl")["stage1_examples"] == 32
+    assert "stage1_examples" not in every.federation_for_hash("ifedicl")  # as before the option existed
+    assert every.cell_hash("ifedicl") != default.cell_hash("ifedicl")
     for method in ("fedavg_lora", "i2cl_central", "local_calibration", "zero_shot"):
-        assert fewer.cell_hash(method) == default.cell_hash(method), method
-    pinned = EvalSettings("m", ["t"], federation={"stage1_examples": None})
-    assert pinned.cell_hash("ifedicl") == default.cell_hash("ifedicl")
+        assert every.cell_hash(method) == default.cell_hash(method), method
     cell = Cell("ifedicl", "t", 0.5, 0)
-    assert federation_settings(SimpleNamespace(settings=fewer), cell).stage1_examples == 16
-    keyed = EvalSettings("m", ["t"], recipe={"stage1_examples": 5}, federation={"stage1_examples": 16})
+    assert federation_settings(SimpleNamespace(settings=default), cell).stage1_examples == 32
+    keyed = EvalSettings("m", ["t"], recipe={"stage1_examples": 5})
     assert federation_settings(SimpleNamespace(settings=keyed), cell).stage1_examples == 5
-    assert federation_settings(SimpleNamespace(settings=default), cell).stage1_examples is None
+    assert federation_settings(SimpleNamespace(settings=every), cell).stage1_examples is None
     with pytest.raises(IfediclError, match="--stage1-examples must be >= 1"):
-        federation_settings(SimpleNamespace(settings=EvalSettings("m", ["t"], federation={"stage1_examples": 0})),
+        federation_settings(SimpleNamespace(settings=EvalSettings("m", ["t"], federation={"stage1_examples": -1})),
                             cell).validate()  # fmt: skip
 
 

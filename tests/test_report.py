@@ -353,7 +353,7 @@ def test_the_report_and_the_ablation_compute_with_their_own_defaults(tmp_path):
 
     data = tmp_path / "data"
     report_recipe = {k: REPORT_DEFAULTS[k] for k in ("rounds", "local_epochs", "test_size")}
-    ablation_base = {"vector_coding": "float32", "stage2": "local-steps"}
+    ablation_base = {"vector_coding": "float32", "stage2": "local-steps", "stage1_examples": 0}  # every example
     for command, expected in (
         (["report"], {"dtype": "float32", "federation": {"actors": 2}, **report_recipe}),
         (["ablate"], {"federation": ablation_base, "rounds": 3, "local_epochs": 1, "test_size": 200}),
