@@ -183,7 +183,8 @@ def report_command(
     seeds: int = typer.Option(3, help="seeds 0..N-1"),
     objectives: str = typer.Option("label-only", help="training losses reported for trainable methods"),
     methods: str = typer.Option(
-        "zero_shot,few_shot_icl,local_icl,i2cl_central,local_calibration,fedavg_lora,ifedicl", help="methods"
+        "zero_shot,few_shot_icl,local_icl,i2cl_central,local_calibration,fedavg_lora,ifedicl",
+        help="methods (fewer than --out's report: only theirs are computed, the report keeps every column)",
     ),
     readme: Path | None = typer.Option(
         None, help="also rewrite this Markdown file's headline block: the accuracy table over the whole grid"

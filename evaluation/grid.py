@@ -315,8 +315,38 @@ def _summaries(groups: list[Group]) -> tuple[list[dict], dict]:
     return records, summary
 
 
+def _normalized(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def is_part_of(spec: GridSpec, whole: GridSpec) -> bool:
+    """Every cell of ``spec`` is a cell of ``whole``, under the same shared settings."""
+    axes = ("models", "tasks", "seeds", "objectives", "methods")
+    return (
+        all(set(getattr(spec, axis)) <= set(getattr(whole, axis)) for axis in axes)
+        and all(name in whole.variants and _normalized(v) == _normalized(whole.variants[name])
+                for name, v in spec.variants.items())  # fmt: skip
+        and all(set(spec.tasks_of(m)) <= set(whole.tasks_of(m)) for m in spec.models)
+        and _normalized(spec.base) == _normalized(whole.base)
+    )
+
+
+def report_grid(spec: GridSpec, out: Path, command: str) -> tuple[GridSpec, str]:
+    """The grid (and its command) that ``out``'s report files show: the folder's recorded grid when ``spec`` is
+    part of it, else ``spec``. So a run narrowed to some methods, tasks, seeds or variants computes only those
+    and never drops the rest from the report; a new grid (wider, or other settings) replaces the recorded one,
+    and a smaller report is a new ``--out``."""
+    try:
+        recorded = json.loads((out / "results.json").read_text())
+        whole = GridSpec(**recorded["spec"])
+    except (OSError, ValueError, KeyError, TypeError):  # no report yet, or not one this code wrote
+        return spec, command
+    return (whole, recorded.get("command", command)) if is_part_of(spec, whole) else (spec, command)
+
+
 def write_report(spec: GridSpec, out: str | Path, command: str) -> dict:
-    """results.json and results.md at ``out`` and per group, all from the cell files alone."""
+    """results.json and results.md at ``out`` and per group, all from the cell files alone, over the grid
+    :func:`report_grid` names."""
     import datetime as dt
 
     from ifedicl.evaluation.plots import write_plots
@@ -324,6 +354,7 @@ def write_report(spec: GridSpec, out: str | Path, command: str) -> dict:
     from ifedicl.kernel.modeling import canonical_model_id
 
     out = Path(out)
+    spec, command = report_grid(spec, out, command)
     groups = spec.groups(out)
     records, summary = _summaries(groups)
     group_names = []

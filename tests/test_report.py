@@ -193,6 +193,32 @@ def test_results_are_rebuilt_from_the_cells(llama_dir, task_dir, tmp_path):
     assert (out / llama_dir.name / "label-only" / "results.md").exists()
 
 
+def test_a_narrowed_run_computes_its_cells_and_keeps_the_rest_of_the_report(llama_dir, task_dir, tmp_path, counted):
+    """--methods (or --tasks, --seeds, --variants) narrower than the folder's report computes only those cells;
+    results.json/md keep every column and the report's command. A wider grid replaces the recorded one."""
+    calls, _ = counted
+    whole = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=["zero_shot", "i2cl_central"])
+    out = tmp_path / "report"
+    assert run_grid(whole, out, COMMAND, max_cells=1)["finished"] == 1  # zero-shot
+    narrowed = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=["i2cl_central"])
+    results = run_grid(narrowed, out, "ifedicl report --methods i2cl_central")
+    assert [key.split("__")[0] for _, key in calls] == ["zero_shot", "i2cl_central"]
+    assert results["run"]["computed"] == 1
+    on_disk = json.loads((out / "results.json").read_text())
+    assert (on_disk["finished"], on_disk["total"], on_disk["command"]) == (2, 2, COMMAND)
+    assert on_disk["spec"]["methods"] == ["zero_shot", "i2cl_central"]
+    header = next(x for x in (out / "results.md").read_text().splitlines() if x.startswith("| model | task"))
+    assert "zero-shot" in header and "I2CL (central)" in header
+    assert write_report(narrowed, out, "ifedicl report --render-only")["finished"] == 2  # render-only alike
+
+    other_recipe = _spec(llama_dir, task_dir, seeds=[0], objectives=["label-only"], methods=["zero_shot"],
+                         base={**BASE, "shots": 3})  # fmt: skip
+    assert write_report(other_recipe, out, "ifedicl report --shots 3")["spec"]["methods"] == ["zero_shot"]
+    wider = _spec(llama_dir, task_dir, seeds=[0, 1], objectives=["label-only"], methods=["zero_shot"])
+    wider_results = write_report(wider, out, "ifedicl report --seeds 2")
+    assert (wider_results["command"], wider_results["spec"]["seeds"]) == ("ifedicl report --seeds 2", [0, 1])
+
+
 def test_ablation_variants_are_cells_of_their_own(llama_dir, task_dir, tmp_path, counted):
     from ifedicl.evaluation.variants import ABLATION_VARIANTS
 
