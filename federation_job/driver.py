@@ -120,7 +120,6 @@ class Federation:
         self._driver_model = None
         self.shared_weights: ray.ObjectRef | None = None  # --weights shared: the object each node keeps one copy of
         self.server_state_resume: dict | None = None  # whether a warm start continued a stored optimizer state
-        self.holdout_losses: dict[int, float | None] = {}  # round whose Λ was scored -> pooled held-out loss
         self.early_stopping: dict | None = None  # what early stopping saw and decided (the run summary's)
 
     def start_from(self, coefficients: np.ndarray, server_state: dict[str, np.ndarray] | None = None) -> None:
@@ -237,9 +236,9 @@ class Federation:
         stopping = EarlyStopping(self.settings.patience) if self.settings.holdout_fraction else None
         by_round = {0: coefficients}
         for r in tqdm(range(1, self.settings.rounds + 1), desc="rounds", unit="round"):
-            coefficients, record = self.stage_two_round(r, coefficients, rng)
+            coefficients, record, holdout_loss = self.stage_two_round(r, coefficients, rng)
             if stopping is not None:
-                stopping.observe(r - 1, self.holdout_losses.get(r - 1))  # the round scored the Λ it started from
+                stopping.observe(r - 1, holdout_loss)  # the round scored the Λ it started from
                 if stopping.stop:  # this round ends the run on the best Λ, recorded as its own
                     coefficients = by_round[stopping.best_round]
             self._record(record)
@@ -333,8 +332,10 @@ class Federation:
 
     def stage_two_round(
         self, round_index: int, coefficients: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, RoundRecord]:
-        """One FedAvg round of Λ: the sampled clients calibrate from the global Λ, the strategy combines them."""
+    ) -> tuple[np.ndarray, RoundRecord, float | None]:
+        """One FedAvg round of Λ: the sampled clients calibrate from the global Λ, the strategy combines them.
+        -> (the new Λ, the round's record, the pooled held-out loss of the Λ it started from: None without
+        a held-out fraction)."""
         started, s = time.monotonic(), self.settings
         strategy = self.strategies.coefficients
         at = RoundId("calibrate", round_index, f"round {round_index}")
@@ -353,12 +354,11 @@ class Federation:
             self.releases[cid] = self.releases.get(cid, 0) + 1
         updates, rejected = self._as_joined(*strategy.decode(asked.answers, upload.key, upload.shape, upload.read))
         result = strategy.aggregate(at, updates, reference=coefficients)
-        self.holdout_losses[round_index - 1] = pooled_holdout_loss(result.used)
         outcome = RoundOutcome.collect(
             round_index, plan.clients, result.used, started,
             dropped=[asked.dropped, rejected, result.dropped], traffic=[asked.traffic, result.traffic],
         )  # fmt: skip
-        return result.value, outcome.record()
+        return result.value, outcome.record(), pooled_holdout_loss(result.used)
 
     def _class_uploads(self, answers: dict[int, object], shape: tuple[int, ...]) -> tuple[list, dict[int, str]]:
         """Class-balanced stage 1's uploads -> checked (means [C, L, 2, d], counts [C]) per client; any upload
