@@ -21,9 +21,9 @@ def paired_differences(records: list[dict]) -> dict:
     """``{model: {task: {objective: {"vs <baseline>": {...}, "budget": {...}}}}}`` from finished cell records
     (tagged with their group's model, objective and column, as :func:`grid.finished_cells` returns them).
 
-    "vs <baseline>": IFed-ICL minus the baseline, per seed both finished (accuracy, points). "budget": the
-    fewest IFed-ICL rounds whose mean accuracy reaches FedAvg-LoRA's final mean, and the client CPU seconds
-    spent by then against FedAvg-LoRA's whole run (None when no round reaches it)."""
+    "vs <baseline>": IFed-ICL minus the baseline, per seed both finished (accuracy, points). "budget":
+    on the seeds both finished, the fewest IFed-ICL rounds whose mean accuracy reaches FedAvg-LoRA's final mean,
+    and the client CPU seconds spent by then against FedAvg-LoRA's whole run (round None when none reaches it)."""
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         cells[(r["_group_model"], r["task"], r["_group_objective"], r["method"])].append(r)
@@ -56,9 +56,12 @@ def paired_differences(records: list[dict]) -> dict:
 
 
 def round_budget(ifedicl: list[dict], lora: list[dict]) -> dict | None:
-    """The fewest rounds at which IFed-ICL's accuracy, averaged over its seeds, reaches FedAvg-LoRA's final
-    accuracy (averaged over its seeds), with the client CPU seconds (mean per client) each had spent."""
-    curve = _mean_curve(ifedicl)
+    """The fewest rounds at which IFed-ICL's accuracy, averaged over the seeds both finished, reaches FedAvg-LoRA's
+    final accuracy averaged over the same seeds (the same splits: a grid half done would otherwise set one seed
+    against three), with the client CPU seconds (mean per client) each had spent; None without a common seed."""
+    seeds = {r["seed"] for r in ifedicl} & {r["seed"] for r in lora}
+    ifedicl, lora = [r for r in ifedicl if r["seed"] in seeds], [r for r in lora if r["seed"] in seeds]
+    curve = _mean_curve(ifedicl) if seeds else None
     if curve is None:
         return None
     target = float(np.mean([r["accuracy"] for r in lora]))

@@ -362,7 +362,8 @@ def _recipe_targets(results: dict) -> list[str]:
         "Differences are IFed-ICL's accuracy minus the other method's on the same split and test sample, per seed, "
         "mean ± std over the seeds both finished. A round budget: IFed-ICL's second-order round keeps no schedule "
         "and FedAvg-LoRA restarts its schedule every round, so a cell's first k rounds are a k-round run; its client "
-        "CPU seconds are those the clients had spent by then (stage 1 included), against FedAvg-LoRA's whole run.",
+        "CPU seconds are those the clients had spent by then (stage 1 included), against FedAvg-LoRA's whole run, "
+        "both averaged over the seeds both finished.",
     ]
     return lines
 

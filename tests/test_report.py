@@ -490,6 +490,9 @@ def test_paired_differences_and_the_round_budget_that_reaches_lora():
     assert budget["cpu_ratio"] == pytest.approx(31.0 / 50.0)
     stronger_lora = [r if r["method"] != "fedavg_lora" else {**r, "accuracy": 0.9} for r in records]
     assert paired_differences(stronger_lora)["m"]["subj"]["label-only"]["budget"]["round"] is None
+    # LoRA's seed 2 has no IFed-ICL twin yet: the budget pairs the seeds both finished, as the differences do
+    unpaired = [*records, _record("fedavg_lora", 2, 0.99, [(0.5, 0.0), (0.99, 90.0)])]
+    assert paired_differences(unpaired)["m"]["subj"]["label-only"]["budget"] == budget
     from ifedicl.evaluation.render import _recipe_targets
 
     summary = {"m": {"subj": {
