@@ -15,6 +15,8 @@ from collections import defaultdict
 import numpy as np
 
 BASELINES = ("fedavg_lora", "i2cl_central")
+# Issue 30's protocol: the tasks its "mean over the four tasks" target is read on (the report has TREC too).
+RECIPE_TASKS = ("subj", "emotion", "agnews", "sst2")
 
 
 def paired_differences(records: list[dict]) -> dict:
@@ -23,7 +25,8 @@ def paired_differences(records: list[dict]) -> dict:
 
     "vs <baseline>": IFed-ICL minus the baseline, per seed both finished (accuracy, points). "budget":
     on the seeds both finished, the fewest IFed-ICL rounds whose mean accuracy reaches FedAvg-LoRA's final mean,
-    and the client CPU seconds spent by then against FedAvg-LoRA's whole run (round None when none reaches it)."""
+    and the client CPU seconds spent by then against FedAvg-LoRA's whole run (round None when none reaches it),
+    and both whole runs' client CPU seconds."""
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         cells[(r["_group_model"], r["task"], r["_group_objective"], r["method"])].append(r)
@@ -47,6 +50,8 @@ def paired_differences(records: list[dict]) -> dict:
                     "differences": diffs,
                     "mean": float(np.mean(diffs)),
                     "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
+                    "ifedicl_mean": 100 * float(np.mean([by_seed[s] for s in seeds])),
+                    "baseline_mean": 100 * float(np.mean([other[s] for s in seeds])),
                 }
         lora = cells.get((model, task, objective, "fedavg_lora"), [])
         if lora:
@@ -58,7 +63,8 @@ def paired_differences(records: list[dict]) -> dict:
 def round_budget(ifedicl: list[dict], lora: list[dict]) -> dict | None:
     """The fewest rounds at which IFed-ICL's accuracy, averaged over the seeds both finished, reaches FedAvg-LoRA's
     final accuracy averaged over the same seeds (the same splits: a grid half done would otherwise set one seed
-    against three), with the client CPU seconds (mean per client) each had spent; None without a common seed."""
+    against three), with the client CPU seconds (mean per client) each had spent, and IFed-ICL's whole run against
+    LoRA's on the same seeds (``whole_run_cpu_ratio``); None without a common seed."""
     seeds = {r["seed"] for r in ifedicl} & {r["seed"] for r in lora}
     ifedicl, lora = [r for r in ifedicl if r["seed"] in seeds], [r for r in lora if r["seed"] in seeds]
     curve = _mean_curve(ifedicl) if seeds else None
@@ -66,17 +72,18 @@ def round_budget(ifedicl: list[dict], lora: list[dict]) -> dict | None:
         return None
     target = float(np.mean([r["accuracy"] for r in lora]))
     lora_cpu = float(np.mean([r["client_cpu_seconds"] for r in lora]))
+    whole_run = float(np.mean([r["client_cpu_seconds"] for r in ifedicl]))
+    budget = {
+        "round": None,
+        "lora_accuracy": target,
+        "lora_client_cpu_seconds": lora_cpu,
+        "whole_run_cpu_ratio": whole_run / lora_cpu if lora_cpu else None,
+    }
     for rnd, acc, cpu in curve:
         if rnd > 0 and acc >= target:
-            return {
-                "round": rnd,
-                "accuracy": acc,
-                "lora_accuracy": target,
-                "client_cpu_seconds": cpu,
-                "lora_client_cpu_seconds": lora_cpu,
-                "cpu_ratio": cpu / lora_cpu if lora_cpu else None,
-            }
-    return {"round": None, "lora_accuracy": target, "lora_client_cpu_seconds": lora_cpu}
+            ratio = cpu / lora_cpu if lora_cpu else None
+            return {**budget, "round": rnd, "accuracy": acc, "client_cpu_seconds": cpu, "cpu_ratio": ratio}
+    return budget
 
 
 def _mean_curve(records: list[dict]) -> list[tuple[int, float, float]] | None:

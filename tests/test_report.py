@@ -459,9 +459,11 @@ def test_the_report_warns_before_computing_in_a_dtype_this_cpu_is_slow_in(tmp_pa
     assert slow_dtype_reason("float32") is None and slow_dtype_reason("bfloat16", device="cuda") is None
 
 
-def _record(method: str, seed: int, accuracy: float, curve: list[tuple[float, float]] | None = None) -> dict:
+def _record(
+    method: str, seed: int, accuracy: float, curve: list[tuple[float, float]] | None = None, task: str = "subj"
+) -> dict:
     """A finished cell as the grid tags it; ``curve``: (accuracy, client CPU seconds spent) after each round."""
-    record = {"method": method, "task": "subj", "seed": seed, "accuracy": accuracy, "_group_model": "m",
+    record = {"method": method, "task": task, "seed": seed, "accuracy": accuracy, "_group_model": "m",
               "_group_objective": "label-only", "_group_column": f"{method}@label-only"}  # fmt: skip
     if curve is not None:
         record["per_round"] = [{"round": r, "accuracy": a, "client_cpu_seconds": c} for r, (a, c) in enumerate(curve)]
@@ -488,6 +490,7 @@ def test_paired_differences_and_the_round_budget_that_reaches_lora():
     budget = entry["budget"]  # LoRA's mean: 0.79; IFed-ICL's mean curve: 0.5, 0.72, 0.81, 0.82
     assert budget["round"] == 2 and budget["client_cpu_seconds"] == pytest.approx(31.0)
     assert budget["cpu_ratio"] == pytest.approx(31.0 / 50.0)
+    assert budget["whole_run_cpu_ratio"] == pytest.approx(41.0 / 50.0)
     stronger_lora = [r if r["method"] != "fedavg_lora" else {**r, "accuracy": 0.9} for r in records]
     assert paired_differences(stronger_lora)["m"]["subj"]["label-only"]["budget"]["round"] is None
     # LoRA's seed 2 has no IFed-ICL twin yet: the budget pairs the seeds both finished, as the differences do
@@ -495,12 +498,11 @@ def test_paired_differences_and_the_round_budget_that_reaches_lora():
     assert paired_differences(unpaired)["m"]["subj"]["label-only"]["budget"] == budget
     from ifedicl.evaluation.render import _recipe_targets
 
-    summary = {"m": {"subj": {
-        "ifedicl@label-only": {"accuracy_mean": 0.82, "client_cpu_seconds_mean": 41.0},
-        "fedavg_lora@label-only": {"accuracy_mean": 0.79, "client_cpu_seconds_mean": 50.0},
-        "i2cl_central@label-only": {"accuracy_mean": 0.85},
-    }}}  # fmt: skip
-    results = {"paired": paired_differences(records), "summary": summary, "spec": {"objectives": ["label-only"]}}
+    # TREC is not one of issue 30's tasks: the mean over tasks is given with it and without it
+    with_trec = [*records, _record("ifedicl", 0, 0.70, task="trec"), _record("i2cl_central", 0, 0.60, task="trec")]
+    results = {"paired": paired_differences(with_trec), "spec": {"objectives": ["label-only"]}}
     text = "\n".join(_recipe_targets(results))
     assert "| m | subj | label-only | +3.0 ± 1.4 (n=2) | -5.0 (n=1) | 0.82× | 2 | 0.62× |" in text
-    assert "IFed-ICL 82.0, I2CL central 85.0 (-3.0; target ≥ −1)" in text
+    # the means pair seeds too: I2CL central finished seed 0 only, so IFed-ICL's seed 1 (84.0) is left out
+    assert "m [label-only], subj: IFed-ICL 80.0, I2CL central 85.0 (-5.0; target ≥ −1)" in text
+    assert "m [label-only], subj, trec: IFed-ICL 75.0, I2CL central 72.5 (+2.5; target ≥ −1)" in text
