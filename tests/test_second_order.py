@@ -127,12 +127,30 @@ def test_the_sampled_curvature_has_the_exact_gradient_and_estimates_the_gauss_ne
     for drawn in draws[:3]:
         np.testing.assert_allclose(drawn.gradient, exact.gradient, rtol=1e-5, atol=1e-8)
         drawn.check()
+    # each row's label is drawn from the round's seed in the rows' order, whatever batch it lands in
+    rebatched = curvature_stats(client, vectors, moved, rows, batch_size=4, curvature="sampled", seed=0)
+    np.testing.assert_allclose(rebatched.curvature, draws[0].curvature, rtol=1e-5, atol=1e-8)
     mean = np.mean([d.curvature for d in draws], axis=0)
     error = np.linalg.norm(mean - exact.curvature) / np.linalg.norm(exact.curvature)
     single = np.linalg.norm(draws[0].curvature - exact.curvature) / np.linalg.norm(exact.curvature)
     assert error < 0.15 and error < single / 4  # the mean of 200 draws is close, far closer than one draw
     with pytest.raises(FederationError, match="curvature must be one of"):
         curvature_stats(client, vectors, moved, rows, curvature="diagonal")
+
+
+def test_a_rows_drawn_label_is_the_one_torch_multinomial_drew_for_it_in_the_rows_order():
+    """Rounds drew labels batch by batch with ``torch.multinomial`` before batches were sorted by length; the
+    per-row draws consume the seed's stream in the rows' order the same way, so those runs keep their draws."""
+    from ifedicl.federation_job.second_order import _drawn_labels, _label_noise
+
+    probs = torch.softmax(torch.randn(10, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64), -1)
+    stream = torch.Generator().manual_seed(9)
+    by_batch = torch.cat([torch.multinomial(probs[s : s + 4].float(), 1, generator=stream).squeeze(1)
+                          for s in range(0, 10, 4)])  # fmt: skip
+    noise = _label_noise(list(range(100, 110)), 6, seed=9)  # row ids, not positions
+    reordered = [7, 2, 9, 0, 5, 1, 8, 3, 6, 4]
+    drawn = _drawn_labels(probs[reordered], torch.stack([noise[100 + k] for k in reordered]))
+    assert drawn.tolist() == by_batch[reordered].tolist()
 
 
 def test_the_curvature_on_a_fraction_of_the_rows_is_their_matrix_beside_every_rows_gradient(llama_dir, task_dir):
