@@ -12,7 +12,7 @@ the LoRA pass. Prints figures, asserts nothing.
   for the confidence test (``--step-check-fraction 0.25 --step-check-confidence 1``, the default);
 - ``gauss-newton sampled, check on ¼``: the same with two backward passes whatever C (``--curvature sampled``):
   the default round above 4 classes (``--curvature auto``); the one above it up to 4;
-- ``matrix on ¼``: the Gauss-Newton matrix from a quarter of the rows, the gradient from all
+- ``matrix on ¼`` (``⅛``): the Gauss-Newton matrix from a quarter (an eighth) of the rows, the gradient from all
   (``--curvature-fraction 0.25``): 1 + ¼ × (passes − 1) backward passes per example;
 - ``gauss-newton, model check``: the same statistics without that forward (``--step-check model``);
 - ``gauss-newton sampled``: two backward passes whatever C (``--curvature sampled``), model check;
@@ -72,6 +72,7 @@ def main() -> None:
         "gauss-newton sampled, check on ¼": second_order("sampled", 0.25),
         "gauss-newton, matrix on ¼, check on ¼": second_order("exact", 0.25, 0.25),
         "gauss-newton sampled, matrix on ¼, check on ¼": second_order("sampled", 0.25, 0.25),
+        "gauss-newton, matrix on ⅛, check on ¼": second_order("exact", 0.25, 0.125),
         "gauss-newton, model check": second_order("exact", None),
         "gauss-newton sampled": second_order("sampled", None),
         "local steps (AdamW)": lambda: client.calibrate(vectors, start, config, seed=0),
