@@ -19,6 +19,7 @@ gets the poisoning requests directly (as any route vLLM adds later would pass th
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -283,6 +284,7 @@ def test_engine_isolation_holds_past_the_http_checks(loop_thread, serving_models
     ``isolation.internal``, still compute under their row."""
     args = engine_args(serving_models["llama"], enforce_eager=True, max_slots=MAX_SLOTS)
     engine = loop_thread.run(start_engine(args))
+    isolation = internal = None
     try:
         isolation = EngineIsolation()
         isolation.install(engine)
@@ -305,3 +307,7 @@ def test_engine_isolation_holds_past_the_http_checks(loop_thread, serving_models
         assert isolation.stripped == 3
     finally:
         engine.shutdown()
+        # the isolation and its internal view hold the engine: freed now, not at interpreter exit, where
+        # AsyncLLM.__del__ would call a shutdown whose module globals are gone (a TypeError in the CI log)
+        del engine, isolation, internal
+        gc.collect()
