@@ -63,6 +63,8 @@ HELP = {
     "statistics: L(Λ - s) ≈ L(Λ) - g·s + ½ sᵀGs, no extra pass)",
     "step_check_fraction": "gauss-newton, --step-check loss: the fraction of each round's rows also scored at the "
     "previous Λ; the decrease is the window's loss plus their paired difference (1: every row)",
+    "trust_radius": "gauss-newton: the first round's bound on the step's length ‖ΔΛ‖ (λ starts at 0.1, β at 1); "
+    "the trust region doubles it after a step that did what its model predicted and quarters it after one that did not",
     "step_check_confidence": "gauss-newton, --step-check loss: standard errors of the measured decrease the trust "
     "region needs before it shrinks or undoes a step (the clients also upload the paired differences' variance: "
     "one number); 0: the point estimate decides, as in the classic rule",

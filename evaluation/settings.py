@@ -259,6 +259,7 @@ FEDERATION_HASH_BASELINE = {
     "curvature_memory": 0.0,
     "curvature_fraction": 1.0,
     "stage1_examples": 0,
+    "trust_radius": 0.5,
 }
 
 

@@ -65,6 +65,7 @@ class FederationSettings:
     step_check: str = DEFAULTS.step_check  # gauss-newton: loss | model (second_order.TrustRegionNewton._decrease)
     step_check_fraction: float = DEFAULTS.step_check_fraction  # loss check: of each window (second_order.checked_rows)
     step_check_confidence: float = DEFAULTS.step_check_confidence  # loss check: TrustRegionSettings.confidence
+    trust_radius: float = DEFAULTS.trust_radius  # gauss-newton: the first round's ‖step‖ bound (TrustRegionSettings)
     # early stopping (early_stopping.py): each client keeps this fraction of its shard out of the rounds
     holdout_fraction: float = DEFAULTS.holdout_fraction
     patience: int = DEFAULTS.patience  # rounds without a new best pooled held-out loss before the run stops
@@ -214,6 +215,11 @@ class FederationSettings:
             ),
             (self.step_check in STEP_CHECKS, f"--step-check must be one of {STEP_CHECKS} (got {self.step_check!r})"),
             (
+                TrustRegionSettings.min_radius <= self.trust_radius <= TrustRegionSettings.max_radius,
+                f"--trust-radius must be in [{TrustRegionSettings.min_radius}, {TrustRegionSettings.max_radius}] "
+                f"(got {self.trust_radius})",
+            ),
+            (
                 0 < self.step_check_fraction <= 1,
                 f"--step-check-fraction must be in (0, 1] (got {self.step_check_fraction})",
             ),
@@ -291,6 +297,7 @@ def _round_strategy(settings: FederationSettings, build, num_classes: int) -> St
             step_check=settings.step_check,
             check_fraction=settings.step_check_fraction,
             confidence=settings.step_check_confidence,
+            radius=settings.trust_radius,
         )
         return TrustRegionNewton(build(settings.fraction, True), trust_region)
     return server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step())

@@ -44,6 +44,7 @@ LAMBDA_ROUND_FIELDS = (
     "step_check",
     "step_check_fraction",
     "step_check_confidence",
+    "trust_radius",
 )
 # What only IFed-ICL's own run reads: its rounds of Λ, and how many examples its clients' stage 1 takes (centralized
 # I2CL and local-only calibration take every example: the baselines at their strongest).
@@ -136,6 +137,10 @@ class FederationOptions:
     # radius (docs/recipe.md).
     step_check_fraction: float = 0.25
     step_check_confidence: float = 1.0
+    # gauss-newton: the first round's bound on ‖step‖ (λ starts at 0.1, β at 1: 0.5 moves one of SmolLM2's 120
+    # coefficients by half, or all of them by 0.05); the trust region then doubles it after good steps and quarters
+    # it after bad ones.
+    trust_radius: float = 0.5
     holdout_fraction: float = 0.0  # of each shard kept out of the rounds to score Λ on (early stopping; 0: off)
     patience: int = 2  # with a held-out fraction: rounds without a new best pooled held-out loss before stopping
     # Stage 1 from at most this many of each client's examples (evenly spaced: client.spaced; 0: every one).
@@ -208,6 +213,7 @@ class FederationOptions:
                 "step_check": self.step_check,
                 "step_check_fraction": self.step_check_fraction,
                 "step_check_confidence": self.step_check_confidence,
+                "trust_radius": self.trust_radius,
                 "holdout_fraction": self.holdout_fraction,
                 "patience": self.patience,
                 "stage1_examples": self.stage1_examples or None,

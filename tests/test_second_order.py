@@ -535,6 +535,25 @@ def test_the_stage2_setting_builds_a_trust_region_over_a_weighted_mean():
     assert upload.extra == {}  # no previous Λ before the first step
 
 
+def test_the_first_step_is_as_long_as_the_trust_radius_asked_for():
+    """``--trust-radius`` bounds round 1's step (a far minimum: the step lies on the boundary) and is the radius
+    the stored state starts from; outside [min, max] radius it is refused before any round."""
+    at = np.zeros((2, 2, 2), np.float32)
+    stats = CurvatureStats(0.5, 0.0, 100 * np.ones(P), np.eye(P), decrease_variance=0.0)  # Newton's step: 100·√P
+    far = [ClientUpdate(0, stats.pack().astype(np.float32), 10, 0.5)]  # (with the default check's spread)
+    for radius in (0.5, 2.0):
+        built = build_strategies(FederationOptions(trust_radius=radius).settings(0.5, 0), None, 6).coefficients
+        stepped = built.aggregate(RoundId("calibrate", 1, "r1"), far, at).value
+        assert np.linalg.norm(stepped) == pytest.approx(radius, rel=1e-4)
+        assert TrustRegionState.from_arrays(built.state.to_arrays(), at.shape).radius == radius
+    FederationOptions(trust_radius=8.0).settings(0.5, 0).validate()
+    for bad in (0.0, -1.0, 9.0, float("nan")):
+        with pytest.raises(IfediclError, match="--trust-radius must be in"):
+            FederationOptions(trust_radius=bad).settings(0.5, 0).validate()
+    with pytest.raises(IfediclError, match="--trust-radius applies to --stage2 gauss-newton"):
+        FederationOptions(stage2="local-steps", trust_radius=2.0).settings(0.5, 0).validate()
+
+
 def test_auto_curvature_is_exact_up_to_four_classes_on_a_quarter_of_the_rows_and_sampled_above():
     """``--curvature auto`` (the default) takes the exact matrix while it costs at most 3 backward passes, from
     3 classes on a quarter of the rows, and sampled's two above 4; a sampled matrix (drawn labels or a fraction
