@@ -26,7 +26,7 @@ def paired_differences(records: list[dict]) -> dict:
     "vs <baseline>": IFed-ICL minus the baseline, per seed both finished (accuracy, points). "budget":
     on the seeds both finished, the fewest IFed-ICL rounds whose mean accuracy reaches FedAvg-LoRA's final mean,
     and the client CPU seconds spent by then against FedAvg-LoRA's whole run (round None when none reaches it),
-    and both whole runs' client CPU seconds."""
+    and IFed-ICL's whole run's client CPU seconds as a ratio to FedAvg-LoRA's (``whole_run_cpu_ratio``)."""
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         cells[(r["_group_model"], r["task"], r["_group_objective"], r["method"])].append(r)
