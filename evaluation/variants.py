@@ -24,13 +24,14 @@ REPORT_MODEL_TASKS = {"gemma3-270m": ["subj", "emotion", "agnews"]}
 # Scoring at a cost the grid can finish (issue 33; neither changes what a cell measures): federated cells score
 # rounds 0, 1, 2, 4, 8 and 12 (6 scorings, not 13: measured ~48 s each for SmolLM2 on Subj), and local ICL and
 # local-only calibration score each client on its own tenth of the test set (measured 536 s and 1,103 s per Subj
-# cell scoring every client on all 500). IFed-ICL cells also score round 3, where issue 30's client-CPU target is
-# decided (it keeps every round's Λ: an older cell is topped up from them).
+# cell scoring every client on all 500). IFed-ICL cells also score rounds 3, 5, 6 and 7, where issue 30's client-CPU
+# target is decided (the first round past FedAvg-LoRA's accuracy: between 4 and 8 a doubling schedule would put it
+# at 8, up to twice the CPU). A cell keeps every round's Λ: an older one is topped up from them.
 REPORT_BASE: dict = {
     "federation": {"actors": 2},
     "scored_rounds": "doubling",
     "client_test": "split",
-    "also_scored_rounds": [3],
+    "also_scored_rounds": [3, 5, 6, 7],
 }
 
 # The ablation's recipes were measured against float32 stage-1 coding, the default until this ablation chose
