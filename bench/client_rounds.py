@@ -72,6 +72,7 @@ def main() -> None:
         "gauss-newton sampled, check on ¼": second_order("sampled", 0.25),
         "gauss-newton, matrix on ¼, check on ¼": second_order("exact", 0.25, 0.25),
         "gauss-newton sampled, matrix on ¼, check on ¼": second_order("sampled", 0.25, 0.25),
+        "gauss-newton empirical, check on ¼": second_order("empirical", 0.25),
         "gauss-newton, matrix on ⅛, check on ¼": second_order("exact", 0.25, 0.125),
         "gauss-newton, model check": second_order("exact", None),
         "gauss-newton sampled": second_order("sampled", None),

@@ -132,6 +132,10 @@ ABLATION_VARIANTS: dict[str, dict] = {
     # Under the default round otherwise, so on Emotion it changes only the fraction from that task's default row.
     # Emotion 58.5 against 57.0, 2.5 lower by round 3, 97 client CPU s against 101: not the default (docs/recipe.md).
     "gauss-newton sampled matrix on ¼": {"federation": {"stage2": "gauss-newton", "curvature_fraction": 0.25}},
+    # Above 4 classes the empirical Fisher (the per-example gradients' outer products) instead of a drawn label's:
+    # the gradient's backward pass gives it, so a round takes one backward pass per example instead of two, with
+    # the sampled default's memory. Biased where the model is wrong, which early rounds are.
+    "gauss-newton empirical fisher": {"federation": {"stage2": "gauss-newton", "curvature": "empirical"}},
     # Above 4 classes the exact matrix, as AG News takes it, from a fraction of each window's rows instead of one
     # drawn label on every row: 1 + q(C - 2) backward passes per example, on Emotion (C = 6) 2 at ¼ (the sampled
     # matrix's cost: which estimate is better for the same passes?) and 1.5 at ⅛ (a quarter fewer passes).

@@ -29,7 +29,7 @@ VectorCoding = Literal["float32", "float16", "int8"]
 Aggregator = Literal["mean", "trimmed-mean", "median"]
 Stage1 = Literal["mean", "class-balanced"]  # federation_job.class_balanced.ESTIMATORS
 Stage2 = Literal["local-steps", "gauss-newton"]  # federation_job.second_order.STAGE2_METHODS
-Curvature = Literal["auto", "exact", "sampled"]  # federation_job.second_order.CURVATURE_CHOICES
+Curvature = Literal["auto", "exact", "sampled", "empirical"]  # federation_job.second_order.CURVATURE_CHOICES
 StepCheck = Literal["loss", "model"]  # federation_job.second_order.STEP_CHECKS
 ServerOptimizerKind = Literal["sgd", "momentum", "adam"]  # federation_job.server_optimizer.SERVER_OPTIMIZERS
 ServerDecay = Literal["constant", "cosine"]  # federation_job.server_optimizer.DECAYS
@@ -79,8 +79,9 @@ def resolve_curvature(
     curvature: str, memory: float | None, num_classes: int, fraction: float | None = None
 ) -> CurvatureChoice:
     """What ``--curvature``, ``--curvature-memory`` and ``--curvature-fraction`` mean on a task of ``num_classes``
-    labels: ``auto`` and unset values become the rules above (a given value stands). A matrix from a sample,
-    drawn labels or a fraction of the rows, is averaged over rounds by the memory unless one is given."""
+    labels: ``auto`` and unset values become the rules above (a given value stands). A matrix from a sample
+    (drawn labels or a fraction of the rows) or the empirical Fisher is averaged over rounds by the memory unless
+    one is given."""
     chosen_by_rule = curvature == "auto"
     if chosen_by_rule:
         curvature = "exact" if num_classes <= EXACT_UP_TO_CLASSES else "sampled"
@@ -88,7 +89,7 @@ def resolve_curvature(
         several = chosen_by_rule and curvature == "exact" and num_classes > 2
         fraction = EXACT_MATRIX_FRACTION if several else 1.0
     if memory is None:
-        memory = SAMPLED_MEMORY if curvature == "sampled" or fraction < 1 else 0.0
+        memory = SAMPLED_MEMORY if curvature != "exact" or fraction < 1 else 0.0
     return CurvatureChoice(curvature, memory, fraction)
 
 

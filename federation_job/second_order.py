@@ -109,7 +109,7 @@ class CurvatureStats:
 
 
 # ---------------------------------------------------------------------------------------------- client side
-CURVATURES = ("exact", "sampled")  # what a client computes
+CURVATURES = ("exact", "sampled", "empirical")  # what a client computes
 CURVATURE_CHOICES = ("auto", *CURVATURES)  # what a user may ask for (auto: options.resolve_curvature)
 
 
@@ -138,7 +138,11 @@ def curvature_stats(
     per-example Jacobian); ``sampled`` takes two whatever C: one for the exact gradient and one for
     Jᵀ(p − e_ŷ) with ŷ drawn from the model's own prediction, whose outer product is an unbiased estimate
     of JᵀHJ (H = diag p − ppᵀ is the covariance of e_ŷ). For a task with many classes that is the difference
-    between a round costing several training steps and about two.
+    between a round costing several training steps and about two. ``empirical`` takes one: the gradient's own
+    pass gives every example's gradient gᵢ = Jᵢᵀ(p − e_y), and Σ gᵢgᵢᵀ (the empirical Fisher) stands in for the
+    matrix: (p − e_y)(p − e_y)ᵀ at the true label in place of H, its expectation over labels drawn from p. It is
+    biased where the model is wrong (large residuals inflate it) and exact in expectation only where p is the
+    data's own distribution; the trust region bounds the step either way.
 
     ``curvature_fraction`` < 1: the matrix from :func:`curvature_rows` only (their own batches), the gradient
     from every row (one backward pass for the others), so a round costs 1 + fraction × (passes − 1) backward
@@ -187,6 +191,8 @@ def curvature_stats(
             continue
         if curvature == "exact":
             batch_gradient, batch_matrix = _exact(logits, per_example, probs, residual)
+        elif curvature == "empirical":
+            batch_gradient, batch_matrix = _empirical(logits, per_example, residual)
         else:
             batch_noise = torch.stack([noise[i] for i in batch])  # [B, C]
             batch_gradient, batch_matrix = _sampled(logits, per_example, probs, residual, batch_noise)
@@ -297,6 +303,12 @@ def _sampled(logits, per_example, probs, residual, noise: torch.Tensor) -> tuple
     spread = probs - torch.nn.functional.one_hot(drawn, probs.shape[1]).double()  # [B, C]: covariance H
     rows = _rows_of(logits, per_example, spread, keep=False)  # [B, P]
     return gradient, rows.T @ rows
+
+
+def _empirical(logits, per_example, residual) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact gradient and the empirical Fisher Σ gᵢgᵢᵀ from the same backward pass (each row's gᵢ [P])."""
+    rows = _rows_of(logits, per_example, residual, keep=False)  # [B, P]
+    return rows.sum(dim=0), rows.T @ rows
 
 
 # ---------------------------------------------------------------------------------------------- server side

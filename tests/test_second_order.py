@@ -138,6 +138,28 @@ def test_the_sampled_curvature_has_the_exact_gradient_and_estimates_the_gauss_ne
         curvature_stats(client, vectors, moved, rows, curvature="diagonal")
 
 
+def test_the_empirical_curvature_is_the_exact_gradient_and_the_sum_of_the_examples_gradients_outer_products(
+    llama_dir, task_dir
+):
+    """Three classes: ``empirical`` (the gradient's one backward pass) gives the exact gradient and, as its
+    matrix, the mean of gᵢgᵢᵀ over the examples, each gᵢ the exact statistics' gradient on that example alone;
+    it is not the Gauss-Newton matrix (the true label's residual in place of H)."""
+    client = _client(llama_dir, task_dir, classes=3)
+    vectors = client.extract_vectors(batch_size=8)
+    start = initial_coefficients(client.ctx.num_layers).numpy()
+    moved = start + np.random.default_rng(0).normal(0, 0.05, start.shape).astype(np.float32)
+    rows = list(range(len(client.data)))
+    exact = curvature_stats(client, vectors, moved, rows, batch_size=6)
+    empirical = curvature_stats(client, vectors, moved, rows, batch_size=6, curvature="empirical")
+    np.testing.assert_allclose(empirical.gradient, exact.gradient, rtol=1e-5, atol=1e-8)
+    assert empirical.loss == pytest.approx(exact.loss, rel=1e-9)
+    alone = [curvature_stats(client, vectors, moved, [i], curvature="exact").gradient for i in rows]  # gᵢ
+    outer = np.mean([np.outer(g, g) for g in alone], axis=0)
+    np.testing.assert_allclose(empirical.curvature, outer, rtol=1e-4, atol=1e-7 * np.abs(outer).max())
+    empirical.check()
+    assert np.linalg.norm(empirical.curvature - exact.curvature) > 0.05 * np.linalg.norm(exact.curvature)
+
+
 def test_a_rows_drawn_label_is_the_one_torch_multinomial_drew_for_it_in_the_rows_order():
     """Rounds drew labels batch by batch with ``torch.multinomial`` before batches were sorted by length; the
     per-row draws consume the seed's stream in the rows' order the same way, so those runs keep their draws."""
@@ -569,6 +591,7 @@ def test_auto_curvature_is_exact_up_to_four_classes_on_a_quarter_of_the_rows_and
     assert choice("exact", None, 6) == ("exact", 0.0, 1.0)  # an explicit exact matrix: every row unless told
     assert choice("exact", None, 6, 0.5) == ("exact", 0.75, 0.5)
     assert choice("sampled", 0.5, 2) == ("sampled", 0.5, 1.0)
+    assert choice("empirical", None, 6) == ("empirical", 0.75, 1.0)  # an estimate too: memory unless told
     for classes, curvature, memory, fraction in ((2, "exact", 0.0, 1.0), (4, "exact", 0.75, 0.25),
                                                  (6, "sampled", 0.75, 1.0)):  # fmt: skip
         built = build_strategies(FederationOptions().settings(0.5, 0), None, classes).coefficients
