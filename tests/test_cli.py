@@ -55,7 +55,7 @@ def test_every_option_reaches_the_federation_settings():
         "stage2": "local-steps", "curvature": "sampled", "curvature_memory": 0.5, "curvature_fraction": 0.5,
         "step_check": "model",
         "step_check_fraction": 0.5, "step_check_confidence": 2.0,
-        "holdout_fraction": 0.2, "patience": 3, "secagg_threshold": 0.75, "stage1_examples": 8,
+        "holdout_fraction": 0.2, "patience": 3, "secagg_threshold": 0.75, "stage1_examples": 8, "trust_radius": 2.0,
     }  # fmt: skip
     assert set(changed) == FEDERATION_FLAGS
     for name, value in changed.items():
