@@ -98,7 +98,7 @@ def main() -> None:
     baseline = statistics.median(seconds["FedAvg-LoRA"])
     classes = len(window.task.labels)
     chosen = resolve_curvature("auto", None, classes)
-    default = "gauss-newton sampled" if chosen.curvature == "sampled" else "gauss-newton"
+    default = "gauss-newton" + (f" {chosen.curvature}" if chosen.curvature != "exact" else "")
     default += f", matrix on {chosen.fraction:g} of the rows" if chosen.fraction < 1 else ""
     print(f"{args.model} on {window.task.name} ({classes} classes), {len(rows)} examples, {args.threads} thread(s), "
           f"median of {args.repeats}; the default round here: {default}, check on ¼")  # fmt: skip

@@ -51,7 +51,7 @@ HELP = {
     "curvature": "gauss-newton: exact (the whole Jacobian: C-1 backward passes per example), sampled (two, "
     "whatever the classes: the exact gradient and an unbiased Gauss-Newton estimate from one label drawn per "
     "example), empirical (one: the per-example gradients' outer products, biased where the model is wrong) or auto "
-    "(exact up to 4 classes, from 3 classes on a quarter of the rows, sampled above 4)",
+    "(exact up to 4 classes, from 3 classes on a quarter of the rows, empirical above 4)",
     "curvature_memory": "gauss-newton: weight of the past rounds' quadratic models in each step, each re-centred at "
     "the current Λ (0: this round's window alone; 0.5 halves a round's weight every round; default: 0.75 with "
     "a sampled matrix (drawn labels or a fraction of the rows) or the empirical one, whose noise it averages, "
