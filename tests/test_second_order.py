@@ -109,17 +109,23 @@ def test_the_clients_statistics_are_the_label_only_losss_gradient_and_gauss_newt
     assert CurvatureStats.unpack(packed, start.size, spread=True).decrease_variance == spread.decrease_variance
 
 
-def test_the_sampled_curvature_has_the_exact_gradient_and_estimates_the_gauss_newton_matrix_unbiased(
-    llama_dir, task_dir
-):
-    """Three classes: ``sampled`` (two backward passes) gives the exact gradient every time, and its matrix
-    averaged over many draws approaches the exact JᵀHJ (a fixed set of seeds: a deterministic check)."""
+def _three_class_window(llama_dir, task_dir) -> tuple[Client, np.ndarray, np.ndarray, list[int], CurvatureStats]:
+    """A three-class client, its vectors, a Λ moved off the start, its rows and their exact statistics there."""
     client = _client(llama_dir, task_dir, classes=3)
     vectors = client.extract_vectors(batch_size=8)
     start = initial_coefficients(client.ctx.num_layers).numpy()
     moved = start + np.random.default_rng(0).normal(0, 0.05, start.shape).astype(np.float32)
     rows = list(range(len(client.data)))
     exact = curvature_stats(client, vectors, moved, rows, batch_size=6)
+    return client, vectors, moved, rows, exact
+
+
+def test_the_sampled_curvature_has_the_exact_gradient_and_estimates_the_gauss_newton_matrix_unbiased(
+    llama_dir, task_dir
+):
+    """Three classes: ``sampled`` (two backward passes) gives the exact gradient every time, and its matrix
+    averaged over many draws approaches the exact JᵀHJ (a fixed set of seeds: a deterministic check)."""
+    client, vectors, moved, rows, exact = _three_class_window(llama_dir, task_dir)
     draws = [
         curvature_stats(client, vectors, moved, rows, batch_size=6, curvature="sampled", seed=seed)
         for seed in range(200)
@@ -144,12 +150,7 @@ def test_the_empirical_curvature_is_the_exact_gradient_and_the_sum_of_the_exampl
     """Three classes: ``empirical`` (the gradient's one backward pass) gives the exact gradient and, as its
     matrix, the mean of gᵢgᵢᵀ over the examples, each gᵢ the exact statistics' gradient on that example alone;
     it is not the Gauss-Newton matrix (the true label's residual in place of H)."""
-    client = _client(llama_dir, task_dir, classes=3)
-    vectors = client.extract_vectors(batch_size=8)
-    start = initial_coefficients(client.ctx.num_layers).numpy()
-    moved = start + np.random.default_rng(0).normal(0, 0.05, start.shape).astype(np.float32)
-    rows = list(range(len(client.data)))
-    exact = curvature_stats(client, vectors, moved, rows, batch_size=6)
+    client, vectors, moved, rows, exact = _three_class_window(llama_dir, task_dir)
     empirical = curvature_stats(client, vectors, moved, rows, batch_size=6, curvature="empirical")
     np.testing.assert_allclose(empirical.gradient, exact.gradient, rtol=1e-5, atol=1e-8)
     assert empirical.loss == pytest.approx(exact.loss, rel=1e-9)
