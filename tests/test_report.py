@@ -491,6 +491,8 @@ def test_paired_differences_and_the_round_budget_that_reaches_lora():
     assert budget["round"] == 2 and budget["client_cpu_seconds"] == pytest.approx(31.0)
     assert budget["cpu_ratio"] == pytest.approx(31.0 / 50.0)
     assert budget["whole_run_cpu_ratio"] == pytest.approx(41.0 / 50.0)
+    # half of LoRA's CPU (25 s) buys round 1 (21 s spent), 0.72: the last round within it
+    assert budget["half_lora_cpu"] == pytest.approx({"round": 1, "accuracy": 0.72, "cpu_ratio": 21.0 / 50.0})
     stronger_lora = [r if r["method"] != "fedavg_lora" else {**r, "accuracy": 0.9} for r in records]
     assert paired_differences(stronger_lora)["m"]["subj"]["label-only"]["budget"]["round"] is None
     # LoRA's seed 2 has no IFed-ICL twin yet: the budget pairs the seeds both finished, as the differences do
@@ -502,7 +504,9 @@ def test_paired_differences_and_the_round_budget_that_reaches_lora():
     with_trec = [*records, _record("ifedicl", 0, 0.70, task="trec"), _record("i2cl_central", 0, 0.60, task="trec")]
     results = {"paired": paired_differences(with_trec), "spec": {"objectives": ["label-only"]}}
     text = "\n".join(_recipe_targets(results))
-    assert "| m | subj | label-only | +3.0 ± 1.4 (n=2) | -5.0 (n=1) | 0.82× | 2 | 0.62× |" in text
+    assert "| m | subj | label-only | +3.0 ± 1.4 (n=2) | -5.0 (n=1) | 0.82× | 2 | 0.62× | 1: -7.0 |" in text
+    # at half LoRA's CPU, on issue 30's tasks only (TREC has no LoRA cell here, so no budget)
+    assert "m [label-only], subj: IFed-ICL within ½ of FedAvg-LoRA's client CPU 72.0, I2CL central 85.0" in text
     # the means pair seeds too: I2CL central finished seed 0 only, so IFed-ICL's seed 1 (84.0) is left out
     assert "m [label-only], subj: IFed-ICL 80.0, I2CL central 85.0 (-5.0; target ≥ −1)" in text
     assert "m [label-only], subj, trec: IFed-ICL 75.0, I2CL central 72.5 (+2.5; target ≥ −1)" in text
