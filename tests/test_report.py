@@ -430,10 +430,11 @@ def test_render_only_rewrites_a_readme_s_headline_table_and_nothing_else(tmp_pat
 
     plain = tmp_path / "plain.md"
     plain.write_text("no block here\n")
-    refused = CliRunner().invoke(app, [*args, "--readme", str(plain)])
+    # wide enough that rich's error box does not wrap the message at a point set by tmp_path's length
+    refused = CliRunner(env={"COLUMNS": "300"}).invoke(app, [*args, "--readme", str(plain)])
     assert refused.exit_code == 2 and "--readme" in refused.output and "no headline block" in refused.output
     assert plain.read_text() == "no block here\n"
-    missing = CliRunner().invoke(app, [*args, "--readme", str(tmp_path / "nope.md")])
+    missing = CliRunner(env={"COLUMNS": "300"}).invoke(app, [*args, "--readme", str(tmp_path / "nope.md")])
     assert missing.exit_code == 2 and "cannot read" in missing.output
 
 
