@@ -27,7 +27,9 @@ def paired_differences(records: list[dict]) -> dict:
     on the seeds both finished, the fewest IFed-ICL rounds whose mean accuracy reaches FedAvg-LoRA's final mean,
     and the client CPU seconds spent by then against FedAvg-LoRA's whole run (round None when none reaches it),
     and IFed-ICL's whole run's client CPU seconds as a ratio to FedAvg-LoRA's (``whole_run_cpu_ratio``), and
-    what IFed-ICL reached within half of FedAvg-LoRA's client CPU (``half_lora_cpu``)."""
+    what IFed-ICL reached within half of FedAvg-LoRA's client CPU (``half_lora_cpu``). "half_budget":
+    that reading again on the seeds IFed-ICL, LoRA and I2CL central all finished, beside I2CL's
+    accuracy on them, so the mean over tasks at that budget sets like against like."""
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         cells[(r["_group_model"], r["task"], r["_group_objective"], r["method"])].append(r)
@@ -57,6 +59,10 @@ def paired_differences(records: list[dict]) -> dict:
         lora = cells.get((model, task, objective, "fedavg_lora"), [])
         if lora:
             entry["budget"] = round_budget(cells[(model, task, objective, method)], lora)
+            central = accuracy_by_seed((model, task, objective, "i2cl_central"))
+            at_half = _half_budget_against(cells[(model, task, objective, method)], lora, central)
+            if at_half:
+                entry["half_budget"] = at_half
         out.setdefault(model, {}).setdefault(task, {})[objective] = entry
     return out
 
@@ -93,6 +99,17 @@ def round_budget(ifedicl: list[dict], lora: list[dict]) -> dict | None:
             ratio = cpu / lora_cpu if lora_cpu else None
             return {**budget, "round": rnd, "accuracy": acc, "client_cpu_seconds": cpu, "cpu_ratio": ratio}
     return budget
+
+
+def _half_budget_against(ifedicl: list[dict], lora: list[dict], central: dict[int, float]) -> dict | None:
+    """IFed-ICL's accuracy within half of LoRA's client CPU and ``central``'s final accuracy, both averaged over
+    the seeds all three finished (None when no seed is common or no scored round fits half the budget)."""
+    seeds = {r["seed"] for r in ifedicl} & {r["seed"] for r in lora} & set(central)
+    budget = round_budget([r for r in ifedicl if r["seed"] in seeds], [r for r in lora if r["seed"] in seeds])
+    half = (budget or {}).get("half_lora_cpu")
+    if not half:
+        return None
+    return {**half, "seeds": sorted(seeds), "baseline_accuracy": float(np.mean([central[s] for s in seeds]))}
 
 
 def _mean_curve(records: list[dict]) -> list[tuple[int, float, float]] | None:

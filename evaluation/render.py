@@ -316,7 +316,7 @@ def _recipe_targets(results: dict) -> list[str]:
             for objective, entry in by_objective.items():
                 budget = entry.get("budget") or {}
                 reached = budget.get("round")
-                half = budget.get("half_lora_cpu")
+                at_half = budget.get("half_lora_cpu")
                 rows.append(
                     [
                         model,
@@ -327,7 +327,9 @@ def _recipe_targets(results: dict) -> list[str]:
                         f"{budget['whole_run_cpu_ratio']:.2f}×" if budget.get("whole_run_cpu_ratio") else "–",
                         "–" if not budget else (f"{reached}" if reached else "not reached"),
                         f"{budget['cpu_ratio']:.2f}×" if reached and budget.get("cpu_ratio") is not None else "–",
-                        f"{half['round']}: {100 * (half['accuracy'] - budget['lora_accuracy']):+.1f}" if half else "–",
+                        f"{at_half['round']}: {100 * (at_half['accuracy'] - budget['lora_accuracy']):+.1f}"
+                        if at_half
+                        else "–",
                     ]
                 )
     lines += _table(
@@ -356,15 +358,17 @@ def _recipe_targets(results: dict) -> list[str]:
             for tasks in {tuple(vs_central), tuple(recipe_tasks)}:
                 if tasks:
                     ifed = float(np.mean([vs_central[t]["ifedicl_mean"] for t in tasks]))
-                    means.append(_mean_against_central(model, objective, tasks, ifed, vs_central))
-            half = {
-                task: by_task[task][objective]["budget"]["half_lora_cpu"]["accuracy"]
+                    central = float(np.mean([vs_central[t]["baseline_mean"] for t in tasks]))
+                    means.append(_mean_against_central(model, objective, tasks, ifed, central))
+            half_budget = {
+                task: by_task[task][objective]["half_budget"]
                 for task in recipe_tasks
-                if "half_lora_cpu" in (by_task[task][objective].get("budget") or {})
+                if "half_budget" in by_task[task][objective]
             }
-            if recipe_tasks and len(half) == len(recipe_tasks):
-                ifed = 100 * float(np.mean(list(half.values())))
-                means.append(_mean_against_central(model, objective, tuple(recipe_tasks), ifed, vs_central, "½"))
+            if recipe_tasks and len(half_budget) == len(recipe_tasks):
+                ifed = 100 * float(np.mean([at["accuracy"] for at in half_budget.values()]))
+                central = 100 * float(np.mean([at["baseline_accuracy"] for at in half_budget.values()]))
+                means.append(_mean_against_central(model, objective, tuple(recipe_tasks), ifed, central, "½"))
     lines += ["", *[f"- Mean over tasks: {m}." for m in sorted(means)]]
     lines += [
         "",
@@ -381,11 +385,10 @@ def _recipe_targets(results: dict) -> list[str]:
 
 
 def _mean_against_central(
-    model: str, objective: str, tasks: tuple, ifedicl: float, vs_central: dict, budget: str = ""
+    model: str, objective: str, tasks: tuple, ifedicl: float, central: float, budget: str = ""
 ) -> str:
     """One "mean over tasks" line: IFed-ICL's mean accuracy (at its whole run, or at ``budget`` of LoRA's client
-    CPU) against centralized I2CL's on the same tasks."""
-    central = float(np.mean([vs_central[t]["baseline_mean"] for t in tasks]))
+    CPU) against centralized I2CL's on the same tasks and seeds."""
     at = f" within {budget} of FedAvg-LoRA's client CPU" if budget else ""
     return (f"{model} [{objective}], {', '.join(tasks)}: IFed-ICL{at} {ifedicl:.1f}, I2CL central {central:.1f} "
             f"({ifedicl - central:+.1f}; target ≥ −1)")  # fmt: skip
