@@ -137,15 +137,20 @@ def _federate(mc: MethodContext, task: PreparedTask, cell: Cell) -> tuple[object
 def _run_record(mc: MethodContext, task: PreparedTask, result, objective: str) -> dict:
     """A run's cell record: test accuracy of its Λ after every scored round (``settings.scored_rounds`` and
     ``also_scored_rounds``), read back from the store (round 0 = its starting Λ), and Λ after every round, scored
-    or not (4L numbers each), so a round left unscored can be scored later without running the federation again."""
+    or not (4L numbers each), so a round left unscored can be scored later without running the federation again,
+    and under the second-order round its trust region per round (``trust_region_trace``)."""
+    from ifedicl.federation_job.second_order import trust_region_trace
     from ifedicl.storage.store import Store
 
-    by_round = Store(mc.store_uri).coefficients_by_round(result.run_id)
+    store = Store(mc.store_uri)
+    by_round = store.coefficients_by_round(result.run_id)
     rounds = scored_rounds(sorted(by_round), mc.settings.scored_rounds, mc.settings.also_scored_rounds)
+    trace = trust_region_trace(store.server_states(result.run_id))
     return {
         **federated_cell(result, _scores(mc, task, result.vectors, by_round, rounds), objective),
         "coefficients": result.coefficients.tolist(),
         "coefficients_by_round": {str(r): by_round[r].tolist() for r in sorted(by_round)},
+        **({"trust_region_by_round": trace} if trace else {}),
     }
 
 

@@ -345,6 +345,10 @@ class TrustRegionState:
     curvature: np.ndarray | None = None  # [P, P] there
     predicted: float = 0.0  # the quadratic model's predicted decrease of the last step
     last_step: float = 0.0  # ‖last step‖
+    # The step before the last one, as this round's clients measured it: ρ (measured decrease / predicted) and
+    # ρ's upper confidence bound, which decided the radius (None until a step has been measured). Kept so a run's
+    # stored states say why its radius moved (trust_region_trace), not only where it went.
+    measured: tuple[float, float] | None = None
     # The decayed sum of the rounds' models (with memory): Σγᵏ·G_k [P, P], Σγᵏ·(g_k − G_k·Λ_k) [P] and Σγᵏ, so
     # the summed model's gradient at Λ is (offset + curvature_sum·Λ) / weight and its curvature curvature_sum / weight.
     curvature_sum: np.ndarray | None = None
@@ -371,18 +375,20 @@ class TrustRegionState:
             arrays.update(accepted=self.accepted, gradient=self.gradient, curvature=self.curvature)
         if self.curvature_sum is not None:
             arrays.update(curvature_sum=self.curvature_sum, offset=self.offset, weight=np.asarray([self.weight]))
+        if self.measured is not None:
+            arrays["measured"] = np.asarray(self.measured)
         return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], shape: tuple[int, ...]) -> TrustRegionState:
         stepped, remembered = {"accepted", "gradient", "curvature"}, {"curvature_sum", "offset", "weight"}
-        known = {"radius", "predicted"} | stepped | remembered
+        known = {"radius", "predicted", "measured"} | stepped | remembered  # measured: absent in older states
         partial = any(0 < len(group & set(arrays)) < len(group) for group in (stepped, remembered))
         if set(arrays) - known or not {"radius", "predicted"} <= set(arrays) or partial:
             raise FederationError(f"trust-region state has fields {sorted(arrays)}, expected {sorted(known)}")
         p = math.prod(shape)
         expected = {"radius": (1,), "predicted": (2,), "accepted": shape, "gradient": (p,), "curvature": (p, p),
-                    "curvature_sum": (p, p), "offset": (p,), "weight": (1,)}  # fmt: skip
+                    "curvature_sum": (p, p), "offset": (p,), "weight": (1,), "measured": (2,)}  # fmt: skip
         values = {}
         for name, value in arrays.items():
             value = np.asarray(value, dtype=np.float64)
@@ -401,6 +407,8 @@ class TrustRegionState:
                 raise FederationError("trust-region state's weight must be > 0")
             state.curvature_sum, state.offset = values["curvature_sum"], values["offset"]
             state.weight = float(values["weight"][0])
+        if "measured" in values:
+            state.measured = (float(values["measured"][0]), float(values["measured"][1]))
         return state
 
 
@@ -487,6 +495,7 @@ class TrustRegionNewton(WrappedStrategy):
             ratio = self._decrease(stats, reference) / state.predicted
             # ρ's upper confidence bound: the radius shrinks (or the step is undone) only on evidence
             optimistic = ratio + self.settings.confidence * self._error(stats, result.used) / state.predicted
+            state.measured = (ratio, optimistic) if math.isfinite(ratio) and math.isfinite(optimistic) else None
             if optimistic < 0:  # the last step made the pooled loss worse: retry from where it started, closer in
                 start, gradient, curvature = state.accepted, state.gradient, state.curvature
                 state.radius = max(self.settings.min_radius, state.radius / 4)
@@ -520,6 +529,30 @@ class TrustRegionNewton(WrappedStrategy):
             return stats.previous_loss - stats.loss
         step = reference.reshape(-1).astype(np.float64) - self.state.accepted.reshape(-1)  # [P]
         return float(-(stats.gradient @ step) + 0.5 * step @ stats.curvature @ step)
+
+
+def trust_region_trace(states: dict[int, dict[str, np.ndarray]]) -> list[dict]:
+    """Per round, from a run's stored server states {round: arrays}: the radius its step was bounded by, the
+    step's length and predicted decrease, and the previous step's measured ρ with its upper confidence bound
+    (None in round 1, and in states stored before ρ was kept). [] for a run without a trust region (local steps).
+    Why: a round's accuracy says where Λ went; this says whether the radius or the evidence held it back."""
+    trace = []
+    for round_index in sorted(states):
+        arrays = states[round_index]
+        if "radius" not in arrays:
+            return []
+        measured = arrays.get("measured")
+        trace.append(
+            {
+                "round": round_index,
+                "radius": float(arrays["radius"][0]),
+                "step": float(arrays["predicted"][1]),
+                "predicted_decrease": float(arrays["predicted"][0]),
+                "previous_ratio": None if measured is None else float(measured[0]),
+                "previous_ratio_upper": None if measured is None else float(measured[1]),
+            }
+        )
+    return trace
 
 
 def _coefficient_count(size: int) -> int:

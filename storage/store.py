@@ -258,17 +258,17 @@ class Store:
     def server_state(self, run_id: str, round_index: int | None = None) -> tuple[int, dict[str, np.ndarray]] | None:
         """The run's server optimizer state after ``round_index`` (None: its last) -> (round, {field: array}),
         or None if it kept none."""
-        rows = self._rows("server_state", f"run_id = {_quote(run_id)}")
-        if round_index is not None:
-            rows = [row for row in rows if row["round"] == round_index]
-        if not rows:
-            return None
-        last = max(row["round"] for row in rows)
-        return last, {
-            row["name"]: np.asarray(row["values"], dtype=np.float64).reshape(row["shape"])
-            for row in rows
-            if row["round"] == last
-        }
+        states = self.server_states(run_id)
+        chosen = max(states, default=None) if round_index is None else round_index
+        return (chosen, states[chosen]) if chosen in states else None
+
+    def server_states(self, run_id: str) -> dict[int, dict[str, np.ndarray]]:
+        """Every round's stored server optimizer state of the run: {round: {field: array}} ({} if it kept none)."""
+        states: dict[int, dict[str, np.ndarray]] = {}
+        for row in self._rows("server_state", f"run_id = {_quote(run_id)}"):
+            value = np.asarray(row["values"], dtype=np.float64).reshape(row["shape"])
+            states.setdefault(row["round"], {})[row["name"]] = value
+        return states
 
     def _move_run(self, run_id: str, values: dict) -> tuple[bool, str]:
         """Apply ``values`` (a new status and what goes with it) only if the run is ``running``, atomically.

@@ -94,6 +94,8 @@ def test_a_sparse_run_scores_the_doubling_rounds_and_each_client_on_its_slice(
     by_round = cells["ifedicl"]["coefficients_by_round"]  # every round's Λ, round 3 too: scorable later
     assert sorted(by_round, key=int) == ["0", "1", "2", "3", "4"]
     assert by_round["4"] == cells["ifedicl"]["coefficients"] and by_round["3"] != by_round["4"]
+    # the second-order round's trust region per round, scored or not: why Λ moved as far as it did
+    assert [t["round"] for t in cells["ifedicl"]["trust_region_by_round"]] == [1, 2, 3, 4]
     assert cells["ifedicl"]["accuracy"] == cells["ifedicl"]["per_round"][-1]["accuracy"]
     for method in ("local_icl", "local_calibration"):
         per_client = cells[method]["per_client"]

@@ -24,6 +24,7 @@ from ifedicl.federation_job.second_order import (
     curvature_stats,
     stats_size,
     trust_region_step,
+    trust_region_trace,
 )
 from ifedicl.federation_job.strategies import ClientUpdate, FedAvg, RoundId
 from ifedicl.kernel.data import Split, load_task_dir
@@ -255,8 +256,11 @@ def test_a_step_that_raised_the_pooled_loss_is_taken_back_with_a_smaller_radius(
     gradient = np.linspace(-1, 1, P)
     first = newton.aggregate(RoundId("calibrate", 1, "r1"), [_upload(0, 0.01 * np.eye(P), gradient)], reference).value
     assert np.linalg.norm(first) == pytest.approx(0.5, rel=1e-5)  # the initial radius
+    assert newton.state.measured is None  # nothing measured yet
+    predicted = newton.state.predicted
     worse = [_upload(0, np.eye(P), np.ones(P), loss=0.9, previous=0.5)]
     second = newton.aggregate(RoundId("calibrate", 2, "r2"), worse, first).value
+    assert newton.state.measured == pytest.approx((-0.4 / predicted, -0.4 / predicted))  # ρ < 0 (no confidence)
     np.testing.assert_allclose(newton.state.accepted, reference)
     assert np.linalg.norm(second) == pytest.approx(0.125, rel=1e-5)
     assert np.allclose(second / np.linalg.norm(second), first / np.linalg.norm(first), atol=1e-5)  # same g, G
@@ -265,7 +269,10 @@ def test_a_step_that_raised_the_pooled_loss_is_taken_back_with_a_smaller_radius(
     np.testing.assert_allclose(newton.state.accepted, second)
     resumed = TrustRegionNewton(FedAvg(weighted=True))
     resumed.resume(newton.state_arrays(), (2, 2, 2))
-    assert resumed.state.radius == newton.state.radius
+    assert resumed.state.radius == newton.state.radius and resumed.state.measured == newton.state.measured
+    older = {k: v for k, v in newton.state_arrays().items() if k != "measured"}  # stored before ρ was kept
+    resumed.resume(older, (2, 2, 2))
+    assert resumed.state.measured is None and resumed.state.radius == newton.state.radius
     with pytest.raises(FederationError, match="trust-region state"):
         resumed.resume({**newton.state_arrays(), "curvature": np.zeros((3, 3))}, (2, 2, 2))
 
@@ -629,6 +636,11 @@ def test_a_gauss_newton_federation_runs_end_to_end_and_keeps_its_state(ray_sessi
     assert all(stats_size(p) * 4 < b < stats_size(p) * 4 + 2048 for r in stage2 for b in r.bytes_up)
     round_index, state = Store(tmp_path / "store").server_state(result.run_id)
     assert round_index == 3 and state["curvature"].shape == (p, p)
+    # each round's state says what bounded its step and how the step before it measured up
+    trace = trust_region_trace(Store(tmp_path / "store").server_states(result.run_id))
+    assert [t["round"] for t in trace] == [1, 2, 3] and trace[0]["previous_ratio"] is None
+    assert all(t["previous_ratio"] is not None and t["previous_ratio_upper"] >= t["previous_ratio"] for t in trace[1:])
+    assert all(0 < t["step"] <= t["radius"] * (1 + 1e-6) and t["predicted_decrease"] >= 0 for t in trace)
     assert result.summary["curvature"] == {"computed": "exact", "memory": 0.0}  # auto, on a binary task
     start = initial_coefficients(result.coefficients.shape[0]).numpy()
     assert not np.allclose(result.coefficients, start)
