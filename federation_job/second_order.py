@@ -491,6 +491,7 @@ class TrustRegionNewton(WrappedStrategy):
         stats.check()  # under secure aggregation the sum is the first thing the server can check
         state, start = self.state, reference.astype(np.float64)
         gradient, curvature = stats.gradient, stats.curvature
+        state.measured = None  # a round whose last step predicted nothing measures nothing
         if state.accepted is not None and state.predicted > 0:
             ratio = self._decrease(stats, reference) / state.predicted
             # ρ's upper confidence bound: the radius shrinks (or the step is undone) only on evidence

@@ -270,6 +270,11 @@ def test_a_step_that_raised_the_pooled_loss_is_taken_back_with_a_smaller_radius(
     resumed = TrustRegionNewton(FedAvg(weighted=True))
     resumed.resume(newton.state_arrays(), (2, 2, 2))
     assert resumed.state.radius == newton.state.radius and resumed.state.measured == newton.state.measured
+    level = [_upload(0, np.eye(P), np.zeros(P), loss=0.1, previous=0.5)]  # accepted, and no gradient left
+    flat = newton.aggregate(RoundId("calibrate", 4, "r4"), level, second).value
+    assert newton.state.measured is not None and newton.state.predicted == 0  # a zero gradient: no step
+    newton.aggregate(RoundId("calibrate", 5, "r5"), [_upload(0, np.eye(P), np.ones(P))], flat)
+    assert newton.state.measured is None  # nothing was predicted, so round 5 measured nothing
     older = {k: v for k, v in newton.state_arrays().items() if k != "measured"}  # stored before ρ was kept
     resumed.resume(older, (2, 2, 2))
     assert resumed.state.measured is None and resumed.state.radius == newton.state.radius
