@@ -542,15 +542,16 @@ def trust_region_trace(states: dict[int, dict[str, np.ndarray]]) -> list[dict]:
         arrays = states[round_index]
         if "radius" not in arrays:
             return []
-        measured = arrays.get("measured")
+        state = TrustRegionState.from_arrays(arrays, arrays["accepted"].shape)  # every stored round has stepped
+        ratio, upper = state.measured or (None, None)
         trace.append(
             {
                 "round": round_index,
-                "radius": float(arrays["radius"][0]),
-                "step": float(arrays["predicted"][1]),
-                "predicted_decrease": float(arrays["predicted"][0]),
-                "previous_ratio": None if measured is None else float(measured[0]),
-                "previous_ratio_upper": None if measured is None else float(measured[1]),
+                "radius": state.radius,
+                "step": state.last_step,
+                "predicted_decrease": state.predicted,
+                "previous_ratio": ratio,
+                "previous_ratio_upper": upper,
             }
         )
     return trace
