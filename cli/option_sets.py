@@ -67,6 +67,9 @@ HELP = {
     "previous Λ; the decrease is the window's loss plus their paired difference (1: every row)",
     "trust_radius": "gauss-newton: the first round's bound on the step's length ‖ΔΛ‖ (λ starts at 0.1, β at 1); "
     "the trust region doubles it after a step that did what its model predicted and quarters it after one that did not",
+    "average_rounds": "each round publishes the mean of the last this many rounds' Λ (what serving reads and the "
+    "run ends on) while the round rule keeps stepping from its own; stored with each round, so a recalibration "
+    "continues the window. 1: each round's own Λ",
     "step_check_confidence": "gauss-newton, --step-check loss: standard errors of the measured decrease the trust "
     "region needs before it shrinks or undoes a step (the clients also upload the paired differences' variance: "
     "one number); 0: the point estimate decides, as in the classic rule",

@@ -148,6 +148,9 @@ ABLATION_VARIANTS: dict[str, dict] = {
     # The first round's trust radius 2 instead of 0.5: on Emotion every step of the report's seeds 0 and 1 ended on
     # the boundary, and seed 1's radius stayed at 0.5 for three rounds and at 1 for seven (docs/recipe.md).
     "gauss-newton first radius 2": {"federation": {"stage2": "gauss-newton", "trust_radius": 2.0}},
+    # Each round publishes the mean of the last two rounds' Λ while the trust region steps from its own: no client
+    # CPU, the same trajectory (tail_average.py); against accepted steps that cost accuracy (docs/recipe.md).
+    "gauss-newton average of 2 rounds": {"federation": {"stage2": "gauss-newton", "average_rounds": 2}},
     # Half the examples per round (each round the next ⅛ of every shard; 16 rounds: 2 whole passes): is a second-
     # order round limited by its steps or by its window's data? Each round costs half of a "gauss-newton" round.
     "gauss-newton ⅛ window": {"federation": _second_order(**EVERY_ROW_CHECKED), "rounds": 16, "local_epochs": 0.125},

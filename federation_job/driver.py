@@ -255,7 +255,7 @@ class Federation:
     def _store_server_state(self, round_index: int) -> None:
         """The server optimizer's state after ``round_index``, when it keeps one: a recalibration continues it."""
         state = self.strategies.coefficients.state_arrays()
-        if state is not None:
+        if state:
             self.store.write_server_state(self.run_id, round_index, state)
 
     # ------------------------------------------------------------------ the rounds
@@ -344,8 +344,9 @@ class Federation:
             s.calibration, epochs=s.local_epochs, round_index=round_index, rounds_total=s.rounds
         )
         upload = strategy.round_upload(coefficients)
+        start = coefficients if upload.start is None else upload.start  # [L, 2, 2] what the clients compute at
         request = wire.encode(
-            {"coefficients": coefficients, **upload.extra}, round=round_index, seed=s.seed + round_index,
+            {"coefficients": start, **upload.extra}, round=round_index, seed=s.seed + round_index,
             config=dataclasses.asdict(config), batch_size=s.capture_batch_size, **upload.meta, **plan.instructions,
             **self._holdout(),
         )  # fmt: skip
@@ -353,7 +354,7 @@ class Federation:
         for cid in asked.answers:  # a released upload spends privacy whether the server then uses it or not
             self.releases[cid] = self.releases.get(cid, 0) + 1
         updates, rejected = self._as_joined(*strategy.decode(asked.answers, upload.key, upload.shape, upload.read))
-        result = strategy.aggregate(at, updates, reference=coefficients)
+        result = strategy.aggregate(at, updates, reference=start)
         outcome = RoundOutcome.collect(
             round_index, plan.clients, result.used, started,
             dropped=[asked.dropped, rejected, result.dropped], traffic=[asked.traffic, result.traffic],

@@ -27,6 +27,7 @@ from ifedicl.federation_job.second_order import (
 )
 from ifedicl.federation_job.server_optimizer import ServerOptimizerSettings, server_optimizer
 from ifedicl.federation_job.strategies import ClientSelection, FedAvg, Strategy
+from ifedicl.federation_job.tail_average import tail_average
 from ifedicl.federation_job.vector_coding import CODINGS, default_coding
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import DTYPES
@@ -66,6 +67,7 @@ class FederationSettings:
     step_check_fraction: float = DEFAULTS.step_check_fraction  # loss check: of each window (second_order.checked_rows)
     step_check_confidence: float = DEFAULTS.step_check_confidence  # loss check: TrustRegionSettings.confidence
     trust_radius: float = DEFAULTS.trust_radius  # gauss-newton: the first round's ‖step‖ bound (TrustRegionSettings)
+    average_rounds: int = DEFAULTS.average_rounds  # a round publishes the mean of the last this many Λ (tail_average)
     # early stopping (early_stopping.py): each client keeps this fraction of its shard out of the rounds
     holdout_fraction: float = DEFAULTS.holdout_fraction
     patience: int = DEFAULTS.patience  # rounds without a new best pooled held-out loss before the run stops
@@ -135,6 +137,7 @@ class FederationSettings:
             *self._second_order_checks(),
             (0 <= self.holdout_fraction < 1, f"--holdout-fraction must be in [0, 1) (got {self.holdout_fraction})"),
             (self.patience >= 1, f"--patience must be >= 1 (got {self.patience})"),
+            (self.average_rounds >= 1, f"--average-rounds must be >= 1 (got {self.average_rounds})"),
             (
                 not (self.holdout_fraction and (self.privacy.vector_epsilon or self.privacy.coefficient_epsilon)),
                 "--holdout-fraction reports a held-out loss that has no DP noise model: drop it or --dp-*",
@@ -279,7 +282,7 @@ def build_strategies(settings: FederationSettings, transport: Transport, num_cla
 
     return RoundStrategies(
         vectors=build(1.0, settings.weighted_vectors),  # stage 1 asks every client that loaded
-        coefficients=_round_strategy(settings, build, num_classes),
+        coefficients=tail_average(_round_strategy(settings, build, num_classes), settings.average_rounds),
     )
 
 

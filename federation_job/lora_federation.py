@@ -43,7 +43,7 @@ class LoraFederation(Federation):
     def __init__(self, model_id, clients, store_uri, settings, *args, lora: LoraSettings | None = None, **kwargs):
         # Its rounds train the adapters locally and average them by definition: the second-order round is Λ's.
         lambda_rounds = {name: getattr(DEFAULTS, name) for name in LAMBDA_ROUND_FIELDS}
-        lambda_rounds.update(stage2="local-steps", holdout_fraction=0.0)
+        lambda_rounds.update(stage2="local-steps", holdout_fraction=0.0, average_rounds=1)
         settings = dataclasses.replace(settings, **lambda_rounds)
         super().__init__(model_id, clients, store_uri, settings, *args, **kwargs)
         s = self.settings

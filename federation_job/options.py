@@ -46,9 +46,10 @@ LAMBDA_ROUND_FIELDS = (
     "step_check_confidence",
     "trust_radius",
 )
-# What only IFed-ICL's own run reads: its rounds of Λ, and how many examples its clients' stage 1 takes (centralized
-# I2CL and local-only calibration take every example: the baselines at their strongest).
-IFEDICL_ONLY_FIELDS = (*LAMBDA_ROUND_FIELDS, "stage1_examples")
+# What only IFed-ICL's own run reads: its rounds of Λ, which of their Λ it publishes, and how many examples its
+# clients' stage 1 takes (centralized I2CL and local-only calibration take every example: the baselines at their
+# strongest).
+IFEDICL_ONLY_FIELDS = (*LAMBDA_ROUND_FIELDS, "stage1_examples", "average_rounds")
 # Of those, what only the trust region's loss check reads (--step-check loss).
 LOSS_CHECK_FIELDS = ("step_check_fraction", "step_check_confidence")
 
@@ -147,6 +148,9 @@ class FederationOptions:
     # coefficients by half, or all of them by 0.05); the trust region then doubles it after good steps and quarters
     # it after bad ones.
     trust_radius: float = 0.5
+    # Each round publishes the mean of the last this many rounds' Λ while the rule steps from its own (1: its own
+    # Λ). Zero client cost; it smooths an accepted step that cost accuracy (tail_average.py).
+    average_rounds: int = 1
     holdout_fraction: float = 0.0  # of each shard kept out of the rounds to score Λ on (early stopping; 0: off)
     patience: int = 2  # with a held-out fraction: rounds without a new best pooled held-out loss before stopping
     # Stage 1 from at most this many of each client's examples (evenly spaced: client.spaced; 0: every one).
@@ -220,6 +224,7 @@ class FederationOptions:
                 "step_check_fraction": self.step_check_fraction,
                 "step_check_confidence": self.step_check_confidence,
                 "trust_radius": self.trust_radius,
+                "average_rounds": self.average_rounds,
                 "holdout_fraction": self.holdout_fraction,
                 "patience": self.patience,
                 "stage1_examples": self.stage1_examples or None,

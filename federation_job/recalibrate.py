@@ -41,6 +41,7 @@ from ifedicl.federation_job.client import accuracy
 from ifedicl.federation_job.driver import Federation, FederationSettings
 from ifedicl.federation_job.exchange import log_event
 from ifedicl.federation_job.population import Population
+from ifedicl.federation_job.tail_average import split_state
 from ifedicl.kernel.errors import IfediclError
 from ifedicl.kernel.modeling import DTYPES, ModelFingerprint, load_model
 from ifedicl.kernel.sources import DataSource
@@ -317,13 +318,16 @@ def _warm_start(attempt: Attempt, live_run_id: str | None, live, in_use: ModelFi
 def _live_server_state(store: Store, live_run_id: str, settings) -> dict[str, np.ndarray] | None:
     """The live run's last server state, if it kept one with the round method and optimizer this run uses
     (another optimizer's moments, or a trust region's radius, mean something else: that recalibration starts
-    its server step afresh)."""
+    its server step afresh). A run that publishes its own Λ takes the rule's state without the live run's tail
+    average iterates; one that averages takes them and continues the window."""
     live_settings = json.loads(store.run_row(live_run_id)["settings"] or "{}")
     same_kind = (live_settings.get("stage2", "local-steps"), live_settings.get("server_optimizer", "sgd"))
     if same_kind != (settings.stage2, settings.server_optimizer):
         return None
     stored = store.server_state(live_run_id)
-    return stored[1] if stored is not None else None
+    if stored is None:
+        return None
+    return stored[1] if settings.average_rounds > 1 else (split_state(stored[1])[0] or None)
 
 
 def _run_attempt(

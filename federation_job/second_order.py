@@ -46,6 +46,7 @@ from ifedicl.federation_job.strategies import (
     Strategy,
     WrappedStrategy,
 )
+from ifedicl.federation_job.tail_average import split_state
 from ifedicl.kernel.errors import FederationError
 from ifedicl.model_patches.inference import label_logits, length_buckets
 from ifedicl.model_patches.injection import InjectionTables
@@ -539,7 +540,7 @@ def trust_region_trace(states: dict[int, dict[str, np.ndarray]]) -> list[dict]:
     Why: a round's accuracy says where Λ went; this says whether the radius or the evidence held it back."""
     trace = []
     for round_index in sorted(states):
-        arrays = states[round_index]
+        arrays = split_state(states[round_index])[0]  # less a tail average's iterates
         if "radius" not in arrays:
             return []
         state = TrustRegionState.from_arrays(arrays, arrays["accepted"].shape)  # every stored round has stepped

@@ -126,6 +126,9 @@ class RoundUpload:
     read: Reader | None
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # arrays the request carries beside Λ
     meta: dict[str, object] = field(default_factory=dict)  # and its metadata beside the round's
+    # [L, 2, 2] the Λ the clients compute at, when the rule steps from another Λ than the one the last round
+    # published (a tail average publishes the mean of its iterates); None: the published one
+    start: np.ndarray | None = None
 
 
 @dataclass
