@@ -333,9 +333,10 @@ class Federation:
     def stage_two_round(
         self, round_index: int, coefficients: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, RoundRecord, float | None]:
-        """One FedAvg round of Λ: the sampled clients calibrate from the global Λ, the strategy combines them.
-        -> (the new Λ, the round's record, the pooled held-out loss of the Λ it started from: None without
-        a held-out fraction)."""
+        """One FedAvg round of Λ: the sampled clients calibrate from the global Λ (the rule's own, where it steps
+        from another than the one published: ``RoundUpload.start``), the strategy combines them.
+        -> (the Λ the round publishes, the round's record, the pooled held-out loss of the Λ it started from:
+        None without a held-out fraction)."""
         started, s = time.monotonic(), self.settings
         strategy = self.strategies.coefficients
         at = RoundId("calibrate", round_index, f"round {round_index}")
