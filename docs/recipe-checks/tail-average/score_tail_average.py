@@ -16,29 +16,26 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from ifedicl.evaluation.context import MethodContext, federation_settings
 from ifedicl.evaluation.scoring import score
-from ifedicl.evaluation.settings import EvalSettings
+from ifedicl.evaluation.settings import Cell, EvalSettings
 from ifedicl.evaluation.tasks import prepare_task
 from ifedicl.federation_job.driver import Federation
-from ifedicl.federation_job.options import FederationOptions
 from ifedicl.kernel.modeling import canonical_model_id, load_model, load_tokenizer
 from ifedicl.model_patches.hf import HFContextModel
 from ifedicl.storage.store import Store, StoreError
 
 
-def stage_one_vectors(settings: EvalSettings, cell: dict, task, model_id: str, scratch: str) -> np.ndarray:
-    """The cell's context vectors from its stage 1 run again: the report's federation with no rounds."""
-    options = FederationOptions(
-        clients=settings.clients, rounds=0, local_epochs=settings.local_epochs, min_shard=settings.min_shard,
-        weighted=settings.weighted, **settings.federation,
-    )  # fmt: skip
-    calibration = settings.calibration("ifedicl")
-    run = options.settings(cell["alpha"], cell["seed"], dtype=settings.dtype, calibration=calibration)
-    return Federation(model_id, task.source, scratch, run).run(publish=False).vectors
+def stage_one_vectors(mc: MethodContext, cell: dict, task, scratch: str) -> np.ndarray:
+    """The cell's context vectors from its stage 1 run again: the harness's own federation, with no rounds."""
+    at = Cell("ifedicl", cell["location"], cell["alpha"], cell["seed"])
+    run = replace(federation_settings(mc, at), rounds=0)
+    return Federation(mc.model_id, task.source, scratch, run).run(publish=False).vectors
 
 
 def main() -> None:
@@ -51,7 +48,8 @@ def main() -> None:
     settings = EvalSettings(**json.loads((report / "results.json").read_text())["settings"])
     store = Store(str(report / "federation_store"))
     model_id = canonical_model_id(settings.model)
-    model, tokenizer = HFContextModel(load_model(model_id, settings.dtype)), load_tokenizer(model_id)
+    model = load_model(model_id, settings.dtype)
+    mc = MethodContext(settings, model_id, model, HFContextModel(model), load_tokenizer(model_id), report)
     scratch = tempfile.mkdtemp(prefix="tail-average-store-")
     for path in args.cells:
         cell = json.loads(path.read_text())
@@ -59,13 +57,14 @@ def main() -> None:
         try:
             vectors, source = store.load_run(cell["task"], cell["run_id"]).vectors, "run store"
         except StoreError:
-            vectors, source = stage_one_vectors(settings, cell, task, model_id, scratch), "stage 1 again"
+            vectors, source = stage_one_vectors(mc, cell, task, scratch), "stage 1 again"
         by_round = {int(r): np.asarray(v, dtype=np.float32) for r, v in cell["coefficients_by_round"].items()}
         own = {p["round"]: p["accuracy"] for p in cell["per_round"]}
         for k in (int(r) for r in args.rounds.split(",")):
             for width in (int(w) for w in args.widths.split(",")):
                 published = np.mean([by_round[j] for j in range(max(1, k - width + 1), k + 1)], axis=0)  # [L, 2, 2]
-                scored = score(model, tokenizer, task.spec, task.test, None, vectors, published, settings.batch_size)
+                batch = mc.settings.batch_size
+                scored = score(mc.ctx, mc.tokenizer, task.spec, task.test, None, vectors, published, batch)
                 print(json.dumps({"cell": path.name, "round": k, "width": width, "own": own.get(k),
                                   "averaged": scored["accuracy"], "vectors": source}), flush=True)  # fmt: skip
 
