@@ -46,7 +46,7 @@ HELP = {
     "aggregators, --server-* and --prior-correction)",
     "holdout_fraction": "early stopping: each client keeps this fraction of its shard out of the rounds and "
     "reports the loss of each round's starting Λ on it; the run stops after --patience rounds without a new best "
-    "pooled loss and ends on the best Λ (0: off)",
+    "pooled loss and ends on the best Λ (with --average-rounds: the scored iterate, not that round's mean) (0: off)",
     "patience": "with --holdout-fraction: rounds without a new best pooled held-out loss before the run stops",
     "curvature": "gauss-newton: exact (the whole Jacobian: C-1 backward passes per example), sampled (two, "
     "whatever the classes: the exact gradient and an unbiased Gauss-Newton estimate from one label drawn per "

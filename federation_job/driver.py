@@ -234,17 +234,16 @@ class Federation:
         self.store.write_coefficients(self.run_id, self.task.name, 0, coefficients)
         rng = np.random.default_rng(self.settings.seed)
         stopping = EarlyStopping(self.settings.patience) if self.settings.holdout_fraction else None
-        by_round = {0: coefficients}
+        scored: dict[int, np.ndarray] = {}  # round -> the Λ the next round started from and scored: [L, 2, 2]
         for r in tqdm(range(1, self.settings.rounds + 1), desc="rounds", unit="round"):
-            coefficients, record, holdout_loss = self.stage_two_round(r, coefficients, rng)
+            coefficients, record, (scored[r - 1], holdout_loss) = self.stage_two_round(r, coefficients, rng)
             if stopping is not None:
-                stopping.observe(r - 1, holdout_loss)  # the round scored the Λ it started from
-                if stopping.stop:  # this round ends the run on the best Λ, recorded as its own
-                    coefficients = by_round[stopping.best_round]
+                stopping.observe(r - 1, holdout_loss)
+                if stopping.stop:  # this round ends the run on the Λ of the best held-out loss, recorded as its own
+                    coefficients = scored[stopping.best_round]  # averaging: the rule's iterate, not the mean
             self._record(record)
             self.store.write_coefficients(self.run_id, self.task.name, r, coefficients)
             self._store_server_state(r)
-            by_round[r] = coefficients
             if stopping is not None and stopping.stop:
                 log_event("early_stop", run=self.run_id, round=r, best_round=stopping.best_round)
                 break
@@ -332,11 +331,11 @@ class Federation:
 
     def stage_two_round(
         self, round_index: int, coefficients: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, RoundRecord, float | None]:
+    ) -> tuple[np.ndarray, RoundRecord, tuple[np.ndarray, float | None]]:
         """One FedAvg round of Λ: the sampled clients calibrate from the global Λ (the rule's own, where it steps
         from another than the one published: ``RoundUpload.start``), the strategy combines them.
-        -> (the Λ the round publishes, the round's record, the pooled held-out loss of the Λ it started from:
-        None without a held-out fraction)."""
+        -> (the Λ the round publishes, the round's record, (the Λ it started from, that Λ's pooled held-out loss:
+        None without a held-out fraction))."""
         started, s = time.monotonic(), self.settings
         strategy = self.strategies.coefficients
         at = RoundId("calibrate", round_index, f"round {round_index}")
@@ -360,7 +359,7 @@ class Federation:
             round_index, plan.clients, result.used, started,
             dropped=[asked.dropped, rejected, result.dropped], traffic=[asked.traffic, result.traffic],
         )  # fmt: skip
-        return result.value, outcome.record(), pooled_holdout_loss(result.used)
+        return result.value, outcome.record(), (start, pooled_holdout_loss(result.used))
 
     def _class_uploads(self, answers: dict[int, object], shape: tuple[int, ...]) -> tuple[list, dict[int, str]]:
         """Class-balanced stage 1's uploads -> checked (means [C, L, 2, d], counts [C]) per client; any upload

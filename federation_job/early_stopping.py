@@ -7,7 +7,8 @@ signal has to come from the clients: each keeps a fixed fraction of its shard ou
 with each round's upload, reports the loss of the round's starting Λ on it (one forward pass). The
 server pools those losses by held-out counts; after ``patience`` rounds without a new best it stops,
 and the run ends on the best Λ: the round that stops records that Λ as its own, so the store, serving
-and the per-round history need nothing new.
+and the per-round history need nothing new. With ``--average-rounds`` a round starts from the rule's iterate,
+not from the published mean, so the run ends on that iterate: the Λ whose held-out loss was measured.
 """
 
 from __future__ import annotations

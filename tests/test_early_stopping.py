@@ -4,6 +4,8 @@ a tiny model) that records the held-out losses and, if it stops, ends on the bes
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from ifedicl.federation_job import wire
 from ifedicl.federation_job.early_stopping import EarlyStopping, holdout_rows, pooled_holdout_loss
 from ifedicl.federation_job.options import FederationOptions
 from ifedicl.federation_job.strategies import ClientUpdate
+from ifedicl.federation_job.tail_average import ITERATES
 from ifedicl.kernel.errors import FederationError, IfediclError
 from ifedicl.kernel.sources import DataSource
 from ifedicl.storage.store import Store
@@ -99,11 +102,37 @@ def test_a_federation_records_the_held_out_losses_and_ends_on_the_best_lambda(
         assert np.array_equal(result.coefficients, by_round[settings.rounds])
     # the held-out rows stay out of stage 1 too: the same clients and shards without a held-out split make
     # other context vectors
-    import dataclasses
-
     whole = dataclasses.replace(settings, holdout_fraction=0.0, rounds=1)
     unsplit = Federation(str(llama_dir), source, str(tmp_path / "unsplit"), whole).run()
     assert unsplit.vectors.shape == result.vectors.shape and not np.allclose(unsplit.vectors, result.vectors)
+
+
+def test_an_averaging_run_that_stops_ends_on_the_scored_iterate_not_the_mean(ray_session, llama_dir, task_dir,
+                                                                              tmp_path):  # fmt: skip
+    """With --average-rounds a round starts from, and the clients score, the rule's iterate; the published mean's
+    held-out loss is never measured, so stopping ends on the best round's iterate: the Λ the plain run (same seed,
+    same trajectory, same losses) stops on too."""
+    from ifedicl.federation_job.driver import Federation
+
+    source = DataSource(str(task_dir), max_train=32, max_test=8)
+    settings = FederationOptions(
+        clients=2, rounds=6, local_epochs=0.5, min_shard=4, actors=1, holdout_fraction=0.25, patience=1
+    ).settings(1.0, 0)
+    plain = Federation(str(llama_dir), source, str(tmp_path / "plain"), settings).run()
+    averaged_settings = dataclasses.replace(settings, average_rounds=2)
+    averaged = Federation(str(llama_dir), source, str(tmp_path / "store"), averaged_settings).run()
+    seen = averaged.summary["early_stopping"]
+    plain_seen = plain.summary["early_stopping"]
+    assert seen["stopped_at_round"] is not None
+    assert (seen["best_round"], seen["stopped_at_round"]) == (plain_seen["best_round"], plain_seen["stopped_at_round"])
+    assert seen["holdout_loss_by_round"] == pytest.approx(plain_seen["holdout_loss_by_round"], rel=1e-5)
+    np.testing.assert_allclose(averaged.coefficients, plain.coefficients, atol=1e-5)
+    store = Store(tmp_path / "store")
+    best = seen["best_round"]
+    iterate = store.server_state(averaged.run_id, best)[1][ITERATES][-1]  # round best's own: the window's newest
+    np.testing.assert_allclose(averaged.coefficients, iterate, atol=1e-6)
+    assert best >= 2  # (this seed's) from round 2 on a round's published mean is not its iterate
+    assert not np.allclose(store.coefficients_by_round(averaged.run_id)[best], iterate, atol=1e-4)
 
 
 def test_stage_one_of_some_rows_is_stage_one_of_a_client_holding_only_those(llama_dir, task_dir):
