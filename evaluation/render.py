@@ -355,7 +355,9 @@ def _recipe_targets(results: dict) -> list[str]:
                 if "vs i2cl_central" in by_objective.get(objective, {})
             }
             recipe_tasks = [task for task in RECIPE_TASKS if task in vs_central]
-            for tasks in {tuple(vs_central), tuple(recipe_tasks)}:
+            # every task's mean and issue 30's four tasks' mean: one line where they are the same tasks
+            task_sets = {frozenset(vs_central): tuple(vs_central), frozenset(recipe_tasks): tuple(recipe_tasks)}
+            for tasks in task_sets.values():
                 if tasks:
                     ifed = float(np.mean([vs_central[t]["ifedicl_mean"] for t in tasks]))
                     central = float(np.mean([vs_central[t]["baseline_mean"] for t in tasks]))

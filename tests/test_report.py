@@ -512,3 +512,9 @@ def test_paired_differences_and_the_round_budget_that_reaches_lora():
     # the means pair seeds too: I2CL central finished seed 0 only, so IFed-ICL's seed 1 (84.0) is left out
     assert "m [label-only], subj: IFed-ICL 80.0, I2CL central 85.0 (-5.0; target ≥ −1)" in text
     assert "m [label-only], subj, trec: IFed-ICL 75.0, I2CL central 72.5 (+2.5; target ≥ −1)" in text
+    # Emotion's cells first, TREC's left out: every task is one of issue 30's, whatever their order, so the mean
+    # over tasks is one line, not the same twice
+    emotion = [_record("ifedicl", 0, 0.50, task="emotion"), _record("i2cl_central", 0, 0.60, task="emotion")]
+    paired = paired_differences([*emotion, *records])
+    alone = "\n".join(_recipe_targets({"paired": paired, "spec": {"objectives": ["label-only"]}}))
+    assert alone.count("IFed-ICL 65.0, I2CL central 72.5") == 1
