@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from client_updates import SHAPE, two_clients_around
 
 from ifedicl.federation_job.federation_settings import FederationSettings, build_strategies
 from ifedicl.federation_job.options import FederationOptions
@@ -20,19 +21,9 @@ from ifedicl.kernel.errors import FederationError, IfediclError
 from ifedicl.kernel.sources import DataSource
 from ifedicl.storage.store import Store
 
-SHAPE = (2, 2, 2)
-
 
 def _round(index: int) -> RoundId:
     return RoundId("calibrate", index, f"round {index}")
-
-
-def _updates(value: float) -> list[ClientUpdate]:
-    """Two clients whose mean is ``value`` everywhere."""
-    return [
-        ClientUpdate(0, np.full(SHAPE, value - 1.0, np.float32), 1),
-        ClientUpdate(1, np.full(SHAPE, value + 1.0, np.float32), 1),
-    ]
 
 
 def _optimizer(**fields) -> ServerOptimizer:
@@ -43,19 +34,19 @@ def test_sgd_moves_from_the_round_start_by_lr_times_the_aggregates_change():
     """Λ ← Λ + lr·(mean − Λ): lr 1 is FedAvg's mean, 2 goes twice as far, ½ half; the round's record is the rule's."""
     start = np.full(SHAPE, 2.0, np.float32)
     for lr, expected in ((1.0, 2.5), (2.0, 3.0), (0.5, 2.25)):
-        result = _optimizer(kind="sgd", lr=lr).aggregate(_round(1), _updates(2.5), reference=start)
+        result = _optimizer(kind="sgd", lr=lr).aggregate(_round(1), two_clients_around(2.5), reference=start)
         assert np.allclose(result.value, expected) and result.value.dtype == np.float32, lr
         assert [u.client_id for u in result.used] == [0, 1]
     with pytest.raises(FederationError, match="starting value"):
-        _optimizer(lr=2.0).aggregate(_round(1), _updates(2.5))
+        _optimizer(lr=2.0).aggregate(_round(1), two_clients_around(2.5))
 
 
 def test_momentum_adds_up_consistent_rounds():
     """m ← μ·m + Δ: the same change twice moves lr·Δ, then lr·(1 + μ)·Δ."""
     step = _optimizer(kind="momentum", lr=1.0, momentum=0.5)
-    first = step.aggregate(_round(1), _updates(1.0), reference=np.zeros(SHAPE, np.float32)).value
+    first = step.aggregate(_round(1), two_clients_around(1.0), reference=np.zeros(SHAPE, np.float32)).value
     assert np.allclose(first, 1.0)
-    second = step.aggregate(_round(2), _updates(2.0), reference=first).value  # Δ = 1 again
+    second = step.aggregate(_round(2), two_clients_around(2.0), reference=first).value  # Δ = 1 again
     assert np.allclose(second, 1.0 + 1.5)
     assert step.state.steps == 2 and np.allclose(step.state.first_moment, 1.5)
 

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from client_updates import SHAPE, two_clients_around
 
 from ifedicl.evaluation.settings import EvalSettings
 from ifedicl.federation_job.federation_settings import FederationSettings, build_strategies
@@ -14,23 +15,13 @@ from ifedicl.federation_job.options import FederationOptions
 from ifedicl.federation_job.recalibrate import _live_server_state
 from ifedicl.federation_job.second_order import TrustRegionNewton, trust_region_trace
 from ifedicl.federation_job.server_optimizer import ServerOptimizer, ServerOptimizerSettings
-from ifedicl.federation_job.strategies import ClientUpdate, FedAvg, RoundId
+from ifedicl.federation_job.strategies import FedAvg, RoundId
 from ifedicl.federation_job.tail_average import ITERATES, TailAverage, tail_average
 from ifedicl.kernel.errors import FederationError, IfediclError
 from ifedicl.kernel.modeling import ModelFingerprint
 from ifedicl.kernel.sources import DataSource
 from ifedicl.kernel.task import TaskSpec
 from ifedicl.storage.store import Store
-
-SHAPE = (2, 2, 2)
-
-
-def _updates(value: float) -> list[ClientUpdate]:
-    """Two clients whose mean is ``value`` everywhere."""
-    return [
-        ClientUpdate(0, np.full(SHAPE, value - 1.0, np.float32), 1),
-        ClientUpdate(1, np.full(SHAPE, value + 1.0, np.float32), 1),
-    ]
 
 
 def _averaged(rounds: int = 2) -> TailAverage:
@@ -42,7 +33,7 @@ def _round(rule: TailAverage, index: int, published: np.ndarray, mean: float) ->
     """One round as the driver runs it -> (the Λ the clients computed at, the Λ the round published)."""
     upload = rule.round_upload(published)
     start = published if upload.start is None else upload.start
-    result = rule.aggregate(RoundId("calibrate", index, f"round {index}"), _updates(mean), reference=start)
+    result = rule.aggregate(RoundId("calibrate", index, f"round {index}"), two_clients_around(mean), reference=start)
     return start, result.value
 
 
