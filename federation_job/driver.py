@@ -235,15 +235,19 @@ class Federation:
         rng = np.random.default_rng(self.settings.seed)
         stopping = EarlyStopping(self.settings.patience) if self.settings.holdout_fraction else None
         scored: dict[int, np.ndarray] = {}  # round -> the Λ the next round started from and scored: [L, 2, 2]
+        states = {0: self._server_state()}  # round -> the rule's state that goes with that Λ
         for r in tqdm(range(1, self.settings.rounds + 1), desc="rounds", unit="round"):
             coefficients, record, (scored[r - 1], holdout_loss) = self.stage_two_round(r, coefficients, rng)
+            states[r] = self._server_state()
             if stopping is not None:
                 stopping.observe(r - 1, holdout_loss)
                 if stopping.stop:  # this round ends the run on the Λ of the best held-out loss, recorded as its own
                     coefficients = scored[stopping.best_round]  # averaging: the rule's iterate, not the mean
+                    states[r] = states[stopping.best_round]  # so a warm start measures the step that made it
             self._record(record)
             self.store.write_coefficients(self.run_id, self.task.name, r, coefficients)
-            self._store_server_state(r)
+            if states[r]:
+                self.store.write_server_state(self.run_id, r, states[r])
             if stopping is not None and stopping.stop:
                 log_event("early_stop", run=self.run_id, round=r, best_round=stopping.best_round)
                 break
@@ -251,11 +255,11 @@ class Federation:
             self.early_stopping = stopping.summary(stopped_at=r if stopping.stop else None)
         return vectors, coefficients
 
-    def _store_server_state(self, round_index: int) -> None:
-        """The server optimizer's state after ``round_index``, when it keeps one: a recalibration continues it."""
+    def _server_state(self) -> dict[str, np.ndarray] | None:
+        """A copy of the round rule's state now (None or {}: it keeps none). Stored with each round: a
+        recalibration continues it from the Λ that round published."""
         state = self.strategies.coefficients.state_arrays()
-        if state:
-            self.store.write_server_state(self.run_id, round_index, state)
+        return {name: np.array(value, copy=True) for name, value in state.items()} if state else state
 
     # ------------------------------------------------------------------ the rounds
     def _check_placements(self) -> None:

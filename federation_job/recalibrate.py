@@ -315,11 +315,15 @@ def _warm_start(attempt: Attempt, live_run_id: str | None, live, in_use: ModelFi
     return live.coefficients
 
 
-def _live_server_state(store: Store, live_run_id: str, settings) -> dict[str, np.ndarray] | None:
+def _live_server_state(
+    store: Store, live_run_id: str, settings, live_coefficients: np.ndarray
+) -> dict[str, np.ndarray] | None:
     """The live run's last server state, if it kept one with the round method and optimizer this run uses
     (another optimizer's moments, or a trust region's radius, mean something else: that recalibration starts
-    its server step afresh). A run that publishes its own Λ takes the rule's state without the live run's tail
-    average iterates; one that averages takes them and continues the window."""
+    its server step afresh). A run that averages takes the live run's tail-average iterates too and continues
+    the window from the last one. A run that publishes its own Λ starts from ``live_coefficients`` [L, 2, 2]
+    (what the live run published), so it takes the rule's state only where that Λ is the live run's last
+    iterate: a trust region's state describes the step that made the iterate, not the mean of several."""
     live_settings = json.loads(store.run_row(live_run_id)["settings"] or "{}")
     same_kind = (live_settings.get("stage2", "local-steps"), live_settings.get("server_optimizer", "sgd"))
     if same_kind != (settings.stage2, settings.server_optimizer):
@@ -327,7 +331,16 @@ def _live_server_state(store: Store, live_run_id: str, settings) -> dict[str, np
     stored = store.server_state(live_run_id)
     if stored is None:
         return None
-    return stored[1] if settings.average_rounds > 1 else (split_state(stored[1])[0] or None)
+    if settings.average_rounds > 1:
+        return stored[1]
+    rule, iterates = split_state(stored[1])
+    if iterates is not None:
+        fits = np.ndim(iterates) == np.ndim(live_coefficients) + 1 and len(iterates) > 0
+        if not (fits and np.shape(iterates)[1:] == np.shape(live_coefficients)):
+            return None  # not a window of this model's Λ: nothing of it to continue
+        if not np.allclose(iterates[-1], live_coefficients, atol=1e-6):
+            return None
+    return rule or None
 
 
 def _run_attempt(
@@ -365,7 +378,7 @@ def _run_attempt(
         fed = Federation(model_id, source, store_uri, settings, after_dispatch)
     start = _warm_start(attempt, live_run_id, live, fed.fingerprint) if warm_start else None
     if start is not None:
-        fed.start_from(start, _live_server_state(store, live_run_id, settings))
+        fed.start_from(start, _live_server_state(store, live_run_id, settings, start))
     clients_evaluate = not len(fed.population.server_test)
     if clients_evaluate and not any(client.test is not None for client in fed.population.clients):
         raise IfediclError("the data has no held-out split to compare candidate and live run on (give clients a test)")

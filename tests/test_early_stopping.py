@@ -98,6 +98,13 @@ def test_a_federation_records_the_held_out_losses_and_ends_on_the_best_lambda(
     if stopped_at is not None:  # the stopping round records the best Λ as its own: the run ends (and serves) it
         assert np.array_equal(by_round[stopped_at], by_round[best]) and stopped_at - best > 1
         assert np.array_equal(result.coefficients, by_round[best])
+        states = Store(tmp_path / "store").server_states(result.run_id)  # and the best round's trust region
+        assert max(states) == stopped_at
+        if best > 0:
+            for name in ("radius", "accepted", "predicted"):
+                np.testing.assert_array_equal(states[stopped_at][name], states[best][name])
+        else:  # the initial Λ: a trust region that has not stepped (no step to measure)
+            assert "accepted" not in states[stopped_at] and states[stopped_at]["radius"] == [settings.trust_radius]
     else:
         assert np.array_equal(result.coefficients, by_round[settings.rounds])
     # the held-out rows stay out of stage 1 too: the same clients and shards without a held-out split make
@@ -133,6 +140,12 @@ def test_an_averaging_run_that_stops_ends_on_the_scored_iterate_not_the_mean(ray
     np.testing.assert_allclose(averaged.coefficients, iterate, atol=1e-6)
     assert best >= 2  # (this seed's) from round 2 on a round's published mean is not its iterate
     assert not np.allclose(store.coefficients_by_round(averaged.run_id)[best], iterate, atol=1e-4)
+    # the stopping round stores the best round's server state: a warm start measures the step that made that Λ
+    states = store.server_states(averaged.run_id)
+    assert max(states) == seen["stopped_at_round"]
+    assert {name: value.tolist() for name, value in states[max(states)].items()} == {
+        name: value.tolist() for name, value in states[best].items()
+    }
 
 
 def test_stage_one_of_some_rows_is_stage_one_of_a_client_holding_only_those(llama_dir, task_dir):

@@ -103,16 +103,22 @@ def test_only_ifedicl_cells_that_average_change_their_hash():
 
 def test_a_recalibration_takes_the_window_only_if_it_averages_too(tmp_path):
     """The live run's stored iterates go to a recalibration that averages; one that publishes its own Λ gets the
-    rule's state alone (the trust region would refuse a field it does not know)."""
+    rule's state alone (the trust region would refuse a field it does not know), and only if it starts from the
+    last iterate: the rule's state describes the step that made that iterate, not the published mean."""
     store = Store(tmp_path / "store", create=True)
     live = FederationSettings(clients=2, average_rounds=2)
     task = TaskSpec("demo-sentiment", "Review: {text}\nSentiment:", ("negative", "positive"))
     run_id = store.start_run(task, ModelFingerprint("m", 2, 8, "h"), live.to_dict())
-    state = {"radius": np.asarray([0.5]), "predicted": np.asarray([0.0, 0.0]), ITERATES: np.zeros((2, *SHAPE))}
+    iterates = np.stack([np.zeros(SHAPE), np.ones(SHAPE)])  # [2, L, 2, 2]
+    state = {"radius": np.asarray([0.5]), "predicted": np.asarray([0.0, 0.0]), ITERATES: iterates}
     store.write_server_state(run_id, 2, state)
-    assert set(_live_server_state(store, run_id, live)) == {"radius", "predicted", ITERATES}
+    mean, last = iterates.mean(axis=0), iterates[-1]
+    assert set(_live_server_state(store, run_id, live, mean)) == {"radius", "predicted", ITERATES}
     own = dataclasses.replace(live, average_rounds=1)
-    assert set(_live_server_state(store, run_id, own)) == {"radius", "predicted"}
+    assert _live_server_state(store, run_id, own, mean) is None  # the published mean: the rule starts afresh
+    assert set(_live_server_state(store, run_id, own, last)) == {"radius", "predicted"}  # a stop on the iterate
+    store.write_server_state(run_id, 3, {**state, ITERATES: np.ones((2, 3))})  # not a window of this Λ
+    assert _live_server_state(store, run_id, own, last) is None
 
 
 def test_an_averaging_federation_steps_as_the_plain_one_and_a_warm_start_continues_its_window(
