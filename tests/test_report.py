@@ -241,6 +241,28 @@ def test_ablation_variants_are_cells_of_their_own(llama_dir, task_dir, tmp_path,
     assert run_grid(spec, out, "ifedicl ablate --tiny")["run"]["computed"] == 0 and len(calls) == 3
 
 
+def test_a_variant_named_for_a_curvature_computes_it_on_every_task():
+    """A variant is read by its name: one that names the sampled matrix, the exact one or the empirical Fisher
+    computes it whatever ``--curvature auto`` would choose on the task (auto's choice above 4 classes has moved
+    once, from the sampled matrix to the empirical Fisher)."""
+    from ifedicl.evaluation.settings import FEDERATION_HASH_BASELINE, EvalSettings
+    from ifedicl.evaluation.variants import ABLATION_BASE, ABLATION_VARIANTS
+
+    named = {"sampled": "sampled", "exact matrix": "exact", "empirical fisher": "empirical"}
+    checked = []
+    for variant, overrides in ABLATION_VARIANTS.items():
+        wanted = [curvature for word, curvature in named.items() if word in variant]
+        if not wanted:
+            continue
+        federation = {**ABLATION_BASE["federation"], **overrides.get("federation", {})}
+        settings = EvalSettings(model="m", tasks=["t"], federation=federation)
+        for classes in (2, 4, 6):
+            effective = settings.federation_for_hash("ifedicl", classes)
+            assert effective.get("curvature", FEDERATION_HASH_BASELINE["curvature"]) == wanted[0], (variant, classes)
+        checked.append(variant)
+    assert "gauss-newton sampled matrix on ¼" in checked and len(checked) >= 6
+
+
 def test_workers_write_the_cells_one_process_would(llama_dir, task_dir, tmp_path):
     """Two worker processes: the deterministic cells equal the serial report's, the federated cell runs its
     own Ray in its worker, the report files are rewritten by the parent, and a rerun computes nothing."""
