@@ -41,8 +41,8 @@ from ifedicl.federation_job.client import accuracy
 from ifedicl.federation_job.driver import Federation, FederationSettings
 from ifedicl.federation_job.exchange import log_event
 from ifedicl.federation_job.population import Population
-from ifedicl.federation_job.tail_average import split_state
-from ifedicl.kernel.errors import IfediclError
+from ifedicl.federation_job.tail_average import checked_iterates, split_state
+from ifedicl.kernel.errors import FederationError, IfediclError
 from ifedicl.kernel.modeling import DTYPES, ModelFingerprint, load_model
 from ifedicl.kernel.sources import DataSource
 from ifedicl.model_patches.hf import HFContextModel
@@ -335,10 +335,11 @@ def _live_server_state(
         return stored[1]
     rule, iterates = split_state(stored[1])
     if iterates is not None:
-        fits = np.ndim(iterates) == np.ndim(live_coefficients) + 1 and len(iterates) > 0
-        if not (fits and np.shape(iterates)[1:] == np.shape(live_coefficients)):
+        try:
+            window = checked_iterates(iterates, np.shape(live_coefficients))
+        except FederationError:
             return None  # not a window of this model's Λ: nothing of it to continue
-        if not np.allclose(iterates[-1], live_coefficients, atol=1e-6):
+        if not np.allclose(window[-1], live_coefficients, atol=1e-6):
             return None
     return rule or None
 

@@ -29,6 +29,17 @@ def split_state(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], n
     return rule, arrays.get(ITERATES)
 
 
+def checked_iterates(iterates: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Stored iterates as a window of Λ of ``shape`` -> [≤rounds, *shape] float32; FederationError if they are
+    not one (another shape, empty, not finite)."""
+    iterates = np.asarray(iterates, dtype=np.float32)
+    if iterates.ndim != len(shape) + 1 or iterates.shape[1:] != tuple(shape) or len(iterates) == 0:
+        raise FederationError(f"the stored tail iterates have shape {iterates.shape}, Λ has {tuple(shape)}")
+    if not np.all(np.isfinite(iterates)):
+        raise FederationError("the stored tail iterates are not finite")
+    return iterates
+
+
 class TailAverage(WrappedStrategy):
     """The inner rule's Λ is the iterate; the round's value is the mean of the last ``rounds`` iterates."""
 
@@ -62,11 +73,7 @@ class TailAverage(WrappedStrategy):
         at the next round."""
         rule, iterates = split_state(arrays)
         if iterates is not None:
-            iterates = np.asarray(iterates, dtype=np.float32)
-            if iterates.ndim != len(shape) + 1 or iterates.shape[1:] != shape or len(iterates) == 0:
-                raise FederationError(f"the stored tail iterates have shape {iterates.shape}, Λ has {shape}")
-            if not np.all(np.isfinite(iterates)):
-                raise FederationError("the stored tail iterates are not finite")
+            iterates = checked_iterates(iterates, shape)
         if rule:
             self.inner.resume(rule, shape)
         self.iterates = [] if iterates is None else list(iterates[-self.rounds :])
@@ -77,4 +84,4 @@ def tail_average(rule: Strategy, rounds: int) -> Strategy:
     return rule if rounds == 1 else TailAverage(rule, rounds)
 
 
-__all__ = ["ITERATES", "TailAverage", "split_state", "tail_average"]
+__all__ = ["ITERATES", "TailAverage", "checked_iterates", "split_state", "tail_average"]

@@ -12,7 +12,6 @@ the cells, not committed) and the committed cells.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 from pathlib import Path
 
@@ -20,12 +19,6 @@ import numpy as np
 
 from ifedicl.federation_job.tail_average import split_state
 from ifedicl.storage.store import Store
-
-
-def _field(cell: dict, name: str):
-    """A cell's nested field, whether written as JSON or as Python's repr."""
-    value = cell[name]
-    return ast.literal_eval(value) if isinstance(value, str) else value
 
 
 def main() -> None:
@@ -36,8 +29,8 @@ def main() -> None:
         store = Store(str(report / "federation_store"))
         for path in sorted((report / "cells").glob("ifedicl__*.json")):
             cell = json.loads(path.read_text())
-            published = {int(r): np.asarray(v) for r, v in _field(cell, "coefficients_by_round").items()}
-            accuracy = {r["round"]: r["accuracy"] for r in _field(cell, "per_round")}
+            published = {int(r): np.asarray(v) for r, v in cell["coefficients_by_round"].items()}
+            accuracy = {r["round"]: r["accuracy"] for r in cell["per_round"]}
             states = store.server_states(cell["run_id"])
             for k in sorted(published):
                 kept = split_state(states[k + 1])[0].get("accepted") if k + 1 in states else None
