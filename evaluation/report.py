@@ -31,24 +31,38 @@ COMM_FIELDS = (
 )
 
 
+# Results, not code: a checkout whose only changes are under these folders still names its commit cleanly (a
+# report's new cells are rendered before they are committed, and its summary named the commit "-dirty").
+RESULT_FOLDERS = ("docs",)
+
+
+def describe_checkout(directory: Path) -> str | None:
+    """``git describe`` of the checkout holding ``directory``, ``-dirty`` where a tracked file outside
+    :data:`RESULT_FOLDERS` differs from the commit; None outside a git checkout."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=10)
+
+    try:
+        described = git("describe", "--always", "--tags")
+        if described.returncode != 0 or not described.stdout.strip():
+            return None
+        results = [f":(top,exclude){folder}" for folder in RESULT_FOLDERS]
+        code_changed = git("diff", "--quiet", "HEAD", "--", ":(top)", *results).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return described.stdout.strip() + ("-dirty" if code_changed else "")
+
+
 @functools.cache
 def code_version() -> str:
-    """``git describe`` of the checkout this code runs from, else the installed package version.
+    """:func:`describe_checkout` of the checkout this code runs from, else the installed package version.
 
     Read once per process: the code that runs is what was imported at start, whatever the
     checkout holds later (editing files during a long report does not relabel its cells)."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    described = describe_checkout(Path(__file__).resolve().parent)
+    if described is not None:
+        return described
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -11,12 +11,14 @@ import io
 import json
 import os
 import re
+import subprocess
 
 import pytest
 
 from ifedicl.evaluation import runner
 from ifedicl.evaluation.cells import CellStore, write_atomic
 from ifedicl.evaluation.grid import GridSpec, finished_cells, in_order, run_grid, write_report
+from ifedicl.evaluation.report import describe_checkout
 from ifedicl.evaluation.settings import Cell, EvalSettings
 
 BASE = dict(clients=3, alphas=[1.0], rounds=1, test_size=8, shots=2, max_train=24, min_shard=4, batch_size=8)
@@ -54,6 +56,29 @@ def counted(monkeypatch):
 
         monkeypatch.setitem(runner.METHOD_FUNCTIONS, name, wrapper)
     return calls, state
+
+
+def test_the_code_version_is_dirty_for_changed_code_but_not_for_new_results(tmp_path):
+    """The report renders its summary before its new cells are committed: those are results, not code."""
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True)
+
+    assert describe_checkout(tmp_path) is None  # not a checkout: the caller falls back to the package version
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "docs" / "cell.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True)
+    clean = commit.stdout.strip()
+    assert describe_checkout(tmp_path) == clean
+    (tmp_path / "docs" / "cell.json").write_text('{"accuracy": 0.5}\n')  # a changed result
+    (tmp_path / "docs" / "new.json").write_text("{}\n")  # a new one
+    assert describe_checkout(tmp_path / "docs") == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert describe_checkout(tmp_path / "docs") == f"{clean}-dirty"
 
 
 def test_cell_writes_are_atomic_and_half_cells_are_not_finished(tmp_path, monkeypatch):
