@@ -10,8 +10,10 @@ the LoRA pass. Prints figures, asserts nothing.
   matrix of Λ at C − 1 backward passes per example) plus the loss at the previous Λ (one more forward);
 - ``gauss-newton, check on ¼``: that forward on a quarter of the rows, plus the paired differences' variance
   for the confidence test (``--step-check-fraction 0.25 --step-check-confidence 1``, the default);
-- ``gauss-newton sampled, check on ¼``: the same with two backward passes whatever C (``--curvature sampled``):
-  the default round above 4 classes (``--curvature auto``); the one above it up to 4;
+- ``gauss-newton sampled, check on ¼``: the same with two backward passes whatever C (``--curvature sampled``);
+- ``gauss-newton empirical, check on ¼``: one backward pass whatever C, the examples' gradients' outer products
+  as the matrix (``--curvature empirical``): the default round from 4 classes (``--curvature auto``; on binary
+  tasks ``gauss-newton, check on ¼``, at 3 classes with the matrix on ¼);
 - ``matrix on ¼`` (``⅛``): the Gauss-Newton matrix from a quarter (an eighth) of the rows, the gradient from all
   (``--curvature-fraction 0.25``): 1 + ¼ × (passes − 1) backward passes per example;
 - ``gauss-newton, model check``: the same statistics without that forward (``--step-check model``);

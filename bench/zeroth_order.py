@@ -6,7 +6,7 @@ own Λ, as the patched vLLM engine batches tasks. Before building that path, thi
 one process, on one client's window of real examples:
 
 - the exact gradient g (the one a second-order round uploads, with its matrix) and its CPU seconds, for the
-  default round on this task (``--curvature auto``: exact up to 4 classes, sampled above);
+  default round on this task (``--curvature auto``: exact up to 3 classes, empirical from 4);
 - one forward pass over the window without a graph: the unit an SPSA estimate pays 2K of;
 - SPSA with K direction pairs, K = 1, 4, 16, 64, ...: its CPU seconds, and the cosine between its estimate and
   g (mean ± sd over ``--draws`` seeds). A step along an estimate with cosine c decreases the loss, to first

@@ -51,7 +51,7 @@ HELP = {
     "curvature": "gauss-newton: exact (the whole Jacobian: C-1 backward passes per example), sampled (two, "
     "whatever the classes: the exact gradient and an unbiased Gauss-Newton estimate from one label drawn per "
     "example), empirical (one: the per-example gradients' outer products, biased where the model is wrong) or auto "
-    "(exact up to 4 classes, from 3 classes on a quarter of the rows, empirical above 4)",
+    "(exact up to 3 classes, at 3 on a quarter of the rows, empirical from 4)",
     "curvature_memory": "gauss-newton: weight of the past rounds' quadratic models in each step, each re-centred at "
     "the current Λ (0: this round's window alone; 0.5 halves a round's weight every round; default: 0.75 with "
     "a sampled matrix (drawn labels or a fraction of the rows) or the empirical one, whose noise it averages, "
@@ -59,7 +59,7 @@ HELP = {
     "curvature_fraction": "gauss-newton: the fraction of each round's rows the clients compute the Gauss-Newton "
     "matrix on (every row gives the gradient: one backward pass; the matrix rows C-1 exact or one more sampled), "
     "so a round takes 1 + fraction x (passes - 1) backward passes per example (1: every row; default: 0.25 for "
-    "--curvature auto's exact matrix from 3 classes, else 1)",
+    "--curvature auto's exact matrix at 3 classes, else 1)",
     "step_check": "gauss-newton: how the trust region measures the last step's decrease: loss (the clients also "
     "evaluate the previous Λ on the round's examples: one more forward pass each) or model (read from the new "
     "statistics: L(Λ - s) ≈ L(Λ) - g·s + ½ sᵀGs, no extra pass)",

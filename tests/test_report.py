@@ -268,8 +268,9 @@ def test_ablation_variants_are_cells_of_their_own(llama_dir, task_dir, tmp_path,
 
 def test_a_variant_named_for_a_curvature_computes_it_on_every_task():
     """A variant is read by its name: one that names the sampled matrix, the exact one or the empirical Fisher
-    computes it whatever ``--curvature auto`` would choose on the task (auto's choice above 4 classes has moved
-    once, from the sampled matrix to the empirical Fisher)."""
+    computes it whatever ``--curvature auto`` would choose on the task (auto's choice has moved twice: above 4
+    classes from the sampled matrix to the empirical Fisher, then at 4 from the exact matrix on a quarter of the
+    rows to it)."""
     from ifedicl.evaluation.settings import FEDERATION_HASH_BASELINE, EvalSettings
     from ifedicl.evaluation.variants import ABLATION_BASE, ABLATION_VARIANTS
 
@@ -281,7 +282,7 @@ def test_a_variant_named_for_a_curvature_computes_it_on_every_task():
             continue
         federation = {**ABLATION_BASE["federation"], **overrides.get("federation", {})}
         settings = EvalSettings(model="m", tasks=["t"], federation=federation)
-        for classes in (2, 4, 6):
+        for classes in (2, 3, 4, 6):
             effective = settings.federation_for_hash("ifedicl", classes)
             assert effective.get("curvature", FEDERATION_HASH_BASELINE["curvature"]) == wanted[0], (variant, classes)
         checked.append(variant)

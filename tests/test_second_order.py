@@ -518,7 +518,7 @@ def test_cells_of_the_every_row_check_keep_their_hash_and_the_sampled_default_ge
                                                      **EXACT_CURVATURE})  # fmt: skip
     assert every_row.federation_for_hash("ifedicl") == {"stage2": "gauss-newton", "vector_coding": "int8", **STAGE1}
     assert EvalSettings("m", ["t"]).cell_hash("ifedicl") != every_row.cell_hash("ifedicl")
-    # on a known task, auto is named by what it computes: exact (as every cell before auto) up to 4 classes
+    # on a known task, auto is named by what it computes: exact (as every cell before auto) up to 3 classes
     binary = {"stage2": "gauss-newton", "vector_coding": "int8", "step_check_fraction": 0.25,
               "step_check_confidence": 1.0, **STAGE1}  # fmt: skip
     assert EvalSettings("m", ["t"]).federation_for_hash("ifedicl", 2) == binary
@@ -527,12 +527,17 @@ def test_cells_of_the_every_row_check_keep_their_hash_and_the_sampled_default_ge
     # above 4 classes a cell of the sampled matrix (auto's choice before the empirical Fisher) keeps its hash by name
     assert EvalSettings("m", ["t"], federation={"curvature": "sampled"}).federation_for_hash("ifedicl", 6) == {
         **binary, "curvature": "sampled", "curvature_memory": 0.75}  # fmt: skip
-    # from 3 classes the exact matrix of a quarter of the rows with memory: a 4-class cell under every row's is stale
-    assert EvalSettings("m", ["t"]).federation_for_hash("ifedicl", 4) == {
+    # at 3 classes the exact matrix of a quarter of the rows with memory: a 3-class cell under every row's is stale
+    assert EvalSettings("m", ["t"]).federation_for_hash("ifedicl", 3) == {
         **binary, "curvature_memory": 0.75, "curvature_fraction": 0.25}  # fmt: skip
     quarter = EvalSettings("m", ["t"], federation={"curvature": "exact", "curvature_memory": 0.75,
                                                    "curvature_fraction": 0.25})  # fmt: skip
-    assert quarter.cell_hash("ifedicl", 4) == EvalSettings("m", ["t"]).cell_hash("ifedicl", 4)
+    assert quarter.cell_hash("ifedicl", 3) == EvalSettings("m", ["t"]).cell_hash("ifedicl", 3)
+    # from 4 the empirical Fisher: a 4-class cell of the quarter's exact matrix (auto's choice before) is stale, and
+    # one that names the empirical Fisher is a cell of the default
+    assert quarter.cell_hash("ifedicl", 4) != EvalSettings("m", ["t"]).cell_hash("ifedicl", 4)
+    empirical = EvalSettings("m", ["t"], federation={"curvature": "empirical"})
+    assert empirical.cell_hash("ifedicl", 4) == EvalSettings("m", ["t"]).cell_hash("ifedicl", 4)
     named = EvalSettings("m", ["t"], federation={"curvature": "exact", "curvature_memory": 0.0})
     assert named.cell_hash("ifedicl", 2) == EvalSettings("m", ["t"]).cell_hash("ifedicl", 2)
     assert named.cell_hash("ifedicl", 6) != EvalSettings("m", ["t"]).cell_hash("ifedicl", 6)
@@ -592,25 +597,25 @@ def test_the_first_step_is_as_long_as_the_trust_radius_asked_for():
         FederationOptions(stage2="local-steps", trust_radius=2.0).settings(0.5, 0).validate()
 
 
-def test_auto_curvature_is_exact_up_to_four_classes_on_a_quarter_of_the_rows_and_empirical_above():
-    """``--curvature auto`` (the default) takes the exact matrix while it costs at most 3 backward passes, from
-    3 classes on a quarter of the rows, and the empirical Fisher's one above 4; an estimated matrix (drawn labels,
+def test_auto_curvature_is_exact_up_to_three_classes_on_a_quarter_of_the_rows_and_empirical_from_four():
+    """``--curvature auto`` (the default) takes the exact matrix up to 3 classes (at most 1.25 backward passes), at
+    3 on a quarter of the rows, and the empirical Fisher's one pass from 4; an estimated matrix (drawn labels,
     the empirical Fisher or a fraction of the rows) gets memory 0.75 unless one is given; what the clients are
     asked for follows."""
     choice = lambda *args: dataclasses.astuple(resolve_curvature(*args))  # noqa: E731
     assert choice("auto", None, 2) == ("exact", 0.0, 1.0)  # the binary matrix comes with the gradient's pass
-    assert choice("auto", None, 3) == ("exact", 0.75, 0.25)  # from 3 classes: a quarter of the rows, with memory
-    assert choice("auto", None, 4) == ("exact", 0.75, 0.25)
+    assert choice("auto", None, 3) == ("exact", 0.75, 0.25)  # at 3 classes: a quarter of the rows, with memory
+    assert choice("auto", None, 4) == ("empirical", 0.75, 1.0)  # from 4: the gradient's own pass
     assert choice("auto", None, 5) == ("empirical", 0.75, 1.0)
     assert choice("auto", None, 6) == ("empirical", 0.75, 1.0)
     assert choice("auto", 0.0, 6) == ("empirical", 0.0, 1.0)  # a given memory stands
-    assert choice("auto", 0.5, 4, 1.0) == ("exact", 0.5, 1.0)  # and a given fraction
+    assert choice("auto", 0.5, 3, 1.0) == ("exact", 0.5, 1.0)  # and a given fraction
     assert choice("exact", None, 6) == ("exact", 0.0, 1.0)  # an explicit exact matrix: every row unless told
     assert choice("exact", None, 6, 0.5) == ("exact", 0.75, 0.5)
     assert choice("sampled", 0.5, 2) == ("sampled", 0.5, 1.0)
     assert choice("empirical", None, 6) == ("empirical", 0.75, 1.0)  # an estimate too: memory unless told
-    for classes, curvature, memory, fraction in ((2, "exact", 0.0, 1.0), (4, "exact", 0.75, 0.25),
-                                                 (6, "empirical", 0.75, 1.0)):  # fmt: skip
+    for classes, curvature, memory, fraction in ((2, "exact", 0.0, 1.0), (3, "exact", 0.75, 0.25),
+                                                 (4, "empirical", 0.75, 1.0), (6, "empirical", 0.75, 1.0)):  # fmt: skip
         built = build_strategies(FederationOptions().settings(0.5, 0), None, classes).coefficients
         assert (built.settings.curvature, built.settings.memory) == (curvature, memory)
         assert built.settings.curvature_fraction == fraction
