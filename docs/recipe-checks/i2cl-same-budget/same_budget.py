@@ -29,19 +29,33 @@ def cells(folder: Path, method: str, task: str) -> dict[int, dict]:
     return {cell["seed"]: cell for cell in found}
 
 
+def at_same_cpu(ifedicl: list[dict], cpu: float, clients: int) -> tuple[int, float]:
+    """IFed-ICL's last scored round whose client CPU summed over the clients (mean over seeds) is at most ``cpu``,
+    and its mean accuracy there (%)."""
+    rounds = sorted(set.intersection(*({p["round"] for p in cell["per_round"]} for cell in ifedicl)))
+    by_round = [{p["round"]: p for p in cell["per_round"]} for cell in ifedicl]
+    within = [r for r in rounds if r > 0 and clients * np.mean([c[r]["client_cpu_seconds"] for c in by_round]) <= cpu]
+    last = within[-1] if within else 0
+    return last, float(100 * np.mean([c[last]["accuracy"] for c in by_round]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("report", type=Path, help="the report's model/objective folder (IFed-ICL, LoRA, I2CL)")
     parser.add_argument("shorter", type=Path, nargs="+", help="folders of I2CL cells trained for fewer epochs")
     parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds to compare on (default: every common one)")
     args = parser.parse_args()
     names = ["3 epochs (the report's)", *(folder.name for folder in args.shorter)]
     by_seed: dict[str, dict[int, list[float]]] = {name: {} for name in names}  # IFed-ICL − I2CL, each task's
+    same_cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in names}  # (IFed-ICL, I2CL) per task
     for task in RECIPE_TASKS:
         ifedicl, lora = cells(args.report, "ifedicl", task), cells(args.report, "fedavg_lora", task)
         central = {"3 epochs (the report's)": cells(args.report, "i2cl_central", task)}
         central.update({folder.name: cells(folder, "i2cl_central", task) for folder in args.shorter})
         seeds = sorted(set(ifedicl) & set(lora) & set.intersection(*(set(c) for c in central.values())))
+        if args.seeds is not None:
+            seeds = [s for s in seeds if str(s) in args.seeds.split(",")]
         if not seeds:
             continue
         half = round_budget([ifedicl[s] for s in seeds], [lora[s] for s in seeds])["half_lora_cpu"]
@@ -58,7 +72,10 @@ def main() -> None:
             "i2cl": {name: [100 * c[s]["accuracy"] for s in seeds] for name, c in central.items()},
             "cpu_s_all_parties": {"half_of_lora": round(float(budget), 1), **{k: round(v, 1) for k, v in cpu.items()}},
         }
+        row["ifedicl_at_i2cl_cpu"] = {name: at_same_cpu([ifedicl[s] for s in seeds], cpu[name], args.clients)
+                                      for name in central}  # fmt: skip
         for name, accuracy in row["i2cl"].items():
+            same_cpu[name].append((row["ifedicl_at_i2cl_cpu"][name][1], float(np.mean(accuracy))))
             for seed, ours, theirs in zip(seeds, ifedicl_accuracy, accuracy):
                 by_seed[name].setdefault(seed, []).append(ours - theirs)
         print(json.dumps(row))
@@ -67,6 +84,9 @@ def main() -> None:
         error = np.std(means, ddof=1) / np.sqrt(len(means)) if len(means) > 1 else 0.0
         print(f"IFed-ICL within half of LoRA's client CPU against I2CL, {name}: {np.mean(means):+.2f} ± {error:.2f} "
               f"(s.e. over {len(means)} seeds of the tasks' mean)")  # fmt: skip
+    for name, pairs in same_cpu.items():
+        ours, theirs = np.mean(pairs, axis=0)
+        print(f"At I2CL's ({name}) client CPU: IFed-ICL {ours:.2f}, I2CL {theirs:.2f} (mean of {len(pairs)} tasks)")
 
 
 if __name__ == "__main__":
