@@ -78,7 +78,7 @@ def round_budget(ifedicl: list[dict], lora: list[dict]) -> dict | None:
     hold at one budget; the round that first passes LoRA says how cheap that is, this one what half the CPU buys."""
     seeds = {r["seed"] for r in ifedicl} & {r["seed"] for r in lora}
     ifedicl, lora = [r for r in ifedicl if r["seed"] in seeds], [r for r in lora if r["seed"] in seeds]
-    curve = _mean_curve(ifedicl) if seeds else None
+    curve = mean_curve(ifedicl) if seeds else None
     if curve is None:
         return None
     target = float(np.mean([r["accuracy"] for r in lora]))
@@ -112,7 +112,7 @@ def _half_budget_against(ifedicl: list[dict], lora: list[dict], central: dict[in
     return {**half, "seeds": sorted(seeds), "baseline_accuracy": float(np.mean([central[s] for s in seeds]))}
 
 
-def _mean_curve(records: list[dict]) -> list[tuple[int, float, float]] | None:
+def mean_curve(records: list[dict]) -> list[tuple[int, float, float]] | None:
     """[(round, mean accuracy, mean client CPU seconds spent by then)] over the rounds every record has;
     None when a record lacks per-round client CPU (cells computed before it was recorded)."""
     per = [{p["round"]: p for p in r["per_round"]} for r in records]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ifedicl.evaluation.comparison import RECIPE_TASKS, round_budget
+from ifedicl.evaluation.comparison import RECIPE_TASKS, mean_curve, round_budget
 
 
 def cells(folder: Path, method: str, task: str) -> dict[int, dict]:
@@ -32,11 +32,9 @@ def cells(folder: Path, method: str, task: str) -> dict[int, dict]:
 def at_same_cpu(ifedicl: list[dict], cpu: float, clients: int) -> tuple[int, float]:
     """IFed-ICL's last scored round whose client CPU summed over the clients (mean over seeds) is at most ``cpu``,
     and its mean accuracy there (%)."""
-    rounds = sorted(set.intersection(*({p["round"] for p in cell["per_round"]} for cell in ifedicl)))
-    by_round = [{p["round"]: p for p in cell["per_round"]} for cell in ifedicl]
-    within = [r for r in rounds if r > 0 and clients * np.mean([c[r]["client_cpu_seconds"] for c in by_round]) <= cpu]
-    last = within[-1] if within else 0
-    return last, float(100 * np.mean([c[last]["accuracy"] for c in by_round]))
+    within = [(rnd, accuracy) for rnd, accuracy, seconds in mean_curve(ifedicl) if rnd > 0 and clients * seconds <= cpu]
+    last, accuracy = within[-1] if within else (0, mean_curve(ifedicl)[0][1])
+    return last, 100 * accuracy
 
 
 def main() -> None:
