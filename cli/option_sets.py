@@ -67,6 +67,9 @@ HELP = {
     "previous Λ; the decrease is the window's loss plus their paired difference (1: every row)",
     "trust_radius": "gauss-newton: the first round's bound on the step's length ‖ΔΛ‖ (λ starts at 0.1, β at 1); "
     "the trust region doubles it after a step that did what its model predicted and quarters it after one that did not",
+    "step_ridge": "gauss-newton: a floor on each step's damping, as a fraction of the pooled Gauss-Newton matrix's "
+    "mean eigenvalue: the step minimises g·s + ½ sᵀ(G + μI)s with μ at least this much, so it moves less along the "
+    "model's flat directions, where one window's noise decides them. 0: the plain trust-region step",
     "average_rounds": "each round publishes the mean of the last this many rounds' Λ (what serving reads and the "
     "run ends on) while the round rule keeps stepping from its own; stored with each round, so a recalibration "
     "continues the window. 1: each round's own Λ",

@@ -260,6 +260,7 @@ FEDERATION_HASH_BASELINE = {
     "curvature_fraction": 1.0,
     "stage1_examples": 0,
     "trust_radius": 0.5,
+    "step_ridge": 0.0,
 }
 
 

@@ -67,6 +67,7 @@ class FederationSettings:
     step_check_fraction: float = DEFAULTS.step_check_fraction  # loss check: of each window (second_order.checked_rows)
     step_check_confidence: float = DEFAULTS.step_check_confidence  # loss check: TrustRegionSettings.confidence
     trust_radius: float = DEFAULTS.trust_radius  # gauss-newton: the first round's ‖step‖ bound (TrustRegionSettings)
+    step_ridge: float = DEFAULTS.step_ridge  # gauss-newton: damping floor / mean eigenvalue (TrustRegionSettings)
     average_rounds: int = DEFAULTS.average_rounds  # a round publishes the mean of the last this many Λ (tail_average)
     # early stopping (early_stopping.py): each client keeps this fraction of its shard out of the rounds
     holdout_fraction: float = DEFAULTS.holdout_fraction
@@ -223,6 +224,10 @@ class FederationSettings:
                 f"(got {self.trust_radius})",
             ),
             (
+                math.isfinite(self.step_ridge) and self.step_ridge >= 0,
+                f"--step-ridge must be a finite number >= 0 (got {self.step_ridge})",
+            ),
+            (
                 0 < self.step_check_fraction <= 1,
                 f"--step-check-fraction must be in (0, 1] (got {self.step_check_fraction})",
             ),
@@ -301,6 +306,7 @@ def _round_strategy(settings: FederationSettings, build, num_classes: int) -> St
             check_fraction=settings.step_check_fraction,
             confidence=settings.step_check_confidence,
             radius=settings.trust_radius,
+            ridge=settings.step_ridge,
         )
         return TrustRegionNewton(build(settings.fraction, True), trust_region)
     return server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step())

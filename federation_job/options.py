@@ -45,6 +45,7 @@ LAMBDA_ROUND_FIELDS = (
     "step_check_fraction",
     "step_check_confidence",
     "trust_radius",
+    "step_ridge",
 )
 # What only IFed-ICL's own run reads: its rounds of Λ, which of their Λ it publishes, and how many examples its
 # clients' stage 1 takes (centralized I2CL and local-only calibration take every example: the baselines at their
@@ -153,6 +154,9 @@ class FederationOptions:
     # coefficients by half, or all of them by 0.05); the trust region then doubles it after good steps and quarters
     # it after bad ones.
     trust_radius: float = 0.5
+    # gauss-newton: a floor on each step's damping, as a fraction of the pooled curvature's mean eigenvalue (a ridge
+    # toward the Λ the step starts from: shorter moves along the model's flat directions, second_order.py); 0: none.
+    step_ridge: float = 0.0
     # Each round publishes the mean of the last this many rounds' Λ while the rule steps from its own (1: its own
     # Λ). Zero client cost; it smooths an accepted step that cost accuracy (tail_average.py).
     average_rounds: int = 1
@@ -229,6 +233,7 @@ class FederationOptions:
                 "step_check_fraction": self.step_check_fraction,
                 "step_check_confidence": self.step_check_confidence,
                 "trust_radius": self.trust_radius,
+                "step_ridge": self.step_ridge,
                 "average_rounds": self.average_rounds,
                 "holdout_fraction": self.holdout_fraction,
                 "patience": self.patience,

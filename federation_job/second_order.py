@@ -331,6 +331,9 @@ class TrustRegionSettings:
     # point estimate decides). A ratio from a sample is noisy; the classic rule (quarter on ρ < ¼, double only on
     # ρ > ¾ at the boundary) turns that noise into a radius that collapses and never grows back (docs/recipe.md).
     confidence: float = 0.0
+    # A floor on the step's damping μ, as a fraction of the curvature's mean eigenvalue (0: the plain trust-region
+    # step; trust_region_step says why). The predicted decrease that ρ tests stays the undamped model's.
+    ridge: float = 0.0
 
     @property
     def spread(self) -> bool:
@@ -413,16 +416,22 @@ class TrustRegionState:
         return state
 
 
-def trust_region_step(gradient: np.ndarray, curvature: np.ndarray, radius: float) -> np.ndarray:
-    """argmin_s g·s + ½ sᵀGs subject to ‖s‖ ≤ radius, G PSD: -(G + μI)⁻¹g with the smallest μ ≥ 0 that fits."""
+def trust_region_step(gradient: np.ndarray, curvature: np.ndarray, radius: float, ridge: float = 0.0) -> np.ndarray:
+    """argmin_s g·s + ½ sᵀGs subject to ‖s‖ ≤ radius, G PSD: -(G + μI)⁻¹g with the smallest μ ≥ floor that fits.
+
+    ``ridge`` > 0 raises the floor to ridge × G's mean eigenvalue (tr G / P): the step then also pays ½μ‖s‖², so
+    along directions flatter than μ it moves by g/μ at most, not g/eigenvalue. Why: the accepted steps that cost
+    accuracy were long moves along nearly flat directions of the pooled model, where one window's gradient noise
+    picks the direction and the loss check cannot tell (docs/recipe.md)."""
     eigenvalues, basis = np.linalg.eigh(curvature)
-    eigenvalues = np.clip(eigenvalues, 0.0, None)
+    eigenvalues = np.clip(eigenvalues, 0.0, None)  # [P]
     along = basis.T @ gradient  # [P] the gradient in G's eigenbasis
 
     def step(mu: float) -> np.ndarray:
         return -(basis @ (along / (eigenvalues + mu)))
 
     floor = 1e-9 * max(1.0, float(eigenvalues.max()))  # keeps a flat direction's step finite
+    floor = max(floor, ridge * float(eigenvalues.mean()))
     candidate = step(floor)
     if np.linalg.norm(candidate) <= radius:
         return candidate
@@ -508,7 +517,7 @@ class TrustRegionNewton(WrappedStrategy):
         if self.settings.memory > 0:  # this window's model joins the sum (taken at the round's Λ, even if rejected)
             state.remember(stats, reference.astype(np.float64), self.settings.memory)
             gradient, curvature = state.remembered(start)
-        step = trust_region_step(gradient, curvature, state.radius)
+        step = trust_region_step(gradient, curvature, state.radius, self.settings.ridge)
         state.accepted, state.gradient, state.curvature = start, gradient, curvature
         state.predicted = float(-(gradient @ step) - 0.5 * step @ curvature @ step)
         state.last_step = float(np.linalg.norm(step))

@@ -56,7 +56,7 @@ def test_every_option_reaches_the_federation_settings():
         "step_check": "model",
         "step_check_fraction": 0.5, "step_check_confidence": 2.0,
         "holdout_fraction": 0.2, "patience": 3, "secagg_threshold": 0.75, "stage1_examples": 8, "trust_radius": 2.0,
-        "average_rounds": 3,
+        "average_rounds": 3, "step_ridge": 0.1,
     }  # fmt: skip
     assert set(changed) == FEDERATION_FLAGS
     for name, value in changed.items():

@@ -221,6 +221,30 @@ def test_the_trust_region_step_is_newtons_inside_and_on_the_boundary_outside():
     np.testing.assert_allclose(flat, -0.5 * gradient / np.linalg.norm(gradient), rtol=1e-6)
 
 
+
+def test_the_ridge_damps_the_flat_directions_and_keeps_the_steep_ones():
+    """``--step-ridge r``: inside the radius the step is -(G + μI)⁻¹g with μ = r·tr(G)/P, so a direction of
+    eigenvalue e moves by g/(e + μ): a flat one (e ≪ μ) by at most g/μ instead of g/e, a steep one (e ≫ μ) nearly
+    as far as Newton's step; r = 0 is the plain step, and at the boundary the step still fills the radius."""
+    eigenvalues = np.array([1e-2, 3e-2, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0])  # two nearly flat directions
+    basis, _ = np.linalg.qr(np.random.default_rng(2).normal(size=(P, P)))
+    curvature = basis @ np.diag(eigenvalues) @ basis.T
+    gradient = basis @ np.full(P, 0.1)  # the same pull along every eigenvector
+    newton = -np.linalg.solve(curvature, gradient)
+    far = 10 * np.linalg.norm(newton)
+    np.testing.assert_allclose(trust_region_step(gradient, curvature, far, ridge=0.0), newton, rtol=1e-5)  # 1e-9 floor
+    ridge = 0.1
+    mu = ridge * eigenvalues.mean()  # 0.79
+    damped = trust_region_step(gradient, curvature, far, ridge=ridge)
+    np.testing.assert_allclose(damped, -np.linalg.solve(curvature + mu * np.eye(P), gradient), rtol=1e-9)
+    along = basis.T @ damped  # [P] the step along each eigenvector
+    assert np.all(np.abs(along[:2]) <= 0.1 / mu)  # flat: 0.13 at most, where Newton moves 10 and 3.3
+    np.testing.assert_allclose(np.abs(along[-1]), 0.1 / (32 + mu), rtol=1e-9)  # steep: within 3% of Newton's
+    assert abs((basis.T @ newton)[-1]) / abs(along[-1]) < 1.03
+    boundary = trust_region_step(gradient, curvature, 0.05, ridge=ridge)  # shorter than the damped step: fills it
+    assert np.linalg.norm(boundary) == pytest.approx(0.05, rel=1e-6)
+
+
 def _upload(cid: int, curvature: np.ndarray, gradient: np.ndarray, loss: float = 0.5, previous: float = 0.0):
     stats = CurvatureStats(loss, previous, gradient, curvature)
     return ClientUpdate(cid, stats.pack().astype(np.float32), 10, loss)
@@ -595,6 +619,28 @@ def test_the_first_step_is_as_long_as_the_trust_radius_asked_for():
             FederationOptions(trust_radius=bad).settings(0.5, 0).validate()
     with pytest.raises(IfediclError, match="--trust-radius applies to --stage2 gauss-newton"):
         FederationOptions(stage2="local-steps", trust_radius=2.0).settings(0.5, 0).validate()
+
+
+def test_step_ridge_reaches_the_round_rule_and_bad_values_are_refused():
+    """``--step-ridge`` is the trust region's damping floor (its step is the ridge's, the default's is not);
+    negative or non-finite values and a ridge under local steps are refused before any round."""
+    at = np.zeros((2, 2, 2), np.float32)
+    curvature = np.diag([1e-3, *[1.0] * (P - 1)])  # one flat direction
+    stats = CurvatureStats(0.5, 0.0, 0.01 * np.ones(P), curvature, decrease_variance=0.0)
+    upload = [ClientUpdate(0, stats.pack().astype(np.float32), 10, 0.5)]
+    steps = {}
+    for ridge in (0.0, 0.5):
+        built = build_strategies(FederationOptions(step_ridge=ridge).settings(0.5, 0), None, 6).coefficients
+        assert built.settings.ridge == ridge
+        steps[ridge] = built.aggregate(RoundId("calibrate", 1, "r1"), upload, at).value.reshape(-1)
+    mu = 0.5 * np.diag(curvature).mean()
+    np.testing.assert_allclose(steps[0.5], -0.01 / (np.diag(curvature) + mu), rtol=1e-5)
+    assert abs(steps[0.0][0]) > 10 * abs(steps[0.5][0])  # the flat direction: to the radius without the ridge
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(IfediclError, match="--step-ridge must be a finite number >= 0"):
+            FederationOptions(step_ridge=bad).settings(0.5, 0).validate()
+    with pytest.raises(IfediclError, match="--step-ridge applies to --stage2 gauss-newton"):
+        FederationOptions(stage2="local-steps", step_ridge=0.1).settings(0.5, 0).validate()
 
 
 def test_auto_curvature_is_exact_up_to_three_classes_on_a_quarter_of_the_rows_and_empirical_from_four():
