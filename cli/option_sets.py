@@ -70,6 +70,9 @@ HELP = {
     "step_ridge": "gauss-newton: a floor on each step's damping, as a fraction of the pooled Gauss-Newton matrix's "
     "mean eigenvalue: the step minimises g·s + ½ sᵀ(G + μI)s with μ at least this much, so it moves less along the "
     "model's flat directions, where one window's noise decides them. 0: the plain trust-region step",
+    "remember_undone": "gauss-newton with a curvature memory: whether the statistics measured at a step that the "
+    "next round undid join the memory (they describe a Λ the run went back from; re-centred, a far one's model can "
+    "outweigh every other window's)",
     "average_rounds": "each round publishes the mean of the last this many rounds' Λ (what serving reads and the "
     "run ends on) while the round rule keeps stepping from its own; stored with each round, so a recalibration "
     "continues the window. 1: each round's own Λ",

@@ -261,6 +261,7 @@ FEDERATION_HASH_BASELINE = {
     "stage1_examples": 0,
     "trust_radius": 0.5,
     "step_ridge": 0.0,
+    "remember_undone": True,
 }
 
 

@@ -68,6 +68,7 @@ class FederationSettings:
     step_check_confidence: float = DEFAULTS.step_check_confidence  # loss check: TrustRegionSettings.confidence
     trust_radius: float = DEFAULTS.trust_radius  # gauss-newton: the first round's ‖step‖ bound (TrustRegionSettings)
     step_ridge: float = DEFAULTS.step_ridge  # gauss-newton: damping floor / mean eigenvalue (TrustRegionSettings)
+    remember_undone: bool = DEFAULTS.remember_undone  # gauss-newton: an undone step's window joins the memory
     average_rounds: int = DEFAULTS.average_rounds  # a round publishes the mean of the last this many Λ (tail_average)
     # early stopping (early_stopping.py): each client keeps this fraction of its shard out of the rounds
     holdout_fraction: float = DEFAULTS.holdout_fraction
@@ -307,6 +308,7 @@ def _round_strategy(settings: FederationSettings, build, num_classes: int) -> St
             confidence=settings.step_check_confidence,
             radius=settings.trust_radius,
             ridge=settings.step_ridge,
+            remember_undone=settings.remember_undone,
         )
         return TrustRegionNewton(build(settings.fraction, True), trust_region)
     return server_optimizer(build(settings.fraction, settings.weighted_coefficients), settings.server_step())

@@ -46,6 +46,7 @@ LAMBDA_ROUND_FIELDS = (
     "step_check_confidence",
     "trust_radius",
     "step_ridge",
+    "remember_undone",
 )
 # What only IFed-ICL's own run reads: its rounds of Λ, which of their Λ it publishes, and how many examples its
 # clients' stage 1 takes (centralized I2CL and local-only calibration take every example: the baselines at their
@@ -157,6 +158,9 @@ class FederationOptions:
     # gauss-newton: a floor on each step's damping, as a fraction of the pooled curvature's mean eigenvalue (a ridge
     # toward the Λ the step starts from: shorter moves along the model's flat directions, second_order.py); 0: none.
     step_ridge: float = 0.0
+    # gauss-newton with memory: whether the window measured at a step that its round undid joins the memory (its
+    # model describes a Λ the run left; second_order.TrustRegionSettings.remember_undone says what it did).
+    remember_undone: bool = True
     # Each round publishes the mean of the last this many rounds' Λ while the rule steps from its own (1: its own
     # Λ). Zero client cost; it smooths an accepted step that cost accuracy (tail_average.py).
     average_rounds: int = 1
@@ -234,6 +238,7 @@ class FederationOptions:
                 "step_check_confidence": self.step_check_confidence,
                 "trust_radius": self.trust_radius,
                 "step_ridge": self.step_ridge,
+                "remember_undone": self.remember_undone,
                 "average_rounds": self.average_rounds,
                 "holdout_fraction": self.holdout_fraction,
                 "patience": self.patience,

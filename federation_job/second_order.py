@@ -334,6 +334,12 @@ class TrustRegionSettings:
     # A floor on the step's damping μ, as a fraction of the curvature's mean eigenvalue (0: the plain trust-region
     # step; trust_region_step says why). The predicted decrease that ρ tests stays the undamped model's.
     ridge: float = 0.0
+    # Whether a window measured at a Λ its own round undid (ρ's bound < 0) joins the memory. Its model was taken
+    # where the run will not be, often far off in a region of another curvature; re-centred at the Λ the run goes
+    # back to, it can swamp every other window's (Gemma-3-270M AG News seed 2: after round 3's step was undone the
+    # remembered gradient was 1,300× the previous one's, and every later step was undone until the radius hit its
+    # floor, docs/recipe.md). True: what the report's cells computed with.
+    remember_undone: bool = True
 
     @property
     def spread(self) -> bool:
@@ -502,6 +508,7 @@ class TrustRegionNewton(WrappedStrategy):
         state, start = self.state, reference.astype(np.float64)
         gradient, curvature = stats.gradient, stats.curvature
         state.measured = None  # a round whose last step predicted nothing measures nothing
+        undone = False
         if state.accepted is not None and state.predicted > 0:
             ratio = self._decrease(stats, reference) / state.predicted
             # ρ's upper confidence bound: the radius shrinks (or the step is undone) only on evidence
@@ -510,12 +517,14 @@ class TrustRegionNewton(WrappedStrategy):
             if optimistic < 0:  # the last step made the pooled loss worse: retry from where it started, closer in
                 start, gradient, curvature = state.accepted, state.gradient, state.curvature
                 state.radius = max(self.settings.min_radius, state.radius / 4)
+                undone = True
             elif ratio > 0.75 and state.last_step >= 0.99 * state.radius:
                 state.radius = min(self.settings.max_radius, state.radius * 2)
             elif optimistic < 0.25:
                 state.radius = max(self.settings.min_radius, state.radius / 4)
-        if self.settings.memory > 0:  # this window's model joins the sum (taken at the round's Λ, even if rejected)
-            state.remember(stats, reference.astype(np.float64), self.settings.memory)
+        if self.settings.memory > 0:  # this window's model joins the sum (taken at the round's Λ; if undone, by choice)
+            if self.settings.remember_undone or not undone:
+                state.remember(stats, reference.astype(np.float64), self.settings.memory)
             gradient, curvature = state.remembered(start)
         step = trust_region_step(gradient, curvature, state.radius, self.settings.ridge)
         state.accepted, state.gradient, state.curvature = start, gradient, curvature

@@ -346,6 +346,29 @@ def test_with_memory_the_step_follows_every_window_not_the_last_one():
     np.testing.assert_allclose(steps[0.9], (1 - 0.9) / 1.9 * np.ones(P), rtol=1e-5)
 
 
+
+def test_an_undone_steps_window_stays_out_of_the_memory_when_asked():
+    """Round 2's clients measure the loss at round 1's step as worse, and their statistics there are wild (a far
+    point of another curvature). The step is undone either way; with ``remember_undone`` (the report's cells) that
+    window joins the memory and sets the retry's direction, without it the retry is round 1's model alone: the
+    same direction inside a quarter of the radius, and the memory's weight is still round 1's."""
+    reference = np.zeros((2, 2, 2), np.float32)
+    gradient = np.linspace(-1, 1, P)
+    wild = [_upload(0, 1e3 * np.eye(P), 1e3 * np.ones(P), loss=0.9, previous=0.5)]
+    retries = {}
+    for remember in (True, False):
+        settings = TrustRegionSettings(memory=0.5, remember_undone=remember)
+        newton = TrustRegionNewton(FedAvg(weighted=True), settings)
+        first = newton.aggregate(RoundId("calibrate", 1, "r1"), [_upload(0, 0.01 * np.eye(P), gradient)], reference)
+        retries[remember] = newton.aggregate(RoundId("calibrate", 2, "r2"), wild, first.value).value.reshape(-1)
+        np.testing.assert_allclose(newton.state.accepted, reference)  # undone either way
+        assert newton.state.weight == (1.5 if remember else 1.0)
+        assert np.linalg.norm(retries[remember]) == pytest.approx(0.125, rel=1e-5)
+    direction = -gradient / np.linalg.norm(gradient)  # round 1's model: G ∝ I, so along -g
+    np.testing.assert_allclose(retries[False] / 0.125, direction, atol=1e-5)
+    assert retries[True] @ direction / 0.125 < 0.5  # the wild window's all-ones gradient dominates instead
+
+
 def _quadratic_upload(hessian: np.ndarray, root: np.ndarray, at: np.ndarray, previous: np.ndarray | None = None):
     """A client's exact statistics at ``at`` of the loss ½(Λ - root)ᵀH(Λ - root) + 0.1, with the loss at
     ``previous`` as the loss check measures it."""
