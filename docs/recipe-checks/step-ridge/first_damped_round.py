@@ -1,0 +1,78 @@
+"""The first round where another ridge's step differs from a run's, scored without running it: exact, not a
+simulation.
+
+Why exact: up to the first round whose step another ridge would change (the damping floor only matters when the
+step would otherwise stop inside the radius, or at a boundary μ under the floor), that ridge's run has the same Λ,
+windows, clients' statistics and trust-region state as the run computed. That round's stored state (the Λ its
+step starts from, the pooled gradient and Gauss-Newton matrix with memory, the radius) gives the other ridge's
+step exactly; its Λ is scored on the cell's test set with the run's vectors. Reads the cell, the run store its
+command wrote (not committed) and the folder's results.json settings.
+
+    python docs/recipe-checks/step-ridge/first_damped_round.py \\
+        docs/recipe-checks/step-ridge/ridge-0.1/cells/ifedicl__subj__a0.5__s0.json --ridges 0,0.3,1,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ifedicl.evaluation.context import MethodContext
+from ifedicl.evaluation.scoring import score
+from ifedicl.evaluation.settings import EvalSettings
+from ifedicl.evaluation.tasks import prepare_task
+from ifedicl.federation_job.second_order import TrustRegionState, trust_region_step
+from ifedicl.federation_job.tail_average import split_state
+from ifedicl.kernel.modeling import canonical_model_id, load_model, load_tokenizer
+from ifedicl.model_patches.hf import HFContextModel
+from ifedicl.storage.store import Store
+
+
+def first_change(
+    states: dict[int, TrustRegionState], run_ridge: float, ridge: float
+) -> tuple[int | None, np.ndarray | None]:
+    """The first round whose step under ``ridge`` is not the run's (under ``run_ridge``), and that step [P]."""
+    for k in sorted(states):
+        state = states[k]
+        step = trust_region_step(state.gradient, state.curvature, state.radius, ridge)
+        if not np.allclose(step, trust_region_step(state.gradient, state.curvature, state.radius, run_ridge)):
+            return k, step
+    return None, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("cell", type=Path, help="an IFed-ICL cell of an `ifedicl eval` folder")
+    parser.add_argument("--ridges", default="0,0.1,0.3,1,3")
+    args = parser.parse_args()
+    folder = args.cell.parent.parent
+    settings = EvalSettings(**json.loads((folder / "results.json").read_text())["settings"])
+    cell = json.loads(args.cell.read_text())
+    store = Store(str(folder / "federation_store"))
+    states = {k: split_state(arrays)[0] for k, arrays in store.server_states(cell["run_id"]).items()}
+    states = {k: TrustRegionState.from_arrays(arrays, arrays["accepted"].shape) for k, arrays in states.items()}
+    run_ridge = settings.federation.get("step_ridge", 0.0)
+    model_id = canonical_model_id(settings.model)
+    model = load_model(model_id, settings.dtype)
+    mc = MethodContext(settings, model_id, model, HFContextModel(model), load_tokenizer(model_id), folder)
+    task = prepare_task(cell["location"], settings.max_train, settings.test_size, settings.test_seed, {})
+    vectors = store.load_run(cell["task"], cell["run_id"]).vectors
+    own = {p["round"]: p["accuracy"] for p in cell["per_round"]}
+    for ridge in (float(r) for r in args.ridges.split(",")):
+        k, step = first_change(states, run_ridge, ridge)
+        if k is None:
+            print(json.dumps({"cell": args.cell.name, "ridge": ridge, "round": None}), flush=True)  # the same run
+            continue
+        state = states[k]
+        coefficients = (state.accepted.reshape(-1) + step).reshape(state.accepted.shape).astype(np.float32)
+        scored = score(mc.ctx, mc.tokenizer, task.spec, task.test, None, vectors, coefficients, settings.batch_size)
+        print(json.dumps({"cell": args.cell.name, "round": k, "ridge": ridge, "radius": state.radius,
+                          "step": round(float(np.linalg.norm(step)), 3), "run_step": round(state.last_step, 3),
+                          "accuracy": scored["accuracy"], "run_accuracy": own.get(k)}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
