@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from ifedicl.evaluation.context import MethodContext
-from ifedicl.evaluation.scoring import score
-from ifedicl.evaluation.settings import EvalSettings
-from ifedicl.evaluation.tasks import prepare_task
 from ifedicl.federation_job.second_order import TrustRegionState, trust_region_step
-from ifedicl.federation_job.tail_average import split_state
-from ifedicl.kernel.modeling import canonical_model_id, load_model, load_tokenizer
-from ifedicl.model_patches.hf import HFContextModel
-from ifedicl.storage.store import Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from stored_run import StoredRun  # noqa: E402  (docs/recipe-checks/stored_run.py)
 
 
 def first_change(
@@ -46,32 +42,21 @@ def first_change(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cell", type=Path, help="an IFed-ICL cell of an `ifedicl eval` folder")
-    parser.add_argument("--ridges", default="0,0.1,0.3,1,3")
+    parser.add_argument("--ridges", default="0,0.3,1,3")
     args = parser.parse_args()
-    folder = args.cell.parent.parent
-    settings = EvalSettings(**json.loads((folder / "results.json").read_text())["settings"])
-    cell = json.loads(args.cell.read_text())
-    store = Store(str(folder / "federation_store"))
-    states = {k: split_state(arrays)[0] for k, arrays in store.server_states(cell["run_id"]).items()}
-    states = {k: TrustRegionState.from_arrays(arrays, arrays["accepted"].shape) for k, arrays in states.items()}
-    run_ridge = settings.federation.get("step_ridge", 0.0)
-    model_id = canonical_model_id(settings.model)
-    model = load_model(model_id, settings.dtype)
-    mc = MethodContext(settings, model_id, model, HFContextModel(model), load_tokenizer(model_id), folder)
-    task = prepare_task(cell["location"], settings.max_train, settings.test_size, settings.test_seed, {})
-    vectors = store.load_run(cell["task"], cell["run_id"]).vectors
-    own = {p["round"]: p["accuracy"] for p in cell["per_round"]}
+    run = StoredRun.open(args.cell)
+    states, own, accuracy = run.states(), run.accuracy(), run.scorer()
+    run_ridge = run.settings.federation.get("step_ridge", 0.0)
     for ridge in (float(r) for r in args.ridges.split(",")):
         k, step = first_change(states, run_ridge, ridge)
         if k is None:
             print(json.dumps({"cell": args.cell.name, "ridge": ridge, "round": None}), flush=True)  # the same run
             continue
         state = states[k]
-        coefficients = (state.accepted.reshape(-1) + step).reshape(state.accepted.shape).astype(np.float32)
-        scored = score(mc.ctx, mc.tokenizer, task.spec, task.test, None, vectors, coefficients, settings.batch_size)
+        coefficients = (state.accepted.reshape(-1) + step).reshape(state.accepted.shape)  # [L, 2, 2]
         print(json.dumps({"cell": args.cell.name, "round": k, "ridge": ridge, "radius": state.radius,
                           "step": round(float(np.linalg.norm(step)), 3), "run_step": round(state.last_step, 3),
-                          "accuracy": scored["accuracy"], "run_accuracy": own.get(k)}), flush=True)  # fmt: skip
+                          "accuracy": accuracy(coefficients), "run_accuracy": own.get(k)}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
