@@ -51,9 +51,19 @@ EXACT_CURVATURE = {
 }
 
 
+# The step every second-order variant was measured with, before --step-ridge 0.3 and --no-remember-undone became
+# the defaults: no damping floor, every window remembered.
+UNDAMPED_STEP = {name: FEDERATION_HASH_BASELINE[name] for name in ("step_ridge", "remember_undone")}
+
+
+def _gauss_newton(**federation) -> dict:
+    """A second-order variant's federation flags: ``federation`` over the undamped step it was measured with."""
+    return {"stage2": "gauss-newton", **UNDAMPED_STEP, **federation}
+
+
 def _second_order(**federation) -> dict:
     """A second-order variant's federation flags: ``federation`` over the exact curvature it was measured with."""
-    return {"stage2": "gauss-newton", **EXACT_CURVATURE, **federation}
+    return _gauss_newton(**{**EXACT_CURVATURE, **federation})
 
 
 # Its cells' model dtype and budget unless --dtype/--rounds/--local-epochs say otherwise: the recipe every
@@ -120,12 +130,12 @@ ABLATION_VARIANTS: dict[str, dict] = {
     # IFed-ICL passes FedAvg-LoRA. Under the default round (--curvature auto), so on each task it changes only
     # stage 1 from that task's default row.
     "gauss-newton stage 1: 16 examples per client": {
-        "federation": {"stage2": "gauss-newton"}, "recipe": {"stage1_examples": 16}
+        "federation": _gauss_newton(), "recipe": {"stage1_examples": 16}
     },
     # Twice that (320 pooled): on AG News 16 per client scored 85.0 against 87.0 with every example, and moved the
     # pooled mean by 2.6% of its norm where 32 moves it by 1.5% (bench/stage1_examples.py).
     "gauss-newton stage 1: 32 examples per client": {
-        "federation": {"stage2": "gauss-newton"}, "recipe": {"stage1_examples": 32}
+        "federation": _gauss_newton(), "recipe": {"stage1_examples": 32}
     },
     # Above 4 classes the sampled matrix (auto's choice then) from a quarter of each window's rows (the gradient from
     # all): a round's backward passes per example go from 2 to 1.25, memory averaging the quarters as it does AG
@@ -134,27 +144,27 @@ ABLATION_VARIANTS: dict[str, dict] = {
     # default (docs/recipe.md). The sampled matrix is named since auto chose the empirical Fisher above 4 classes, so
     # the variant still computes what its name and its Emotion cell say (the cell's hash is unchanged).
     "gauss-newton sampled matrix on ¼": {
-        "federation": {"stage2": "gauss-newton", "curvature": "sampled", "curvature_fraction": 0.25}
+        "federation": _gauss_newton(curvature="sampled", curvature_fraction=0.25)
     },
     # Above 4 classes the empirical Fisher (the per-example gradients' outer products) instead of a drawn label's:
     # the gradient's backward pass gives it, so a round takes one backward pass per example instead of two, with
     # the sampled default's memory. Biased where the model is wrong, which early rounds are.
-    "gauss-newton empirical fisher": {"federation": {"stage2": "gauss-newton", "curvature": "empirical"}},
+    "gauss-newton empirical fisher": {"federation": _gauss_newton(curvature="empirical")},
     # Above 4 classes the exact matrix, as AG News takes it, from a fraction of each window's rows instead of one
     # drawn label on every row: 1 + q(C - 2) backward passes per example, on Emotion (C = 6) 2 at ¼ (the sampled
     # matrix's cost: which estimate is better for the same passes?) and 1.5 at ⅛ (a quarter fewer passes).
     "gauss-newton exact matrix on ¼": {
-        "federation": {"stage2": "gauss-newton", "curvature": "exact", "curvature_fraction": 0.25}
+        "federation": _gauss_newton(curvature="exact", curvature_fraction=0.25)
     },
     "gauss-newton exact matrix on ⅛": {
-        "federation": {"stage2": "gauss-newton", "curvature": "exact", "curvature_fraction": 0.125}
+        "federation": _gauss_newton(curvature="exact", curvature_fraction=0.125)
     },
     # The first round's trust radius 2 instead of 0.5: on Emotion every step of the report's seeds 0 and 1 ended on
     # the boundary, and seed 1's radius stayed at 0.5 for three rounds and at 1 for seven (docs/recipe.md).
-    "gauss-newton first radius 2": {"federation": {"stage2": "gauss-newton", "trust_radius": 2.0}},
+    "gauss-newton first radius 2": {"federation": _gauss_newton(trust_radius=2.0)},
     # Each round publishes the mean of the last two rounds' Λ while the trust region steps from its own: no client
     # CPU, the same trajectory (tail_average.py); against accepted steps that cost accuracy (docs/recipe.md).
-    "gauss-newton average of 2 rounds": {"federation": {"stage2": "gauss-newton", "average_rounds": 2}},
+    "gauss-newton average of 2 rounds": {"federation": _gauss_newton(average_rounds=2)},
     # Half the examples per round (each round the next ⅛ of every shard; 16 rounds: 2 whole passes): is a second-
     # order round limited by its steps or by its window's data? Each round costs half of a "gauss-newton" round.
     "gauss-newton ⅛ window": {"federation": _second_order(**EVERY_ROW_CHECKED), "rounds": 16, "local_epochs": 0.125},
