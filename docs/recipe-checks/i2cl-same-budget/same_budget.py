@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from ifedicl.evaluation.comparison import RECIPE_TASKS, mean_curve, round_budget
 
-
-def cells(folder: Path, method: str, task: str) -> dict[int, dict]:
-    """{seed: cell} of one method and task in a folder's cells/."""
-    found = (json.loads(path.read_text()) for path in sorted((folder / "cells").glob(f"{method}__{task}__*.json")))
-    return {cell["seed"]: cell for cell in found}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cell_folder import cells  # noqa: E402  (docs/recipe-checks/cell_folder.py)
 
 
 def at_same_cpu(ifedicl: list[dict], cpu: float, clients: int) -> tuple[int, float]:

@@ -4,25 +4,26 @@ pooled Gauss-Newton matrix's spectrum.
 Why: `--step-ridge r` damps every direction whose eigenvalue is under μ = r·tr(G)/P. Whether a value of r touches
 the steps that cost accuracy is read here: for each round, G's mean and largest eigenvalue, how many of its P
 eigenvalues lie under μ, and the share of the step's squared length along them, for the step the run took and for
-the plain step (r = 0) from the same g, G and radius. Reads the run store the cell's command wrote (its
-``federation_store``, not committed) and the cell.
+the plain step (r = 0) from the same g, G and radius. Reads the cell and the run store its command wrote beside
+it (``federation_store``, not committed: stored_run.StoredRun).
 
     python docs/recipe-checks/step-ridge/spectrum.py \\
-        docs/recipe-checks/step-ridge/ridge-0.1/cells/ifedicl__subj__a0.5__s0.json \\
-        --store docs/recipe-checks/step-ridge/ridge-0.1/federation_store --ridge 0.1
+        docs/recipe-checks/step-ridge/ridge-0.1/cells/ifedicl__subj__a0.5__s0.json --ridge 0.1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from ifedicl.federation_job.second_order import TrustRegionState, trust_region_step
-from ifedicl.federation_job.tail_average import split_state
-from ifedicl.storage.store import Store
+from ifedicl.federation_job.second_order import trust_region_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from stored_run import StoredRun  # noqa: E402  (docs/recipe-checks/stored_run.py)
 
 
 def flat_share(step: np.ndarray, basis: np.ndarray, flat: np.ndarray) -> float:
@@ -34,15 +35,13 @@ def flat_share(step: np.ndarray, basis: np.ndarray, flat: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cell", type=Path)
-    parser.add_argument("--store", required=True, help="the run store the cell's command wrote")
     parser.add_argument("--ridge", type=float, required=True, help="r: μ = r·tr(G)/P marks the flat directions")
     args = parser.parse_args()
-    cell = json.loads(args.cell.read_text())
-    accuracy = {p["round"]: 100 * p["accuracy"] for p in cell["per_round"]}
-    states = Store(args.store).server_states(cell["run_id"])
+    run = StoredRun.open(args.cell)
+    accuracy = {k: 100 * value for k, value in run.accuracy().items()}
+    states = run.states()
     for k in sorted(states):
-        arrays = split_state(states[k])[0]
-        state = TrustRegionState.from_arrays(arrays, arrays["accepted"].shape)
+        state = states[k]
         eigenvalues, basis = np.linalg.eigh(state.curvature)
         eigenvalues = np.clip(eigenvalues, 0.0, None)  # [P]
         mu = args.ridge * float(eigenvalues.mean())
