@@ -184,8 +184,9 @@ class EvalSettings:
             ),
             (valid_epochs(self.local_epochs), f"--local-epochs must be {EPOCHS_RULE}"),
             (
-                float(self.rounds * self.local_epochs).is_integer(),
-                "--rounds × --local-epochs must be whole passes (I2CL central and local-only train that many epochs)",
+                self.rounds * self.local_epochs >= 1,
+                "--rounds × --local-epochs must be at least one pass (I2CL central and local-only train that many "
+                "epochs, the last one whole or in part)",
             ),
         ):
             if not ok:

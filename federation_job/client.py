@@ -75,18 +75,21 @@ def valid_epochs(epochs: float) -> bool:
 def round_passes(num_examples: int, config: CalibrationConfig, order_rng: random.Random) -> list[list[int]]:
     """The example indices of each pass this round, in training order.
 
-    Whole epochs: each pass is a fresh shuffle of the shard. A fraction: one pass over this round's window
+    Whole epochs: each pass is a fresh shuffle of the shard. More than one and a fraction (a party training
+    alone for as many passes as a federation's rounds of windows make: centralized I2CL at 6 × ¼ = 1.5 epochs):
+    the last pass is the first part of a fresh shuffle. A fraction: one pass over this round's window
     of a fixed order of the shard (the same order every round, seeded by the shard's size, so consecutive
     rounds take consecutive windows and every example is used once per 1/f rounds).
     """
-    if not valid_epochs(config.epochs):
-        raise ValueError(f"local epochs must be {EPOCHS_RULE} (got {config.epochs})")
+    if not (valid_epochs(config.epochs) or config.epochs > 1):
+        raise ValueError(f"local epochs must be {EPOCHS_RULE}, or more than one (got {config.epochs})")
     if config.epochs >= 1:
         passes = []
-        for _ in range(int(config.epochs)):
+        whole, part = divmod(config.epochs, 1)
+        for length in [num_examples] * int(whole) + ([math.ceil(part * num_examples)] if part else []):
             order = list(range(num_examples))
             order_rng.shuffle(order)
-            passes.append(order)
+            passes.append(order[:length])
         return passes
     fixed = list(range(num_examples))
     random.Random(num_examples).shuffle(fixed)

@@ -72,11 +72,25 @@ def test_whole_epochs_are_fresh_shuffles_as_before():
     assert round_passes(7, CalibrationConfig(epochs=2), random.Random(5)) == expected
 
 
+def test_a_party_alone_trains_whole_passes_then_the_first_part_of_a_fresh_shuffle():
+    """Centralized I2CL at a federation's 6 rounds × ¼ window: 1.5 epochs, the second pass the first half of its
+    own shuffle (each pass a permutation, so no example twice within one)."""
+    first, second = round_passes(10, CalibrationConfig(epochs=1.5), random.Random(3))
+    assert sorted(first) == list(range(10)) and len(second) == 5 and len(set(second)) == 5
+    rng = random.Random(3)
+    rng.shuffle(order := list(range(10)))
+    rng.shuffle(again := list(range(10)))
+    assert (first, second) == (order, again[:5])
+    with pytest.raises(ValueError, match="or more than one"):
+        round_passes(10, CalibrationConfig(epochs=0), random.Random(3))
+
+
 def test_local_epochs_between_whole_numbers_are_refused():
     with pytest.raises(IfediclError, match="whole number >= 1 or a fraction"):
         FederationSettings(local_epochs=1.5).validate()
-    with pytest.raises(ValueError, match="whole passes"):
-        EvalSettings(model="m", tasks=["t"], rounds=5, local_epochs=0.25).validate()
+    with pytest.raises(ValueError, match="at least one pass"):
+        EvalSettings(model="m", tasks=["t"], rounds=2, local_epochs=0.25).validate()
+    EvalSettings(model="m", tasks=["t"], rounds=6, local_epochs=0.25).validate()  # I2CL central: 1.5 epochs
     assert EvalSettings(model="m", tasks=["t"], local_epochs=1.0).cell_hash() == EvalSettings("m", ["t"]).cell_hash()
 
 
