@@ -51,8 +51,9 @@ EXACT_CURVATURE = {
 }
 
 
-# The step every second-order variant was measured with, before --step-ridge 0.3 and --no-remember-undone became
-# the defaults: no damping floor, every window remembered.
+# The step every second-order variant was measured with (no damping floor, every window remembered), named so that
+# a default changed later leaves them computing what they measured (--step-ridge 0.3 with --no-remember-undone was
+# a candidate default: docs/recipe.md).
 UNDAMPED_STEP = {name: FEDERATION_HASH_BASELINE[name] for name in ("step_ridge", "remember_undone")}
 
 

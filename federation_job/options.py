@@ -157,13 +157,10 @@ class FederationOptions:
     trust_radius: float = 0.5
     # gauss-newton: a floor on each step's damping, as a fraction of the pooled curvature's mean eigenvalue (a ridge
     # toward the Λ the step starts from: shorter moves along the model's flat directions, second_order.py); 0: none.
-    # 0.3: the middle rounds' long steps along nearly flat directions cost Subj seed 0 up to 13 points and r <= 0.3
-    # leaves rounds 1-4 alone (docs/recipe.md, "A floor on the step's damping").
-    step_ridge: float = 0.3
+    step_ridge: float = 0.0
     # gauss-newton with memory: whether the window measured at a step that its round undid joins the memory (its
-    # model describes a Λ the run left; second_order.TrustRegionSettings.remember_undone says what it did). Off:
-    # one such window stalled Gemma's AG News seed 2 at 74.0 (docs/recipe.md, "An undone step's window").
-    remember_undone: bool = False
+    # model describes a Λ the run left; second_order.TrustRegionSettings.remember_undone says what it did).
+    remember_undone: bool = True
     # Each round publishes the mean of the last this many rounds' Λ while the rule steps from its own (1: its own
     # Λ). Zero client cost; it smooths an accepted step that cost accuracy (tail_average.py).
     average_rounds: int = 1

@@ -533,8 +533,6 @@ def test_the_default_recipe_is_the_second_order_round_on_the_label_only_loss():
 
 # An IFed-ICL cell's hash names the default stage 1 of fewer examples, whatever its round (test_recipe.py).
 STAGE1 = {"stage1_examples": FederationOptions().stage1_examples}
-# ... and the default step's damping floor and memory of undone steps (step_ridge, remember_undone).
-STEP = {"step_ridge": FederationOptions().step_ridge, "remember_undone": FederationOptions().remember_undone}
 
 
 def test_an_evaluation_cell_names_the_effective_stage2():
@@ -562,15 +560,14 @@ def test_cells_of_the_every_row_check_keep_their_hash_and_the_sampled_default_ge
     before = EvalSettings("m", ["t"], federation={"stage2": "gauss-newton"}).federation_for_hash("ifedicl")
     auto = {"curvature": "auto", "curvature_memory": None, "curvature_fraction": None}  # the rule, named
     assert before == {"stage2": "gauss-newton", "vector_coding": "int8", "step_check_fraction": 0.25,
-                      "step_check_confidence": 1.0, **auto, **STAGE1, **STEP}  # fmt: skip
+                      "step_check_confidence": 1.0, **auto, **STAGE1}  # fmt: skip
     every_row = EvalSettings("m", ["t"], federation={"stage2": "gauss-newton", **EVERY_ROW_CHECKED,
                                                      **EXACT_CURVATURE})  # fmt: skip
-    assert every_row.federation_for_hash("ifedicl") == {
-        "stage2": "gauss-newton", "vector_coding": "int8", **STAGE1, **STEP}  # fmt: skip
+    assert every_row.federation_for_hash("ifedicl") == {"stage2": "gauss-newton", "vector_coding": "int8", **STAGE1}
     assert EvalSettings("m", ["t"]).cell_hash("ifedicl") != every_row.cell_hash("ifedicl")
     # on a known task, auto is named by what it computes: exact (as every cell before auto) up to 3 classes
     binary = {"stage2": "gauss-newton", "vector_coding": "int8", "step_check_fraction": 0.25,
-              "step_check_confidence": 1.0, **STAGE1, **STEP}  # fmt: skip
+              "step_check_confidence": 1.0, **STAGE1}  # fmt: skip
     assert EvalSettings("m", ["t"]).federation_for_hash("ifedicl", 2) == binary
     assert EvalSettings("m", ["t"]).federation_for_hash("ifedicl", 6) == {
         **binary, "curvature": "empirical", "curvature_memory": 0.75}  # fmt: skip
@@ -593,7 +590,7 @@ def test_cells_of_the_every_row_check_keep_their_hash_and_the_sampled_default_ge
     assert named.cell_hash("ifedicl", 6) != EvalSettings("m", ["t"]).cell_hash("ifedicl", 6)
     assert named.cell_hash("ifedicl", 4) != EvalSettings("m", ["t"]).cell_hash("ifedicl", 4)
     model = EvalSettings("m", ["t"], federation={"step_check": "model"}).federation_for_hash("ifedicl")
-    assert model == {"stage2": "gauss-newton", "vector_coding": "int8", "step_check": "model", **auto, **STAGE1, **STEP}
+    assert model == {"stage2": "gauss-newton", "vector_coding": "int8", "step_check": "model", **auto, **STAGE1}
     steps = EvalSettings("m", ["t"], federation={"stage2": "local-steps"})
     assert steps.federation_for_hash("ifedicl") == {"vector_coding": "int8", **STAGE1}
     assert EvalSettings("m", ["t"]).cell_hash("fedavg_lora") == every_row.cell_hash("fedavg_lora")
