@@ -27,7 +27,7 @@ from cell_folder import cells  # noqa: E402  (docs/recipe-checks/cell_folder.py)
 def at_round(cell: dict, rnd: int) -> float | None:
     """A cell's accuracy (%) after round ``rnd``, None when that round was not scored."""
     found = [p["accuracy"] for p in cell["per_round"] if p["round"] == rnd]
-    return 100 * found[0] if found else None
+    return round(100 * found[0], 1) if found else None
 
 
 def mean_and_error(values: list[float]) -> str:
@@ -52,8 +52,8 @@ def main() -> None:
         half = round_budget(list(old.values()), [lora[s] for s in old])["half_lora_cpu"]["round"]
         last = max(p["round"] for p in old[seeds[0]]["per_round"])
         for seed in seeds:
-            row = {"task": task, "seed": seed, "half_round": half, "lora": 100 * lora[seed]["accuracy"],
-                   "i2cl": 100 * i2cl[seed]["accuracy"]}  # fmt: skip
+            row = {"task": task, "seed": seed, "half_round": half, "lora": round(100 * lora[seed]["accuracy"], 1),
+                   "i2cl": round(100 * i2cl[seed]["accuracy"], 1)}  # fmt: skip
             for name, rnd in (("half", half), ("last", last)):
                 row[name] = {"report": at_round(old[seed], rnd), "new": at_round(new[seed], rnd)}
             row["new_by_round"] = {p["round"]: round(100 * p["accuracy"], 1) for p in new[seed]["per_round"]}

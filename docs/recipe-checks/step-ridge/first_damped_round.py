@@ -6,7 +6,8 @@ step would otherwise stop inside the radius, or at a boundary μ under the floor
 windows, clients' statistics and trust-region state as the run computed. That round's stored state (the Λ its
 step starts from, the pooled gradient and Gauss-Newton matrix with memory, the radius) gives the other ridge's
 step exactly; its Λ is scored on the cell's test set with the run's vectors. Reads the cell, the run store its
-command wrote (not committed) and the folder's results.json settings.
+command wrote (not committed) and the folder's results.json settings; a ridge the settings do not name is the
+default of the code this runs from (run it from the cell's code version).
 
     python docs/recipe-checks/step-ridge/first_damped_round.py \\
         docs/recipe-checks/step-ridge/ridge-0.1/cells/ifedicl__subj__a0.5__s0.json --ridges 0,0.3,1,3
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ifedicl.federation_job.options import FederationOptions
 from ifedicl.federation_job.second_order import TrustRegionState, trust_region_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -46,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     run = StoredRun.open(args.cell)
     states, own, accuracy = run.states(), run.accuracy(), run.scorer()
-    run_ridge = run.settings.federation.get("step_ridge", 0.0)
+    run_ridge = FederationOptions(**run.settings.federation).step_ridge  # named, or the default of the code run
     for ridge in (float(r) for r in args.ridges.split(",")):
         k, step = first_change(states, run_ridge, ridge)
         if k is None:
