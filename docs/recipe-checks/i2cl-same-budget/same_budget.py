@@ -35,13 +35,40 @@ def at_same_cpu(ifedicl: list[dict], cpu: float, clients: int) -> tuple[int, flo
     return last, 100 * accuracy
 
 
+def plot(path: Path, curves: dict[str, dict]) -> None:
+    """One panel per task: IFed-ICL's and FedAvg-LoRA's mean accuracy after each scored round and centralized I2CL's
+    after each epoch count, against the CPU seconds all parties spent by then; the dotted line is half of LoRA's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.6), squeeze=False)
+    for ax, (task, curve) in zip(axes[0], curves.items()):
+        for name, points in curve["lines"].items():
+            x, y = zip(*points)
+            ax.plot(x, y, marker="o", markersize=3, label=name)
+        x, y = zip(*sorted(curve["i2cl"].values()))
+        ax.plot(x, y, marker="s", linestyle="--", color="black", label="I2CL central, each epoch count")
+        ax.axvline(curve["half_of_lora"], linestyle=":", color="grey", label="½ FedAvg-LoRA's client CPU")
+        ax.set_title(f"{task} (seeds {curve['seeds']})")
+        ax.set_xlabel("client CPU seconds, all parties")
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("report", type=Path, help="the report's model/objective folder (IFed-ICL, LoRA, I2CL)")
     parser.add_argument("shorter", type=Path, nargs="+", help="folders of I2CL cells trained for fewer epochs")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--seeds", default=None, help="comma-separated seeds to compare on (default: every common one)")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw accuracy against all parties' CPU (PNG)")
     args = parser.parse_args()
+    curves: dict[str, dict] = {}
     names = ["3 epochs (the report's)", *(folder.name for folder in args.shorter)]
     by_seed: dict[str, dict[int, list[float]]] = {name: {} for name in names}  # IFed-ICL − I2CL, each task's
     same_cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in names}  # (IFed-ICL, I2CL) per task
@@ -70,6 +97,14 @@ def main() -> None:
         }
         row["ifedicl_at_i2cl_cpu"] = {name: at_same_cpu([ifedicl[s] for s in seeds], cpu[name], args.clients)
                                       for name in central}  # fmt: skip
+        curves[task] = {
+            "seeds": seeds,
+            "half_of_lora": float(budget),
+            "lines": {label: [(args.clients * seconds, 100 * accuracy) for _, accuracy, seconds in
+                              mean_curve([by_seed[s] for s in seeds])]
+                      for label, by_seed in (("IFed-ICL", ifedicl), ("FedAvg-LoRA", lora))},
+            "i2cl": {name: (cpu[name], float(np.mean(accuracy))) for name, accuracy in row["i2cl"].items()},
+        }  # fmt: skip
         for name, accuracy in row["i2cl"].items():
             same_cpu[name].append((row["ifedicl_at_i2cl_cpu"][name][1], float(np.mean(accuracy))))
             for seed, ours, theirs in zip(seeds, ifedicl_accuracy, accuracy):
@@ -83,6 +118,8 @@ def main() -> None:
     for name, pairs in same_cpu.items():
         ours, theirs = np.mean(pairs, axis=0)
         print(f"At I2CL's ({name}) client CPU: IFed-ICL {ours:.2f}, I2CL {theirs:.2f} (mean of {len(pairs)} tasks)")
+    if args.plot is not None:
+        plot(args.plot, curves)
 
 
 if __name__ == "__main__":
