@@ -2,14 +2,15 @@
 
 Why: the first target sets IFed-ICL within half of LoRA's client CPU against I2CL's whole recipe (3 epochs).
 Whether the gap left there is the federation's or the budget's is a measurement: centralized I2CL (all the data
-in one place, its own AdamW schedule) trained for fewer epochs, on the same splits and test sample. One epoch
-costs less than half of FedAvg-LoRA's CPU summed over the clients, two cost more: together they bracket I2CL at
-the budget. Compute is compared as the sum over all parties (one central party does every client's work).
+in one place, its own AdamW schedule) trained for fewer epochs, on the same splits and test sample. One and a half
+epochs cost less than half of FedAvg-LoRA's CPU summed over the clients, two cost more: together they bracket I2CL
+at the budget. Compute is compared as the sum over all parties (one central party does every client's work).
 
     ifedicl report --out <dir> --models smollm2-135m --tasks subj,emotion,agnews,sst2 --methods i2cl_central \\
-        --rounds 4   # 4 × ¼ = one epoch (the harness trains I2CL for rounds × local epochs); --rounds 8: two
+        --rounds 6   # 6 × ¼ = 1.5 epochs (the harness trains I2CL for rounds × local epochs); 4: one, 8: two
     python docs/recipe-checks/i2cl-same-budget/same_budget.py docs/report/smollm2-135m/label-only \\
-        docs/recipe-checks/i2cl-same-budget/one-epoch docs/recipe-checks/i2cl-same-budget/two-epochs
+        docs/recipe-checks/i2cl-same-budget/{one-epoch,one-and-a-half-epochs,two-epochs} \\
+        --plot docs/recipe-checks/i2cl-same-budget/accuracy_vs_cpu.png > docs/recipe-checks/i2cl-same-budget/output.txt
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ def at_same_cpu(ifedicl: list[dict], cpu: float, clients: int) -> tuple[int, flo
     within = [(rnd, accuracy) for rnd, accuracy, seconds in mean_curve(ifedicl) if rnd > 0 and clients * seconds <= cpu]
     last, accuracy = within[-1] if within else (0, mean_curve(ifedicl)[0][1])
     return last, 100 * accuracy
+
+
+def at_budget(points: list[tuple[float, float]], budget: float) -> float | None:
+    """Accuracy at ``budget`` CPU seconds, linear between the two runs (cpu, accuracy) whose CPU brackets it: the
+    estimate between two measurements, None where no two runs bracket the budget."""
+    below, above = [p for p in points if p[0] <= budget], [p for p in points if p[0] > budget]
+    if not below or not above:
+        return None
+    (cpu_below, low), (cpu_above, high) = max(below), min(above)
+    return low + (high - low) * (budget - cpu_below) / (cpu_above - cpu_below)
 
 
 def plot(path: Path, curves: dict[str, dict]) -> None:
@@ -118,6 +129,11 @@ def main() -> None:
     for name, pairs in same_cpu.items():
         ours, theirs = np.mean(pairs, axis=0)
         print(f"At I2CL's ({name}) client CPU: IFed-ICL {ours:.2f}, I2CL {theirs:.2f} (mean of {len(pairs)} tasks)")
+    central_at_budget = {t: at_budget(list(c["i2cl"].values()), c["half_of_lora"]) for t, c in curves.items()}
+    if curves and None not in central_at_budget.values():
+        print(f"Centralized I2CL at half of LoRA's client CPU, between the runs that bracket it: "
+              f"{np.mean(list(central_at_budget.values())):.2f} ("
+              + ", ".join(f"{t} {a:.1f}" for t, a in central_at_budget.items()) + ")")  # fmt: skip
     if args.plot is not None:
         plot(args.plot, curves)
 
