@@ -25,7 +25,7 @@ import numpy as np
 from ifedicl.evaluation.comparison import RECIPE_TASKS, mean_curve, round_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cell_folder import cells  # noqa: E402  (docs/recipe-checks/cell_folder.py)
+from cell_folder import cells, mean_and_error  # noqa: E402  (docs/recipe-checks/cell_folder.py)
 
 
 def at_same_cpu(ifedicl: list[dict], cpu: float, clients: int) -> tuple[int, float]:
@@ -123,8 +123,7 @@ def main() -> None:
         print(json.dumps(row))
     for name, seeds in by_seed.items():  # the four tasks' mean gap per seed, then its mean ± s.e. over seeds
         means = [float(np.mean(gaps)) for gaps in seeds.values()]
-        error = np.std(means, ddof=1) / np.sqrt(len(means)) if len(means) > 1 else 0.0
-        print(f"IFed-ICL within half of LoRA's client CPU against I2CL, {name}: {np.mean(means):+.2f} ± {error:.2f} "
+        print(f"IFed-ICL within half of LoRA's client CPU against I2CL, {name}: {mean_and_error(means)} "
               f"(s.e. over {len(means)} seeds of the tasks' mean)")  # fmt: skip
     for name, pairs in same_cpu.items():
         ours, theirs = np.mean(pairs, axis=0)

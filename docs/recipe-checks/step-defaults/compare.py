@@ -21,19 +21,13 @@ import numpy as np
 from ifedicl.evaluation.comparison import RECIPE_TASKS, round_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cell_folder import cells  # noqa: E402  (docs/recipe-checks/cell_folder.py)
+from cell_folder import cells, mean_and_error  # noqa: E402  (docs/recipe-checks/cell_folder.py)
 
 
 def at_round(cell: dict, rnd: int) -> float | None:
     """A cell's accuracy (%) after round ``rnd``, None when that round was not scored."""
     found = [p["accuracy"] for p in cell["per_round"] if p["round"] == rnd]
     return round(100 * found[0], 1) if found else None
-
-
-def mean_and_error(values: list[float]) -> str:
-    """``mean ± standard error`` of per-seed values."""
-    error = np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
-    return f"{np.mean(values):+.2f} ± {error:.2f}"
 
 
 def main() -> None:
